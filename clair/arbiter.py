@@ -1,0 +1,642 @@
+"""The GPU arbiter (the "traffic cop"): who may use the GPU now, and what must leave it first.
+
+Every GPU-heavy path (chat, render, warm-up; UI and API alike) asks for a *lease*; nothing touches the
+GPU or sends a request to Ollama before its lease is granted. The module has two halves:
+
+* `plan(snapshot)` is the policy: a pure function from the state (what is resident, what runs, what
+  waits, the budget) to the grants it allows now, each with the tenants to evict first. It does not
+  log, lock or mutate, so it is tested as a table and can be called speculatively.
+* `Arbiter` is the shell: it keeps the state under one lock, applies `plan()`, and runs the evictions
+  through the tenants' `evict()` callables, outside the lock, in the thread of the request that needs
+  the memory.
+
+Invariants (tests in tests/test_arbiter_*.py hold each one):
+
+1. A request uses the GPU only between its grant (and the evictions in its plan) and its release.
+   A chat held back by a render is not sent to Ollama before then: Ollama does not refuse a load when
+   VRAM is short, it silently spills layers to the CPU (shared/reference/ollama.md).
+2. At most one render runs at a time (a diffusers pipeline keeps per-call state).
+3. The ledger (sum of every resident tenant's footprint: its peak need while busy, its weights while
+   idle) stays within the budget whenever more than one tenant is resident. A lone tenant may exceed
+   it: refusing would help no one. With no known budget (no CUDA device, none configured) nothing is
+   assumed to fit beside anything else, which is the `exclusive` policy.
+4. Only idle tenants are evicted, and a tenant being evicted still counts in the ledger until its
+   `evict()` has returned: nobody plans on memory that is not free yet (Ollama answers an unload
+   before the memory is back).
+5. A request starts only when it fits beside what runs, and never overtakes a waiting request it
+   could not run beside (no starvation: a waiting render stops new chats from joining; with
+   `chat_priority="next"` a chat queues behind at most one render).
+6. Every lease is released exactly once, whatever happens (error, cancel, client gone): `release()`
+   is idempotent and `Lease` is a context manager. A failed eviction releases the lease too.
+7. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
+   never across an eviction, a load, a render or any I/O. Methods suffixed `_locked` expect it held.
+   Leases are not bound to threads (Gradio runs each step of a streaming handler on any worker
+   thread), so no thread-owned lock is ever held for the length of a lease.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from clair.errors import Cancelled, EvictionFailed, GpuBusy
+
+log = logging.getLogger("clair.arbiter")
+
+Kind = Literal["chat", "render"]
+Policy = Literal["budget", "exclusive"]
+GiB = 1024**3
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy: pure data in, decisions out.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Req:
+    """A request for the GPU, as the policy sees it."""
+
+    id: int
+    kind: Kind
+    tenant: str  # what must be resident while it runs ("ollama", "image", "local-chat")
+    need: int  # bytes its tenant occupies while this request runs (weights + activations)
+    idle: int  # bytes the tenant keeps once the request is done (weights)
+    order: tuple[int, ...] = ()  # queue position key; smaller goes first
+
+
+@dataclass(frozen=True)
+class Resident:
+    tenant: str
+    bytes: int  # footprint while idle
+    last_used: int = 0  # a sequence number, for least-recently-used eviction
+    evicting: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    policy: Policy
+    budget: int  # bytes; 0 = unknown, nothing co-resides
+    residents: Mapping[str, Resident]
+    running: tuple[Req, ...]
+    waiting: tuple[Req, ...]  # in queue order
+
+
+@dataclass(frozen=True)
+class Grant:
+    req: Req
+    evict: tuple[str, ...]
+    reason: str  # why these evictions (empty when none)
+    over_budget: bool = False  # a lone tenant larger than the budget
+
+
+def _conflict(a: Req, b: Req, policy: Policy, budget: int) -> str:
+    """Why a and b cannot run at the same time ("" when they can)."""
+    if a.kind == "render" and b.kind == "render":
+        return "one render at a time"
+    if a.tenant == b.tenant:
+        return ""
+    if policy == "exclusive":
+        return "exclusive policy"
+    if budget <= 0:
+        return "no known VRAM budget"
+    if a.need + b.need > budget:
+        return f"{a.tenant} and {b.tenant} do not fit together"
+    return ""
+
+
+def _fit(req: Req, running: Iterable[Req], residents: Mapping[str, Resident], s: Snapshot):
+    """Can `req` start beside `running`? Returns (ok, evictions, reason)."""
+    running = list(running)
+    for other in running:
+        why = _conflict(req, other, s.policy, s.budget)
+        if why:
+            return False, (), why
+    if residents.get(req.tenant, Resident(req.tenant, 0)).evicting:
+        return False, (), f"{req.tenant} is still leaving the GPU"
+
+    # Busy tenants stay, at the peak of what runs on them; so does req's own tenant.
+    busy: dict[str, int] = {}
+    for r in [*running, req]:
+        busy[r.tenant] = max(busy.get(r.tenant, 0), r.need)
+    for r in running:  # a running request may have grown its tenant beyond `need`
+        res = residents.get(r.tenant)
+        if res is not None:
+            busy[r.tenant] = max(busy[r.tenant], res.bytes)
+    others = [res for name, res in residents.items() if name not in busy]
+    leaving = [res for res in others if res.evicting]
+
+    if s.policy == "exclusive" or s.budget <= 0:
+        # Exclusive, or no known budget: every idle tenant other than req's own leaves first.
+        if leaving:
+            return False, (), "waiting for an eviction to finish"
+        why = "exclusive policy" if s.policy == "exclusive" else "no known VRAM budget"
+        evict = tuple(res.tenant for res in others)
+        return True, evict, f"{why}: the {req.kind} gets the GPU alone" if evict else ""
+
+    # Budget: keep what fits; evict least recently used idle tenants, only until the rest fits.
+    total = sum(busy.values()) + sum(res.bytes for res in others)
+    evict: list[str] = []
+    for res in sorted(others, key=lambda r: r.last_used):
+        if total <= s.budget:
+            break
+        if not res.evicting:
+            evict.append(res.tenant)
+            total -= res.bytes
+    if total > s.budget:
+        if leaving:  # a tenant still on its way out counts until it is gone (invariant 4)
+            return False, (), "waiting for an eviction to finish"
+        if len(busy) > 1:
+            return False, (), "does not fit beside what is running"
+        # A lone tenant larger than the budget: it runs alone (invariant 3).
+    if not evict:
+        return True, (), ""
+    reason = (
+        f"{req.kind} needs {req.need / GiB:.1f} GiB; with "
+        f"{', '.join(f'{r.tenant} {r.bytes / GiB:.1f} GiB' for r in others)} resident "
+        f"it would exceed the {s.budget / GiB:.1f} GiB budget"
+    )
+    return True, tuple(evict), reason
+
+
+def plan(s: Snapshot) -> list[Grant]:
+    """The grants the state allows now, in queue order.
+
+    1. Walk the waiting requests in queue order.
+    2. A request that conflicts with a waiting request ahead of it stays (invariant 5).
+    3. A request that conflicts with a running one stays (one render at a time; the exclusive policy;
+       tenants that do not fit together).
+    4. Otherwise it is granted, with the idle tenants that must leave for it (exclusive: all others;
+       budget: least recently used first, only until the rest fits).
+    5. Granted requests count as running for the requests behind them.
+    """
+    running = list(s.running)
+    residents = dict(s.residents)
+    ahead: list[Req] = []
+    grants: list[Grant] = []
+    for req in s.waiting:
+        # 2.
+        if any(_conflict(req, a, s.policy, s.budget) for a in ahead):
+            ahead.append(req)
+            continue
+        # 3.
+        ok, evict, reason = _fit(req, running, residents, s)
+        if not ok:
+            ahead.append(req)
+            continue
+        # 4.
+        lone = not running and all(n in evict or n == req.tenant for n in residents)
+        over = s.budget > 0 and lone and req.need > s.budget
+        grants.append(Grant(req, evict, reason, over))
+        # 5.
+        running.append(req)
+        for name in evict:
+            residents[name] = replace(residents[name], evicting=True)
+        cur = residents.get(req.tenant)
+        residents[req.tenant] = Resident(req.tenant, max(req.idle, cur.bytes if cur else 0))
+    return grants
+
+
+def blocked_reason(s: Snapshot, req: Req) -> str:
+    """Why a waiting request is not granted (for the UI), assuming `plan` did not grant it."""
+    for a in s.waiting:
+        if a.id == req.id:
+            break
+        why = _conflict(req, a, s.policy, s.budget)
+        if why:
+            return f"waiting behind a queued {a.kind}"
+    for r in s.running:
+        if _conflict(req, r, s.policy, s.budget):
+            return f"GPU busy: {r.kind} in progress"
+    _, _, why = _fit(req, s.running, s.residents, s)
+    return why or "waiting"
+
+
+# --------------------------------------------------------------------------------------------------
+# The shell: state, lock, evictions.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tenant:
+    name: str
+    evict: Callable[[], None]  # blocks until the tenant's GPU memory is free again
+
+
+@dataclass
+class Lease:
+    """One request's claim on the GPU. Use as a context manager, or call `release()` in `finally`."""
+
+    arbiter: Arbiter
+    req: Req
+    label: str
+    requested_at: float  # time.time() at request
+    granted_at: float | None = None  # time.time() when the policy granted it
+    ready_at: float | None = None  # time.time() when its evictions were done: GPU work may start
+    released_at: float | None = None
+    evicted: tuple[str, ...] = ()
+    evict_reason: str = ""
+    error: BaseException | None = None
+    _granted: threading.Event = field(default_factory=threading.Event)
+    _grant: Grant | None = None
+    _tenant_was_resident: bool = False
+
+    @property
+    def kind(self) -> Kind:
+        return self.req.kind
+
+    @property
+    def wait_s(self) -> float:
+        return (self.granted_at or time.time()) - self.requested_at
+
+    @property
+    def evict_s(self) -> float:
+        if self.granted_at is None:
+            return 0.0
+        return (self.ready_at or time.time()) - self.granted_at
+
+    def poll(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the grant; True once the GPU is ours (evictions done)."""
+        if self.ready_at is not None:
+            return True
+        if not self._granted.wait(timeout):
+            return False
+        self.arbiter._run_evictions(self)
+        return True
+
+    def waiting(self, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False):
+        """Yield the queue position (see `Arbiter.position`) about every 0.25 s until the GPU is ours.
+
+        Raises GpuBusy after `timeout` s and Cancelled when `cancelled()` says so; either way, and on
+        any other exit before the grant (e.g. the generator is closed), the lease is released.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ok = False
+        try:
+            while not self.poll(0.25):
+                if cancelled():
+                    raise Cancelled("Cancelled while waiting for the GPU.")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise GpuBusy(
+                        f"The GPU stayed busy for over {timeout:.0f} s; try again in a moment "
+                        "(or raise CLAIR_QUEUE_TIMEOUT_S)."
+                    )
+                pos = self.position()
+                if pos["position"]:
+                    yield pos
+            ok = True
+        finally:
+            if not ok:
+                self.release()
+
+    def wait(self, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False) -> Lease:
+        """Block until the GPU is ours (see `waiting`)."""
+        for _ in self.waiting(timeout, cancelled):
+            pass
+        return self
+
+    def position(self) -> dict:
+        return self.arbiter.position(self)
+
+    def release(self) -> None:
+        self.arbiter._release(self)
+
+    def __enter__(self) -> Lease:
+        return self.wait(self.arbiter.queue_timeout_s)
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Arbiter:
+    """Grants GPU leases according to `plan()`; see the module docstring for the invariants."""
+
+    def __init__(
+        self,
+        policy: Policy = "budget",
+        budget_bytes: int = 0,
+        chat_priority: Literal["next", "fifo"] = "next",
+        queue_timeout_s: float = 900.0,
+        wait_free: Callable[[int], None] | None = None,
+    ):
+        self.policy: Policy = policy
+        self.budget = int(budget_bytes)
+        self.chat_priority = chat_priority
+        self.queue_timeout_s = queue_timeout_s
+        # Called after evictions with the bytes the request still needs: on CUDA it polls free device
+        # memory, since a process may hold memory after its owner said it let go.
+        self._wait_free = wait_free
+        self._seq = itertools.count(1)
+        # _lock protects everything below; _cond (same lock) wakes waiters when the state changes.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._tenants: dict[str, Tenant] = {}
+        self._residents: dict[str, Resident] = {}
+        self._running: dict[int, Lease] = {}
+        self._waiting: dict[int, Lease] = {}
+        self._use_seq = itertools.count(1)
+        self._hold_ema: dict[str, float] = {"chat": 5.0, "render": 15.0}
+        self._last_handover: dict = {}
+        self.stats = {"grants": 0, "swaps": 0, "evict_failures": 0, "budget_exceeded": 0, "max_used_bytes": 0}
+        self._listeners: list[Callable[[str, dict], None]] = []
+
+    # -- configuration ---------------------------------------------------------------------------
+    def add_tenant(self, name: str, evict: Callable[[], None]) -> None:
+        with self._lock:
+            self._tenants[name] = Tenant(name, evict)
+
+    def on_event(self, fn: Callable[[str, dict], None]) -> None:
+        """Subscribe to hand-over events (for the benchmark's timeline and tests)."""
+        self._listeners.append(fn)
+
+    # -- the ledger, kept in step with reality -----------------------------------------------------
+    def set_resident(self, tenant: str, nbytes: int) -> None:
+        """Record what a tenant really occupies now (e.g. size_vram from Ollama's /api/ps).
+
+        0 removes it: e.g. Ollama unloaded its model on its own when keep_alive ran out.
+        """
+        with self._lock:
+            cur = self._residents.get(tenant)
+            busy = any(lease.req.tenant == tenant for lease in self._running.values())
+            if cur is not None and cur.evicting:
+                return  # the evicting request owns this entry until evict() returns
+            if nbytes <= 0 and not busy:
+                self._residents.pop(tenant, None)
+            elif nbytes > 0:
+                seq = cur.last_used if cur else next(self._use_seq)
+                self._residents[tenant] = Resident(tenant, int(nbytes), seq)
+            self._check_budget_locked()
+            self._schedule_locked()
+
+    def resident_bytes(self, tenant: str) -> int:
+        with self._lock:
+            res = self._residents.get(tenant)
+            return res.bytes if res else 0
+
+    # -- leases ----------------------------------------------------------------------------------
+    def request(self, kind: Kind, tenant: str, need: int, idle: int | None = None, label: str = "") -> Lease:
+        """Queue a request for the GPU. Returns at once; `Lease.wait()`/`poll()` block until granted."""
+        with self._lock:
+            rid = next(self._seq)
+            req = Req(rid, kind, tenant, int(need), int(need if idle is None else idle), self._order_locked(kind, rid))
+            lease = Lease(self, req, label or kind, requested_at=time.time())
+            self._waiting[rid] = lease
+            self._schedule_locked()
+            return lease
+
+    def lease(self, kind: Kind, tenant: str, need: int, idle: int | None = None, label: str = "") -> Lease:
+        """`with arbiter.lease(...):` waits (up to queue_timeout_s), runs the block, releases."""
+        return self.request(kind, tenant, need, idle, label)
+
+    def _order_locked(self, kind: Kind, rid: int) -> tuple[int, ...]:
+        # fifo: arrival order. next: a chat goes right after the render in front of it (the running one,
+        # else the first waiting one) instead of after every queued render.
+        if kind == "render" or self.chat_priority == "fifo":
+            return (rid, 0)
+        running = [ls.req for ls in self._running.values() if ls.req.kind == "render"]
+        queued = sorted((ls.req for ls in self._waiting.values() if ls.req.kind == "render"), key=lambda r: r.order)
+        if running:
+            return (min(r.order for r in running)[0], 1, rid)
+        if queued:
+            return (queued[0].order[0], 1, rid)
+        return (rid, 0)
+
+    def _snapshot_locked(self) -> Snapshot:
+        waiting = tuple(sorted((ls.req for ls in self._waiting.values()), key=lambda r: r.order))
+        running = tuple(ls.req for ls in self._running.values())
+        return Snapshot(self.policy, self.budget, dict(self._residents), running, waiting)
+
+    def _schedule_locked(self) -> None:
+        for grant in plan(self._snapshot_locked()):
+            lease = self._waiting.pop(grant.req.id)
+            self._running[lease.req.id] = lease
+            lease._grant = grant
+            lease.granted_at = time.time()
+            for name in grant.evict:
+                self._residents[name] = replace(self._residents[name], evicting=True)
+            cur = self._residents.get(lease.req.tenant)
+            lease._tenant_was_resident = cur is not None
+            self._residents[lease.req.tenant] = Resident(
+                lease.req.tenant, max(lease.req.need, cur.bytes if cur else 0), next(self._use_seq)
+            )
+            self.stats["grants"] += 1
+            if grant.over_budget:
+                log.warning(
+                    "lone tenant over budget tenant=%s need_gib=%.1f budget_gib=%.1f",
+                    lease.req.tenant,
+                    lease.req.need / GiB,
+                    self.budget / GiB,
+                )
+            if not grant.evict:
+                # With evictions, the grantee touches nothing until they are done: check then.
+                self._check_budget_locked()
+            lease._granted.set()
+        self._cond.notify_all()
+
+    def _check_budget_locked(self) -> None:
+        used = sum(r.bytes for r in self._residents.values())
+        self.stats["max_used_bytes"] = max(self.stats["max_used_bytes"], used)
+        if self.budget > 0 and len(self._residents) > 1 and used > self.budget:
+            self.stats["budget_exceeded"] += 1
+            log.warning(
+                "ledger over budget used_gib=%.2f budget_gib=%.2f residents=%s",
+                used / GiB,
+                self.budget / GiB,
+                ",".join(f"{r.tenant}:{r.bytes / GiB:.2f}" for r in self._residents.values()),
+            )
+
+    def _run_evictions(self, lease: Lease) -> None:
+        """Run the grant's evictions in the caller's thread, outside the lock (invariants 4 and 7)."""
+        if lease.ready_at is not None:
+            return
+        grant = lease._grant
+        assert grant is not None
+        evicted: list[str] = []
+        try:
+            for name in grant.evict:
+                tenant = self._tenants.get(name)
+                t0 = time.monotonic()
+                if tenant is not None:
+                    tenant.evict()
+                with self._lock:
+                    self._residents.pop(name, None)
+                    self.stats["swaps"] += 1
+                    self._schedule_locked()  # requests waiting for this memory may go now
+                evicted.append(name)
+                log.info(
+                    "evicted tenant=%s for=%s evict_s=%.3f reason=%r",
+                    name,
+                    lease.label,
+                    time.monotonic() - t0,
+                    grant.reason,
+                )
+            if grant.evict and self._wait_free is not None:
+                # Only what the lease's tenant does not already hold on the GPU must be free.
+                own = lease.req.idle if lease._tenant_was_resident else 0
+                self._wait_free(max(0, lease.req.need - own))
+        except BaseException as exc:
+            with self._lock:
+                self.stats["evict_failures"] += 1
+                for name in grant.evict:
+                    if name not in evicted and name in self._residents:
+                        # State unknown: keep counting it, but let the next request try again.
+                        self._residents[name] = replace(self._residents[name], evicting=False)
+            lease.error = exc
+            lease.release()
+            if isinstance(exc, EvictionFailed):
+                raise
+            raise EvictionFailed(f"Could not free the GPU for this {lease.kind}: {exc}") from exc
+        lease.evicted = tuple(evicted)
+        lease.evict_reason = grant.reason
+        lease.ready_at = time.time()
+        if evicted:
+            with self._lock:
+                self._check_budget_locked()
+        handover = {
+            "to": lease.label,
+            "kind": lease.kind,
+            "evicted": list(evicted),
+            "reason": grant.reason,
+            "wait_s": round(lease.wait_s, 4),
+            "evict_s": round(lease.evict_s, 4),
+            "at": lease.ready_at,
+        }
+        with self._lock:
+            if evicted:
+                self._last_handover = handover
+        if evicted:
+            log.info(
+                "handover to=%s evicted=%s wait_s=%.3f evict_s=%.3f",
+                lease.label,
+                ",".join(evicted),
+                lease.wait_s,
+                lease.evict_s,
+            )
+        self._emit("start", {"id": lease.req.id, "kind": lease.kind, "label": lease.label, "at": lease.ready_at})
+
+    def _release(self, lease: Lease) -> None:
+        with self._lock:
+            if lease.released_at is not None:
+                return
+            lease.released_at = time.time()
+            self._waiting.pop(lease.req.id, None)
+            was_running = self._running.pop(lease.req.id, None) is not None
+            if was_running:
+                res = self._residents.get(lease.req.tenant)
+                still_busy = [ls for ls in self._running.values() if ls.req.tenant == lease.req.tenant]
+                if res is not None and not res.evicting:
+                    size = max([lease.req.idle] + [ls.req.need for ls in still_busy])
+                    self._residents[lease.req.tenant] = Resident(res.tenant, size, next(self._use_seq))
+                if lease.ready_at is not None:
+                    held = lease.released_at - lease.ready_at
+                    ema = self._hold_ema[lease.kind]
+                    self._hold_ema[lease.kind] = 0.7 * ema + 0.3 * held
+            self._schedule_locked()
+        if was_running:
+            self._emit("release", {"id": lease.req.id, "kind": lease.kind, "at": lease.released_at})
+
+    def _emit(self, event: str, data: dict) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(event, data)
+            except Exception:  # a broken listener must not break a hand-over
+                log.exception("arbiter listener failed")
+
+    # -- what the UI and /status show ------------------------------------------------------------
+    def position(self, lease: Lease) -> dict:
+        """Place in the queue, why it waits, and an estimated wait in seconds."""
+        with self._lock:
+            if lease.req.id not in self._waiting:
+                return {"position": 0, "eta_s": 0.0, "reason": ""}
+            s = self._snapshot_locked()
+            ahead = [r for r in s.waiting if r.order < lease.req.order]
+            return {
+                "position": len(ahead) + 1,
+                "eta_s": round(self._eta_locked(lease.req, ahead), 1),
+                "reason": blocked_reason(s, lease.req),
+                "blocked_by": sorted({r.kind for r in s.running if _conflict(lease.req, r, s.policy, s.budget)}),
+            }
+
+    def _eta_locked(self, req: Req, ahead: list[Req]) -> float:
+        now = time.time()
+        eta = 0.0
+        for ls in self._running.values():
+            if _conflict(req, ls.req, self.policy, self.budget):
+                started = ls.ready_at or ls.granted_at or now
+                eta = max(eta, self._hold_ema[ls.kind] - (now - started))
+        # Chats ahead run together, so they cost one chat's time; renders ahead run one by one.
+        if any(r.kind == "chat" and _conflict(req, r, self.policy, self.budget) for r in ahead):
+            eta += self._hold_ema["chat"]
+        eta += sum(
+            self._hold_ema["render"]
+            for r in ahead
+            if r.kind == "render" and _conflict(req, r, self.policy, self.budget)
+        )
+        return max(0.0, eta)
+
+    def waiting_count(self, kind: Kind | None = None) -> int:
+        with self._lock:
+            return sum(1 for ls in self._waiting.values() if kind is None or ls.kind == kind)
+
+    def is_idle(self) -> bool:
+        with self._lock:
+            return not self._running and not self._waiting
+
+    def status(self) -> dict:
+        with self._lock:
+            now = time.time()
+            running = sorted(self._running.values(), key=lambda ls: ls.granted_at or 0)
+            holders = [
+                {
+                    "id": ls.req.id,
+                    "kind": ls.kind,
+                    "label": ls.label,
+                    "tenant": ls.req.tenant,
+                    "phase": "running" if ls.ready_at else "evicting",
+                    "held_s": round(now - (ls.granted_at or now), 2),
+                }
+                for ls in running
+            ]
+            s = self._snapshot_locked()
+            waiting = []
+            for i, req in enumerate(s.waiting):
+                ahead = list(s.waiting[:i])
+                lease = self._waiting[req.id]
+                waiting.append(
+                    {
+                        "id": req.id,
+                        "kind": req.kind,
+                        "label": lease.label,
+                        "position": i + 1,
+                        "eta_s": round(self._eta_locked(req, ahead), 1),
+                        "waited_s": round(now - lease.requested_at, 2),
+                        "reason": blocked_reason(s, req),
+                    }
+                )
+            used = sum(r.bytes for r in self._residents.values())
+            return {
+                "holder": holders[0] if holders else None,
+                "holders": holders,
+                "waiting": waiting,
+                "policy": self.policy,
+                "chat_priority": self.chat_priority,
+                "budget_gb": round(self.budget / GiB, 2) if self.budget else None,
+                "used_gb": round(used / GiB, 2),
+                "free_gb": round((self.budget - used) / GiB, 2) if self.budget else None,
+                "resident": [
+                    {
+                        "tenant": r.tenant,
+                        "gb": round(r.bytes / GiB, 2),
+                        "busy": any(ls.req.tenant == r.tenant for ls in self._running.values()),
+                        "evicting": r.evicting,
+                    }
+                    for r in sorted(self._residents.values(), key=lambda r: r.tenant)
+                ],
+                "last_handover": dict(self._last_handover) or None,
+                "stats": dict(self.stats),
+            }

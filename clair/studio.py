@@ -1,0 +1,268 @@
+"""Wires the real objects together: config -> arbiter + chat engines + image engine.
+
+`Studio` is what the UI and the scripting API call. Every GPU-heavy path goes through
+`Studio.chat()` or `Studio.render()`, and both hold an arbiter lease around their GPU work, so the
+traffic-cop protocol lives here in one place:
+
+1. Intercept: a render asks for the GPU; chats already streaming finish first, new ones are held
+   (they see their place and an estimated wait) and are not sent to Ollama meanwhile.
+2. Purge: the lease's plan evicts what must go (Ollama: unload, then poll /api/ps until empty, then
+   free VRAM on CUDA).
+3. Render on the cleared GPU.
+4. Recovery: release; held chats go on; the chat model is warmed again in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+from clair import gpu
+from clair.arbiter import Arbiter, Lease
+from clair.chat import ChatBackend, LocalChat, OllamaChat, flatten_history
+from clair.config import Config
+from clair.errors import BadRequest, ChatUnavailable, ImageModelUnavailable
+from clair.image import ImageEngine, RenderParams
+
+log = logging.getLogger("clair.studio")
+
+
+@dataclass
+class Waiting:
+    """A chat or render is queued for the GPU."""
+
+    position: int
+    eta_s: float
+    reason: str
+
+
+@dataclass
+class Token:
+    text: str
+
+
+class Studio:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.arbiter = Arbiter(
+            policy=cfg.gpu_policy,  # type: ignore[arg-type]
+            budget_bytes=gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb),
+            chat_priority=cfg.chat_priority,  # type: ignore[arg-type]
+            queue_timeout_s=cfg.queue_timeout_s,
+            wait_free=lambda n: gpu.wait_free(n, cfg.evict_timeout_s),
+        )
+        self.ollama = OllamaChat(cfg)
+        self.local = LocalChat(cfg)
+        self.image = ImageEngine(cfg)
+        self.arbiter.add_tenant(self.ollama.tenant, self.ollama.evict)
+        self.arbiter.add_tenant(self.local.tenant, self.local.evict)
+        self.arbiter.add_tenant(self.image.tenant, self.image.evict)
+        self._cancel: dict[str, threading.Event] = {}
+        self._cancel_lock = threading.Lock()
+        self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
+        self.warmups = 0
+
+    # -- chat ----------------------------------------------------------------------------------------
+    def chat_backend(self, fresh: bool = False) -> tuple[ChatBackend, str | None]:
+        """The engine chat uses now, and its problem (None when it can answer).
+
+        `auto` prefers Ollama whenever it answers and falls back to the in-process model, re-checking
+        every few seconds, so starting (or stopping) Ollama takes effect without a restart.
+        """
+        mode = self.cfg.chat_backend
+        if mode == "local":
+            return self.local, self.local.problem()
+        if mode == "ollama":
+            return self.ollama, self.ollama.problem()
+        now = time.monotonic()
+        if not fresh and self._backend_cache and now - self._backend_cache[0] < 5:
+            return self._backend_cache[1], self._backend_cache[2]
+        problem = self.ollama.problem()
+        if problem == self.ollama.unreachable():
+            backend, problem = self.local, self.local.problem()
+        else:
+            backend = self.ollama
+        self._backend_cache = (now, backend, problem)
+        return backend, problem
+
+    def chat_models(self) -> list[str]:
+        backend, _ = self.chat_backend()
+        return backend.models()
+
+    def default_chat_model(self) -> str:
+        backend, _ = self.chat_backend()
+        return self.cfg.chat_model if backend is self.ollama else self.local.label
+
+    def chat(
+        self,
+        message: str,
+        history: list | None = None,
+        model: str | None = None,
+        system: str | None = None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[Waiting | Token]:
+        """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses."""
+        if not message or not message.strip():
+            raise BadRequest("Type a message first.")
+        try:
+            messages = flatten_history(history)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        system = self.cfg.system_prompt if system is None else system
+        if system.strip() and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system})
+        messages.append({"role": "user", "content": message})
+
+        backend, problem = self.chat_backend(fresh=True)
+        model = model or self.default_chat_model()
+        if backend is self.ollama:
+            problem = self.ollama.problem(model)
+            if problem is None:
+                self.arbiter.set_resident(self.ollama.tenant, self.ollama.resident_bytes())
+        if problem:
+            raise ChatUnavailable(problem)
+        need, idle = backend.footprint(model)
+        stop = stop or threading.Event()
+        lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
+        try:
+            yield from self._wait(lease, stop.is_set)
+            for text in backend.stream(model, messages, stop):
+                yield Token(text)
+        finally:
+            lease.release()
+            if backend is self.ollama:
+                self._sync_ollama()
+
+    def _wait(self, lease: Lease, cancelled: Callable[[], bool]) -> Iterator[Waiting]:
+        """Yield the lease's place in the queue whenever it changes, until the GPU is ours."""
+        last = None
+        for pos in lease.waiting(self.cfg.queue_timeout_s, cancelled):
+            now = (pos["position"], round(pos["eta_s"]), pos["reason"])
+            if now != last:
+                last = now
+                yield Waiting(pos["position"], pos["eta_s"], pos["reason"])
+
+    def _sync_ollama(self) -> None:
+        """Tell the ledger what Ollama really holds (size_vram from /api/ps)."""
+        self.arbiter.set_resident(self.ollama.tenant, self.ollama.resident_bytes())
+
+    # -- render --------------------------------------------------------------------------------------
+    def render(
+        self,
+        params: RenderParams,
+        on_progress: Callable[[str, float], None] = lambda text, frac: None,
+        cancel: threading.Event | None = None,
+    ) -> tuple[str, dict]:
+        """Render and save an image through the arbiter. Returns (png path, info)."""
+        params = params.validated()
+        cancel = cancel or threading.Event()
+        problem = self.image.problem()
+        if problem:
+            raise ImageModelUnavailable(problem)
+        t_request = time.time()
+        self._sync_ollama()  # the ledger must see what Ollama holds before it plans
+        need, idle = self.image.footprint(params.width, params.height)
+        lease = self.arbiter.request(
+            "render", self.image.tenant, need, idle, label=f"render {params.width}x{params.height}"
+        )
+        ollama_evicted = False
+        try:
+            for w in self._wait(lease, cancel.is_set):
+                on_progress(f"Waiting for the GPU: {w.reason} (position {w.position}, about {w.eta_s:.0f} s)", 0.0)
+            ollama_evicted = self.ollama.tenant in lease.evicted
+            gpu_started_at = time.time()
+            on_progress("Rendering", 0.0)
+            image, facts = self.image.render(
+                params,
+                on_step=lambda step, total: on_progress(f"Step {step}/{total}", step / total),
+                cancelled=cancel.is_set,
+            )
+        finally:
+            lease.release()
+            gpu_finished_at = time.time()
+            if lease.ready_at is not None:
+                self._after_render(lease, ollama_evicted)
+        path = self.image.save(image, params)
+        info = {
+            **asdict(params),
+            "model": self.image.model_id,
+            "path": str(path),
+            "requested_at": t_request,
+            "gpu_started_at": gpu_started_at,
+            "gpu_finished_at": gpu_finished_at,
+            "wait_s": round(lease.wait_s, 4),
+            "evict_s": round(lease.evict_s, 4),
+            "render_s": round(facts["render_s"], 4),
+            "evicted": list(lease.evicted),
+            "evict_reason": lease.evict_reason,
+            "peak_reserved_gb": round(facts["peak_reserved_gb"], 3),
+        }
+        log.info(
+            "render done seed=%s size=%sx%s wait_s=%.3f evict_s=%.3f render_s=%.3f evicted=%s",
+            params.seed,
+            params.width,
+            params.height,
+            lease.wait_s,
+            lease.evict_s,
+            facts["render_s"],
+            ",".join(lease.evicted) or "-",
+        )
+        return str(path), info
+
+    def _after_render(self, lease: Lease, ollama_evicted: bool) -> None:
+        """Recovery: bring the chat model back in the background so the next message does not pay the load."""
+        if not (ollama_evicted and self.cfg.warmup):
+            return
+        threading.Thread(target=self._warm, name="clair-warmup", daemon=True).start()
+
+    def _warm(self) -> None:
+        if self.arbiter.waiting_count("render"):
+            return  # another render is queued: it would evict the model again at once
+        model = self.cfg.chat_model
+        need, idle = self.ollama.footprint(model)
+        lease = self.arbiter.request("chat", self.ollama.tenant, need, idle, label=f"warm-up:{model}")
+        try:
+            lease.wait(self.cfg.queue_timeout_s)
+            t0 = time.monotonic()
+            self.ollama.warm(model)
+            self.warmups += 1
+            log.info("warm-up done model=%s s=%.2f", model, time.monotonic() - t0)
+        except Exception as exc:
+            log.warning("warm-up failed model=%s error=%s", model, exc)
+        finally:
+            lease.release()
+            self._sync_ollama()
+
+    # -- cancel, status ------------------------------------------------------------------------------
+    def cancel_event(self, key: str) -> threading.Event:
+        with self._cancel_lock:
+            ev = threading.Event()
+            self._cancel[key] = ev
+            return ev
+
+    def cancel(self, key: str) -> bool:
+        with self._cancel_lock:
+            ev = self._cancel.get(key)
+        if ev is None:
+            return False
+        ev.set()
+        return True
+
+    def status(self) -> dict:
+        st = self.arbiter.status()
+        backend, problem = self.chat_backend()
+        st["chat"] = {"backend": backend.name, "model": self.default_chat_model(), "problem": problem}
+        st["image"] = {"model": self.image.label, "problem": self.image.problem()}
+        st["cuda"] = gpu.cuda()
+        st["demo"] = self.cfg.demo
+        return st
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: the arbiter's lock is not stuck."""
+        acquired = self.arbiter._lock.acquire(timeout=5)
+        if acquired:
+            self.arbiter._lock.release()
+        return acquired
