@@ -249,6 +249,39 @@ def estimate_loaded_bytes(disk_bytes: int, num_ctx: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def token_streamer(tok: Any, **kwargs: Any):
+    """A TextIteratorStreamer that hands over new text after every token.
+
+    transformers' streamer holds text back until a space or newline, so a model that writes few spaces (or
+    random bytes) arrives in one burst at the end. This one emits whatever the token added, except an
+    incomplete UTF-8 sequence (decoded as a trailing U+FFFD), which waits for its remaining bytes.
+    Built on demand so importing this module does not import transformers.
+    """
+    from transformers import TextIteratorStreamer
+
+    class TokenStreamer(TextIteratorStreamer):
+        def put(self, value):
+            if len(value.shape) > 1 and value.shape[0] > 1:
+                raise ValueError("TokenStreamer only supports batch size 1")
+            if len(value.shape) > 1:
+                value = value[0]
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.token_cache.extend(value.tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if text.endswith("\ufffd"):
+                return  # a multi-byte character is still incomplete; end() flushes whatever is left
+            printable = text[self.print_len :]
+            if text.endswith("\n"):  # start a fresh cache per line, as the parent does
+                self.token_cache, self.print_len = [], 0
+            else:
+                self.print_len += len(printable)
+            self.on_finalized_text(printable)
+
+    return TokenStreamer(tok, **kwargs)
+
+
 class LocalChat:
     """A causal LM from the Hugging Face hub, a local folder, or `tiny` (random weights), in-process."""
 
@@ -277,6 +310,13 @@ class LocalChat:
     def models(self) -> list[str]:
         return [self.label]
 
+    def load(self) -> None:
+        """Load to host memory (raises ChatUnavailable with what to do). No GPU is touched."""
+        if self._model is not None:
+            return  # loaded: don't queue behind a reply that is streaming under the lock
+        with self._lock:
+            self._load_locked()
+
     def _load_locked(self):
         if self._model is not None:
             return
@@ -293,9 +333,16 @@ class LocalChat:
             else:
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+                # A folder that is missing would otherwise be reported as a malformed hub id.
+                source = self.model_id
+                local = Path(source).expanduser()
+                if local.exists():
+                    source = str(local)
+                elif source.startswith(("/", "./", "../", "~")):
+                    raise FileNotFoundError(f"the folder {local} does not exist")
                 dtype = torch.float16 if gpu.cuda() else torch.float32
-                tok = AutoTokenizer.from_pretrained(self.model_id)
-                model = AutoModelForCausalLM.from_pretrained(self.model_id, dtype=dtype)
+                tok = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as exc:
             self._error = (
                 f"Could not load the in-process chat model {self.model_id}: {exc}. Set CLAIR_LOCAL_CHAT_MODEL to a "
@@ -322,7 +369,7 @@ class LocalChat:
         return int(need * 1.15), need  # ~15% for the KV cache and activations while answering
 
     def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         with self._lock:
             self._load_locked()
@@ -337,7 +384,7 @@ class LocalChat:
                     return stop.is_set()
 
             # timeout: a dead generate() must not hang the reader forever.
-            streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
+            streamer = token_streamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
             failure: list[BaseException] = []
 
             def run():

@@ -15,11 +15,13 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 from clair import config, sdnotify
 from clair.errors import ConfigError
 
 log = logging.getLogger("clair")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def make_app(studio, demo):
@@ -47,6 +49,8 @@ def make_app(studio, demo):
         show_error=True,
         footer_links=["api", "settings"],
         ssr_mode=False,
+        favicon_path=str(ASSETS / "favicon.svg"),
+        css_paths=[ASSETS / "clair.css"],
     )
 
 

@@ -24,7 +24,7 @@ from clair import gpu
 from clair.arbiter import Arbiter, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat, flatten_history
 from clair.config import Config
-from clair.errors import BadRequest, ChatUnavailable, ImageModelUnavailable
+from clair.errors import BadRequest, ChatUnavailable
 from clair.image import ImageEngine, RenderParams
 
 log = logging.getLogger("clair.studio")
@@ -124,6 +124,8 @@ class Studio:
                 self.arbiter.set_resident(self.ollama.tenant, self.ollama.resident_bytes())
         if problem:
             raise ChatUnavailable(problem)
+        if backend is self.local:
+            self.local.load()  # from disk to host memory, before taking the GPU
         need, idle = backend.footprint(model)
         stop = stop or threading.Event()
         lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
@@ -159,10 +161,10 @@ class Studio:
         """Render and save an image through the arbiter. Returns (png path, info)."""
         params = params.validated()
         cancel = cancel or threading.Event()
-        problem = self.image.problem()
-        if problem:
-            raise ImageModelUnavailable(problem)
         t_request = time.time()
+        # Load from disk (to host memory) before asking for the GPU: a slow or failing load must not
+        # hold the GPU or evict anyone. Raises ImageModelUnavailable with what to do.
+        self.image.load()
         self._sync_ollama()  # the ledger must see what Ollama holds before it plans
         need, idle = self.image.footprint(params.width, params.height)
         lease = self.arbiter.request(
@@ -173,7 +175,6 @@ class Studio:
             for w in self._wait(lease, cancel.is_set):
                 on_progress(f"Waiting for the GPU: {w.reason} (position {w.position}, about {w.eta_s:.0f} s)", 0.0)
             ollama_evicted = self.ollama.tenant in lease.evicted
-            gpu_started_at = time.time()
             on_progress("Rendering", 0.0)
             image, facts = self.image.render(
                 params,
@@ -182,7 +183,6 @@ class Studio:
             )
         finally:
             lease.release()
-            gpu_finished_at = time.time()
             if lease.ready_at is not None:
                 self._after_render(lease, ollama_evicted)
         path = self.image.save(image, params)
@@ -191,8 +191,9 @@ class Studio:
             "model": self.image.model_id,
             "path": str(path),
             "requested_at": t_request,
-            "gpu_started_at": gpu_started_at,
-            "gpu_finished_at": gpu_finished_at,
+            # Stamped by the arbiter: after the purge, and at release before anyone else was granted.
+            "gpu_started_at": lease.ready_at,
+            "gpu_finished_at": lease.released_at,
             "wait_s": round(lease.wait_s, 4),
             "evict_s": round(lease.evict_s, 4),
             "render_s": round(facts["render_s"], 4),

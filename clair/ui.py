@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import gradio as gr
 
@@ -20,7 +19,6 @@ from clair.studio import Studio, Token, Waiting
 
 log = logging.getLogger("clair.ui")
 GPU = "gpu"  # the concurrency_id every GPU event shares
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 DEMO_BANNER = (
     "**Demo mode:** the models here are tiny and have random weights, so images are noise and replies "
@@ -252,7 +250,6 @@ def build(studio: Studio) -> gr.Blocks:
             image_notice, outputs=image_notice_md, api_visibility="private"
         )
         cancel.click(cancel_render, api_visibility="private", queue=False)
-
 
     demo.queue(default_concurrency_limit=cfg.queue_slots, max_size=256)
     return demo

@@ -1,0 +1,272 @@
+"""End to end: `python app.py` in a subprocess, driven through gradio_client, Ollama played by the stand-in.
+
+What the stand-in logs (each request's arrival, each model's load/unload) is compared with the
+timestamps Clair reports, to check the traffic-cop protocol from the outside.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ollama
+import pytest
+from gradio_client import Client
+
+from tests.ollama_standin import OllamaStandin
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "llama3.1:8b"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(interval)
+
+
+class App:
+    """`python app.py` with the given settings; stopped (and its log shown on failure) at the end."""
+
+    def __init__(self, tmp: Path, env: dict[str, str], args=()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"app-{self.port}.log"
+        full_env = {
+            **os.environ,
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_OFFLINE": "1",
+            "CLAIR_PORT": str(self.port),
+            "CLAIR_OUTPUT_DIR": str(tmp / "outputs"),
+            "CLAIR_IMAGE_MODEL": "tiny",
+            "CLAIR_LOCAL_CHAT_MODEL": "tiny",
+            **env,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), *args],
+            cwd=tmp,
+            env=full_env,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(self._up, timeout=90, interval=0.2)
+        except TimeoutError:
+            self.stop()
+            raise AssertionError("app did not start:\n" + self.log.read_text()[-3000:]) from None
+        self.client = Client(self.url, download_files=False, verbose=False)
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError("app exited:\n" + self.log.read_text()[-3000:])
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                pass
+        except OSError:
+            return False
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def status(self) -> dict:
+        return self.client.predict(api_name="/status")
+
+    def render(self, **kw) -> tuple:
+        args = {"prompt": "a lighthouse at dusk", "negative_prompt": "", "steps": 2, "guidance": 5.0}
+        args |= {"width": 64, "height": 64, "seed": 7} | kw
+        return self.client.predict(**args, api_name="/render")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def standin():
+    s = OllamaStandin({MODEL: 4.9, "qwen2.5:0.5b": 0.4}, load_delay=0.3, unload_delay=0.6, token_delay=0.01)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def app(standin, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("app")
+    a = App(tmp, {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_EVICT_TIMEOUT_S": "3"})
+    yield a
+    a.stop()
+
+
+@pytest.fixture(autouse=True)
+def _settle(request, standin):
+    """Each test starts with the GPU free and a fresh stand-in log."""
+    yield
+    if "app" in request.fixturenames:
+        app = request.getfixturevalue("app")
+        wait_until(lambda: app.status()["holder"] is None and not app.status()["waiting"], timeout=15)
+    standin.reset_logs()
+
+
+def chats_sent(standin, after=0.0):
+    """Real chat requests (not loads/unloads) that reached Ollama."""
+    return [r for r in standin.requests_to("/api/chat") if r.messages and r.arrived > after]
+
+
+def test_chat_streams_with_pinned_context_and_keep_alive(app, standin):
+    job = app.client.submit("hi there", [{"role": "user", "content": "earlier"}], api_name="/chat")
+    final = job.result(timeout=30)
+    outputs = job.outputs()
+    assert final == "You said: hi there"
+    assert len(outputs) >= 3 and all(final.startswith(o) for o in outputs)  # a growing reply
+    (req,) = chats_sent(standin)
+    assert req.options["num_ctx"] == 4096
+    assert req.keep_alive == "30m"
+    assert req.messages[0]["role"] == "system"
+    assert req.messages[-2:] == [
+        {"role": "user", "content": "earlier"},
+        {"role": "user", "content": "hi there"},
+    ]
+
+
+def test_render_evicts_ollama_first_and_starts_only_once_ps_is_empty(app, standin):
+    app.client.predict("load the model please", [], api_name="/chat")
+    assert standin.loaded() == [MODEL]
+    standin.reset_logs()
+
+    image, info = app.render()
+    assert Path(info["path"]).is_file() and image["orig_name"] == Path(info["path"]).name
+    kinds = [(e.kind, e.at) for e in standin.events_for(MODEL)]
+    unloaded_at = next(at for kind, at in kinds if kind == "unloaded")
+    unload_req = next(r for r in standin.requests_to("/api/chat") if r.keep_alive == 0)
+    # The unload was asked for, Ollama answered at once, the memory came back unload_delay later, and
+    # only then did the render take the GPU.
+    assert unload_req.arrived < unloaded_at <= info["gpu_started_at"]
+    assert info["evict_s"] >= 0.5
+    assert info["evicted"] == ["ollama"]
+    assert info["gpu_started_at"] < info["gpu_finished_at"]
+    assert info["width"] == 64 and info["steps"] == 2 and info["seed"] == 7
+
+    # Recovery: the chat model is loaded again in the background with Clair's keep_alive.
+    warm = wait_until(
+        lambda: [r for r in standin.requests_to("/api/chat") if not r.messages and r.keep_alive == "30m"],
+        timeout=10,
+    )
+    assert warm[0].arrived >= info["gpu_finished_at"]
+    wait_until(lambda: standin.loaded() == [MODEL], timeout=10)
+
+
+def test_chat_sent_during_a_render_is_held_until_the_gpu_is_released(app, standin):
+    render_job = app.client.submit(
+        "a slow one", "", 30, 5.0, 1024, 1024, 1, api_name="/render"
+    )  # several seconds on the tiny model
+    wait_until(lambda: (app.status()["holder"] or {}).get("kind") == "render", timeout=30)
+    sent_at = time.time()
+    chat_job = app.client.submit("are you there?", [], api_name="/chat")
+    waiting = wait_until(lambda: app.status()["waiting"], timeout=10)
+    assert waiting[0]["kind"] == "chat" and waiting[0]["position"] == 1
+    assert "render" in waiting[0]["reason"]
+    assert waiting[0]["eta_s"] >= 0
+    _, info = render_job.result(timeout=120)
+    assert chat_job.result(timeout=30) == "You said: are you there?"
+    assert sent_at < info["gpu_finished_at"], "the chat was not sent during the render; the test proves nothing"
+    (req,) = chats_sent(standin)
+    assert req.arrived >= info["gpu_finished_at"]
+
+
+def test_a_failing_render_releases_the_gpu_and_the_queue_moves_on(app, standin):
+    # Someone else's request keeps the model busy, so Ollama defers the unload past Clair's 3 s timeout.
+    app.client.predict("warm", [], api_name="/chat")
+    gate = standin.hold(MODEL)
+    other = threading.Thread(
+        target=lambda: ollama.Client(host=standin.url).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    )
+    other.start()
+    gate.wait_reached(timeout=5)
+    try:
+        with pytest.raises(Exception, match="Ollama still holds"):
+            app.render()
+        st = app.status()
+        assert st["holder"] is None and st["waiting"] == []
+        assert st["stats"]["evict_failures"] >= 1
+    finally:
+        gate.release()
+        other.join(10)
+    # Nothing stayed locked: chat and render both work again.
+    assert app.client.predict("still alive?", [], api_name="/chat") == "You said: still alive?"
+    _, info = app.render(seed=8)
+    assert info["seed"] == 8
+
+
+def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(app):
+    with pytest.raises(Exception, match="multiple of 8"):
+        app.render(width=100)
+    with pytest.raises(Exception, match="prompt"):
+        app.render(prompt="  ")
+    with pytest.raises(Exception, match="Type a message"):
+        app.client.predict("", [], api_name="/chat")
+    with pytest.raises(Exception, match="role"):
+        app.client.predict("hi", [{"role": "wizard", "content": "x"}], api_name="/chat")
+    assert app.client.predict("ok?", [], api_name="/chat") == "You said: ok?"
+
+
+def test_missing_model_says_how_to_pull(standin, tmp_path):
+    a = App(tmp_path, {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_CHAT_MODEL": "mistral:7b"})
+    try:
+        with pytest.raises(Exception, match=r"ollama pull mistral:7b"):
+            a.client.predict("hi", [], api_name="/chat")
+        standin.add_model("mistral:7b", 4.1)
+        assert a.client.predict("hi", [], api_name="/chat") == "You said: hi"
+    finally:
+        a.stop()
+
+
+def test_starts_without_ollama_or_checkpoint_says_why_and_recovers(tmp_path):
+    port = free_port()
+    broken = tmp_path / "sdxl"
+    broken.mkdir()  # exists but is not a diffusers folder
+    a = App(
+        tmp_path,
+        {"OLLAMA_HOST": f"127.0.0.1:{port}", "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_IMAGE_MODEL": str(broken)},
+    )
+    try:
+        with pytest.raises(Exception, match=r"Ollama is not reachable at http://127.0.0.1:\d+.*ollama serve"):
+            a.client.predict("hello", [], api_name="/chat")
+        with pytest.raises(Exception, match="not a diffusers folder"):
+            a.render()
+        assert a.status()["holder"] is None
+
+        # The causes go away: Ollama starts, the checkpoint appears. No restart needed.
+        from clair.tiny import save_tiny_sdxl
+
+        save_tiny_sdxl(broken)
+        with OllamaStandin({MODEL: 4.9}, port=port) as s:
+            assert a.client.predict("hello", [], api_name="/chat") == "You said: hello"
+            assert s.requests_to("/api/chat")
+        _, info = a.render()
+        assert Path(info["path"]).is_file()
+    finally:
+        a.stop()
