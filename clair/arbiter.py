@@ -412,6 +412,9 @@ class Arbiter:
         return Snapshot(self.policy, self.budget, dict(self._residents), running, waiting)
 
     def _schedule_locked(self) -> None:
+        if not self._waiting:  # fast path: nothing to decide (half of all calls, on release)
+            self._cond.notify_all()
+            return
         for grant in plan(self._snapshot_locked()):
             lease = self._waiting.pop(grant.req.id)
             self._running[lease.req.id] = lease
@@ -456,6 +459,13 @@ class Arbiter:
             return
         grant = lease._grant
         assert grant is not None
+        if not grant.evict:  # fast path: the GPU is ours at once
+            lease.ready_at = time.time()
+            if self._listeners:
+                self._emit(
+                    "start", {"id": lease.req.id, "kind": lease.kind, "label": lease.label, "at": lease.ready_at}
+                )
+            return
         evicted: list[str] = []
         try:
             for name in grant.evict:
@@ -578,6 +588,12 @@ class Arbiter:
             if r.kind == "render" and _conflict(req, r, self.policy, self.budget)
         )
         return max(0.0, eta)
+
+    def count(self, kind: Kind | None = None) -> int:
+        """Requests of `kind` running or waiting."""
+        with self._lock:
+            leases = [*self._running.values(), *self._waiting.values()]
+            return sum(1 for ls in leases if kind is None or ls.kind == kind)
 
     def waiting_count(self, kind: Kind | None = None) -> int:
         with self._lock:

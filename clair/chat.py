@@ -99,6 +99,7 @@ class OllamaChat:
         self.client = ollama.Client(host=self.url, timeout=cfg.ollama_timeout_s)
         self._probe = ollama.Client(host=self.url, timeout=3)
         self._sizes: dict[str, int] = {}
+        self.last_evicted: list[str] = []
 
     # -- health ----------------------------------------------------------------------------------
     def unreachable(self) -> str:
@@ -207,6 +208,7 @@ class OllamaChat:
             models = [m.model for m in self._probe.ps().models]
         except ConnectionError:
             return  # Ollama is down: it holds no GPU memory
+        self.last_evicted = models  # what the warm-up brings back after the render
         for name in models:
             try:
                 self._probe.chat(model=name, messages=[], keep_alive=0)

@@ -73,6 +73,9 @@ class Config:
         120.0, "Longest silence tolerated from Ollama while it loads or streams, in seconds."
     )
     warmup: bool = setting(True, "Reload the chat model in the background after a render evicted it.")
+    warmup_delay_s: float = setting(
+        2.0, "Seconds to wait after a render before that reload, so renders in quick succession skip it."
+    )
 
     # --- images --------------------------------------------------------------------------------
     image_model: str = setting(

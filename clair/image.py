@@ -237,8 +237,9 @@ class ImageEngine:
         for key, value in meta.items():
             info.add_text(key, str(value))
         info.add_text("clair", json.dumps(meta))
-        a1111 = (
-            f"{params.prompt}\nNegative prompt: {params.negative_prompt}\nSteps: {params.steps}, Sampler: Euler, "
+        negative = f"\nNegative prompt: {params.negative_prompt}" if params.negative_prompt else ""
+        a1111 = (  # the line AUTOMATIC1111 writes, so its "PNG Info" tab and other tools read our images
+            f"{params.prompt}{negative}\nSteps: {params.steps}, Sampler: Euler, "
             f"CFG scale: {params.guidance}, Seed: {params.seed}, Size: {params.width}x{params.height}, "
             f"Model: {self.model_id}"
         )

@@ -220,22 +220,25 @@ class Studio:
         threading.Thread(target=self._warm, name="clair-warmup", daemon=True).start()
 
     def _warm(self) -> None:
-        if self.arbiter.waiting_count("render"):
-            return  # another render is queued: it would evict the model again at once
-        model = self.cfg.chat_model
-        need, idle = self.ollama.footprint(model)
-        lease = self.arbiter.request("chat", self.ollama.tenant, need, idle, label=f"warm-up:{model}")
-        try:
-            lease.wait(self.cfg.queue_timeout_s)
-            t0 = time.monotonic()
-            self.ollama.warm(model)
-            self.warmups += 1
-            log.info("warm-up done model=%s s=%.2f", model, time.monotonic() - t0)
-        except Exception as exc:
-            log.warning("warm-up failed model=%s error=%s", model, exc)
-        finally:
-            lease.release()
-            self._sync_ollama()
+        # A short grace period first: someone iterating on prompts renders again within seconds, and
+        # reloading the LLM in between would only be evicted again (measured in bench/run.py).
+        time.sleep(self.cfg.warmup_delay_s)
+        if self.arbiter.count("render"):
+            return  # another render is queued or running: it would evict the model again at once
+        for model in self.ollama.last_evicted or [self.cfg.chat_model]:
+            need, idle = self.ollama.footprint(model)
+            lease = self.arbiter.request("chat", self.ollama.tenant, need, idle, label=f"warm-up:{model}")
+            try:
+                lease.wait(self.cfg.queue_timeout_s)
+                t0 = time.monotonic()
+                self.ollama.warm(model)
+                self.warmups += 1
+                log.info("warm-up done model=%s s=%.2f", model, time.monotonic() - t0)
+            except Exception as exc:
+                log.warning("warm-up failed model=%s error=%s", model, exc)
+            finally:
+                lease.release()
+                self._sync_ollama()
 
     # -- cancel, status ------------------------------------------------------------------------------
     def cancel_event(self, key: str) -> threading.Event:

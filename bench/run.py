@@ -1,0 +1,298 @@
+"""Clair's arbiter benchmark: who waits, how long, and how many swaps, under each GPU policy.
+
+    python bench/run.py --quick --out bench/out/quick.json      # CPU, no GPU or network, ~3 minutes
+
+It drives the real `Studio` (arbiter, Ollama client code, image engine) with the tiny image model and
+the Ollama stand-in from tests/ set to realistic delays: loading an 8B model takes 2 s (1-10 s is
+typical from page cache), its unload finishes 1 s after Ollama answers (0.5-1.5 s), and it streams at
+25 tokens/s (shared/reference/ollama.md). Renders are paced to a consumer GPU's SDXL speed.
+
+What is simulated, and why:
+* The ledger is told each render's *declared* size (768x768, or 1024x1024 where nothing fits beside
+  it) while the tiny pipeline draws 256x256, to keep CPU time out of the figures.
+* Compute sharing: when the budget policy lets a chat and a render run at once, both slow down as
+  measured on an H100 (render 2.29 -> 3.71 s, chat 26 -> 12 tok/s; shared/reference/gpu-measurements.md).
+
+Scenarios, each run under each policy: chat_only (3 users), render_only (1 user), mixed (3 chat users
+and an image user at once, both models fit in the 20 GB budget), mixed_nofit (the same at 1024x1024:
+SDXL's 16.4 GiB and the 8B model's 5.7 GiB do not fit together). The JSON's top-level figures per
+policy are the `mixed` scenario's; `budget_exceeded` is summed over all of them. A PNG timeline shows
+who held the GPU in the mixed scenarios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from clair.arbiter import Arbiter, GiB  # noqa: E402
+from clair.config import Config  # noqa: E402
+from clair.image import RenderParams  # noqa: E402
+from clair.studio import Studio, Token  # noqa: E402
+from tests.ollama_standin import OllamaStandin  # noqa: E402
+
+MODEL = "llama3.1:8b"
+TOKEN_S = 0.04  # 25 tokens/s
+REPLY_TOKENS = 20
+RENDER_STEPS = 20
+STEP_S = 0.1  # ~2 s for 20 steps: an SDXL step at 768x768 on a 4090-class card
+CHAT_SLOWDOWN = 26 / 12  # measured: an 8B model decoding beside an SDXL render
+RENDER_SLOWDOWN = 3.71 / 2.29
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def arbiter_overhead_us(n: int) -> float:
+    """Median of one uncontended lease acquire + release on a bare arbiter."""
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        lease = a.request("chat", "ollama", GiB)
+        lease.poll(0)
+        lease.release()
+        samples.append(time.perf_counter_ns() - t0)
+    return statistics.median(samples) / 1000
+
+
+class Contention:
+    """Tracks what computes on the GPU now, and slows the other tenant as a shared GPU would."""
+
+    def __init__(self, standin: OllamaStandin):
+        self.standin = standin
+        self.lock = threading.Lock()
+        self.running = {"chat": 0, "render": 0}
+        self.timeline: list[tuple[str, float, float]] = []  # (kind, start, end)
+        self._open: dict[int, tuple[str, float]] = {}
+
+    def on_event(self, event: str, data: dict) -> None:
+        with self.lock:
+            if event == "start":
+                self.running[data["kind"]] += 1
+                self._open[data["id"]] = (data["kind"], data["at"])
+            elif event == "release" and data["id"] in self._open:
+                kind, start = self._open.pop(data["id"])
+                self.running[kind] -= 1
+                self.timeline.append((kind, start, data["at"]))
+            self.standin.token_delay = TOKEN_S * (CHAT_SLOWDOWN if self.running["render"] else 1.0)
+
+    def step_s(self) -> float:
+        with self.lock:
+            return STEP_S * (RENDER_SLOWDOWN if self.running["chat"] else 1.0)
+
+
+def run_scenario(policy: str, scenario: str, quick: bool, out_dir: Path) -> dict:
+    standin = OllamaStandin({MODEL: 4.9}, load_delay=2.0, unload_delay=1.0, token_delay=TOKEN_S)
+    standin.reply_fn = lambda body: ["tok"] + [" tok"] * (REPLY_TOKENS - 1)
+    standin.start()
+    cfg = dataclasses.replace(
+        Config(),
+        chat_backend="ollama",
+        ollama_host=standin.host,
+        image_model="tiny",
+        output_dir=str(out_dir / f"{policy}-{scenario}"),
+        gpu_policy=policy,
+        vram_budget_gb=20.0,
+        warmup=True,
+    )
+    studio = Studio(cfg)
+    contention = Contention(standin)
+    studio.arbiter.on_event(contention.on_event)
+    declared = 1024 if scenario == "mixed_nofit" else 768
+    real_footprint = studio.image.footprint
+    studio.image.footprint = lambda w, h: real_footprint(declared, declared)  # see the module docstring
+    studio.image.load()
+
+    ttft: list[float] = []
+    render_wait: list[float] = []
+    render_s: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    t_start = time.time()
+
+    def chat_user(i: int, n: int, think: float):
+        history: list[dict] = []
+        for k in range(n):
+            msg = f"user {i} message {k}"
+            t0 = time.monotonic()
+            first = None
+            reply = ""
+            try:
+                for ev in studio.chat(msg, history):
+                    if isinstance(ev, Token):
+                        if first is None:
+                            first = time.monotonic() - t0
+                        reply += ev.text
+            except Exception as exc:
+                errors.append(f"chat: {exc}")
+                continue
+            with lock:
+                ttft.append(first if first is not None else float("nan"))
+            history += [{"role": "user", "content": msg}, {"role": "assistant", "content": reply}]
+            time.sleep(think)
+
+    def image_user(n: int, gap: float):
+        for k in range(n):
+            params = RenderParams("bench", steps=RENDER_STEPS, width=256, height=256, seed=k)
+            try:
+                _, info = studio.render(params, on_progress=lambda text, frac: pace(text))
+            except Exception as exc:
+                errors.append(f"render: {exc}")
+                continue
+            with lock:
+                render_wait.append(info["gpu_started_at"] - info["requested_at"])
+                render_s.append(info["render_s"])
+            time.sleep(gap)
+
+    def pace(text: str):
+        if text.startswith("Step"):
+            time.sleep(contention.step_s())
+
+    # Ollama starts with the chat model loaded, as it would be after a first message.
+    studio.ollama.warm(MODEL)
+    scale = 1 if quick else 2
+    users: list[threading.Thread] = []
+    if scenario in ("chat_only", "mixed", "mixed_nofit"):
+        users += [threading.Thread(target=chat_user, args=(i, 4 * scale, 1.0 + 0.3 * i)) for i in range(3)]
+    if scenario in ("render_only", "mixed", "mixed_nofit"):
+        users.append(threading.Thread(target=image_user, args=(3 * scale, 1.5)))
+    for t in users:
+        t.start()
+    for t in users:
+        t.join(300)
+    # Let a final warm-up finish so its swap is counted.
+    deadline = time.monotonic() + 15
+    while not studio.arbiter.is_idle() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    elapsed = time.time() - t_start
+    stats = studio.arbiter.status()["stats"]
+    loads = sum(1 for e in standin.events_for(MODEL) if e.kind == "loaded")
+    standin.stop()
+    return {
+        "chat_ttft_p50_s": _r(percentile(ttft, 50)),
+        "chat_ttft_p95_s": _r(percentile(ttft, 95)),
+        "chat_ttft_max_s": _r(max(ttft) if ttft else None),
+        "render_wait_p95_s": _r(percentile(render_wait, 95)),
+        "render_s_p50": _r(percentile(render_s, 50)),
+        "chats": len(ttft),
+        "renders": len(render_wait),
+        "swaps": stats["swaps"],
+        "ollama_loads": loads,
+        "warmups": studio.warmups,
+        "budget_exceeded": stats["budget_exceeded"],
+        "max_used_gb": round(stats["max_used_bytes"] / GiB, 2),
+        "errors": errors,
+        "elapsed_s": round(elapsed, 1),
+        "declared_render_size": declared if scenario != "chat_only" else None,
+        "timeline": [(k, round(s - t_start, 3), round(e - t_start, 3)) for k, s, e in contention.timeline],
+    }
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def draw_timeline(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(p, s) for p in results for s in ("mixed", "mixed_nofit")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 1.6 * len(panels)), sharex=True)
+    colors = {"chat": "#2b59c3", "render": "#e07b00"}
+    for ax, (policy, scenario) in zip(axes, panels, strict=True):
+        for kind, start, end in results[policy]["scenarios"][scenario]["timeline"]:
+            y = 1 if kind == "render" else 0
+            ax.barh(y, end - start, left=start, height=0.6, color=colors[kind], alpha=0.5, edgecolor="none")
+        ax.set_yticks([0, 1], ["chat", "render"])
+        r = results[policy]["scenarios"][scenario]
+        ax.set_title(
+            f"{policy} / {scenario}: chat TTFT p95 {r['chat_ttft_p95_s']} s, swaps {r['swaps']}",
+            fontsize=9,
+            loc="left",
+        )
+    axes[-1].set_xlabel("seconds since the scenario started (bars: GPU leases held)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer requests per user (CPU, ~3 minutes)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "run.json")
+    ap.add_argument("--png", type=Path, default=None, help="timeline image (default: next to --out)")
+    ap.add_argument("--policies", default="budget,exclusive")
+    ap.add_argument("--scenarios", default="chat_only,render_only,mixed,mixed_nofit")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    png = args.png or args.out.with_suffix(".png")
+    overhead = arbiter_overhead_us(20000)
+    print(f"arbiter overhead (uncontended acquire + release, median): {overhead:.1f} us")
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for policy in args.policies.split(","):
+            results[policy] = {"scenarios": {}}
+            for scenario in args.scenarios.split(","):
+                r = run_scenario(policy, scenario, args.quick, Path(tmp))
+                results[policy]["scenarios"][scenario] = r
+                print(
+                    f"{policy:9} {scenario:12} ttft p50 {r['chat_ttft_p50_s']} p95 {r['chat_ttft_p95_s']} s | "
+                    f"render wait p95 {r['render_wait_p95_s']} s | swaps {r['swaps']} | loads {r['ollama_loads']} | "
+                    f"over budget {r['budget_exceeded']} | {r['elapsed_s']} s"
+                    + (f" | ERRORS {r['errors']}" if r["errors"] else "")
+                )
+    policies = {}
+    for policy, data in results.items():
+        head = data["scenarios"].get("mixed") or next(iter(data["scenarios"].values()))
+        policies[policy] = {
+            **{k: head[k] for k in ("chat_ttft_p50_s", "chat_ttft_p95_s", "render_wait_p95_s", "swaps")},
+            "budget_exceeded": sum(s["budget_exceeded"] for s in data["scenarios"].values()),
+            "scenarios": data["scenarios"],
+        }
+    goals = {"arbiter_overhead_under_50us": overhead < 50}
+    goals["budget_exceeded_zero"] = all(p["budget_exceeded"] == 0 for p in policies.values())
+    if {"budget", "exclusive"} <= policies.keys() and "mixed" in args.scenarios:
+        b, e = policies["budget"]["chat_ttft_p95_s"], policies["exclusive"]["chat_ttft_p95_s"]
+        goals["budget_beats_exclusive_chat_p95_when_both_fit"] = b is not None and e is not None and b < e
+    out = {
+        "machine": "CPU only (tiny models, Ollama stand-in); see the module docstring for what is simulated",
+        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
+        "headline_scenario": "mixed",
+        "arbiter_overhead_us": round(overhead, 2),
+        "policies": policies,
+        "goals": goals,
+        "timeline_png": str(png),
+    }
+    args.out.write_text(json.dumps(out, indent=2))
+    if "mixed" in args.scenarios and "mixed_nofit" in args.scenarios:
+        draw_timeline(results, png)
+    for name, ok in goals.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    print(f"wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Settings: defaults < environment < flags, demo mode, validation messages, Ollama's host rules, generated docs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clair import config
+from clair.config import Config, env_example, env_name, load, markdown_table, ollama_url, parse_keep_alive
+from clair.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_ENV_NAMES = [env_name(f) for f in config.fields()]
+
+
+def test_every_setting_has_an_env_name_and_help() -> None:
+    assert "OLLAMA_HOST" in ALL_ENV_NAMES
+    assert "CLAIR_PORT" in ALL_ENV_NAMES
+    assert "CLAIR_OLLAMA_HOST" not in ALL_ENV_NAMES  # Ollama's own variable, not a CLAIR_ copy
+    assert len(set(ALL_ENV_NAMES)) == len(ALL_ENV_NAMES)
+    for f in config.fields():
+        assert f.metadata["help"].strip(), f.name
+
+
+def test_defaults() -> None:
+    cfg = load([], environ={})
+    assert cfg == Config()
+    assert (cfg.host, cfg.port, cfg.demo) == ("127.0.0.1", 7860, False)
+    assert cfg.image_model == "SG161222/RealVisXL_V5.0"
+    assert cfg.local_chat_model == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert (cfg.gpu_policy, cfg.chat_backend, cfg.pinned_offload) == ("budget", "auto", "auto")
+    assert cfg.chat_num_ctx == 4096
+    assert cfg.keep_alive_value == "30m"
+    assert cfg.ollama_url == "http://127.0.0.1:11434"
+    assert cfg.vram_budget_gb == 0.0
+
+
+def test_environment_overrides_defaults_with_types() -> None:
+    cfg = load(
+        [],
+        environ={
+            "CLAIR_PORT": "8000",
+            "CLAIR_GPU_POLICY": "EXCLUSIVE",  # choices are case-insensitive, normalised to the canonical spelling
+            "CLAIR_WARMUP": "0",
+            "CLAIR_VRAM_BUDGET_GB": "20.5",
+            "CLAIR_IMAGE_MODEL": "/models/realvis",
+            "CLAIR_HOST": "",  # empty means "not set"
+            "UNRELATED": "x",
+        },
+    )
+    assert cfg.port == 8000 and isinstance(cfg.port, int)
+    assert cfg.gpu_policy == "exclusive"
+    assert cfg.warmup is False
+    assert cfg.vram_budget_gb == 20.5 and isinstance(cfg.vram_budget_gb, float)
+    assert cfg.image_model == "/models/realvis"
+    assert cfg.host == "127.0.0.1"
+
+
+def test_flags_override_environment() -> None:
+    env = {"CLAIR_PORT": "8000", "CLAIR_GPU_POLICY": "exclusive", "CLAIR_HOST": "10.0.0.2"}
+    cfg = load(["--port", "9000", "--gpu-policy", "budget"], environ=env)
+    assert cfg.port == 9000
+    assert cfg.gpu_policy == "budget"
+    assert cfg.host == "10.0.0.2"  # not given as a flag: the environment still counts
+
+
+def test_reads_os_environ_when_no_mapping_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLAIR_PORT", "8123")
+    assert load([]).port == 8123
+
+
+def test_demo_switches_models_to_tiny() -> None:
+    cfg = load(["--demo"], environ={})
+    assert cfg.demo is True
+    assert (cfg.image_model, cfg.local_chat_model) == ("tiny", "tiny")
+    assert load([], environ={"CLAIR_DEMO": "1"}).image_model == "tiny"
+
+
+def test_demo_keeps_explicitly_given_models() -> None:
+    cfg = load(["--demo", "--image-model", "/models/sdxl"], environ={})
+    assert (cfg.image_model, cfg.local_chat_model) == ("/models/sdxl", "tiny")
+    cfg = load(["--demo"], environ={"CLAIR_LOCAL_CHAT_MODEL": "/models/qwen"})
+    assert (cfg.image_model, cfg.local_chat_model) == ("tiny", "/models/qwen")
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "detail"),
+    [
+        ({"CLAIR_PORT": "abc"}, "CLAIR_PORT", "int"),
+        ({"CLAIR_PORT": "70000"}, "CLAIR_PORT", "port"),
+        ({"CLAIR_GPU_POLICY": "bogus"}, "CLAIR_GPU_POLICY", "budget, exclusive"),
+        ({"CLAIR_CHAT_NUM_CTX": "10"}, "CLAIR_CHAT_NUM_CTX", "256"),
+        ({"CLAIR_KEEP_ALIVE": "5 minutes"}, "CLAIR_KEEP_ALIVE", "30m"),
+        ({"CLAIR_WARMUP": "maybe"}, "CLAIR_WARMUP", "bool"),
+        ({"CLAIR_VRAM_BUDGET_GB": "-1"}, "CLAIR_VRAM_BUDGET_GB", "GB"),
+        ({"CLAIR_AUTH": "nopassword"}, "CLAIR_AUTH", "user:password"),
+        ({"CLAIR_QUEUE_SLOTS": "0"}, "CLAIR_QUEUE_SLOTS", "at least 1"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], name: str, detail: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load([], environ=env)
+    message = str(err.value)
+    assert name in message
+    assert detail in message
+    assert "\n" not in message
+
+
+def test_bad_flag_value_is_reported_with_the_variable_name() -> None:
+    with pytest.raises(ConfigError, match="CLAIR_PORT"):
+        load(["--port", "http"], environ={})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("300", 300),  # Ollama's API rejects the unit-less string "300": send a number
+        ("30m", "30m"),
+        ("1h30m", "1h30m"),
+        ("-1", -1),  # forever
+        ("0", 0),  # unload when idle
+        (" 5m ", "5m"),
+    ],
+)
+def test_keep_alive_value(raw: str, expected: str | int) -> None:
+    value = load([], environ={"CLAIR_KEEP_ALIVE": raw}).keep_alive_value
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize("raw", ["5 minutes", "m", "30x", "abc", "1.5"])
+def test_keep_alive_rejects_non_durations(raw: str) -> None:
+    with pytest.raises(ConfigError, match="CLAIR_KEEP_ALIVE"):
+        parse_keep_alive(raw)
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1:11434", "http://127.0.0.1:11434"),
+        ("http://host", "http://host:80"),  # a scheme without a port means the scheme's port, as in Ollama
+        ("0.0.0.0", "http://127.0.0.1:11434"),  # a bind address, not a destination
+        ("0.0.0.0:12345", "http://127.0.0.1:12345"),
+        ("https://x.example", "https://x.example:443"),
+        ("[::1]:1234", "http://[::1]:1234"),
+        ("gpu-box", "http://gpu-box:11434"),
+        ("", "http://127.0.0.1:11434"),
+        ("http://host:8080/ollama/", "http://host:8080/ollama"),
+    ],
+)
+def test_ollama_url(host: str, url: str) -> None:
+    assert ollama_url(host) == url
+
+
+def test_ollama_host_is_read_from_the_environment_as_ollama_does() -> None:
+    cfg = load([], environ={"OLLAMA_HOST": "gpu-box:11500"})
+    assert cfg.ollama_host == "gpu-box:11500"
+    assert cfg.ollama_url == "http://gpu-box:11500"
+    # The CLAIR_-prefixed spelling is not a thing: only Ollama's own variable is read.
+    assert load([], environ={"CLAIR_OLLAMA_HOST": "elsewhere:1"}).ollama_url == "http://127.0.0.1:11434"
+
+
+def test_generated_docs_list_every_variable() -> None:
+    table, example = markdown_table(), env_example()
+    for name in ALL_ENV_NAMES:
+        assert f"`{name}`" in table, name
+        assert f"#{name}=" in example, name
+    assert "OLLAMA_HOST" in table and "#OLLAMA_HOST=127.0.0.1:11434" in example
+    # The table has one row per setting (plus header and rule).
+    assert len(table.strip().splitlines()) == len(ALL_ENV_NAMES) + 2
+
+
+def test_env_example_defaults_load_back_to_the_defaults() -> None:
+    """Uncommenting every line of the generated example must give exactly the default config."""
+    environ = {}
+    for line in env_example().splitlines():
+        if line.startswith("#") and "=" in line and line[1:].split("=", 1)[0] in ALL_ENV_NAMES:
+            key, value = line[1:].split("=", 1)
+            environ[key] = value
+    assert set(environ) == set(ALL_ENV_NAMES)
+    assert load([], environ=environ) == Config()
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAIR_") and k != "OLLAMA_HOST"}
+    env["COLUMNS"] = "100"
+    return env
+
+
+def test_app_help_lists_every_variable() -> None:
+    proc = subprocess.run(
+        [sys.executable, "app.py", "--help"], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ALL_ENV_NAMES:
+        assert name in proc.stdout, name
+    assert "--demo" in proc.stdout and "--gpu-policy" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [({"CLAIR_PORT": "abc"}, "CLAIR_PORT"), ({"CLAIR_KEEP_ALIVE": "5 minutes"}, "CLAIR_KEEP_ALIVE")],
+)
+def test_app_exits_2_with_one_line_on_bad_setting(env: dict[str, str], name: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "app.py"], cwd=ROOT, env={**_clean_env(), **env}, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert name in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_config_is_immutable_and_replaceable() -> None:
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.port = 1  # type: ignore[misc]
+    assert dataclasses.replace(cfg, keep_alive="300").keep_alive_value == 300
