@@ -186,3 +186,33 @@ def test_starts_without_ollama_or_checkpoint_says_why_and_recovers(tmp_path):
         assert Path(info["path"]).is_file()
     finally:
         a.stop()
+
+
+def test_budget_policy_evicts_only_what_does_not_fit(standin, tmp_path):
+    """CLAIR_VRAM_BUDGET_GB=20: the ledger uses Ollama's reported sizes and SDXL's prior per resolution."""
+    a = App(
+        tmp_path,
+        {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_VRAM_BUDGET_GB": "20"},
+    )
+    try:
+        a.client.predict("load it", [], api_name="/chat")
+        st = a.status()
+        assert st["budget_gb"] == 20.0 and st["policy"] == "budget"
+        (ollama_res,) = [r for r in st["resident"] if r["tenant"] == "ollama"]
+        reported = sum(m["size_vram"] for m in standin.ps()) / 2**30
+        assert ollama_res["gb"] == pytest.approx(reported, abs=0.01)  # the ledger reads /api/ps
+
+        # 512x512 needs ~9.3 GiB beside the 8B model's ~5.3: both fit, nothing is evicted.
+        _, info = a.render(width=512, height=512)
+        assert info["evicted"] == [] and info["evict_s"] < 0.5
+        assert standin.loaded() == [MODEL]
+        assert not [r for r in standin.requests_to("/api/chat") if r.keep_alive == 0]
+
+        # 1024x1024 needs ~16.4 GiB: with the 8B model that passes 20 GiB, so Ollama is unloaded first.
+        _, info = a.render(width=1024, height=1024)
+        assert info["evicted"] == ["ollama"]
+        assert "budget" in info["evict_reason"]
+        assert a.status()["last_handover"]["reason"] == info["evict_reason"]
+        assert a.status()["stats"]["budget_exceeded"] == 0
+    finally:
+        a.stop()
