@@ -73,9 +73,10 @@ class Req:
 @dataclass(frozen=True)
 class Resident:
     tenant: str
-    bytes: int  # footprint while idle
+    bytes: int  # footprint now (peak need while busy, weights while idle)
     last_used: int = 0  # a sequence number, for least-recently-used eviction
     evicting: bool = False
+    measured: int = 0  # what the tenant itself last reported (Ollama's size_vram); 0 = never
 
 
 @dataclass(frozen=True)
@@ -337,6 +338,7 @@ class Arbiter:
         self._cond = threading.Condition(self._lock)
         self._tenants: dict[str, Tenant] = {}
         self._residents: dict[str, Resident] = {}
+        self._changed: dict[str, float] = {}  # tenant -> time.monotonic() of its last grant/release/eviction
         self._running: dict[int, Lease] = {}
         self._waiting: dict[int, Lease] = {}
         self._use_seq = itertools.count(1)
@@ -355,12 +357,16 @@ class Arbiter:
         self._listeners.append(fn)
 
     # -- the ledger, kept in step with reality -----------------------------------------------------
-    def set_resident(self, tenant: str, nbytes: int) -> None:
+    def set_resident(self, tenant: str, nbytes: int, read_at: float | None = None) -> None:
         """Record what a tenant really occupies now (e.g. size_vram from Ollama's /api/ps).
 
-        0 removes it: e.g. Ollama unloaded its model on its own when keep_alive ran out.
+        0 removes it: e.g. Ollama unloaded its model on its own when keep_alive ran out. `read_at`
+        (time.monotonic() when the reading was started) drops a reading that a grant, release or
+        eviction of the tenant has made stale meanwhile: readings are taken outside the lock.
         """
         with self._lock:
+            if read_at is not None and read_at < self._changed.get(tenant, 0.0):
+                return
             cur = self._residents.get(tenant)
             busy = any(lease.req.tenant == tenant for lease in self._running.values())
             if cur is not None and cur.evicting:
@@ -369,7 +375,8 @@ class Arbiter:
                 self._residents.pop(tenant, None)
             elif nbytes > 0:
                 seq = cur.last_used if cur else next(self._use_seq)
-                self._residents[tenant] = Resident(tenant, int(nbytes), seq)
+                size = max(int(nbytes), cur.bytes) if busy and cur else int(nbytes)
+                self._residents[tenant] = Resident(tenant, size, seq, measured=int(nbytes))
             self._check_budget_locked()
             self._schedule_locked()
 
@@ -425,8 +432,14 @@ class Arbiter:
             cur = self._residents.get(lease.req.tenant)
             lease._tenant_was_resident = cur is not None
             self._residents[lease.req.tenant] = Resident(
-                lease.req.tenant, max(lease.req.need, cur.bytes if cur else 0), next(self._use_seq)
+                lease.req.tenant,
+                max(lease.req.need, cur.bytes if cur else 0),
+                next(self._use_seq),
+                measured=cur.measured if cur else 0,
             )
+            now = time.monotonic()
+            for name in (lease.req.tenant, *grant.evict):
+                self._changed[name] = now
             self.stats["grants"] += 1
             if grant.over_budget:
                 log.warning(
@@ -459,6 +472,8 @@ class Arbiter:
             return
         grant = lease._grant
         assert grant is not None
+        if lease.released_at is not None:
+            raise Cancelled("This request was withdrawn before it got the GPU.")
         if not grant.evict:  # fast path: the GPU is ours at once
             lease.ready_at = time.time()
             if self._listeners:
@@ -475,6 +490,7 @@ class Arbiter:
                     tenant.evict()
                 with self._lock:
                     self._residents.pop(name, None)
+                    self._changed[name] = time.monotonic()
                     self.stats["swaps"] += 1
                     self._schedule_locked()  # requests waiting for this memory may go now
                 evicted.append(name)
@@ -492,11 +508,9 @@ class Arbiter:
         except BaseException as exc:
             with self._lock:
                 self.stats["evict_failures"] += 1
-                for name in grant.evict:
-                    if name not in evicted and name in self._residents:
-                        # State unknown: keep counting it, but let the next request try again.
-                        self._residents[name] = replace(self._residents[name], evicting=False)
             lease.error = exc
+            # release() keeps the tenants it failed to evict in the ledger (state unknown: they still
+            # count) and lets the next request try again.
             lease.release()
             if isinstance(exc, EvictionFailed):
                 raise
@@ -537,11 +551,24 @@ class Arbiter:
             self._waiting.pop(lease.req.id, None)
             was_running = self._running.pop(lease.req.id, None) is not None
             if was_running:
-                res = self._residents.get(lease.req.tenant)
-                still_busy = [ls for ls in self._running.values() if ls.req.tenant == lease.req.tenant]
+                tenant = lease.req.tenant
+                self._changed[tenant] = time.monotonic()
+                res = self._residents.get(tenant)
+                still_busy = [ls for ls in self._running.values() if ls.req.tenant == tenant]
+                if lease.ready_at is None:
+                    # Released before its GPU work began (client gone, cancel, a failed eviction): the
+                    # evictions it did not finish are not happening, and its own tenant never arrived.
+                    for name in lease._grant.evict if lease._grant else ():
+                        gone = self._residents.get(name)
+                        if gone is not None and gone.evicting:
+                            self._residents[name] = replace(gone, evicting=False)
+                    if not lease._tenant_was_resident and not still_busy:
+                        self._residents.pop(tenant, None)
+                        res = None
                 if res is not None and not res.evicting:
-                    size = max([lease.req.idle] + [ls.req.need for ls in still_busy])
-                    self._residents[lease.req.tenant] = Resident(res.tenant, size, next(self._use_seq))
+                    # Back to idle size, but never below what the tenant itself reported.
+                    size = max([lease.req.idle, res.measured] + [ls.req.need for ls in still_busy])
+                    self._residents[tenant] = Resident(tenant, size, next(self._use_seq), measured=res.measured)
                 if lease.ready_at is not None:
                     held = lease.released_at - lease.ready_at
                     ema = self._hold_ema[lease.kind]
@@ -613,7 +640,9 @@ class Arbiter:
                     "kind": ls.kind,
                     "label": ls.label,
                     "tenant": ls.req.tenant,
-                    "phase": "running" if ls.ready_at else "evicting",
+                    "phase": "running"
+                    if ls.ready_at
+                    else ("evicting" if ls._grant and ls._grant.evict else "starting"),
                     "held_s": round(now - (ls.granted_at or now), 2),
                 }
                 for ls in running

@@ -8,6 +8,7 @@ Constructors touch neither the GPU nor the network.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -195,7 +196,11 @@ class OllamaChat:
 
     def warm(self, model: str) -> None:
         """Load the model now (an empty chat) so the next message does not pay for the load."""
-        self.client.chat(model=model, messages=[], keep_alive=self.cfg.keep_alive_value)
+        # Same num_ctx as every chat: otherwise Ollama sizes the context from free VRAM (32k on a 24 GB
+        # card), and the next chat, sent with the pinned num_ctx, would reload the model anyway.
+        self.client.chat(
+            model=model, messages=[], keep_alive=self.cfg.keep_alive_value, options={"num_ctx": self.cfg.chat_num_ctx}
+        )
 
     def evict(self) -> None:
         """Unload everything Ollama holds, and return only once /api/ps is empty.
@@ -312,6 +317,10 @@ class LocalChat:
     def models(self) -> list[str]:
         return [self.label]
 
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
     def load(self) -> None:
         """Load to host memory (raises ChatUnavailable with what to do). No GPU is touched."""
         if self._model is not None:
@@ -373,6 +382,8 @@ class LocalChat:
     def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        from clair import gpu
+
         with self._lock:
             self._load_locked()
             assert self._swap is not None
@@ -412,9 +423,15 @@ class LocalChat:
                         yield text
                     if stop.is_set():
                         break
+            except queue.Empty:
+                raise ChatUnavailable(
+                    "The in-process chat model produced nothing for 120 s and was stopped. Try again; if it "
+                    "repeats, the model may be too large for this machine (CLAIR_LOCAL_CHAT_MODEL)."
+                ) from None
             finally:
                 stop.set()
                 worker.join(30)
+                gpu.empty_cache()
             if failure:
                 raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
 

@@ -96,7 +96,7 @@ class Config:
     )
     vram_budget_gb: float = setting(
         0.0,
-        "VRAM ceiling Clair keeps to, in GB. 0 = the device's total less vram_reserve_gb; without "
+        "VRAM ceiling Clair keeps to, in GB (GiB, as nvidia-smi counts). 0 = the device's total less vram_reserve_gb; without "
         "CUDA, 0 means unknown, so nothing is assumed to fit beside a render.",
         flag="--vram-budget-gb",
     )

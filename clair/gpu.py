@@ -58,12 +58,18 @@ def budget_bytes(budget_gb: float, reserve_gb: float) -> int:
     return max(0, int(total - reserve_gb * GiB))
 
 
-def wait_free(nbytes: int, timeout: float, poll: float = 0.05) -> float:
-    """Block until the device has `nbytes` free; returns the seconds waited. No-op without CUDA."""
+def wait_free(nbytes: int, timeout: float, poll: float = 0.05, reserve_gb: float = 1.5) -> float:
+    """Block until the device has `nbytes` free; returns the seconds waited. No-op without CUDA.
+
+    Never waits for more than the card can give (its total less the reserve and what this process
+    holds): a lone request larger than that runs anyway, alone, as the arbiter decided.
+    """
     if not cuda() or nbytes <= 0:
         return 0.0
     t0 = time.monotonic()
     torch.cuda.empty_cache()  # our own cached blocks count as used in mem_get_info
+    possible = (total_bytes() or 0) - int(reserve_gb * GiB) - torch.cuda.memory_reserved()
+    nbytes = max(0, min(nbytes, possible))
     while True:
         free = free_bytes() or 0
         if free >= nbytes:
@@ -74,6 +80,11 @@ def wait_free(nbytes: int, timeout: float, poll: float = 0.05) -> float:
                 f"{nbytes / GiB:.1f} GiB are needed. Another program holds the GPU: check `nvidia-smi`."
             )
         time.sleep(poll)
+
+
+def empty_cache() -> None:
+    if cuda():
+        torch.cuda.empty_cache()
 
 
 def reset_peak() -> None:
@@ -144,6 +155,9 @@ class WeightSwap:
         if not cuda() or self.on_gpu:
             return 0.0
         t0 = time.monotonic()
+        # Counted as on the GPU from the first tensor moved: if the copy fails half-way (out of memory),
+        # evict() must still bring every tensor back.
+        self.on_gpu = True
         if self.pinned:
             self.prepare()
             for t in self._tensors():
@@ -152,7 +166,6 @@ class WeightSwap:
         else:
             for m in self.modules:
                 m.to("cuda")
-        self.on_gpu = True
         return time.monotonic() - t0
 
     def evict(self) -> float:

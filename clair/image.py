@@ -116,6 +116,8 @@ class ImageEngine:
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self):
+        if self._pipe is not None:
+            return self._pipe  # loaded: don't block behind a render that holds the lock
         with self._lock:
             return self._load_locked()
 
@@ -193,7 +195,6 @@ class ImageEngine:
         with self._lock:
             pipe = self._load_locked()
             assert self._swap is not None
-            restore_s = self._swap.restore()
             generator = torch.Generator("cpu").manual_seed(params.seed)
 
             def on_step_end(p, step, timestep, kwargs):
@@ -202,9 +203,13 @@ class ImageEngine:
                     raise Cancelled("Render cancelled.")
                 return {}
 
-            gpu.reset_peak()
-            t0 = time.monotonic()
             try:
+                restore_s = self._swap.restore()
+                # Empty the cache first: the peak would otherwise start from what an earlier render left
+                # reserved, and a 512² render after a 1024² one would learn a 4x footprint.
+                gpu.empty_cache()
+                gpu.reset_peak()
+                t0 = time.monotonic()
                 result = pipe(
                     prompt=params.prompt,
                     negative_prompt=params.negative_prompt or None,
@@ -220,6 +225,10 @@ class ImageEngine:
                     f"The GPU ran out of memory at {params.width}x{params.height}. Try a smaller size, or lower "
                     "CLAIR_VRAM_BUDGET_GB so Clair evicts more before rendering."
                 ) from None
+            finally:
+                # Give the activations' cache back: the ledger counts an idle pipeline as its weights only,
+                # and a chat planned beside it must find that memory free.
+                gpu.empty_cache()
             render_s = time.monotonic() - t0
             peak = gpu.peak_reserved()
             if peak and self._swap is not None:

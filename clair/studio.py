@@ -52,7 +52,7 @@ class Studio:
             budget_bytes=gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb),
             chat_priority=cfg.chat_priority,  # type: ignore[arg-type]
             queue_timeout_s=cfg.queue_timeout_s,
-            wait_free=lambda n: gpu.wait_free(n, cfg.evict_timeout_s),
+            wait_free=lambda n: gpu.wait_free(n, cfg.evict_timeout_s, reserve_gb=cfg.vram_reserve_gb),
         )
         self.ollama = OllamaChat(cfg)
         self.local = LocalChat(cfg)
@@ -121,10 +121,11 @@ class Studio:
         if backend is self.ollama:
             problem = self.ollama.problem(model)
             if problem is None:
-                self.arbiter.set_resident(self.ollama.tenant, self.ollama.resident_bytes())
+                self._sync_ollama()
         if problem:
             raise ChatUnavailable(problem)
-        if backend is self.local:
+        if backend is self.local and not self.local.loaded:
+            yield Waiting(0, 0.0, f"Loading the in-process chat model ({self.local.label})")
             self.local.load()  # from disk to host memory, before taking the GPU
         need, idle = backend.footprint(model)
         stop = stop or threading.Event()
@@ -149,7 +150,8 @@ class Studio:
 
     def _sync_ollama(self) -> None:
         """Tell the ledger what Ollama really holds (size_vram from /api/ps)."""
-        self.arbiter.set_resident(self.ollama.tenant, self.ollama.resident_bytes())
+        read_at = time.monotonic()
+        self.arbiter.set_resident(self.ollama.tenant, self.ollama.resident_bytes(), read_at=read_at)
 
     # -- render --------------------------------------------------------------------------------------
     def render(

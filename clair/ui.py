@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import gradio as gr
 
@@ -29,6 +30,8 @@ DEMO_BANNER = (
 
 
 def _waiting_text(w: Waiting) -> str:
+    if not w.position:
+        return f"⏳ {w.reason}…"
     return f"⏳ {w.reason}. Your message will be sent in about {max(1, round(w.eta_s))} s (position {w.position})."
 
 
@@ -109,6 +112,28 @@ def build(studio: Studio) -> gr.Blocks:
             raise gr.Error(_unexpected(exc), print_exception=False) from None
         return path, info
 
+    def render_summary(info: dict | None) -> str:
+        if not info:
+            return ""
+        swap = f" · evicted {', '.join(info['evicted'])} in {info['evict_s']:.1f} s" if info.get("evicted") else ""
+        return (
+            f"Seed **{info['seed']}** · {info['width']}×{info['height']} · {info['steps']} steps · "
+            f"waited {info['wait_s']:.1f} s{swap} · rendered in {info['render_s']:.1f} s · "
+            f"saved as `{Path(info['path']).name}`"
+        )
+
+    def validate_render(prompt, negative_prompt, steps, guidance, width, height, seed):
+        """Checked before the render is queued, so a mistake does not wipe the last result."""
+        return [
+            gr.validate(bool(prompt and prompt.strip()), "Write a prompt first: describe the image you want."),
+            gr.validate(True, ""),
+            gr.validate(True, ""),
+            gr.validate(True, ""),
+            gr.validate(int(width) % 8 == 0, "Width must be a multiple of 8 from 64 to 2048."),
+            gr.validate(int(height) % 8 == 0, "Height must be a multiple of 8 from 64 to 2048."),
+            gr.validate(True, ""),
+        ]
+
     def cancel_render(request: gr.Request):
         if studio.cancel(f"render:{request.session_hash}"):
             gr.Info("Cancelling the render…")
@@ -119,16 +144,19 @@ def build(studio: Studio) -> gr.Blocks:
 
     def status_line() -> str:
         st = studio.status()
+        names = {"ollama": "Ollama", "image": "image model", "local-chat": "chat model"}
         h = st["holders"]
         if not h:
-            gpu_text = "GPU free"
+            gpu_text = "**GPU free**"
         else:
-            gpu_text = "GPU: " + ", ".join(f"{x['label']} ({x['phase']}, {x['held_s']:.0f} s)" for x in h)
+            doing = {"chat": "chatting", "render": "rendering"}
+            gpu_text = "**GPU: " + ", ".join(f"{doing[x['kind']]} ({x['held_s']:.0f} s)" for x in h) + "**"
         if st["waiting"]:
             gpu_text += f" · {len(st['waiting'])} waiting"
-        ledger = ", ".join(f"{r['tenant']} {r['gb']:.1f} GB" for r in st["resident"]) or "nothing resident"
-        budget = f"budget {st['budget_gb']} GB" if st["budget_gb"] else "budget unknown (exclusive)"
-        return f"{gpu_text} · {ledger} · {budget} · policy {st['policy']}"
+        loaded = ", ".join(f"{names.get(r['tenant'], r['tenant'])} ≈{r['gb']:.1f} GB" for r in st["resident"])
+        vram = f"VRAM budget {st['budget_gb']:g} GB" if st["budget_gb"] else "VRAM budget unknown: one model at a time"
+        where = "" if st["cuda"] else " (no CUDA: declared sizes)"
+        return f"{gpu_text} · loaded: {loaded or 'nothing'}{where} · {vram}"
 
     def chat_notice() -> str:
         backend, problem = studio.chat_backend()
@@ -137,7 +165,7 @@ def build(studio: Studio) -> gr.Blocks:
         if backend is studio.local:
             note = " Ollama is not reachable, so chat uses the in-process model." if cfg.chat_backend == "auto" else ""
             return f"Chat engine: in-process model {studio.local.label}.{note}"
-        return f"Chat engine: Ollama at {studio.ollama.url}."
+        return f"Chat engine: Ollama at `{studio.ollama.url}`."
 
     def image_notice() -> str:
         problem = studio.image.problem()
@@ -171,15 +199,14 @@ def build(studio: Studio) -> gr.Blocks:
             chat_notice_md = gr.Markdown(elem_id="chat-notice")
             with gr.Row():
                 model = gr.Dropdown(label="Model", choices=[], allow_custom_value=True, scale=3)
-                refresh = gr.Button("↻ Models", scale=1)
+                refresh = gr.Button("↻", size="sm", scale=0, min_width=48)
             with gr.Accordion("System prompt", open=False):
                 system = gr.Textbox(value=cfg.system_prompt, lines=2, show_label=False)
             chatbot = gr.Chatbot(label="Conversation", height=480, buttons=["copy"])
             with gr.Row():
                 message = gr.Textbox(placeholder="Message… (Enter to send)", show_label=False, scale=6)
                 send = gr.Button("Send", variant="primary", scale=1)
-                stop = gr.Button("Stop", scale=1)
-            clear = gr.Button("New chat", size="sm")
+                stop = gr.Button("Stop", variant="stop", scale=1)
 
         with gr.Tab("Image", id="image"):
             image_notice_md = gr.Markdown(elem_id="image-notice")
@@ -198,9 +225,11 @@ def build(studio: Studio) -> gr.Blocks:
                         generate = gr.Button("Generate", variant="primary")
                         cancel = gr.Button("Cancel")
                 with gr.Column(scale=3):
-                    result = gr.Image(label="Result", format="png", type="filepath", interactive=False)
-                    info = gr.JSON(label="Parameters and timings")
-            recent = gr.Gallery(label="Recent images", columns=6, height=260)
+                    result = gr.Image(label="Result", format="png", type="filepath", interactive=False, height=560)
+                    summary = gr.Markdown(elem_id="render-summary")
+                    with gr.Accordion("Parameters and timings", open=False):
+                        info = gr.JSON(show_label=False)
+            recent = gr.Gallery(label="Recent images", columns=6, height=260, fit_columns=False, object_fit="contain")
 
         with gr.Tab("Status", id="status"):
             status_json = gr.JSON(label="Arbiter")
@@ -234,7 +263,6 @@ def build(studio: Studio) -> gr.Blocks:
         )
         sent = [message.submit(**chat_inputs), send.click(**chat_inputs)]
         stop.click(stop_chat, api_visibility="private", queue=False)
-        clear.click(lambda: [], outputs=chatbot, api_visibility="private", queue=False)
         for ev in sent:
             ev.then(chat_notice, outputs=chat_notice_md, api_visibility="private")
 
@@ -243,9 +271,11 @@ def build(studio: Studio) -> gr.Blocks:
             inputs=[prompt, negative, steps, guidance, width, height, seed],
             outputs=[result, info],
             api_name="render",
+            validator=validate_render,
             concurrency_id=GPU,
             concurrency_limit=cfg.queue_slots,
         )
+        rendered.then(render_summary, inputs=info, outputs=summary, api_visibility="private")
         rendered.then(gallery, outputs=recent, api_visibility="private").then(
             image_notice, outputs=image_notice_md, api_visibility="private"
         )

@@ -261,3 +261,52 @@ def test_invariants_hold_under_random_concurrent_load(policy):
     st = a.status()
     assert st["holder"] is None and st["waiting"] == []
     assert st["stats"]["budget_exceeded"] == 0
+
+
+def test_a_lease_withdrawn_between_grant_and_poll_leaves_nothing_stuck(arb):
+    """Client gone at the instant of the grant: the evictions it was granted never happen."""
+    arb.set_resident("ollama", 5 * GiB)
+    render = arb.request("render", "image", RENDER, 6 * GiB).wait(1)
+    chat = arb.request("chat", "ollama", CHAT)
+    waiting = chat.waiting(timeout=5)
+    next(waiting)  # Studio.chat is suspended at `yield Waiting`
+    render.release()  # the chat is granted, with the image pipeline to evict
+    waiting.close()  # ... and the browser tab closes before it runs
+    assert not any(r["evicting"] for r in arb.status()["resident"])
+    with pytest.raises(Cancelled):
+        chat.poll(0)  # a withdrawn lease never gets the GPU
+    with arb.lease("render", "image", RENDER, 6 * GiB) as again:
+        assert again.ready_at is not None
+    assert arb.image.evictions == 0
+
+
+def test_release_never_shrinks_a_tenant_below_what_it_reported():
+    a = Arbiter(policy="budget", budget_bytes=int(22.5 * GiB))
+    evicted = []
+    a.add_tenant("ollama", lambda: evicted.append("ollama"))
+    chat = a.request("chat", "ollama", int(5.7 * GiB)).wait(1)
+    a.set_resident("ollama", 14 * GiB)  # /api/ps: two models loaded
+    render = a.request("render", "image", int(16.4 * GiB), int(6.46 * GiB))
+    chat.release()
+    assert render.poll(1)
+    assert evicted == ["ollama"]  # 14 + 16.4 does not fit in 22.5
+    render.release()
+
+
+def test_a_failed_eviction_leaves_no_phantom_tenant(arb):
+    arb.set_resident("ollama", 5 * GiB)
+    arb.ollama.fail = EvictionFailed("stuck")
+    with pytest.raises(EvictionFailed):
+        arb.request("render", "image", RENDER, 6 * GiB).wait(1)
+    assert [(r["tenant"], r["evicting"]) for r in arb.status()["resident"]] == [("ollama", False)]
+
+
+def test_a_stale_reading_does_not_overwrite_the_ledger(arb):
+    read_at = time.monotonic()  # a /api/ps reading starts...
+    arb.set_resident("ollama", 5 * GiB)
+    with arb.lease("chat", "ollama", CHAT):
+        pass  # ... a chat runs and is released meanwhile ...
+    arb.set_resident("ollama", 0, read_at=read_at)  # ... and the old "nothing loaded" arrives late
+    assert arb.resident_bytes("ollama") == 5 * GiB
+    arb.set_resident("ollama", 0, read_at=time.monotonic())  # a fresh reading counts
+    assert arb.resident_bytes("ollama") == 0

@@ -188,8 +188,9 @@ def test_starts_without_ollama_or_checkpoint_says_why_and_recovers(tmp_path):
         a.stop()
 
 
-def test_budget_policy_evicts_only_what_does_not_fit(standin, tmp_path):
+def test_budget_policy_evicts_only_what_does_not_fit(tmp_path):
     """CLAIR_VRAM_BUDGET_GB=20: the ledger uses Ollama's reported sizes and SDXL's prior per resolution."""
+    standin = OllamaStandin({MODEL: 4.9}, unload_delay=0.3).start()
     a = App(
         tmp_path,
         {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_VRAM_BUDGET_GB": "20"},
@@ -216,3 +217,4 @@ def test_budget_policy_evicts_only_what_does_not_fit(standin, tmp_path):
         assert a.status()["stats"]["budget_exceeded"] == 0
     finally:
         a.stop()
+        standin.stop()

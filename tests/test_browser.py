@@ -1,0 +1,200 @@
+"""A real browser against `python app.py --demo`: what a person sees and clicks, not the API.
+
+Debian's chromium (`apt-get install chromium`) driven by the Python playwright package; Playwright's own
+browser download is never used. Skipped when either is missing. Screenshots of the Chat and Image tabs are
+saved in the test's tmp dir and copied to /tmp/clair-screens/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.ollama_standin import OllamaStandin
+from tests.support import App, free_port
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENS = Path("/tmp/clair-screens")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+MODEL = "llama3.1:8b"
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is not installed (pip install -r requirements-dev.txt)"
+)
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+expect = sync_api.expect
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def standin():
+    s = OllamaStandin({MODEL: 4.9}, load_delay=0.2, unload_delay=0.3, token_delay=0.01).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def app_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("clair")
+
+
+@pytest.fixture(scope="module")
+def app(app_dir, standin):
+    a = App(app_dir, {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama"}, args=("--demo",))
+    yield a
+    a.stop()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(15_000)
+    page.goto(url)
+    expect(page.locator("#gpu-status")).to_contain_text("GPU", timeout=20_000)
+    return page
+
+
+def screenshot(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, SCREENS / path.name)
+
+
+def send_chat(page, text: str):
+    """Type a message, press Enter; return the locator of the assistant's reply to it."""
+    before = page.get_by_test_id("bot").count()
+    box = page.get_by_placeholder("Message… (Enter to send)")
+    box.fill(text)
+    box.press("Enter")
+    expect(page.get_by_test_id("user").last).to_have_text(text)
+    expect(page.get_by_test_id("bot")).to_have_count(before + 1)
+    return page.get_by_test_id("bot").last
+
+
+def idle(page, timeout: float = 30_000) -> None:
+    """Wait until no event is running: Gradio marks the outputs' status trackers `generating` meanwhile."""
+    expect(page.locator("[data-testid='status-tracker'].generating")).to_have_count(0, timeout=timeout)
+
+
+def settle(locator) -> None:
+    """Let the element's fade-in finish (Svelte 5 transitions use the Web Animations API). CSS animations are
+    left out: a toast's 10 s countdown bar is one, and the toast is gone when it ends."""
+    locator.evaluate(
+        "el => Promise.all(el.getAnimations({subtree: true})"
+        ".filter(a => !(a instanceof CSSAnimation)).map(a => a.finished))"
+    )
+
+
+def no_traceback(page) -> None:
+    body = page.locator("body").inner_text()
+    assert "Traceback" not in body and 'File "' not in body, body[-2000:]
+
+
+def test_page_chat_and_image_with_the_ollama_standin(app, app_dir, standin, browser, tmp_path):
+    page = open_page(browser, app.url)
+    try:
+        # 1. The page: the demo banner says the weights are random; the GPU is free.
+        expect(page.locator("#demo-banner")).to_be_visible()
+        expect(page.locator("#demo-banner")).to_contain_text("random weights")
+        expect(page.locator("#gpu-status")).to_contain_text("GPU free")
+        expect(page.locator("#chat-notice")).to_contain_text("Chat engine: Ollama at")
+
+        # 2. Chat: the reply streams in; the second turn carries the first one to Ollama.
+        standin.reset_logs()
+        expect(send_chat(page, "hello clair")).to_have_text("You said: hello clair", timeout=30_000)
+        idle(page)
+        expect(send_chat(page, "and again")).to_have_text("You said: and again", timeout=30_000)
+        last = [r for r in standin.requests_to("/api/chat") if r.messages][-1]
+        users = [m["content"] for m in last.messages if m["role"] == "user"]
+        assert users == ["hello clair", "and again"], last.messages
+        assert all(isinstance(m["content"], str) for m in last.messages), last.messages
+        assert {"role": "assistant", "content": "You said: hello clair"} in last.messages
+        idle(page)
+        expect(page.locator("#gpu-status")).to_contain_text("GPU free", timeout=10_000)
+        no_traceback(page)
+        screenshot(page, tmp_path, "chat")
+
+        # 3. Image: a small render shows up in Result, its parameters in the JSON, on disk and in the gallery.
+        page.get_by_role("tab", name="Image").click()
+        expect(page.locator("#image-notice")).to_contain_text("Images are saved in")
+        for name, value in (("Width", "256"), ("Height", "192"), ("Steps", "4")):
+            field = page.get_by_label(f"number input for {name}")
+            field.fill(value)
+            field.press("Tab")
+        page.get_by_label("Seed (-1 = random)").fill("1234")
+        page.get_by_label("Prompt", exact=True).fill("a red lighthouse at dusk")
+        page.get_by_role("button", name="Generate").click()
+
+        result = page.locator(".block", has=page.get_by_text("Result", exact=True))
+        expect(result.locator("img")).to_be_visible(timeout=60_000)
+        summary = page.locator("#render-summary")
+        expect(summary).to_contain_text("Seed 1234 · 256×192 · 4 steps", timeout=10_000)
+        page.get_by_role("button", name=re.compile("Parameters and timings")).click()
+        info = page.locator(".block", has=page.get_by_text("Parameters and timings", exact=True))
+        for key, value in (("seed", 1234), ("width", 256), ("height", 192), ("steps", 4)):
+            expect(info).to_contain_text(re.compile(rf'"{key}":\s*{value}\b'), timeout=10_000)
+        pngs = sorted((app_dir / "outputs").rglob("*.png"))
+        assert pngs, f"no PNG under {app_dir / 'outputs'}"
+        assert any(p.name in summary.inner_text() for p in pngs), summary.inner_text()
+        gallery = page.locator(".block", has=page.get_by_text("Recent images", exact=True))
+        expect(gallery.locator("img").first).to_be_visible(timeout=10_000)
+        expect(page.locator("#gpu-status")).to_contain_text("GPU free", timeout=15_000)
+        idle(page)
+        screenshot(page, tmp_path, "image")
+
+        # 4. Bad input: a readable error toast, no stack trace.
+        page.get_by_label("Prompt", exact=True).fill("")
+        page.get_by_role("button", name="Generate").click()
+        # Checked before queueing (a validator): the message shows, and the last result stays on screen.
+        message = page.get_by_text("Write a prompt first").first
+        expect(message).to_be_visible(timeout=10_000)
+        settle(message)
+        expect(result.locator("img")).to_be_visible()
+        no_traceback(page)
+        screenshot(page, tmp_path, "image-error")
+    finally:
+        page.close()
+
+
+def test_without_ollama_chat_falls_back_to_the_in_process_model(browser, tmp_path):
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    app = App(tmp_path, {"OLLAMA_HOST": closed, "CLAIR_CHAT_BACKEND": "auto"}, args=("--demo",))
+    page = None
+    try:
+        page = open_page(browser, app.url)
+        expect(page.locator("#chat-notice")).to_contain_text("in-process model")
+        expect(page.locator("#chat-notice")).to_contain_text("Ollama is not reachable")
+        reply = send_chat(page, "anyone home?")
+        # Random weights: some text, whatever it is, once the "…" placeholder and any wait notice are gone.
+        # (The first reply loads the in-process model: several seconds of "…".)
+        expect(reply).not_to_have_text(re.compile(r"^\s*(…|⏳[\s\S]*)?\s*$"), timeout=60_000)
+        idle(page)
+        text = reply.inner_text().strip()
+        assert text and text != "…" and not text.startswith(("⚠️", "⏳")), text
+        expect(page.locator("#gpu-status")).to_contain_text("GPU free", timeout=10_000)  # released after the reply
+        no_traceback(page)
+        screenshot(page, tmp_path, "chat-in-process")
+    finally:
+        if page is not None:
+            page.close()
+        app.stop()
