@@ -99,7 +99,7 @@ class Contention:
             return STEP_S * (RENDER_SLOWDOWN if self.running["chat"] else 1.0)
 
 
-def run_scenario(policy: str, scenario: str, quick: bool, out_dir: Path) -> dict:
+def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: Path) -> dict:
     standin = OllamaStandin({MODEL: 4.9}, load_delay=2.0, unload_delay=1.0, token_delay=TOKEN_S)
     standin.reply_fn = lambda body: ["tok"] + [" tok"] * (REPLY_TOKENS - 1)
     standin.start()
@@ -168,12 +168,11 @@ def run_scenario(policy: str, scenario: str, quick: bool, out_dir: Path) -> dict
 
     # Ollama starts with the chat model loaded, as it would be after a first message.
     studio.ollama.warm(MODEL)
-    scale = 1 if quick else 2
     users: list[threading.Thread] = []
     if scenario in ("chat_only", "mixed", "mixed_nofit"):
-        users += [threading.Thread(target=chat_user, args=(i, 4 * scale, 1.0 + 0.3 * i)) for i in range(3)]
+        users += [threading.Thread(target=chat_user, args=(i, chats, 1.0 + 0.3 * i)) for i in range(3)]
     if scenario in ("render_only", "mixed", "mixed_nofit"):
-        users.append(threading.Thread(target=image_user, args=(3 * scale, 1.5)))
+        users.append(threading.Thread(target=image_user, args=(renders, 1.5)))
     for t in users:
         t.start()
     for t in users:
@@ -240,6 +239,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer requests per user (CPU, ~3 minutes)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "run.json")
+    ap.add_argument("--rounds", type=int, default=0, help="messages per chat user and renders (overrides --quick)")
     ap.add_argument("--png", type=Path, default=None, help="timeline image (default: next to --out)")
     ap.add_argument("--policies", default="budget,exclusive")
     ap.add_argument("--scenarios", default="chat_only,render_only,mixed,mixed_nofit")
@@ -250,12 +250,15 @@ def main() -> int:
     png = args.png or args.out.with_suffix(".png")
     overhead = arbiter_overhead_us(20000)
     print(f"arbiter overhead (uncontended acquire + release, median): {overhead:.1f} us")
+    chats, renders = (4, 3) if args.quick else (8, 6)
+    if args.rounds:
+        chats = renders = args.rounds
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for policy in args.policies.split(","):
             results[policy] = {"scenarios": {}}
             for scenario in args.scenarios.split(","):
-                r = run_scenario(policy, scenario, args.quick, Path(tmp))
+                r = run_scenario(policy, scenario, chats, renders, Path(tmp))
                 results[policy]["scenarios"][scenario] = r
                 print(
                     f"{policy:9} {scenario:12} ttft p50 {r['chat_ttft_p50_s']} p95 {r['chat_ttft_p95_s']} s | "

@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from clair.errors import Cancelled, EvictionFailed, GpuBusy
@@ -58,7 +58,7 @@ GiB = 1024**3
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Req:
     """A request for the GPU, as the policy sees it."""
 
@@ -70,7 +70,7 @@ class Req:
     order: tuple[int, ...] = ()  # queue position key; smaller goes first
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Resident:
     tenant: str
     bytes: int  # footprint now (peak need while busy, weights while idle)
@@ -79,7 +79,7 @@ class Resident:
     measured: int = 0  # what the tenant itself last reported (Ollama's size_vram); 0 = never
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     policy: Policy
     budget: int  # bytes; 0 = unknown, nothing co-resides
@@ -88,7 +88,7 @@ class Snapshot:
     waiting: tuple[Req, ...]  # in queue order
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Grant:
     req: Req
     evict: tuple[str, ...]
@@ -243,7 +243,6 @@ class Lease:
     evicted: tuple[str, ...] = ()
     evict_reason: str = ""
     error: BaseException | None = None
-    _granted: threading.Event = field(default_factory=threading.Event)
     _grant: Grant | None = None
     _tenant_was_resident: bool = False
 
@@ -265,8 +264,11 @@ class Lease:
         """Wait up to `timeout` s for the grant; True once the GPU is ours (evictions done)."""
         if self.ready_at is not None:
             return True
-        if not self._granted.wait(timeout):
-            return False
+        if self._grant is None:
+            cond = self.arbiter._cond  # notified whenever the arbiter's state changes
+            with cond:
+                if not cond.wait_for(lambda: self._grant is not None or self.released_at is not None, timeout):
+                    return False
         self.arbiter._run_evictions(self)
         return True
 
@@ -451,7 +453,6 @@ class Arbiter:
             if not grant.evict:
                 # With evictions, the grantee touches nothing until they are done: check then.
                 self._check_budget_locked()
-            lease._granted.set()
         self._cond.notify_all()
 
     def _check_budget_locked(self) -> None:
@@ -470,10 +471,10 @@ class Arbiter:
         """Run the grant's evictions in the caller's thread, outside the lock (invariants 4 and 7)."""
         if lease.ready_at is not None:
             return
-        grant = lease._grant
-        assert grant is not None
         if lease.released_at is not None:
             raise Cancelled("This request was withdrawn before it got the GPU.")
+        grant = lease._grant
+        assert grant is not None
         if not grant.evict:  # fast path: the GPU is ours at once
             lease.ready_at = time.time()
             if self._listeners:

@@ -9,7 +9,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses
-import socket
 import threading
 import time
 from pathlib import Path
@@ -23,22 +22,8 @@ from clair.errors import ChatUnavailable
 from clair.tiny import build_tiny_chat, save_tiny_chat
 
 GiB = 1024**3
+pytestmark = pytest.mark.usefixtures("offline")
 HELLO = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Offline even if huggingface_hub was imported before this module, and no sockets at all."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-    def _no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", _no_network)
-    monkeypatch.setattr(socket, "create_connection", _no_network)
 
 
 def _local(model: str | Path = "tiny", **kw: object) -> LocalChat:

@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses
 import logging
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -27,25 +26,7 @@ from clair.tiny import save_tiny_sdxl
 
 GiB = 1024**3
 
-pytestmark = [
-    # diffusers' Euler scheduler calls np.array() on a tensor; numpy 2 warns about torch's __array__ (see test_tiny).
-    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Offline even if huggingface_hub was imported before this module, and no sockets at all."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-    def _no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", _no_network)
-    monkeypatch.setattr(socket, "create_connection", _no_network)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")

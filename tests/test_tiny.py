@@ -7,7 +7,6 @@ import os
 # Prove nothing is fetched: set before huggingface_hub is imported (it reads this once, at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import socket
 import threading
 from pathlib import Path
 
@@ -19,27 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 
 from clair.tiny import build_tiny_chat, build_tiny_sdxl, save_tiny_chat, save_tiny_sdxl
 
-pytestmark = [
-    # Expected and harmless: diffusers' EulerDiscreteScheduler calls np.array() on a torch tensor, and with
-    # numpy 2 + this torch, torch's Tensor.__array__ lacks the `copy` keyword, so numpy warns on every
-    # set_timesteps(). Not ours to fix; everything else still surfaces.
-    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Offline mode even if another test module imported huggingface_hub first, and no sockets at all."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-    def _no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", _no_network)
-    monkeypatch.setattr(socket, "create_connection", _no_network)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def _render(pipe: StableDiffusionXLPipeline, width: int = 64, height: int = 64, steps: int = 2, **kwargs):
