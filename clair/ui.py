@@ -35,6 +35,15 @@ def _waiting_text(w: Waiting) -> str:
     return f"⏳ {w.reason}. Your message will be sent in about {max(1, round(w.eta_s))} s (position {w.position})."
 
 
+def _is_notice(message: dict) -> bool:
+    """Clair's own notes in the conversation (errors, queue notices) are not sent to the model."""
+    content = message.get("content") if isinstance(message, dict) else None
+    text = content if isinstance(content, str) else ""
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        text = str(content[0].get("text", ""))
+    return message.get("role") == "assistant" and text.startswith(("⚠️", "⏳"))
+
+
 def _unexpected(exc: Exception) -> str:
     log.exception("unexpected error")
     return (
@@ -58,7 +67,8 @@ def build(studio: Studio) -> gr.Blocks:
         stop = studio.cancel_event(f"chat:{request.session_hash}")
         reply = ""
         try:
-            for event in studio.chat(message, history[:-2], model=model or None, system=system, stop=stop):
+            past = [m for m in history[:-2] if not _is_notice(m)]
+            for event in studio.chat(message, past, model=model or None, system=system, stop=stop):
                 if isinstance(event, Waiting):
                     history[-1] = {"role": "assistant", "content": _waiting_text(event)}
                 else:
@@ -262,7 +272,9 @@ def build(studio: Studio) -> gr.Blocks:
             concurrency_limit=cfg.queue_slots,
         )
         sent = [message.submit(**chat_inputs), send.click(**chat_inputs)]
-        stop.click(stop_chat, api_visibility="private", queue=False)
+        # The flag stops a reply that is streaming or waiting for the GPU; `cancels` also drops one still
+        # in Gradio's own queue.
+        stop.click(stop_chat, api_visibility="private", queue=False, cancels=sent)
         for ev in sent:
             ev.then(chat_notice, outputs=chat_notice_md, api_visibility="private")
 
@@ -279,7 +291,8 @@ def build(studio: Studio) -> gr.Blocks:
         rendered.then(gallery, outputs=recent, api_visibility="private").then(
             image_notice, outputs=image_notice_md, api_visibility="private"
         )
-        cancel.click(cancel_render, api_visibility="private", queue=False)
+        # A render is a plain function: Gradio cannot interrupt it, so the flag is checked at every step.
+        cancel.click(cancel_render, api_visibility="private", queue=False, cancels=[rendered])
 
     demo.queue(default_concurrency_limit=cfg.queue_slots, max_size=256)
     return demo
