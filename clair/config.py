@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,12 @@ class Config:
     max_new_tokens: int = setting(1024, "Longest reply, in tokens (options.num_predict for Ollama).")
     ollama_host: str = setting(
         "127.0.0.1:11434", "Where Ollama listens (Ollama's own variable, read the same way).", env="OLLAMA_HOST"
+    )
+    ollama_shares_gpu: str = setting(
+        "auto",
+        "Does Ollama use this machine's GPU? auto: yes when OLLAMA_HOST is this machine. no: Ollama runs "
+        "elsewhere, so Clair never evicts it and never holds chats back for a render.",
+        choices=("auto", "yes", "no"),
     )
     ollama_timeout_s: float = setting(
         120.0, "Longest silence tolerated from Ollama while it loads or streams, in seconds."
@@ -124,6 +131,13 @@ class Config:
     @property
     def ollama_url(self) -> str:
         return ollama_url(self.ollama_host)
+
+    @property
+    def ollama_on_this_gpu(self) -> bool:
+        if self.ollama_shares_gpu != "auto":
+            return self.ollama_shares_gpu == "yes"
+        host = self.ollama_url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]").lower()
+        return host in ("localhost", "::1", "0.0.0.0", socket.gethostname().lower()) or host.startswith("127.")
 
 
 def env_name(f: dataclasses.Field) -> str:

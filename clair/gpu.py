@@ -150,22 +150,45 @@ class WeightSwap:
             self._host[id(t)] = t.data.to("cpu").pin_memory()
         log.info("pinned host copy made gib=%.2f s=%.2f", self.nbytes / GiB, time.monotonic() - t0)
 
+    def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """The pinned copy of `t`, made now if prepare() did not copy this tensor object.
+
+        Parameters keep their identity through `module.to(dtype)` (diffusers' VAE upcast), but a float buffer
+        is replaced by a new object (a Llama's rotary `inv_freq` after `model.half()`, say): its id is then
+        unknown (a KeyError half-way through evict(), which left the swap stuck) or recycled from a freed
+        tensor. A shape check catches the recycled case. The dtype is deliberately not compared: a VAE left
+        fp32 by a failed decode is put back on its fp16 copy, as before.
+        """
+        host = self._host.get(id(t))
+        if host is None or host.shape != t.shape:
+            host = self._host[id(t)] = t.data.to("cpu").pin_memory()
+        return host
+
     def restore(self) -> float:
         """Put the weights on the GPU; returns seconds taken."""
         if not cuda() or self.on_gpu:
             return 0.0
         t0 = time.monotonic()
-        # Counted as on the GPU from the first tensor moved: if the copy fails half-way (out of memory),
-        # evict() must still bring every tensor back.
+        # Counted as on the GPU from the first tensor moved, so that evict() brings every tensor back.
         self.on_gpu = True
-        if self.pinned:
-            self.prepare()
-            for t in self._tensors():
-                t.data = self._host[id(t)].to("cuda", non_blocking=True)
-            torch.cuda.synchronize()
-        else:
-            for m in self.modules:
-                m.to("cuda")
+        try:
+            if self.pinned:
+                self.prepare()
+                for t in self._tensors():
+                    t.data = self._host_copy(t).to("cuda", non_blocking=True)
+                torch.cuda.synchronize()
+            else:
+                for m in self.modules:
+                    m.to("cuda")
+        except BaseException:
+            # A copy that failed half-way (out of memory) left the modules split across devices with on_gpu
+            # True: every later restore() returned at once and the next forward failed on mixed devices until
+            # someone evicted. Roll back to all-on-host, then let the caller see the error.
+            try:
+                self.evict()
+            except Exception:
+                log.exception("rolling back a failed restore failed")
+            raise
         return time.monotonic() - t0
 
     def evict(self) -> float:
@@ -175,7 +198,7 @@ class WeightSwap:
         t0 = time.monotonic()
         if self.pinned:
             for t in self._tensors():
-                t.data = self._host[id(t)]  # the copy is identical: weights never change at inference
+                t.data = self._host_copy(t)  # the copy is identical: weights never change at inference
         else:
             for m in self.modules:
                 m.to("cpu")

@@ -57,7 +57,10 @@ class Studio:
         self.ollama = OllamaChat(cfg)
         self.local = LocalChat(cfg)
         self.image = ImageEngine(cfg)
-        self.arbiter.add_tenant(self.ollama.tenant, self.ollama.evict)
+        # Ollama on another machine holds none of our GPU: nothing to evict, no chat to hold back.
+        self.ollama_local = cfg.ollama_on_this_gpu
+        if self.ollama_local:
+            self.arbiter.add_tenant(self.ollama.tenant, self.ollama.evict)
         self.arbiter.add_tenant(self.local.tenant, self.local.evict)
         self.arbiter.add_tenant(self.image.tenant, self.image.evict)
         self._cancel: dict[str, threading.Event] = {}
@@ -127,8 +130,12 @@ class Studio:
         if backend is self.local and not self.local.loaded:
             yield Waiting(0, 0.0, f"Loading the in-process chat model ({self.local.label})")
             self.local.load()  # from disk to host memory, before taking the GPU
-        need, idle = backend.footprint(model)
         stop = stop or threading.Event()
+        if backend is self.ollama and not self.ollama_local:
+            for text in backend.stream(model, messages, stop):
+                yield Token(text)
+            return
+        need, idle = backend.footprint(model)
         lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
         try:
             yield from self._wait(lease, stop.is_set)
@@ -150,6 +157,8 @@ class Studio:
 
     def _sync_ollama(self) -> None:
         """Tell the ledger what Ollama really holds (size_vram from /api/ps)."""
+        if not self.ollama_local:
+            return
         read_at = time.monotonic()
         self.arbiter.set_resident(self.ollama.tenant, self.ollama.resident_bytes(), read_at=read_at)
 

@@ -1,0 +1,115 @@
+"""Studio, in-process, against the Ollama stand-in: the parts of the protocol the app tests cannot pin down."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+
+from clair.config import Config
+from clair.image import RenderParams
+from clair.studio import Studio, Token, Waiting
+from tests.ollama_standin import OllamaStandin
+
+MODEL = "llama3.1:8b"
+
+
+@pytest.fixture
+def standin():
+    s = OllamaStandin({MODEL: 4.9}, unload_delay=0.2).start()
+    yield s
+    s.stop()
+
+
+def make(standin, tmp_path, **kw) -> Studio:
+    cfg = dataclasses.replace(
+        Config(),
+        chat_backend="ollama",
+        ollama_host=standin.host,
+        image_model="tiny",
+        output_dir=str(tmp_path),
+        warmup_delay_s=0.0,
+        **kw,
+    )
+    return Studio(cfg)
+
+
+def reply(studio: Studio, text: str) -> str:
+    return "".join(e.text for e in studio.chat(text) if isinstance(e, Token))
+
+
+def test_auto_treats_a_loopback_ollama_as_sharing_the_gpu(standin, tmp_path):
+    assert make(standin, tmp_path).ollama_local
+    assert not make(standin, tmp_path, ollama_shares_gpu="no").ollama_local
+
+
+def test_an_ollama_on_another_machine_is_never_evicted_nor_held_back(standin, tmp_path):
+    studio = make(standin, tmp_path, ollama_shares_gpu="no")
+    assert reply(studio, "hi") == "You said: hi"
+    assert standin.loaded() == [MODEL]
+    _, info = studio.render(RenderParams("x", steps=2, width=64, height=64))
+    assert info["evicted"] == []
+    assert standin.loaded() == [MODEL]
+    assert not [r for r in standin.requests_to("/api/chat") if r.keep_alive == 0]
+
+    # A chat during a render goes straight to the remote Ollama.
+    entered, leave = threading.Event(), threading.Event()
+
+    def slow_step(text, frac):
+        if text.startswith("Step"):
+            entered.set()
+            assert leave.wait(10)
+
+    t = threading.Thread(target=studio.render, args=(RenderParams("y", steps=2, width=64, height=64), slow_step))
+    t.start()
+    assert entered.wait(10)
+    try:
+        events = list(studio.chat("during"))
+        assert not any(isinstance(e, Waiting) for e in events)
+        assert "".join(e.text for e in events if isinstance(e, Token)) == "You said: during"
+    finally:
+        leave.set()
+        t.join(10)
+
+
+def test_a_chat_held_by_a_render_sees_its_place_and_waits_for_the_release(standin, tmp_path):
+    studio = make(standin, tmp_path)
+    assert reply(studio, "warm") == "You said: warm"
+    entered, leave = threading.Event(), threading.Event()
+    result = {}
+
+    def slow_step(text, frac):
+        if text.startswith("Step"):
+            entered.set()
+            assert leave.wait(10)
+
+    def run():
+        result["info"] = studio.render(RenderParams("y", steps=2, width=64, height=64), slow_step)[1]
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert entered.wait(10)
+    standin.reset_logs()
+    chat = studio.chat("held?")
+    first = next(chat)
+    assert isinstance(first, Waiting) and first.position == 1 and "render" in first.reason
+    assert not standin.requests_to("/api/chat")  # not sent to Ollama while the render holds the GPU
+    leave.set()
+    text = "".join(e.text for e in chat if isinstance(e, Token))
+    t.join(10)
+    assert text == "You said: held?"
+    sent = [r for r in standin.requests_to("/api/chat") if r.messages]
+    assert sent[0].arrived >= result["info"]["gpu_finished_at"]
+
+
+def test_closing_a_held_chat_releases_its_place(standin, tmp_path):
+    """A browser tab closed while its chat waits: the generator is closed, nothing stays queued."""
+    studio = make(standin, tmp_path)
+    render = studio.arbiter.request("render", "image", 1).wait(1)
+    chat = studio.chat("bye")
+    assert isinstance(next(chat), Waiting)
+    chat.close()
+    assert studio.arbiter.status()["waiting"] == []
+    render.release()
+    assert studio.arbiter.is_idle()
