@@ -87,6 +87,10 @@ def empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def reserved_now() -> int:
+    return torch.cuda.memory_reserved() if cuda() else 0
+
+
 def reset_peak() -> None:
     if cuda():
         torch.cuda.reset_peak_memory_stats()

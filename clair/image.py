@@ -209,6 +209,9 @@ class ImageEngine:
                 # reserved, and a 512² render after a 1024² one would learn a 4x footprint.
                 gpu.empty_cache()
                 gpu.reset_peak()
+                # What this process holds before the render (our weights, an in-process chat model):
+                # only the growth above it is the render's activation peak.
+                baseline = gpu.reserved_now()
                 t0 = time.monotonic()
                 result = pipe(
                     prompt=params.prompt,
@@ -226,6 +229,11 @@ class ImageEngine:
                     "CLAIR_VRAM_BUDGET_GB so Clair evicts more before rendering."
                 ) from None
             finally:
+                # The stock SDXL VAE is upcast to fp32 for decoding and cast back afterwards; an error in
+                # between (out of memory at decode, a cancel) would leave it fp32 and break every later render.
+                vae, unet = getattr(pipe, "vae", None), getattr(pipe, "unet", None)
+                if vae is not None and unet is not None and vae.dtype != unet.dtype:
+                    vae.to(dtype=unet.dtype)
                 # Give the activations' cache back: the ledger counts an idle pipeline as its weights only,
                 # and a chat planned beside it must find that memory free.
                 gpu.empty_cache()
@@ -233,7 +241,7 @@ class ImageEngine:
             peak = gpu.peak_reserved()
             if peak and self._swap is not None:
                 mpx = params.width * params.height / 1e6
-                per = max(0.0, peak - self._swap.nbytes) / mpx
+                per = max(0.0, peak - baseline) / mpx
                 self._per_mpx = per if self._per_mpx is None else max(per, self._per_mpx)
             return result.images[0], {"render_s": render_s, "restore_s": restore_s, "peak_reserved_gb": peak / GiB}
 
