@@ -597,7 +597,6 @@ class Arbiter:
                 "position": len(ahead) + 1,
                 "eta_s": round(self._eta_locked(lease.req, ahead), 1),
                 "reason": blocked_reason(s, lease.req),
-                "blocked_by": sorted({r.kind for r in s.running if _conflict(lease.req, r, s.policy, s.budget)}),
             }
 
     def _eta_locked(self, req: Req, ahead: list[Req]) -> float:
@@ -622,10 +621,6 @@ class Arbiter:
         with self._lock:
             leases = [*self._running.values(), *self._waiting.values()]
             return sum(1 for ls in leases if kind is None or ls.kind == kind)
-
-    def waiting_count(self, kind: Kind | None = None) -> int:
-        with self._lock:
-            return sum(1 for ls in self._waiting.values() if kind is None or ls.kind == kind)
 
     def is_idle(self) -> bool:
         with self._lock:

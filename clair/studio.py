@@ -194,8 +194,9 @@ class Studio:
             )
         finally:
             lease.release()
-            if lease.ready_at is not None:
-                self._after_render(lease, ollama_evicted)
+            if ollama_evicted and self.cfg.warmup:
+                # Recovery: bring the chat model back in the background so the next message doesn't pay the load.
+                threading.Thread(target=self._warm, name="clair-warmup", daemon=True).start()
         path = self.image.save(image, params)
         info = {
             **asdict(params),
@@ -223,12 +224,6 @@ class Studio:
             ",".join(lease.evicted) or "-",
         )
         return str(path), info
-
-    def _after_render(self, lease: Lease, ollama_evicted: bool) -> None:
-        """Recovery: bring the chat model back in the background so the next message does not pay the load."""
-        if not (ollama_evicted and self.cfg.warmup):
-            return
-        threading.Thread(target=self._warm, name="clair-warmup", daemon=True).start()
 
     def _warm(self) -> None:
         # A short grace period first: someone iterating on prompts renders again within seconds, and

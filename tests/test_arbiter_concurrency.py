@@ -185,7 +185,7 @@ def test_cancel_while_waiting_releases(arb):
     chat = arb.request("chat", "ollama", CHAT)
     with pytest.raises(Cancelled):
         chat.wait(5, cancelled=lambda: True)
-    assert arb.waiting_count() == 0
+    assert arb.status()["waiting"] == []
     render.release()
 
 
