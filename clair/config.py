@@ -79,6 +79,9 @@ class Config:
     ollama_timeout_s: float = setting(
         120.0, "Longest silence tolerated from Ollama while it loads or streams, in seconds."
     )
+    preload: bool = setting(
+        True, "Load the models into host memory at start-up (not onto the GPU), so the first request is quick."
+    )
     warmup: bool = setting(True, "Reload the chat model in the background after a render evicted it.")
     warmup_delay_s: float = setting(
         2.0, "Seconds to wait after a render before that reload, so renders in quick succession skip it."

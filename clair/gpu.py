@@ -151,7 +151,10 @@ class WeightSwap:
             return
         t0 = time.monotonic()
         for t in self._tensors():
-            self._host[id(t)] = t.data.to("cpu").pin_memory()
+            pinned = t.data.to("cpu").pin_memory()
+            self._host[id(t)] = pinned
+            if not self.on_gpu:
+                t.data = pinned  # the weights live in the pinned copy: one copy in host RAM, not two
         log.info("pinned host copy made gib=%.2f s=%.2f", self.nbytes / GiB, time.monotonic() - t0)
 
     def _host_copy(self, t: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,8 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     )
     print(f"Clair is running at {url}  (Ctrl+C to stop)", flush=True)
     sdnotify.ready(f"serving on {url}")
+    if cfg.preload:
+        threading.Thread(target=studio.preload, name="clair-preload", daemon=True).start()
     watchdog = None
     interval = sdnotify.watchdog_interval()
     if interval:

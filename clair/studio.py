@@ -246,6 +246,18 @@ class Studio:
                 lease.release()
                 self._sync_ollama()
 
+    def preload(self) -> None:
+        """Load checkpoints from disk into host memory (never onto the GPU), so the first render or local
+        chat does not wait for it. A failure is only logged here: the tab shows it, and use retries."""
+        jobs = [("image", self.image.load)]
+        if self.cfg.chat_backend == "local" or (self.cfg.chat_backend == "auto" and self.cfg.demo):
+            jobs.append(("chat", self.local.load))
+        for name, load in jobs:
+            try:
+                load()
+            except Exception as exc:
+                log.warning("preload failed model=%s error=%s", name, exc)
+
     # -- cancel, status ------------------------------------------------------------------------------
     def cancel_event(self, key: str) -> threading.Event:
         with self._cancel_lock:
