@@ -19,7 +19,7 @@ import httpx
 import ollama
 
 from clair.config import Config
-from clair.errors import ChatUnavailable, EvictionFailed
+from clair.errors import ChatUnavailable, EvictionFailed, load_failure
 
 log = logging.getLogger("clair.chat")
 GiB = 1024**3
@@ -310,7 +310,7 @@ class LocalChat:
         return "tiny (random weights)" if self.model_id == "tiny" else self.model_id
 
     def problem(self, model: str | None = None) -> str | None:
-        if self._error and time.monotonic() - self._error_at < 10:
+        if self._error and time.monotonic() - self._error_at < 30:
             return self._error
         return None
 
@@ -355,10 +355,8 @@ class LocalChat:
                 tok = AutoTokenizer.from_pretrained(source)
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as exc:
-            self._error = (
-                f"Could not load the in-process chat model {self.model_id}: {exc}. Set CLAIR_LOCAL_CHAT_MODEL to a "
-                "local model folder (or `tiny`), or start Ollama."
-            )
+            self._error = load_failure("in-process chat model", self.model_id, exc, "CLAIR_LOCAL_CHAT_MODEL")
+            self._error += " Or start Ollama: chat uses it whenever it answers."
             self._error_at = time.monotonic()
             raise ChatUnavailable(self._error) from None
         model.eval()

@@ -14,6 +14,24 @@ The UI converts these to `gr.Error` at its edge; nothing else reaches the browse
 
 from __future__ import annotations
 
+_OFFLINE_HINTS = ("not fully cached", "offline mode", "couldn't connect", "cannot reach", "connection error")
+
+
+def load_failure(what: str, model: str, exc: BaseException, setting: str) -> str:
+    """A model that could not be loaded, said for a person: the likely cause and what to do."""
+    text = " ".join(str(exc).split())
+    if any(hint in text.lower() for hint in _OFFLINE_HINTS):
+        return (
+            f"The {what} {model} is not downloaded yet, and the Hugging Face hub cannot be reached to fetch it. "
+            f"Connect this machine to the internet for the first run, or set {setting} to a local model folder "
+            "(or run with --demo)."
+        )
+    if len(text) > 240:
+        text = text[:240].rsplit(" ", 1)[0] + " …"
+    text = text.rstrip(".") or type(exc).__name__
+    sep = " " if text.endswith("…") else ". "
+    return f"Could not load the {what} {model}: {text}{sep}Check {setting} (a hub id, a local folder, or `tiny`)."
+
 
 class ClairError(Exception):
     """Base class. `str(err)` is the user-facing message."""

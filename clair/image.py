@@ -26,7 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from clair import gpu
 from clair.config import Config
-from clair.errors import BadRequest, Cancelled, ImageModelUnavailable
+from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, load_failure
 
 log = logging.getLogger("clair.image")
 GiB = 1024**3
@@ -131,10 +131,7 @@ class ImageEngine:
             self._error, self._error_at = str(exc), time.monotonic()
             raise
         except Exception as exc:
-            self._error = (
-                f"Could not load the image model {self.model_id}: {_short(exc)}. Check CLAIR_IMAGE_MODEL (a hub id, "
-                "a local diffusers folder, or `tiny`), the disk space and, for a hub id, the network."
-            )
+            self._error = load_failure("image model", self.model_id, exc, "CLAIR_IMAGE_MODEL")
             self._error_at = time.monotonic()
             log.exception("image model load failed model=%s", self.model_id)
             raise ImageModelUnavailable(self._error) from None
