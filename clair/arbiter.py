@@ -242,7 +242,6 @@ class Lease:
     released_at: float | None = None
     evicted: tuple[str, ...] = ()
     evict_reason: str = ""
-    error: BaseException | None = None
     _grant: Grant | None = None
     _tenant_was_resident: bool = False
 
@@ -509,7 +508,6 @@ class Arbiter:
         except BaseException as exc:
             with self._lock:
                 self.stats["evict_failures"] += 1
-            lease.error = exc
             # release() keeps the tenants it failed to evict in the ledger (state unknown: they still
             # count) and lets the next request try again.
             lease.release()

@@ -69,8 +69,8 @@ class Studio:
         self.warmups = 0
 
     # -- chat ----------------------------------------------------------------------------------------
-    def chat_backend(self, fresh: bool = False) -> tuple[ChatBackend, str | None]:
-        """The engine chat uses now, and its problem (None when it can answer).
+    def chat_backend(self, fresh: bool = False, model: str | None = None) -> tuple[ChatBackend, str | None]:
+        """The engine chat uses now, and its problem with `model` (default: the configured one).
 
         `auto` prefers Ollama whenever it answers and falls back to the in-process model, re-checking
         every few seconds, so starting (or stopping) Ollama takes effect without a restart.
@@ -79,16 +79,17 @@ class Studio:
         if mode == "local":
             return self.local, self.local.problem()
         if mode == "ollama":
-            return self.ollama, self.ollama.problem()
+            return self.ollama, self.ollama.problem(model)
         now = time.monotonic()
-        if not fresh and self._backend_cache and now - self._backend_cache[0] < 5:
+        if not fresh and model is None and self._backend_cache and now - self._backend_cache[0] < 5:
             return self._backend_cache[1], self._backend_cache[2]
-        problem = self.ollama.problem()
+        problem = self.ollama.problem(model)
         if problem == self.ollama.unreachable():
             backend, problem = self.local, self.local.problem()
         else:
             backend = self.ollama
-        self._backend_cache = (now, backend, problem)
+        if model is None:  # the cache answers for the default model only
+            self._backend_cache = (now, backend, problem)
         return backend, problem
 
     def chat_models(self) -> list[str]:
@@ -119,14 +120,12 @@ class Studio:
             messages.insert(0, {"role": "system", "content": system})
         messages.append({"role": "user", "content": message})
 
-        backend, problem = self.chat_backend(fresh=True)
-        model = model or self.default_chat_model()
-        if backend is self.ollama:
-            problem = self.ollama.problem(model)
-            if problem is None:
-                self._sync_ollama()
+        backend, problem = self.chat_backend(fresh=True, model=model)
         if problem:
             raise ChatUnavailable(problem)
+        model = model or (self.cfg.chat_model if backend is self.ollama else self.local.label)
+        if backend is self.ollama:
+            self._sync_ollama()
         if backend is self.local and not self.local.loaded:
             yield Waiting(0, 0.0, f"Loading the in-process chat model ({self.local.label})")
             self.local.load()  # from disk to host memory, before taking the GPU

@@ -163,19 +163,25 @@ def test_tiny_streams_text_and_reports_its_footprint() -> None:
     assert not _generate_threads()
 
 
-def test_tiny_reply_arrives_token_by_token() -> None:
-    """16 random-weight tokens (few spaces) must not arrive as one burst at the end."""
-    chat = _local(max_new_tokens=16)
-    chat.load()
-    lengths: list[int] = []
+def _count_new_tokens(chat: LocalChat) -> list[int]:
+    """Spy on the model's generate(): the list gets the number of new tokens of each call."""
+    counts: list[int] = []
     original = chat._model.generate
 
     def generate(**kwargs):
         out = original(**kwargs)
-        lengths.append(out.shape[-1] - kwargs["input_ids"].shape[-1])
+        counts.append(out.shape[-1] - kwargs["input_ids"].shape[-1])
         return out
 
     chat._model.generate = generate
+    return counts
+
+
+def test_tiny_reply_arrives_token_by_token() -> None:
+    """16 random-weight tokens (few spaces) must not arrive as one burst at the end."""
+    chat = _local(max_new_tokens=16)
+    chat.load()
+    lengths = _count_new_tokens(chat)
     torch.manual_seed(0)  # sampling: fixed for a reproducible reply
     chunks = list(chat.stream("tiny", HELLO, threading.Event()))
     assert lengths and lengths[0] >= 8, lengths
@@ -185,15 +191,7 @@ def test_tiny_reply_arrives_token_by_token() -> None:
 def test_stop_mid_stream_ends_generation_promptly() -> None:
     chat = _local(max_new_tokens=4096)  # capped at 256 for tiny
     chat.load()
-    generated: list[int] = []
-    original = chat._model.generate
-
-    def generate(**kwargs):
-        out = original(**kwargs)
-        generated.append(out.shape[-1] - kwargs["input_ids"].shape[-1])
-        return out
-
-    chat._model.generate = generate
+    generated = _count_new_tokens(chat)
     stop = threading.Event()
     stream = chat.stream("tiny", HELLO, stop)
     first = next(stream)
