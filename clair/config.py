@@ -32,10 +32,37 @@ def setting(default: Any, help: str, *, flag: str | None = None, choices: Sequen
 class Config:
     # --- serving -------------------------------------------------------------------------------
     host: str = setting(
-        "127.0.0.1", "Address to serve on. 0.0.0.0 to reach Clair from other machines on the LAN.", flag="--host"
+        "127.0.0.1",
+        "Address to serve on. Any address but loopback needs users (python app.py adduser NAME).",
+        flag="--host",
     )
     port: int = setting(7860, "Port to serve on.", flag="--port")
-    auth: str = setting("", "Optional login as user:password (recommended when serving the LAN).", flag="--auth")
+    listen: bool = setting(
+        False, "Serve every interface (host 0.0.0.0), so the other machines on the LAN can open Clair.", flag="--listen"
+    )
+    insecure: bool = setting(
+        False,
+        "Allow serving a non-loopback address with no users, so anyone on the network can use Clair.",
+        flag="--insecure",
+    )
+    users_file: str = setting(
+        "",
+        "The users file (python app.py adduser NAME). Empty: users.json beside the output folder.",
+        flag="--users-file",
+    )
+    allowed_hosts: str = setting(
+        "",
+        "Extra host names clients may use to reach Clair (comma-separated), e.g. a reverse proxy's name. "
+        "Loopback, this machine's name and its addresses are always allowed.",
+    )
+    session_hours: float = setting(12.0, "A login lasts this many hours; then the browser asks again.")
+    tls_cert: str = setting("", "TLS certificate file (PEM). With CLAIR_TLS_KEY, Clair serves https.")
+    tls_key: str = setting("", "TLS private key file (PEM) for CLAIR_TLS_CERT.")
+    max_connections: int = setting(
+        256,
+        "Most connections served at once (uvicorn limit_concurrency); past it new ones get 503. One address "
+        "may hold a quarter of them. Keep it well under the service's LimitNOFILE.",
+    )
     demo: bool = setting(
         False,
         "Demo mode: tiny random-weight models built in code, no GPU, network or services needed.",
@@ -127,6 +154,17 @@ class Config:
 
     # ------------------------------------------------------------------------------------------
     @property
+    def users_path(self) -> str:
+        """The users file: CLAIR_USERS_FILE, else users.json beside the output folder."""
+        if self.users_file:
+            return os.path.abspath(os.path.expanduser(self.users_file))
+        return os.path.join(os.path.dirname(os.path.abspath(self.output_dir)), "users.json")
+
+    @property
+    def loopback_only(self) -> bool:
+        return is_loopback(self.host)
+
+    @property
     def keep_alive_value(self) -> str | int:
         """keep_alive as Ollama's API wants it: unit-less numbers become seconds (the API rejects "300")."""
         return parse_keep_alive(self.keep_alive)
@@ -187,6 +225,25 @@ def ollama_url(host: str) -> str:
     return f"{scheme}://{hostpart}" + (f"/{path}" if path else "")
 
 
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    host = host.strip().strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+RETIRED = {
+    "auth": "--auth/CLAIR_AUTH is retired: a password given there is visible to every local user (ps, the "
+    "environment). Add users with `python app.py adduser NAME` (it asks for the password) and drop --auth.",
+}
+
+
 def _convert(f: dataclasses.Field, raw: str) -> Any:
     name = env_name(f)
     kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -241,17 +298,26 @@ def parser() -> argparse.ArgumentParser:
 def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Defaults, overridden by the environment, overridden by flags."""
     environ = os.environ if environ is None else environ
+    argv = list(argv) if argv is not None else []
+    if environ.get("CLAIR_AUTH") or any(a == "--auth" or a.startswith("--auth=") for a in argv):
+        raise ConfigError(RETIRED["auth"])
     values: dict[str, Any] = {}
     for f in fields():
         raw = environ.get(env_name(f))
         if raw is not None and raw != "":
             values[f.name] = _convert(f, raw)
-    args = parser().parse_args(argv if argv is not None else [])
+    args = parser().parse_args(argv)
     for f in fields():
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given if isinstance(given, bool) else _convert(f, str(given))
     cfg = Config(**values)
+    if cfg.listen:
+        if "host" in values and cfg.host not in ("0.0.0.0", "::"):
+            raise ConfigError(
+                f"--listen serves every interface, but CLAIR_HOST={cfg.host} names one address: use one or the other."
+            )
+        cfg = dataclasses.replace(cfg, host="0.0.0.0")
     if cfg.demo:
         # Demo mode swaps in the tiny models unless the user named others explicitly.
         demo_values = {}
@@ -270,8 +336,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"CLAIR_CHAT_NUM_CTX={cfg.chat_num_ctx} is too small: use at least 256 (4096 is typical).")
     if cfg.vram_budget_gb < 0:
         raise ConfigError("CLAIR_VRAM_BUDGET_GB must be 0 (automatic) or a positive number of GB.")
-    if cfg.auth and ":" not in cfg.auth:
-        raise ConfigError("CLAIR_AUTH must look like user:password.")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("CLAIR_TLS_CERT and CLAIR_TLS_KEY go together: set both (PEM files) or neither.")
+    for name, path in (("CLAIR_TLS_CERT", cfg.tls_cert), ("CLAIR_TLS_KEY", cfg.tls_key)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{name}={path!r} is not a readable file: give the path of a PEM file.")
+    if cfg.session_hours <= 0:
+        raise ConfigError("CLAIR_SESSION_HOURS must be a positive number of hours (12 is typical).")
+    if cfg.max_connections < 8:
+        raise ConfigError("CLAIR_MAX_CONNECTIONS must be at least 8 (a browser tab holds a few).")
     if not 1 <= cfg.port <= 65535:
         raise ConfigError(f"CLAIR_PORT={cfg.port} is not a TCP port.")
     if cfg.queue_slots < 1:

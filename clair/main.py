@@ -11,47 +11,119 @@ import faulthandler
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
+from starlette.requests import Request  # module level: FastAPI resolves the routes' annotations here
+
 from clair import config, sdnotify
+from clair import users as users_mod
 from clair.errors import ConfigError
 
 log = logging.getLogger("clair")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
-def make_app(studio, demo):
+def make_app(studio, demo, users=None):
+    """The whole web app: Gradio mounted at / behind clair.web's guard, with /healthz and POST /logout."""
     import gradio as gr
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.routing import Mount
+
+    from clair.users import Users
+    from clair.web import Guard, Web, is_loopback_client, make_auth
 
     cfg = studio.cfg
-    app = FastAPI(title="Clair")
+    users = users if users is not None else Users(cfg.users_path)
+    web = Web(cfg, users)
+    no_docs = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Clair", **no_docs)
+    # No origin is granted anything. A CORSMiddleware on the parent also makes Gradio's own CORS
+    # middleware stand aside (gradio/route_utils.py CustomCORSMiddleware.parent_configures_cors).
+    app.add_middleware(CORSMiddleware, allow_origins=[], allow_credentials=False)
+    app.add_middleware(Guard, web=web)  # added last, so it runs first
+    app.state.web = web
 
     @app.get("/healthz")
-    def healthz():
+    def healthz(request: Request):
         ok = studio.healthy()
-        body = {"ok": ok, "holder": studio.arbiter.status()["holder"] if ok else None}
+        body: dict = {"ok": ok}
+        client = request.client.host if request.client else ""
+        if is_loopback_client(client) or web.user(request.headers) is not None:
+            body["holder"] = studio.arbiter.status()["holder"] if ok else None
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    auth = tuple(cfg.auth.split(":", 1)) if cfg.auth else None
+    @app.post("/logout")
+    def logout(request: Request):
+        """End this browser's session only (Gradio's GET /logout ended all of the user's sessions)."""
+        token = web.token(request.headers)
+        if token is not None:
+            web.sessions.drop(token)
+        response = RedirectResponse(url="./", status_code=303)
+        secure, unsecure = web.cookie_names()
+        response.delete_cookie(secure, path="/", secure=True, httponly=True, samesite="none")
+        response.delete_cookie(unsecure, path="/", httponly=True)
+        return response
+
+    @app.get("/logout")
+    def logout_get():
+        # A GET must not log anybody out: any page could send one (a link, an <img>).
+        return HTMLResponse(
+            '<!doctype html><title>Log out</title><form method="post" action="logout">'
+            "<button>Log out of Clair</button></form>",
+            status_code=405,
+            headers={"Allow": "POST"},
+        )
+
     os.makedirs(studio.image.output_dir, exist_ok=True)
-    return gr.mount_gradio_app(
+    demo.delete_cache = (900, 3600)  # every 15 min, drop Gradio's cached files older than an hour
+    auth = make_auth(users, web.limiter)
+    app = gr.mount_gradio_app(
         app,
         demo,
         path="/",
         auth=auth,
+        app_kwargs=no_docs,
         allowed_paths=[str(studio.image.output_dir)],
         show_error=True,
+        max_file_size="1kb",  # Clair takes no uploads; the guard refuses /gradio_api/upload as well
         footer_links=["api", "settings"],
         ssr_mode=False,
         favicon_path=str(ASSETS / "favicon.svg"),
         css_paths=[ASSETS / "clair.css"],
     )
+    mounted = [r for r in app.routes if isinstance(r, Mount)]
+    web.gradio = mounted[-1].app
+    web.gradio.tokens = web.sessions  # issue times and expiry (clair.web.Sessions)
+    web.auth = auth
+    web.sync_auth()
+    return app
+
+
+def check_exposure(cfg: config.Config, users) -> None:
+    """Refuse to serve a non-loopback address without users, unless --insecure says so."""
+    if cfg.loopback_only or users.names():
+        return
+    if cfg.insecure:
+        log.warning("serving %s with no users (--insecure): anyone on the network can use Clair", cfg.host)
+        return
+    raise ConfigError(
+        f"Clair will not serve {cfg.host} (other machines can reach it) without users: anyone there could "
+        f"use it. Add one first with `python app.py adduser NAME` (users file: {users.path}), then start "
+        "Clair again; or pass --insecure to serve with no login."
+    )
+
+
+def _url(scheme: str, host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def serve(cfg: config.Config, ready: threading.Event | None = None, stop: threading.Event | None = None):
@@ -60,12 +132,28 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
 
     from clair.studio import Studio
     from clair.ui import build
+    from clair.users import Users
+    from clair.web import install_log_filter, lan_urls
 
+    users = Users(cfg.users_path)
+    check_exposure(cfg, users)
+    install_log_filter()
     studio = Studio(cfg)
     demo = build(studio)
-    app = make_app(studio, demo)
+    app = make_app(studio, demo, users)
+    tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key} if cfg.tls_cert else {}
     server = uvicorn.Server(
-        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level="warning",
+            log_config=None,  # uvicorn's records go through Clair's handlers (and their flood filter)
+            timeout_graceful_shutdown=5,
+            limit_concurrency=cfg.max_connections,
+            server_header=False,
+            **tls,
+        )
     )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -73,11 +161,22 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
         if not thread.is_alive():
             raise SystemExit(f"Clair could not start serving on {cfg.host}:{cfg.port} (is the port in use?).")
         time.sleep(0.05)
-    url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+    scheme = "https" if cfg.tls_cert else "http"
+    url = _url(scheme, cfg.host, cfg.port)
     log.info(
         "serving url=%s demo=%s policy=%s budget_gb=%s", url, cfg.demo, cfg.gpu_policy, studio.status()["budget_gb"]
     )
     print(f"Clair is running at {url}  (Ctrl+C to stop)", flush=True)
+    for lan in lan_urls(cfg.host, cfg.port, scheme):
+        print(f"  on the LAN: {lan}", flush=True)
+    names = users.names()
+    if names:
+        print(f"  users: {', '.join(names)}  (python app.py adduser NAME adds one)", flush=True)
+    if not cfg.loopback_only and not cfg.tls_cert:
+        log.warning(
+            "passwords cross the LAN unencrypted: set CLAIR_TLS_CERT and CLAIR_TLS_KEY, or serve Clair "
+            "behind a TLS reverse proxy (README)"
+        )
     sdnotify.ready(f"serving on {url}")
     if cfg.preload:
         threading.Thread(target=studio.preload, name="clair-preload", daemon=True).start()
@@ -85,9 +184,12 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     interval = sdnotify.watchdog_interval()
     if interval:
 
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own server, on loopback
+
         def check() -> bool:
             try:
-                with urllib.request.urlopen(url + "/healthz", timeout=max(1.0, interval / 2)) as resp:
+                with urllib.request.urlopen(url + "/healthz", timeout=max(1.0, interval / 2), context=context) as resp:
                     return resp.status == 200
             except Exception:
                 return False
@@ -112,6 +214,8 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in users_mod.COMMANDS:
+        return user_command(argv)
     try:
         cfg = config.load(argv)
     except ConfigError as exc:
@@ -126,5 +230,29 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     faulthandler.enable()  # a watchdog abort prints every thread's stack to the journal
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    serve(cfg)
+    try:
+        serve(cfg)
+    except (ConfigError, users_mod.UserError) as exc:
+        print(f"clair: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def user_command(argv: list[str]) -> int:
+    """`adduser NAME`, `deluser NAME`, `users`; other flags (--users-file, --output-dir) as for serving."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"app.py {argv[0]}", add_help=True)
+    if argv[0] != "users":
+        p.add_argument("name")
+    args, rest = p.parse_known_args(argv[1:])
+    try:
+        cfg = config.load(rest)
+        users = users_mod.Users(cfg.users_path)
+        return users_mod.command([argv[0], *([args.name] if argv[0] != "users" else [])], users)
+    except (ConfigError, users_mod.UserError) as exc:
+        print(f"clair: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, EOFError):
+        print("\nclair: cancelled, nothing was changed.", file=sys.stderr)
+        return 1

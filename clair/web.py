@@ -1,0 +1,557 @@
+"""The web surface Clair shows the LAN: hosts, origins, logins, sessions, connections, uploads.
+
+Gradio's own defaults assume a trusted network, so `Guard`, one ASGI middleware in front of the whole
+app, decides before Gradio sees a request:
+
+* Host: only the names Clair serves (loopback; when it serves the LAN, this machine's name and
+  interface addresses; CLAIR_ALLOWED_HOSTS). Anything else gets 421, which closes the DNS-rebinding
+  door (a hostile name that resolves to Clair's address).
+* Origin: state-changing requests (POST, PUT, PATCH, DELETE, and websockets) from another origin, or
+  that a browser marks `Sec-Fetch-Site: cross-site`/`same-site`, get 403. Requests without these headers
+  (gradio_client, curl) pass: they carry no ambient browser cookies to abuse. CORS grants none: the parent
+  app carries Starlette's CORSMiddleware with no allowed origin, which also switches off Gradio's own
+  CustomCORSMiddleware (it echoes any Origin with credentials when the Host is not localhost).
+* Login: with users, every route but the login page and its static assets (and the ok/not-ok
+  `/healthz`) needs a session. Failed logins are logged (name and address, never the password) and
+  back off per address: three free tries, then 2, 4, 8 ... up to 300 s of 429 + Retry-After. One check
+  at a time per address, and two scrypt checks at a time overall, bound the memory scrypt takes.
+* Sessions: Gradio keeps `token -> user` in `App.tokens` with no expiry. `Sessions` replaces that
+  dict: it remembers when each token was issued and forgets it after CLAIR_SESSION_HOURS, or once its
+  user is deleted. Logout is a POST that ends only the caller's session (Gradio's GET /logout ended
+  every session of the user, and any page could trigger it with a link).
+* Connections: one address may hold a quarter of CLAIR_MAX_CONNECTIONS at once; uvicorn's
+  limit_concurrency caps the total. Uploads are refused (Clair takes none) and request bodies are capped.
+* Every answer carries frame-ancestors/X-Frame-Options, nosniff and a same-origin referrer policy.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections import OrderedDict
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import cookie_parser
+
+log = logging.getLogger("clair.web")
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_BODY = 8 * 1024 * 1024  # Clair takes text and numbers only; the largest legitimate body is a long chat
+SECURITY_HEADERS = {
+    "content-security-policy": "frame-ancestors 'self'",
+    "x-frame-options": "SAMEORIGIN",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
+# What a logged-out browser may load: the login page and what it is drawn with. Nothing here depends
+# on the app's content (components, events, files, outputs); /config, /gradio_api/* and the rest do.
+PUBLIC_EXACT = frozenset(
+    {"/", "/healthz", "/theme.css", "/favicon.ico", "/robots.txt", "/manifest.json", "/gradio_api/login_check"}
+)
+PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/")
+LOGIN_PATHS = frozenset({"/login", "/login/"})
+LOGOUT_PATHS = frozenset({"/logout", "/logout/"})  # Clair's own routes: POST ends this session, GET nothing
+
+CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("clair_client", default="?")
+
+
+def client_key(address: str) -> str:
+    """The unit of back-off and connection caps: one IPv4 address, or one IPv6 /64 (one LAN host's range)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and not ip.is_loopback:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def is_loopback_client(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+# --- addresses ---------------------------------------------------------------------------------
+
+
+def interface_addresses() -> list[tuple[str, str]]:
+    """(interface, address) for every non-loopback IPv4/IPv6 address of this machine."""
+    import psutil
+
+    out = []
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            text = a.address.split("%", 1)[0]
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if ip.is_loopback or ip.is_unspecified:
+                continue
+            out.append((name, str(ip)))
+    return out
+
+
+def lan_urls(host: str, port: int, scheme: str = "http") -> list[str]:
+    """The URLs other machines can open: each interface address Clair listens on (never 0.0.0.0 or loopback)."""
+    from clair.config import is_loopback
+
+    if is_loopback(host):
+        return []
+
+    def url(addr: str) -> str:
+        return f"{scheme}://[{addr}]:{port}" if ":" in addr else f"{scheme}://{addr}:{port}"
+
+    if host not in ("0.0.0.0", "::", ""):
+        return [url(host)]
+    urls = []
+    for _name, addr in interface_addresses():
+        ip = ipaddress.ip_address(addr)
+        if ip.version == 6 and (host == "0.0.0.0" or ip.is_link_local):
+            continue  # 0.0.0.0 listens on IPv4 only; link-local IPv6 needs a zone id browsers reject
+        if url(addr) not in urls:
+            urls.append(url(addr))
+    return urls
+
+
+class Hosts:
+    """The Host names Clair answers to. Interface addresses are re-read (at most every 30 s) on a miss."""
+
+    LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+    def __init__(self, bind_host: str, extra: str = ""):
+        from clair.config import is_loopback
+
+        self.lan = not is_loopback(bind_host)
+        self.bind_host = bind_host.strip("[]").lower()
+        self.extra = frozenset(h.strip().lower().rstrip(".") for h in extra.split(",") if h.strip())
+        self._lock = threading.Lock()
+        self._names: frozenset[str] = frozenset()
+        self._read_at = -1e9
+        self._refresh()
+
+    def _refresh(self) -> None:
+        names = set(self.LOOPBACK) | self.extra
+        if self.lan:
+            if self.bind_host not in ("0.0.0.0", "::"):
+                names.add(self.bind_host)
+            try:
+                names.update(addr.lower() for _n, addr in interface_addresses())
+            except Exception:
+                log.exception("could not list the network interfaces")
+            for name in (socket.gethostname(), socket.getfqdn()):
+                name = name.lower().rstrip(".")
+                if name:
+                    names.add(name)
+                    names.add(name.split(".", 1)[0] + ".local")  # mDNS (Avahi) name
+        self._names = frozenset(names)
+        self._read_at = time.monotonic()
+
+    @staticmethod
+    def hostname(netloc: str) -> str | None:
+        try:
+            name = urlsplit("//" + netloc).hostname
+        except ValueError:
+            return None
+        return name.rstrip(".") if name else None
+
+    def allowed(self, netloc: str | None) -> bool:
+        name = self.hostname(netloc or "")
+        if not name:
+            return False
+        if name in self._names or name.endswith(".localhost"):
+            return True
+        with self._lock:
+            if time.monotonic() - self._read_at > 30:
+                self._refresh()
+            return name in self._names
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+
+class Sessions(dict):
+    """Gradio's `App.tokens` (token -> user name) with an issue time per token and an expiry.
+
+    Gradio writes `tokens[token] = user` at login and reads `tokens.get(token)` to find the user of a
+    request (gr.Request.username comes from there), so a token that is too old, or whose user was
+    deleted, reads as absent: the request is anonymous and the login page comes back.
+    """
+
+    def __init__(self, max_age_s: float, user_exists=lambda name: True, clock=time.time):
+        super().__init__()
+        self.max_age_s = max_age_s
+        self.user_exists = user_exists
+        self.clock = clock
+        self.issued: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __setitem__(self, token, user) -> None:
+        with self._lock:
+            super().__setitem__(token, user)
+            self.issued[token] = self.clock()
+        self.sweep()
+
+    def _valid(self, token) -> bool:
+        if not dict.__contains__(self, token):
+            return False
+        if self.clock() - self.issued.get(token, 0.0) > self.max_age_s or not self.user_exists(
+            dict.__getitem__(self, token)
+        ):
+            self.drop(token)
+            return False
+        return True
+
+    def get(self, token, default=None):
+        return dict.__getitem__(self, token) if token is not None and self._valid(token) else default
+
+    def __getitem__(self, token):
+        if not self._valid(token):
+            raise KeyError(token)
+        return dict.__getitem__(self, token)
+
+    def __contains__(self, token) -> bool:
+        return self._valid(token)
+
+    def drop(self, token) -> None:
+        with self._lock:
+            self.pop(token, None)
+            self.issued.pop(token, None)
+
+    def sweep(self) -> None:
+        now = self.clock()
+        for token in [t for t, at in list(self.issued.items()) if now - at > self.max_age_s]:
+            self.drop(token)
+
+
+# --- login back-off ----------------------------------------------------------------------------
+
+
+class LoginLimiter:
+    """Per-address back-off after failed logins: FREE tries, then 2, 4, 8 ... MAX_DELAY seconds."""
+
+    FREE = 3
+    MAX_DELAY = 300.0
+    FORGET_AFTER = 3600.0
+    MAX_TRACKED = 4096
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._state: OrderedDict[str, list[float]] = OrderedDict()  # key -> [failures, not_before, last]
+        self._busy: set[str] = set()
+
+    def retry_after(self, address: str) -> float:
+        """Seconds this address must wait before its next try (0: go ahead)."""
+        key = client_key(address)
+        now = self.clock()
+        with self._lock:
+            if key in self._busy:
+                return 1.0
+            st = self._state.get(key)
+            if st is None:
+                return 0.0
+            if now - st[2] > self.FORGET_AFTER:
+                del self._state[key]
+                return 0.0
+            return max(0.0, st[1] - now)
+
+    def begin(self, address: str) -> bool:
+        """Claim the address's single login slot; False when a check is already running for it."""
+        key = client_key(address)
+        with self._lock:
+            if key in self._busy:
+                return False
+            self._busy.add(key)
+            return True
+
+    def end(self, address: str) -> None:
+        with self._lock:
+            self._busy.discard(client_key(address))
+
+    def failure(self, address: str) -> float:
+        """Record a failure; returns the delay now imposed."""
+        key = client_key(address)
+        now = self.clock()
+        with self._lock:
+            st = self._state.pop(key, None) or [0.0, 0.0, now]
+            if now - st[2] > self.FORGET_AFTER:
+                st = [0.0, 0.0, now]
+            st[0] += 1
+            delay = 0.0 if st[0] <= self.FREE else min(self.MAX_DELAY, 2.0 ** (st[0] - self.FREE))
+            st[1], st[2] = now + delay, now
+            self._state[key] = st
+            while len(self._state) > self.MAX_TRACKED:
+                self._state.popitem(last=False)
+            return delay
+
+    def success(self, address: str) -> None:
+        with self._lock:
+            self._state.pop(client_key(address), None)
+
+
+def make_auth(users, limiter: LoginLimiter):
+    """The `auth=` callable for Gradio: checks the users file off the event loop, logs and counts failures."""
+    import anyio
+
+    state: dict = {"sem": None}  # an anyio.Semaphore(2), made inside the event loop on first use
+
+    async def auth(username: str, password: str) -> bool:
+        address = CLIENT.get()
+        if state["sem"] is None:
+            state["sem"] = anyio.Semaphore(2)
+        async with state["sem"]:
+            ok = await anyio.to_thread.run_sync(users.verify, username, password)
+        shown = (username or "")[:64]
+        if ok:
+            limiter.success(address)
+            log.info("login user=%r addr=%s", shown, address)
+        else:
+            delay = limiter.failure(address)
+            log.warning("login failed user=%r addr=%s next_try_in_s=%.0f", shown, address, delay)
+        return ok
+
+    return auth
+
+
+# --- the middleware ----------------------------------------------------------------------------
+
+
+async def _respond(send, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+    import json
+
+    body = json.dumps({"detail": text}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in {**SECURITY_HEADERS, **(headers or {})}.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Web:
+    """Everything the guard needs, shared with the routes in clair/main.py."""
+
+    def __init__(self, cfg, users):
+        self.cfg = cfg
+        self.users = users
+        self.hosts = Hosts(cfg.host, cfg.allowed_hosts)
+        self.limiter = LoginLimiter()
+        self.sessions = Sessions(cfg.session_hours * 3600.0, user_exists=lambda name: name in users.names())
+        self.gradio = None  # the mounted gradio App, set once mounted
+        self.per_address = max(8, cfg.max_connections // 4)
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.auth = None  # the auth callable given to Gradio
+        self.open_allowed = cfg.loopback_only or cfg.insecure  # may serve with no users at all
+
+    def sync_auth(self) -> bool:
+        """Whether a login is needed now; Gradio's login switches on with the first user (no restart)."""
+        required = bool(self.users.names())
+        if self.gradio is not None:
+            self.gradio.auth = self.auth if required else None
+        return required
+
+    def cookie_names(self) -> tuple[str, str]:
+        cid = self.gradio.cookie_id if self.gradio is not None else ""
+        return f"access-token-{cid}", f"access-token-unsecure-{cid}"
+
+    def token(self, headers: Headers) -> str | None:
+        cookies = cookie_parser(headers.get("cookie", ""))
+        secure, unsecure = self.cookie_names()
+        return cookies.get(secure) or cookies.get(unsecure)
+
+    def user(self, headers: Headers) -> str | None:
+        return self.sessions.get(self.token(headers))
+
+    def origin_ok(self, origin: str, host: str | None) -> bool:
+        if not origin or origin == "null":
+            return False
+        try:
+            netloc = urlsplit(origin).netloc.lower()
+        except ValueError:
+            return False
+        if host and netloc == host.lower():
+            return True
+        return Hosts.hostname(netloc) in self.hosts.extra
+
+    def _enter(self, key: str) -> bool:
+        with self._lock:
+            n = self._open.get(key, 0)
+            if n >= self.per_address:
+                return False
+            self._open[key] = n + 1
+            return True
+
+    def _leave(self, key: str) -> None:
+        with self._lock:
+            n = self._open.get(key, 1) - 1
+            if n <= 0:
+                self._open.pop(key, None)
+            else:
+                self._open[key] = n
+
+
+class Guard:
+    """The ASGI middleware (see the module docstring)."""
+
+    def __init__(self, app, web: Web):
+        self.app = app
+        self.web = web
+
+    async def __call__(self, scope, receive, send):
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        web = self.web
+        headers = Headers(scope=scope)
+        address = (scope.get("client") or ("?", 0))[0]
+        method = scope.get("method", "GET") if kind == "http" else "WEBSOCKET"
+        path = scope.get("path", "/")
+
+        async def refuse(status: int, text: str, extra: dict[str, str] | None = None) -> None:
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await _respond(send, status, text, extra)
+
+        host = headers.get("host")
+        if not web.hosts.allowed(host):
+            log.warning("refused host=%r addr=%s path=%s", (host or "")[:100], address, path[:100])
+            await refuse(
+                421,
+                "Clair does not answer to this host name. Open it by the address it printed at start-up, "
+                "or add the name to CLAIR_ALLOWED_HOSTS.",
+            )
+            return
+        if method not in SAFE_METHODS:
+            origin = headers.get("origin")
+            site = (headers.get("sec-fetch-site") or "").lower()
+            if site in ("cross-site", "same-site") or (origin is not None and not web.origin_ok(origin, host)):
+                log.warning("refused cross-origin %s %s origin=%r addr=%s", method, path[:100], origin, address)
+                await refuse(403, "Requests from other sites are refused.")
+                return
+        try:
+            users_required = web.sync_auth()
+        except Exception:
+            log.exception("the users file cannot be read")
+            await refuse(503, "Clair's users file cannot be read: tell whoever runs Clair (details in its log).")
+            return
+        if not users_required and not web.open_allowed and path != "/healthz":
+            await refuse(503, "Clair has no users yet: whoever runs it adds one with `python app.py adduser NAME`.")
+            return
+        if method == "POST" and path.startswith("/gradio_api/upload"):
+            await refuse(403, "Clair takes no uploads.")
+            return
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            await refuse(413, f"Request too large: Clair takes at most {MAX_BODY // (1024 * 1024)} MB.")
+            return
+        if method == "POST" and path in LOGIN_PATHS:
+            wait = web.limiter.retry_after(address)
+            if wait > 0:
+                await refuse(
+                    429,
+                    f"Too many failed logins from your address: try again in {int(wait + 0.999)} s.",
+                    {"retry-after": str(int(wait + 0.999))},
+                )
+                return
+        elif (
+            users_required
+            and not (path in PUBLIC_EXACT or path.startswith(PUBLIC_PREFIXES) or path in LOGOUT_PATHS)
+            and web.user(headers) is None
+        ):
+            await refuse(401, "Not logged in: open Clair's page and log in.")
+            return
+
+        key = client_key(address)
+        if not web._enter(key):
+            await refuse(429, "Too many open connections from your address.", {"retry-after": "5"})
+            return
+        token = CLIENT.set(address)
+        login_claimed = method == "POST" and path in LOGIN_PATHS
+        if login_claimed and not web.limiter.begin(address):
+            web._leave(key)
+            CLIENT.reset(token)
+            await refuse(429, "A login from your address is already being checked.", {"retry-after": "1"})
+            return
+
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY:
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def secured_send(message):
+            if message["type"] == "http.response.start":
+                h = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    if name not in h:
+                        h[name] = value
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive if kind == "http" else receive, secured_send)
+        finally:
+            if login_claimed:
+                web.limiter.end(address)
+            web._leave(key)
+            CLIENT.reset(token)
+
+
+# --- logging ------------------------------------------------------------------------------------
+
+
+class RepeatFilter(logging.Filter):
+    """Let at most `burst` records with the same (logger, level, template) through per `window` seconds.
+
+    A flood of failing connections (accept errors, disconnects, ASGI exceptions) otherwise writes a
+    line, often a traceback, per event. The first record after a quiet spell says how many were dropped.
+    """
+
+    def __init__(self, burst: int = 5, window: float = 10.0, clock=time.monotonic):
+        super().__init__()
+        self.burst, self.window, self.clock = burst, window, clock
+        self._seen: dict[tuple, list[float]] = {}  # key -> [window_start, count, dropped]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg)[:200])
+        now = self.clock()
+        with self._lock:
+            st = self._seen.get(key)
+            if st is None or now - st[0] > self.window:
+                dropped = int(st[2]) if st else 0
+                self._seen[key] = [now, 1, 0]
+                if len(self._seen) > 1000:
+                    self._seen = {k: v for k, v in self._seen.items() if now - v[0] <= self.window}
+                if dropped:
+                    record.msg = f"{record.msg} [{dropped} more like this were dropped]"
+                return True
+            st[1] += 1
+            if st[1] <= self.burst:
+                return True
+            st[2] += 1
+            return False
+
+
+def install_log_filter() -> None:
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, RepeatFilter) for f in handler.filters):
+            handler.addFilter(RepeatFilter())
