@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
@@ -57,6 +58,7 @@ PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/")
 LOGIN_PATHS = frozenset({"/login", "/login/"})
 LOGOUT_PATHS = frozenset({"/logout", "/logout/"})  # Clair's own routes: POST ends this session, GET nothing
 
+ALWAYS = {"clair_always": True}  # log records the flood filter must let through
 CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("clair_client", default="?")
 
 
@@ -316,10 +318,10 @@ def make_auth(users, limiter: LoginLimiter):
         shown = (username or "")[:64]
         if ok:
             limiter.success(address)
-            log.info("login user=%r addr=%s", shown, address)
+            log.info("login user=%r addr=%s", shown, address, extra=ALWAYS)
         else:
             delay = limiter.failure(address)
-            log.warning("login failed user=%r addr=%s next_try_in_s=%.0f", shown, address, delay)
+            log.warning("login failed user=%r addr=%s next_try_in_s=%.0f", shown, address, delay, extra=ALWAYS)
         return ok
 
     return auth
@@ -505,13 +507,49 @@ class Guard:
                         h[name] = value
             await send(message)
 
+        outgoing = secured_send
+        if users_required and kind == "http" and path == "/" and web.user(headers) is None:
+            # Gradio embeds the whole API description (every endpoint and its parameters) in the page
+            # it serves logged-out visitors for the login form; they get an empty one.
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
+            outgoing = _login_page_sender(secured_send)
         try:
-            await self.app(scope, capped_receive if kind == "http" else receive, secured_send)
+            await self.app(scope, capped_receive if kind == "http" else receive, outgoing)
         finally:
             if login_claimed:
                 web.limiter.end(address)
             web._leave(key)
             CLIENT.reset(token)
+
+
+API_INFO = re.compile(rb"(<script>window\.gradio_api_info = ).*?(;</script>)", re.S)
+EMPTY_API_INFO = b'{"named_endpoints": {}, "unnamed_endpoints": {}}'
+
+
+def _login_page_sender(send):
+    """Buffer the login page and blank the API description Gradio puts into it."""
+    start: dict | None = None
+    chunks: list[bytes] = []
+
+    async def sender(message):
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = API_INFO.sub(lambda m: m.group(1) + EMPTY_API_INFO + m.group(2), b"".join(chunks), count=1)
+        headers = MutableHeaders(scope=start)
+        if "content-length" in headers:
+            headers["content-length"] = str(len(body))
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
+    return sender
 
 
 # --- logging ------------------------------------------------------------------------------------
@@ -531,6 +569,8 @@ class RepeatFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "clair_always", False):
+            return True  # each login (and failed login) is logged: the back-off bounds their rate
         key = (record.name, record.levelno, str(record.msg)[:200])
         now = self.clock()
         with self._lock:

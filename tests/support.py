@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -35,9 +36,9 @@ def wait_until(predicate, timeout=10.0, interval=0.05):
 class App:
     """`python app.py` with the given settings; stopped (and its log shown on failure) at the end."""
 
-    def __init__(self, tmp: Path, env: dict[str, str], args=()):
+    def __init__(self, tmp: Path, env: dict[str, str], args=(), auth: tuple[str, str] | None = None, tls=False):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log = tmp / f"app-{self.port}.log"
         full_env = {
             **os.environ,
@@ -61,7 +62,7 @@ class App:
         except TimeoutError:
             self.stop()
             raise AssertionError("app did not start:\n" + self.log.read_text()[-3000:]) from None
-        self.client = Client(self.url, download_files=False, verbose=False)
+        self.client = Client(self.url, auth=auth, download_files=False, verbose=False, ssl_verify=not tls)
 
     def _up(self) -> bool:
         if self.proc.poll() is not None:
@@ -71,8 +72,10 @@ class App:
                 pass
         except OSError:
             return False
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # tests' self-signed certificates
         try:
-            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=2, context=context) as r:
                 return r.status == 200
         except OSError:
             return False

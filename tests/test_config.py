@@ -98,7 +98,9 @@ def test_demo_keeps_explicitly_given_models() -> None:
         ({"CLAIR_KEEP_ALIVE": "5 minutes"}, "CLAIR_KEEP_ALIVE", "30m"),
         ({"CLAIR_WARMUP": "maybe"}, "CLAIR_WARMUP", "bool"),
         ({"CLAIR_VRAM_BUDGET_GB": "-1"}, "CLAIR_VRAM_BUDGET_GB", "GB"),
-        ({"CLAIR_AUTH": "nopassword"}, "CLAIR_AUTH", "user:password"),
+        ({"CLAIR_SESSION_HOURS": "0"}, "CLAIR_SESSION_HOURS", "positive"),
+        ({"CLAIR_TLS_CERT": "/nonexistent.pem"}, "CLAIR_TLS_KEY", "both"),
+        ({"CLAIR_MAX_CONNECTIONS": "2"}, "CLAIR_MAX_CONNECTIONS", "at least 8"),
         ({"CLAIR_QUEUE_SLOTS": "0"}, "CLAIR_QUEUE_SLOTS", "at least 1"),
     ],
 )
@@ -223,3 +225,56 @@ def test_config_is_immutable_and_replaceable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.port = 1  # type: ignore[misc]
     assert dataclasses.replace(cfg, keep_alive="300").keep_alive_value == 300
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [(["--auth", "me:secret"], {}), (["--auth=me:secret"], {}), ([], {"CLAIR_AUTH": "me:secret"})],
+)
+def test_auth_is_retired_with_a_pointer_to_adduser(argv: list[str], env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(argv, environ=env)
+    assert "python app.py adduser NAME" in str(err.value)
+    assert "secret" not in str(err.value)
+
+
+def test_app_refuses_auth_flag_with_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "app.py", "--auth", "me:secret"], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "adduser NAME" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_listen_serves_every_interface() -> None:
+    assert load(["--listen"], environ={}).host == "0.0.0.0"
+    assert load([], environ={"CLAIR_LISTEN": "1"}).host == "0.0.0.0"
+    assert not load(["--listen"], environ={}).loopback_only
+    assert load([], environ={}).loopback_only
+    with pytest.raises(ConfigError, match="one or the other"):
+        load(["--listen", "--host", "192.168.1.5"], environ={})
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("[::1]", True), ("localhost", True),
+     ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("fe80::1", False), ("box.lan", False)],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert config.is_loopback(host) is loopback
+
+
+def test_users_file_defaults_beside_the_outputs(tmp_path: Path) -> None:
+    assert load([], environ={"CLAIR_OUTPUT_DIR": "/var/lib/clair/outputs"}).users_path == "/var/lib/clair/users.json"
+    given = load(["--users-file", str(tmp_path / "u.json")], environ={}).users_path
+    assert given == str(tmp_path / "u.json")
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    cfg = load([], environ={"CLAIR_TLS_CERT": str(cert), "CLAIR_TLS_KEY": str(key)})
+    assert (cfg.tls_cert, cfg.tls_key) == (str(cert), str(key))
+    with pytest.raises(ConfigError, match="CLAIR_TLS_KEY="):
+        load([], environ={"CLAIR_TLS_CERT": str(cert), "CLAIR_TLS_KEY": str(tmp_path / "missing.pem")})
