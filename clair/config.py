@@ -315,7 +315,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if cfg.listen:
         if "host" in values and cfg.host not in ("0.0.0.0", "::"):
             raise ConfigError(
-                f"--listen serves every interface, but CLAIR_HOST={cfg.host} names one address: use one or the other."
+                f"--listen (CLAIR_LISTEN) serves every interface, but CLAIR_HOST={cfg.host} names one address: "
+                "use one or the other (CLAIR_LISTEN=0 to serve only that address)."
             )
         cfg = dataclasses.replace(cfg, host="0.0.0.0")
     if cfg.demo:

@@ -127,6 +127,26 @@ def lan_urls(host: str, port: int, scheme: str = "http") -> list[str]:
     return urls
 
 
+def lan_note(cfg) -> str:
+    """The line the UI shows when Clair serves the LAN: where the other machines open it."""
+    urls = lan_urls(cfg.host, cfg.port, "https" if cfg.tls_cert else "http")
+    if not urls:
+        return ""
+    return "On your other devices, open " + " or ".join(f"[{u}]({u})" for u in urls) + "."
+
+
+def has_users(cfg) -> bool:
+    from clair.users import Users
+
+    try:
+        return bool(Users(cfg.users_path).names())
+    except Exception:
+        return False
+
+
+LOGOUT_JS = "() => fetch('logout', {method: 'POST'}).then(() => location.reload())"
+
+
 class Hosts:
     """The Host names Clair answers to. Interface addresses are re-read (at most every 30 s) on a miss."""
 

@@ -15,3 +15,9 @@ def test_readme_config_table_is_current():
 def test_env_example_is_current():
     example = (ROOT / "systemd" / "clair.env.example").read_text()
     assert example == config.env_example(), "regenerate with `python -m clair.config --env > systemd/clair.env.example`"
+
+
+def test_readme_puts_no_password_on_a_command_line():
+    readme = (ROOT / "README.md").read_text()
+    assert "--auth" not in readme.replace("the old `--auth user:password` is gone", "")
+    assert "app.py adduser" in readme and "app.py --listen" in readme

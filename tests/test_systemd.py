@@ -255,6 +255,16 @@ def test_clair_is_a_notify_service_with_watchdog(clair: Unit) -> None:
     assert start is not None and _seconds(start) >= 120, "first model load needs time"
 
 
+def test_clair_serves_the_lan_with_users_and_room_for_connections(clair: Unit) -> None:
+    from clair.config import Config
+
+    env = clair.environment()
+    assert _is_yes(env.get("CLAIR_LISTEN"))
+    assert env.get("CLAIR_USERS_FILE", "").startswith("/var/lib/clair/")  # writable, under StateDirectory=
+    nofile = clair.get("Service", "LimitNOFILE")
+    assert nofile is not None and int(nofile) >= 4 * Config().max_connections
+
+
 def test_clair_heals_itself(clair: Unit) -> None:
     assert clair.get("Service", "Restart") == "on-failure"
     assert clair.get("Service", "RestartSec") is not None

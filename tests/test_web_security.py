@@ -255,7 +255,15 @@ def test_login_form_then_the_app(lan_app: App) -> None:
     assert bad.status_code == 400 and not c.cookies
     c = _login(lan_app.url)
     config = c.get("/config")
-    assert config.status_code == 200 and config.json()["components"]
+    assert config.status_code == 200
+    props = [comp.get("props", {}) for comp in config.json()["components"]]
+    lan = next(p for p in props if p.get("elem_id") == "lan-link")["value"]
+    for _name, addr in web.interface_addresses():
+        if ":" not in addr:  # --listen is 0.0.0.0: IPv4 only
+            assert f"http://{addr}:{lan_app.port}" in lan
+    assert "127.0.0.1" not in lan and "0.0.0.0" not in lan
+    logout = next(p for p in props if p.get("value") == "Log out")
+    assert logout.get("visible") is not False
     assert "/status" in str(c.get("/gradio_api/info").json()["named_endpoints"])
 
 
@@ -446,3 +454,40 @@ def test_insecure_lan_over_tls_then_first_user_then_session_expiry(tmp_path: Pat
         assert Users(users_file).names() == ["alice"]
     finally:
         app.stop()
+
+
+@pytest.mark.slow
+def test_a_heartbeat_flood_locks_nobody_out_and_stays_out_of_the_log(lan_app: App) -> None:
+    """Open heartbeat streams needed no login, and 250 of them locked a real user out."""
+    import asyncio
+
+    per_address = max(8, 256 // 4)  # a quarter of CLAIR_MAX_CONNECTIONS (default 256)
+    flood = {"X-Forwarded-For": "192.168.77.90"}
+    cookies = _login(lan_app.url, headers=flood).cookies
+    lines_before = len(lan_app.log.read_text().splitlines())
+
+    async def attack() -> tuple[list[int], list[int], int]:
+        limits = httpx.Limits(max_connections=400)
+        async with httpx.AsyncClient(base_url=lan_app.url, headers=flood, timeout=30, limits=limits) as anon:
+            anonymous = await asyncio.gather(*(anon.get(f"/gradio_api/heartbeat/x{i}") for i in range(150)))
+        async with httpx.AsyncClient(
+            base_url=lan_app.url, headers=flood, cookies=cookies, timeout=30, limits=limits
+        ) as ac:
+            streams = await asyncio.gather(
+                *(ac.send(ac.build_request("GET", f"/gradio_api/heartbeat/s{i}"), stream=True) for i in range(per_address))
+            )
+            try:
+                extra = await ac.get("/gradio_api/heartbeat/one-too-many")
+                # Meanwhile a member of the household on another machine gets in and is served.
+                other = await asyncio.to_thread(_login, lan_app.url, "bob", PASSWORD, headers={"X-Forwarded-For": "192.168.77.91"})
+                config = await asyncio.to_thread(other.get, "/config")
+            finally:
+                await asyncio.gather(*(s.aclose() for s in streams))
+            return [r.status_code for r in anonymous], [s.status_code for s in streams] + [extra.status_code], config.status_code
+
+    anonymous, held, other_user = asyncio.run(attack())
+    assert set(anonymous) == {401}
+    assert set(held[:-1]) == {200} and held[-1] == 429
+    assert other_user == 200
+    time.sleep(0.5)
+    assert len(lan_app.log.read_text().splitlines()) - lines_before < 20
