@@ -213,7 +213,7 @@ def command(argv: list[str], users: Users, out=None, stdin=None, prompt=getpass.
     name = check_name(args[0])
     if cmd == "deluser":
         users.delete(name)
-        print(f"Deleted user {name} from {users.path}. Their open sessions end when Clair restarts.", file=out)
+        print(f"Deleted user {name} from {users.path}. Their open sessions end at once.", file=out)
         return 0
     password = check_password(read_password(stdin, prompt))
     new = users.set_password(name, password)

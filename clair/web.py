@@ -52,7 +52,7 @@ SECURITY_HEADERS = {
 # What a logged-out browser may load: the login page and what it is drawn with. Nothing here depends
 # on the app's content (components, events, files, outputs); /config, /gradio_api/* and the rest do.
 PUBLIC_EXACT = frozenset(
-    {"/", "/healthz", "/theme.css", "/favicon.ico", "/robots.txt", "/manifest.json", "/gradio_api/login_check"}
+    {"/", "/healthz", "/theme.css", "/favicon.ico", "/pwa_icon", "/robots.txt", "/manifest.json", "/gradio_api/login_check"}
 )
 PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/")
 LOGIN_PATHS = frozenset({"/login", "/login/"})
