@@ -202,11 +202,13 @@ def build(studio: Studio) -> gr.Blocks:
         gr.api(chat_api, api_name="chat", concurrency_id=GPU, concurrency_limit=cfg.queue_slots)
         gr.api(status, api_name="status", queue=False)
         gr.Markdown("# Clair\nChat and images on one GPU, without running out of memory.")
-        with gr.Row():
-            gr.Markdown(lan_note(cfg), elem_id="lan-link")
-            # Browser-only: POST /logout ends this session (clair/web.py); no server handler here.
-            logout = gr.Button("Log out", size="sm", scale=0, min_width=96, visible=has_users(cfg))
-            logout.click(None, js=LOGOUT_JS)
+        lan, users_exist = lan_note(cfg), has_users(cfg)
+        if lan or users_exist:
+            with gr.Row():
+                gr.Markdown(lan, elem_id="lan-link")
+                # Browser-only: POST /logout ends this session (clair/web.py); no server handler here.
+                logout = gr.Button("Log out", size="sm", scale=0, min_width=96, visible=users_exist)
+                logout.click(None, js=LOGOUT_JS)
         if cfg.demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
         status_md = gr.Markdown(elem_id="gpu-status")
