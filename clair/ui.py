@@ -17,7 +17,7 @@ import gradio as gr
 from clair.errors import ClairError
 from clair.image import RenderParams
 from clair.studio import Studio, Token, Waiting
-from clair.web import LOGOUT_JS, has_users, lan_note
+from clair.web import LOGOUT_JS, has_users, lan_note, lan_qr
 
 log = logging.getLogger("clair.ui")
 GPU = "gpu"  # the concurrency_id every GPU event shares
@@ -206,6 +206,8 @@ def build(studio: Studio) -> gr.Blocks:
         if lan or users_exist:
             with gr.Row():
                 gr.Markdown(lan, elem_id="lan-link")
+                if lan:
+                    gr.HTML(lan_qr(cfg), elem_id="lan-qr", scale=0, min_width=130)
                 # Browser-only: POST /logout ends this session (clair/web.py); no server handler here.
                 logout = gr.Button("Log out", size="sm", scale=0, min_width=96, visible=users_exist)
                 logout.click(None, js=LOGOUT_JS)

@@ -135,6 +135,26 @@ def lan_note(cfg) -> str:
     return "On your other devices, open " + " or ".join(f"[{u}]({u})" for u in urls) + "."
 
 
+def lan_qr(cfg) -> str:
+    """An <img> with a QR code of the first LAN link, for phones; empty without a link (or without segno)."""
+    import base64
+    import html
+    import io
+
+    urls = lan_urls(cfg.host, cfg.port, "https" if cfg.tls_cert else "http")
+    try:
+        import segno
+    except ImportError:
+        return ""
+    if not urls:
+        return ""
+    buf = io.BytesIO()
+    segno.make(urls[0], error="m").save(buf, kind="svg", scale=4, border=3, light="#fff", xmldecl=False)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    label = html.escape(f"QR code: {urls[0]}")
+    return f'<img src="data:image/svg+xml;base64,{data}" alt="{label}" title="{label}" width="120" height="120">'
+
+
 def has_users(cfg) -> bool:
     from clair.users import Users
 

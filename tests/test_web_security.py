@@ -262,6 +262,10 @@ def test_login_form_then_the_app(lan_app: App) -> None:
         if ":" not in addr:  # --listen is 0.0.0.0: IPv4 only
             assert f"http://{addr}:{lan_app.port}" in lan
     assert "127.0.0.1" not in lan and "0.0.0.0" not in lan
+    urls = lan_urls("0.0.0.0", lan_app.port)
+    if urls:  # a QR code of the first link, for phones
+        qr = next(p for p in props if p.get("elem_id") == "lan-qr")["value"]
+        assert qr.startswith('<img src="data:image/svg+xml;base64,') and f"QR code: {urls[0]}" in qr
     logout = next(p for p in props if p.get("value") == "Log out")
     assert logout.get("visible") is not False
     assert "/status" in str(c.get("/gradio_api/info").json()["named_endpoints"])
