@@ -1,4 +1,7 @@
-"""Clair: chat (Ollama) and images (SDXL) on one GPU. `python app.py --help` lists every option."""
+"""Clair: chat (Ollama) and images (SDXL) on one GPU. `python app.py --help` lists every option.
+
+`python app.py adduser NAME`, `deluser NAME` and `users` manage the accounts (clair/users.py).
+"""
 
 import sys
 

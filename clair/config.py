@@ -275,7 +275,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="app.py",
         description="Clair: chat and image generation sharing one GPU. Every option can also be set "
-        "through its environment variable (shown in brackets).",
+        "through its environment variable (shown in brackets). Accounts: `app.py adduser NAME` (asks for "
+        "the password; one line on standard input for scripts), `app.py deluser NAME`, `app.py users`.",
     )
     env_only = [f for f in fields() if not f.metadata["flag"]]
     p.epilog = "settings read from the environment only:\n" + "\n".join(
