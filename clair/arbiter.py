@@ -25,7 +25,10 @@ Invariants (tests in tests/test_arbiter_*.py hold each one):
    before the memory is back).
 5. A request starts only when it fits beside what runs, and never overtakes a waiting request it
    could not run beside (no starvation: a waiting render stops new chats from joining; with
-   `chat_priority="next"` a chat queues behind at most one render).
+   `chat_priority="next"` a chat queues behind at most one render). The queue order is the shell's:
+   with preemption on, a chat that arrives while chats stream is ordered ahead of the render waiting
+   for them during that render's first `render_slice_s` of waiting (or of a pause), so it joins them
+   without a swap; a render therefore waits at most `render_slice_s` plus the longest chat.
 6. Every lease is released exactly once, whatever happens (error, cancel, client gone): `release()`
    is idempotent and `Lease` is a context manager. A failed eviction releases the lease too.
 7. A running render pauses only at a denoising step boundary, and only when `should_yield()` finds
@@ -33,7 +36,9 @@ Invariants (tests in tests/test_arbiter_*.py hold each one):
    never more than `max_preemptions` times, and not again before it has run `render_slice_s` since it
    last resumed. A paused render holds no lease: its tenant counts at its idle size and is evicted like
    any idle tenant if a chat needs the room. Its continuation is queued ahead of every request that
-   arrives after the pause, so chats cannot starve it either.
+   arrives after the pause, except chats that arrive within `render_slice_s` of it (they join the chats
+   it paused for, which costs no swap): a pause lasts at most that long plus the longest chat, so chats
+   cannot starve a render either.
 8. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
    never across an eviction, a load, a render or any I/O. Methods suffixed `_locked` expect it held.
    Leases are not bound to threads (Gradio runs each step of a streaming handler on any worker
@@ -475,6 +480,14 @@ class Arbiter:
             return (rid, 0)
         running = [ls.req for ls in self._running.values() if ls.req.kind == "render"]
         queued = sorted((ls.req for ls in self._waiting.values() if ls.req.kind == "render"), key=lambda r: r.order)
+        if self.preempt != "off" and queued and not running:
+            # With preemption on, a chat that arrives while chats stream joins them (the chat model is
+            # loaded: no swap) for `render_slice_s` after the render in front of it began to wait or
+            # paused for them; after that it queues behind the render, so chats cannot starve it.
+            head = self._waiting[queued[0].id]
+            chatting = any(ls.req.kind == "chat" for ls in self._running.values())
+            if chatting and time.time() - head.requested_at < self.render_slice_s:
+                return (queued[0].order[0], 1, 0, rid) if head.paused else (queued[0].order[0], -1, rid)
         if running:
             return (min(r.order for r in running)[0], 1, rid)
         if queued:

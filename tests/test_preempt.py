@@ -139,6 +139,42 @@ def test_pause_hands_the_gpu_to_the_waiting_chat_and_keeps_the_renders_place():
     assert a.is_idle()
 
 
+def test_chats_arriving_just_after_a_pause_join_the_chats_then_later_ones_queue_behind_the_render():
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.3)
+    r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB)).wait(1)
+    c = a.request("chat", "ollama", int(5.7 * GiB))
+    cont = a.pause(r)
+    assert c.poll(1)
+    soon = a.request("chat", "ollama", int(5.7 * GiB))
+    assert soon.poll(1)  # joined the running chats: no swap, no wait
+    time.sleep(0.35)
+    late = a.request("chat", "ollama", int(5.7 * GiB))
+    assert not late.poll(0.05)  # behind the paused render
+    c.release()
+    soon.release()
+    assert cont.poll(1) and not late.poll(0)
+    cont.release()
+    assert late.poll(1)
+    late.release()
+
+
+def test_with_preemption_chats_join_a_chat_phase_for_a_slice_before_a_waiting_render_stops_them():
+    a = Arbiter(policy="exclusive", budget_bytes=20 * GiB, render_slice_s=0.3)
+    first = a.request("chat", "ollama", int(5.7 * GiB)).wait(1)
+    render = a.request("render", "image", int(16.4 * GiB))
+    soon = a.request("chat", "ollama", int(5.7 * GiB))
+    assert soon.poll(0.5)  # joined the streaming chat: the model is loaded, no swap
+    time.sleep(0.35)
+    late = a.request("chat", "ollama", int(5.7 * GiB))
+    assert not late.poll(0.05)  # the render has waited a slice: chats queue behind it now
+    first.release()
+    soon.release()
+    assert render.poll(1) and not late.poll(0)
+    render.release()
+    assert late.poll(1)
+    late.release()
+
+
 def test_cancel_while_paused_frees_everything():
     a = Arbiter(policy="budget", budget_bytes=20 * GiB)
     r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB)).wait(1)
