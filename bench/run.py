@@ -15,7 +15,9 @@ What is simulated, and why:
 
 Scenarios, each run under each policy: chat_only (3 users), render_only (1 user), mixed (3 chat users
 and an image user at once, both models fit in the 20 GB budget), mixed_nofit (the same at 1024x1024:
-SDXL's 16.4 GiB and the 8B model's 5.7 GiB do not fit together). The JSON's top-level figures per
+SDXL's 16.4 GiB and the 8B model's 5.7 GiB do not fit together; preemption off, so a chat waits for the
+whole render), nofit_preempt (the same with CLAIR_PREEMPT=auto: the render pauses at a step boundary for
+the chat, then evicts the model again and resumes). The JSON's top-level figures per
 policy are the `mixed` scenario's; `budget_exceeded` is summed over all of them. A PNG timeline shows
 who held the GPU in the mixed scenarios.
 """
@@ -106,6 +108,9 @@ class Contention:
             return STEP_S * (RENDER_SLOWDOWN if self.running["chat"] else 1.0)
 
 
+PREEMPT = {"mixed_nofit": "off", "nofit_preempt": "auto"}  # the others: Clair's default (auto)
+
+
 def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: Path) -> dict:
     standin = OllamaStandin({MODEL: 4.9}, load_delay=2.0, unload_delay=1.0, token_delay=TOKEN_S)
     standin.reply_fn = lambda body: ["tok"] + [" tok"] * (REPLY_TOKENS - 1)
@@ -119,11 +124,12 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         gpu_policy=policy,
         vram_budget_gb=20.0,
         warmup=True,
+        preempt=PREEMPT.get(scenario, "auto"),
     )
     studio = Studio(cfg)
     contention = Contention(standin)
     studio.arbiter.on_event(contention.on_event)
-    declared = 1024 if scenario == "mixed_nofit" else 768
+    declared = 1024 if scenario in ("mixed_nofit", "nofit_preempt") else 768
     real_footprint = studio.image.footprint
     studio.image.footprint = lambda w, h: real_footprint(declared, declared)  # see the module docstring
     studio.image.load()
@@ -131,6 +137,9 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
     ttft: list[float] = []
     render_wait: list[float] = []
     render_s: list[float] = []
+    render_total: list[float] = []  # GPU start to finish, pauses included
+    paused: list[float] = []
+    preemptions = 0
     errors: list[str] = []
     lock = threading.Lock()
     t_start = time.time()
@@ -157,6 +166,7 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
             time.sleep(think)
 
     def image_user(n: int, gap: float):
+        nonlocal preemptions
         for k in range(n):
             params = RenderParams("bench", steps=RENDER_STEPS, width=256, height=256, seed=k)
             try:
@@ -167,6 +177,9 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
             with lock:
                 render_wait.append(info["gpu_started_at"] - info["requested_at"])
                 render_s.append(info["render_s"])
+                render_total.append(info["gpu_finished_at"] - info["gpu_started_at"])
+                paused.append(info["paused_s"])
+                preemptions += info["preemptions"]
             time.sleep(gap)
 
     def pace(text: str):
@@ -176,9 +189,9 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
     # Ollama starts with the chat model loaded, as it would be after a first message.
     studio.ollama.warm(MODEL)
     users: list[threading.Thread] = []
-    if scenario in ("chat_only", "mixed", "mixed_nofit"):
+    if scenario in ("chat_only", "mixed", "mixed_nofit", "nofit_preempt"):
         users += [threading.Thread(target=chat_user, args=(i, chats, 1.0 + 0.3 * i)) for i in range(3)]
-    if scenario in ("render_only", "mixed", "mixed_nofit"):
+    if scenario in ("render_only", "mixed", "mixed_nofit", "nofit_preempt"):
         users.append(threading.Thread(target=image_user, args=(renders, 1.5)))
     for t in users:
         t.start()
@@ -198,6 +211,9 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         "chat_ttft_max_s": _r(max(ttft) if ttft else None),
         "render_wait_p95_s": _r(percentile(render_wait, 95)),
         "render_s_p50": _r(percentile(render_s, 50)),
+        "render_total_s_p50": _r(percentile(render_total, 50)),
+        "render_paused_s_p50": _r(percentile(paused, 50)),
+        "preemptions": preemptions,
         "chats": len(ttft),
         "renders": len(render_wait),
         "swaps": stats["swaps"],
@@ -222,7 +238,7 @@ def draw_timeline(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(p, s) for p in results for s in ("mixed", "mixed_nofit")]
+    panels = [(p, s) for p in results for s in ("mixed", "mixed_nofit", "nofit_preempt") if s in results[p]["scenarios"]]
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 1.6 * len(panels)), sharex=True)
     colors = {"chat": "#2b59c3", "render": "#e07b00"}
     for ax, (policy, scenario) in zip(axes, panels, strict=True):
@@ -249,7 +265,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=0, help="messages per chat user and renders (overrides --quick)")
     ap.add_argument("--png", type=Path, default=None, help="timeline image (default: next to --out)")
     ap.add_argument("--policies", default="budget,exclusive")
-    ap.add_argument("--scenarios", default="chat_only,render_only,mixed,mixed_nofit")
+    ap.add_argument("--scenarios", default="chat_only,render_only,mixed,mixed_nofit,nofit_preempt")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
 
@@ -272,7 +288,7 @@ def main() -> int:
                 print(
                     f"{policy:9} {scenario:12} ttft p50 {r['chat_ttft_p50_s']} p95 {r['chat_ttft_p95_s']} s | "
                     f"render wait p95 {r['render_wait_p95_s']} s | swaps {r['swaps']} | loads {r['ollama_loads']} | "
-                    f"over budget {r['budget_exceeded']} | {r['elapsed_s']} s"
+                    f"over budget {r['budget_exceeded']} | preemptions {r['preemptions']} | {r['elapsed_s']} s"
                     + (f" | ERRORS {r['errors']}" if r["errors"] else "")
                 )
     policies = {}
@@ -288,6 +304,16 @@ def main() -> int:
     if {"budget", "exclusive"} <= policies.keys() and "mixed" in args.scenarios:
         b, e = policies["budget"]["chat_ttft_p95_s"], policies["exclusive"]["chat_ttft_p95_s"]
         goals["budget_beats_exclusive_chat_p95_when_both_fit"] = b is not None and e is not None and b < e
+    if "nofit_preempt" in args.scenarios:
+        # With preemption a chat waits at most one render step plus the model's unload (the render's
+        # weights are a pointer swap) and load; the render takes no longer than its pauses.
+        bound = STEP_S * RENDER_SLOWDOWN + 2.0 + 1.0
+        for policy, data in policies.items():
+            r = data["scenarios"]["nofit_preempt"]
+            p95 = r["chat_ttft_p95_s"]
+            goals[f"{policy}_preempt_chat_p95_within_step_plus_swap"] = p95 is not None and p95 <= bound
+            extra = (r["render_total_s_p50"] or 0) - (r["render_s_p50"] or 0)
+            goals[f"{policy}_preempt_render_extra_within_pauses"] = extra <= (r["render_paused_s_p50"] or 0) + 0.25
     out = {
         "machine": "CPU only (tiny models, Ollama stand-in); see the module docstring for what is simulated",
         "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),

@@ -25,10 +25,21 @@ Invariants (tests in tests/test_arbiter_*.py hold each one):
    before the memory is back).
 5. A request starts only when it fits beside what runs, and never overtakes a waiting request it
    could not run beside (no starvation: a waiting render stops new chats from joining; with
-   `chat_priority="next"` a chat queues behind at most one render).
+   `chat_priority="next"` a chat queues behind at most one render). The queue order is the shell's:
+   with preemption on, a chat that arrives while chats stream is ordered ahead of the render waiting
+   for them during that render's first `render_slice_s` of waiting (or of a pause), so it joins them
+   without a swap; a render therefore waits at most `render_slice_s` plus the longest chat.
 6. Every lease is released exactly once, whatever happens (error, cancel, client gone): `release()`
    is idempotent and `Lease` is a context manager. A failed eviction releases the lease too.
-7. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
+7. A running render pauses only at a denoising step boundary, and only when `should_yield()` finds
+   that pausing lets a waiting chat start (a chat that fits beside the render runs beside it instead);
+   never more than `max_preemptions` times, and not again before it has run `render_slice_s` since it
+   last resumed. A paused render holds no lease: its tenant counts at its idle size and is evicted like
+   any idle tenant if a chat needs the room. Its continuation is queued ahead of every request that
+   arrives after the pause, except chats that arrive within `render_slice_s` of it (they join the chats
+   it paused for, which costs no swap): a pause lasts at most that long plus the longest chat, so chats
+   cannot starve a render either.
+8. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
    never across an eviction, a load, a render or any I/O. Methods suffixed `_locked` expect it held.
    Leases are not bound to threads (Gradio runs each step of a streaming handler on any worker
    thread), so no thread-owned lock is ever held for the length of a lease.
@@ -50,6 +61,7 @@ log = logging.getLogger("clair.arbiter")
 
 Kind = Literal["chat", "render"]
 Policy = Literal["budget", "exclusive"]
+Preempt = Literal["auto", "off", "always"]
 GiB = 1024**3
 
 
@@ -86,6 +98,7 @@ class Snapshot:
     residents: Mapping[str, Resident]
     running: tuple[Req, ...]
     waiting: tuple[Req, ...]  # in queue order
+    preempt: Preempt = "auto"  # always: a chat never runs beside a render (the render pauses for it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +109,14 @@ class Grant:
     over_budget: bool = False  # a lone tenant larger than the budget
 
 
-def _conflict(a: Req, b: Req, policy: Policy, budget: int) -> str:
+def _conflict(a: Req, b: Req, policy: Policy, budget: int, preempt: Preempt = "auto") -> str:
     """Why a and b cannot run at the same time ("" when they can)."""
     if a.kind == "render" and b.kind == "render":
         return "one render at a time"
     if a.tenant == b.tenant:
         return ""
+    if preempt == "always" and {a.kind, b.kind} == {"chat", "render"}:
+        return "chats get the GPU alone (CLAIR_PREEMPT=always)"
     if policy == "exclusive":
         return "exclusive policy"
     if budget <= 0:
@@ -115,7 +130,7 @@ def _fit(req: Req, running: Iterable[Req], residents: Mapping[str, Resident], s:
     """Can `req` start beside `running`? Returns (ok, evictions, reason)."""
     running = list(running)
     for other in running:
-        why = _conflict(req, other, s.policy, s.budget)
+        why = _conflict(req, other, s.policy, s.budget, s.preempt)
         if why:
             return False, (), why
     if residents.get(req.tenant, Resident(req.tenant, 0)).evicting:
@@ -182,7 +197,7 @@ def plan(s: Snapshot) -> list[Grant]:
     grants: list[Grant] = []
     for req in s.waiting:
         # 2.
-        if any(_conflict(req, a, s.policy, s.budget) for a in ahead):
+        if any(_conflict(req, a, s.policy, s.budget, s.preempt) for a in ahead):
             ahead.append(req)
             continue
         # 3.
@@ -208,14 +223,56 @@ def blocked_reason(s: Snapshot, req: Req) -> str:
     for a in s.waiting:
         if a.id == req.id:
             break
-        why = _conflict(req, a, s.policy, s.budget)
+        why = _conflict(req, a, s.policy, s.budget, s.preempt)
         if why:
             return f"waiting behind a queued {a.kind}"
     for r in s.running:
-        if _conflict(req, r, s.policy, s.budget):
+        if _conflict(req, r, s.policy, s.budget, s.preempt):
             return f"GPU busy: {r.kind} in progress"
     _, _, why = _fit(req, s.running, s.residents, s)
     return why or "waiting"
+
+
+def should_yield(
+    s: Snapshot,
+    render: Req,
+    *,
+    ran_s: float,
+    pauses: int,
+    slice_s: float,
+    max_pauses: int,
+    pause_order: tuple[int, ...] | None = None,
+) -> str:
+    """Should the running `render` pause at this step boundary? The reason, or "" to carry on.
+
+    A render pauses only when pausing lets a waiting chat start: `plan()` is run on the state the pause
+    would make (the render back in the queue, its tenant idle at its weights) and must grant a chat and
+    not the render itself. So a chat that fits beside the render never pauses it (it already runs), and
+    with `chat_priority="fifo"` a chat that came after the render never does either. Starvation is
+    bounded both ways: a render is never paused more than `max_pauses` times, and not again until it has
+    run `slice_s` since it last resumed.
+    """
+    if s.preempt == "off" or render.kind != "render" or pauses >= max_pauses:
+        return ""
+    if pauses and ran_s < slice_s:
+        return ""
+    if not any(r.kind == "chat" for r in s.waiting):
+        return ""
+    order = pause_order or (render.order[0] if render.order else render.id, 1, 2**62)
+    paused = replace(render, order=order)
+    residents = dict(s.residents)
+    running = tuple(r for r in s.running if r.id != render.id)
+    cur = residents.get(render.tenant)
+    if cur is not None and not any(r.tenant == render.tenant for r in running):
+        residents[render.tenant] = replace(cur, bytes=max(render.idle, cur.measured))
+    waiting = tuple(sorted((*s.waiting, paused), key=lambda r: r.order))
+    grants = plan(replace(s, residents=residents, running=running, waiting=waiting))
+    if any(g.req.id == render.id for g in grants):
+        return ""
+    chats = [g for g in grants if g.req.kind == "chat"]
+    if not chats:
+        return ""
+    return f"paused for a chat ({len(chats)} waiting that cannot run beside the render)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +299,8 @@ class Lease:
     released_at: float | None = None
     evicted: tuple[str, ...] = ()
     evict_reason: str = ""
+    pauses: int = 0  # how many times this render has paused for a chat (a continuation carries the count)
+    paused: bool = False  # this lease continues a render that paused (see Arbiter.pause)
     _grant: Grant | None = None
     _tenant_was_resident: bool = False
 
@@ -325,8 +384,14 @@ class Arbiter:
         chat_priority: Literal["next", "fifo"] = "next",
         queue_timeout_s: float = 900.0,
         wait_free: Callable[[int], None] | None = None,
+        preempt: Preempt = "auto",
+        render_slice_s: float = 3.0,
+        max_preemptions: int = 3,
     ):
         self.policy: Policy = policy
+        self.preempt: Preempt = preempt
+        self.render_slice_s = render_slice_s
+        self.max_preemptions = max_preemptions
         self.budget = int(budget_bytes)
         self.chat_priority = chat_priority
         self.queue_timeout_s = queue_timeout_s
@@ -345,7 +410,14 @@ class Arbiter:
         self._use_seq = itertools.count(1)
         self._hold_ema: dict[str, float] = {"chat": 5.0, "render": 15.0}
         self._last_handover: dict = {}
-        self.stats = {"grants": 0, "swaps": 0, "evict_failures": 0, "budget_exceeded": 0, "max_used_bytes": 0}
+        self.stats = {
+            "grants": 0,
+            "swaps": 0,
+            "evict_failures": 0,
+            "budget_exceeded": 0,
+            "max_used_bytes": 0,
+            "preemptions": 0,
+        }
         self._listeners: list[Callable[[str, dict], None]] = []
 
     # -- configuration ---------------------------------------------------------------------------
@@ -408,6 +480,14 @@ class Arbiter:
             return (rid, 0)
         running = [ls.req for ls in self._running.values() if ls.req.kind == "render"]
         queued = sorted((ls.req for ls in self._waiting.values() if ls.req.kind == "render"), key=lambda r: r.order)
+        if self.preempt != "off" and queued and not running:
+            # With preemption on, a chat that arrives while chats stream joins them (the chat model is
+            # loaded: no swap) for `render_slice_s` after the render in front of it began to wait or
+            # paused for them; after that it queues behind the render, so chats cannot starve it.
+            head = self._waiting[queued[0].id]
+            chatting = any(ls.req.kind == "chat" for ls in self._running.values())
+            if chatting and time.time() - head.requested_at < self.render_slice_s:
+                return (queued[0].order[0], 1, 0, rid) if head.paused else (queued[0].order[0], -1, rid)
         if running:
             return (min(r.order for r in running)[0], 1, rid)
         if queued:
@@ -417,7 +497,7 @@ class Arbiter:
     def _snapshot_locked(self) -> Snapshot:
         waiting = tuple(sorted((ls.req for ls in self._waiting.values()), key=lambda r: r.order))
         running = tuple(ls.req for ls in self._running.values())
-        return Snapshot(self.policy, self.budget, dict(self._residents), running, waiting)
+        return Snapshot(self.policy, self.budget, dict(self._residents), running, waiting, self.preempt)
 
     def _schedule_locked(self) -> None:
         if not self._waiting:  # fast path: nothing to decide (half of all calls, on release)
@@ -546,35 +626,84 @@ class Arbiter:
         with self._lock:
             if lease.released_at is not None:
                 return
-            lease.released_at = time.time()
-            self._waiting.pop(lease.req.id, None)
-            was_running = self._running.pop(lease.req.id, None) is not None
-            if was_running:
-                tenant = lease.req.tenant
-                self._changed[tenant] = time.monotonic()
-                res = self._residents.get(tenant)
-                still_busy = [ls for ls in self._running.values() if ls.req.tenant == tenant]
-                if lease.ready_at is None:
-                    # Released before its GPU work began (client gone, cancel, a failed eviction): the
-                    # evictions it did not finish are not happening, and its own tenant never arrived.
-                    for name in lease._grant.evict if lease._grant else ():
-                        gone = self._residents.get(name)
-                        if gone is not None and gone.evicting:
-                            self._residents[name] = replace(gone, evicting=False)
-                    if not lease._tenant_was_resident and not still_busy:
-                        self._residents.pop(tenant, None)
-                        res = None
-                if res is not None and not res.evicting:
-                    # Back to idle size, but never below what the tenant itself reported.
-                    size = max([lease.req.idle, res.measured] + [ls.req.need for ls in still_busy])
-                    self._residents[tenant] = Resident(tenant, size, next(self._use_seq), measured=res.measured)
-                if lease.ready_at is not None:
-                    held = lease.released_at - lease.ready_at
-                    ema = self._hold_ema[lease.kind]
-                    self._hold_ema[lease.kind] = 0.7 * ema + 0.3 * held
+            was_running = self._release_locked(lease)
             self._schedule_locked()
         if was_running:
             self._emit("release", {"id": lease.req.id, "kind": lease.kind, "at": lease.released_at})
+
+    def _release_locked(self, lease: Lease, final: bool = True) -> bool:
+        """Take `lease` out of the state; the caller schedules. True if it was running.
+
+        `final=False` is a pause: the hold does not count towards the estimate of a whole render's time.
+        """
+        lease.released_at = time.time()
+        self._waiting.pop(lease.req.id, None)
+        was_running = self._running.pop(lease.req.id, None) is not None
+        if not was_running:
+            return False
+        tenant = lease.req.tenant
+        self._changed[tenant] = time.monotonic()
+        res = self._residents.get(tenant)
+        still_busy = [ls for ls in self._running.values() if ls.req.tenant == tenant]
+        if lease.ready_at is None:
+            # Released before its GPU work began (client gone, cancel, a failed eviction): the
+            # evictions it did not finish are not happening, and its own tenant never arrived.
+            for name in lease._grant.evict if lease._grant else ():
+                gone = self._residents.get(name)
+                if gone is not None and gone.evicting:
+                    self._residents[name] = replace(gone, evicting=False)
+            if not lease._tenant_was_resident and not still_busy:
+                self._residents.pop(tenant, None)
+                res = None
+        if res is not None and not res.evicting:
+            # Back to idle size, but never below what the tenant itself reported.
+            size = max([lease.req.idle, res.measured] + [ls.req.need for ls in still_busy])
+            self._residents[tenant] = Resident(tenant, size, next(self._use_seq), measured=res.measured)
+        if lease.ready_at is not None and final:
+            held = lease.released_at - lease.ready_at
+            ema = self._hold_ema[lease.kind]
+            self._hold_ema[lease.kind] = 0.7 * ema + 0.3 * held
+        return True
+
+    # -- preemption at step boundaries -------------------------------------------------------------
+    def should_yield(self, lease: Lease) -> str:
+        """Called by a running render between denoising steps: why it should pause now, or ""."""
+        if self.preempt == "off" or lease.kind != "render" or lease.ready_at is None or not self._waiting:
+            return ""  # the fast path of every step: no lock
+        with self._lock:
+            if lease.req.id not in self._running:
+                return ""
+            return should_yield(
+                self._snapshot_locked(),
+                lease.req,
+                ran_s=time.time() - lease.ready_at,
+                pauses=lease.pauses,
+                slice_s=self.render_slice_s,
+                max_pauses=self.max_preemptions,
+            )
+
+    def pause(self, lease: Lease, reason: str = "") -> Lease:
+        """Give the GPU up at a step boundary; returns the lease that continues the render.
+
+        In one step under the lock: the continuation is queued at the head of the render queue, behind
+        the chats already waiting (which is what the pause is for) but ahead of any request that arrives
+        later, and `lease` is released, so the chats are granted (evicting the paused render's weights
+        only if they need the room). The caller waits on the continuation like any lease, restores its
+        weights, and carries on from the same step.
+        """
+        with self._lock:
+            if lease.released_at is not None or lease.req.id not in self._running:
+                raise Cancelled("This render was stopped while it paused.")
+            rid = next(self._seq)
+            req = replace(lease.req, id=rid, order=(lease.req.order[0] if lease.req.order else lease.req.id, 1, rid))
+            nxt = Lease(self, req, lease.label, requested_at=time.time(), pauses=lease.pauses + 1, paused=True)
+            self._waiting[rid] = nxt
+            self.stats["preemptions"] += 1
+            self._release_locked(lease, final=False)
+            self._schedule_locked()
+        log.info("render paused label=%s pauses=%d reason=%r", lease.label, nxt.pauses, reason)
+        self._emit("release", {"id": lease.req.id, "kind": lease.kind, "at": lease.released_at, "paused": True})
+        return nxt
 
     def _emit(self, event: str, data: dict) -> None:
         for fn in list(self._listeners):
@@ -601,16 +730,16 @@ class Arbiter:
         now = time.time()
         eta = 0.0
         for ls in self._running.values():
-            if _conflict(req, ls.req, self.policy, self.budget):
+            if _conflict(req, ls.req, self.policy, self.budget, self.preempt):
                 started = ls.ready_at or ls.granted_at or now
                 eta = max(eta, self._hold_ema[ls.kind] - (now - started))
         # Chats ahead run together, so they cost one chat's time; renders ahead run one by one.
-        if any(r.kind == "chat" and _conflict(req, r, self.policy, self.budget) for r in ahead):
+        if any(r.kind == "chat" and _conflict(req, r, self.policy, self.budget, self.preempt) for r in ahead):
             eta += self._hold_ema["chat"]
         eta += sum(
             self._hold_ema["render"]
             for r in ahead
-            if r.kind == "render" and _conflict(req, r, self.policy, self.budget)
+            if r.kind == "render" and _conflict(req, r, self.policy, self.budget, self.preempt)
         )
         return max(0.0, eta)
 
@@ -650,7 +779,8 @@ class Arbiter:
                     {
                         "id": req.id,
                         "kind": req.kind,
-                        "label": lease.label,
+                        "label": lease.label + (" (paused for a chat)" if lease.paused else ""),
+                        "paused": lease.paused,
                         "position": i + 1,
                         "eta_s": round(self._eta_locked(req, ahead), 1),
                         "waited_s": round(now - lease.requested_at, 2),
@@ -664,6 +794,7 @@ class Arbiter:
                 "waiting": waiting,
                 "policy": self.policy,
                 "chat_priority": self.chat_priority,
+                "preempt": self.preempt,
                 "budget_gb": round(self.budget / GiB, 2) if self.budget else None,
                 "used_gb": round(used / GiB, 2),
                 "free_gb": round((self.budget - used) / GiB, 2) if self.budget else None,

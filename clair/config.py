@@ -148,6 +148,21 @@ class Config:
         "next: a chat waits for at most the render in front of it. fifo: strict arrival order.",
         choices=("next", "fifo"),
     )
+    preempt: str = setting(
+        "auto",
+        "Pause a render at its next step for a chat that cannot run beside it, so the chat never waits for a "
+        "whole render; the image comes out exactly the same. auto: only when the chat does not fit beside the "
+        "render. always: every chat gets the GPU alone. off: chats wait for the render to finish.",
+        choices=("auto", "off", "always"),
+    )
+    render_slice_s: float = setting(
+        3.0,
+        "After a pause, a render runs at least this many seconds before it may pause again. Lower: chats wait "
+        "less behind a render; higher: renders finish sooner under a stream of chats.",
+    )
+    max_preemptions: int = setting(
+        3, "A render pauses for chats at most this many times; after that, chats wait for it to finish."
+    )
     evict_timeout_s: float = setting(60.0, "How long to wait for Ollama to free the GPU before giving up.")
     queue_timeout_s: float = setting(900.0, "How long a request may wait for the GPU before it is refused.")
     queue_slots: int = setting(16, "GPU requests the web queue lets in at once (the rest wait in Gradio's queue).")
@@ -349,6 +364,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("CLAIR_MAX_CONNECTIONS must be at least 8 (a browser tab holds a few).")
     if not 1 <= cfg.port <= 65535:
         raise ConfigError(f"CLAIR_PORT={cfg.port} is not a TCP port.")
+    if not cfg.render_slice_s >= 0 or cfg.render_slice_s == float("inf"):
+        raise ConfigError(f"CLAIR_RENDER_SLICE_S={cfg.render_slice_s} must be a number of seconds, 0 or more.")
+    if cfg.max_preemptions < 0:
+        raise ConfigError(f"CLAIR_MAX_PREEMPTIONS={cfg.max_preemptions} must be 0 or more (0: never pause).")
     if cfg.queue_slots < 1:
         raise ConfigError("CLAIR_QUEUE_SLOTS must be at least 1.")
 

@@ -174,6 +174,10 @@ class ImageEngine:
             return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
 
     # -- swaps (called by the arbiter) ---------------------------------------------------------------
+    def restore(self) -> float:
+        """Weights back on the GPU (a render resuming after a pause). Seconds taken; 0 if they never left."""
+        return self._swap.restore() if self._swap is not None else 0.0
+
     def evict(self) -> None:
         if self._swap is not None:
             dt = self._swap.evict()
@@ -185,8 +189,15 @@ class ImageEngine:
         params: RenderParams,
         on_step: Callable[[int, int], None] = lambda step, total: None,
         cancelled: Callable[[], bool] = lambda: False,
+        checkpoint: Callable[[int, int], None] = lambda step, total: None,
     ) -> tuple[Image.Image, dict]:
-        """Render on the GPU the caller's lease holds. Returns the image and timings/memory facts."""
+        """Render on the GPU the caller's lease holds. Returns the image and timings/memory facts.
+
+        `checkpoint(step, total)` runs between denoising steps, after the cancel check: it may block while
+        the render is paused for a chat (Studio.render). Everything the denoising loop carries (latents,
+        the scheduler's position, the generator, the prompt embeddings) stays in this call meanwhile, so a
+        paused render gives the very same image; only the weights may leave the GPU (see `restore`).
+        """
         import torch
 
         with self._lock:
@@ -198,6 +209,10 @@ class ImageEngine:
                 on_step(step + 1, params.steps)
                 if cancelled():
                     raise Cancelled("Render cancelled.")
+                if step + 1 < params.steps:  # no pause after the last step: only the decode is left
+                    checkpoint(step + 1, params.steps)
+                    if cancelled():
+                        raise Cancelled("Render cancelled.")
                 return {}
 
             try:

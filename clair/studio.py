@@ -53,6 +53,9 @@ class Studio:
             chat_priority=cfg.chat_priority,  # type: ignore[arg-type]
             queue_timeout_s=cfg.queue_timeout_s,
             wait_free=lambda n: gpu.wait_free(n, cfg.evict_timeout_s, reserve_gb=cfg.vram_reserve_gb),
+            preempt=cfg.preempt,  # type: ignore[arg-type]
+            render_slice_s=cfg.render_slice_s,
+            max_preemptions=cfg.max_preemptions,
         )
         self.ollama = OllamaChat(cfg)
         self.local = LocalChat(cfg)
@@ -177,19 +180,47 @@ class Studio:
         self.image.load()
         self._sync_ollama()  # the ledger must see what Ollama holds before it plans
         need, idle = self.image.footprint(params.width, params.height)
-        lease = self.arbiter.request(
+        first = self.arbiter.request(
             "render", self.image.tenant, need, idle, label=f"render {params.width}x{params.height}"
         )
+        lease = first  # the lease that holds the GPU now: a pause hands over to a continuation
         ollama_evicted = False
-        try:
+        evicted: list[str] = []
+        evict_s = 0.0
+        paused_s = 0.0
+
+        def checkpoint(step: int, total: int) -> None:
+            """Between two denoising steps: pause for a waiting chat when the arbiter says so."""
+            nonlocal lease, ollama_evicted, evict_s, paused_s
+            why = self.arbiter.should_yield(lease)
+            if not why:
+                return
+            t0 = time.monotonic()
+            lease = self.arbiter.pause(lease, why)
+            on_progress(f"Paused for a chat at step {step}/{total}", step / total)
             for w in self._wait(lease, cancel.is_set):
+                on_progress(f"Paused for a chat at step {step}/{total}: resumes in about {w.eta_s:.0f} s", step / total)
+            # Ours again: whatever left for the chat (Ollama) left in the wait above; our weights come back
+            # if the chat needed their room. The latents, scheduler and generator never left this call.
+            self.image.restore()
+            paused_s += time.monotonic() - t0
+            evict_s += lease.evict_s
+            evicted.extend(n for n in lease.evicted if n not in evicted)
+            ollama_evicted = ollama_evicted or self.ollama.tenant in lease.evicted
+            on_progress(f"Resumed at step {step}/{total}", step / total)
+
+        try:
+            for w in self._wait(first, cancel.is_set):
                 on_progress(f"Waiting for the GPU: {w.reason} (position {w.position}, about {w.eta_s:.0f} s)", 0.0)
-            ollama_evicted = self.ollama.tenant in lease.evicted
+            ollama_evicted = self.ollama.tenant in first.evicted
+            evicted.extend(first.evicted)
+            evict_s += first.evict_s
             on_progress("Rendering", 0.0)
             image, facts = self.image.render(
                 params,
                 on_step=lambda step, total: on_progress(f"Step {step}/{total}", step / total),
                 cancelled=cancel.is_set,
+                checkpoint=checkpoint,
             )
         finally:
             lease.release()
@@ -203,24 +234,28 @@ class Studio:
             "path": str(path),
             "requested_at": t_request,
             # Stamped by the arbiter: after the purge, and at release before anyone else was granted.
-            "gpu_started_at": lease.ready_at,
+            "gpu_started_at": first.ready_at,
             "gpu_finished_at": lease.released_at,
-            "wait_s": round(lease.wait_s, 4),
-            "evict_s": round(lease.evict_s, 4),
-            "render_s": round(facts["render_s"], 4),
-            "evicted": list(lease.evicted),
-            "evict_reason": lease.evict_reason,
+            "wait_s": round(first.wait_s, 4),
+            "evict_s": round(evict_s, 4),
+            "render_s": round(facts["render_s"] - paused_s, 4),  # time spent rendering, pauses not included
+            "evicted": evicted,
+            "evict_reason": first.evict_reason,
             "peak_reserved_gb": round(facts["peak_reserved_gb"], 3),
+            "preemptions": lease.pauses,
+            "paused_s": round(paused_s, 4),
         }
         log.info(
-            "render done seed=%s size=%sx%s wait_s=%.3f evict_s=%.3f render_s=%.3f evicted=%s",
+            "render done seed=%s size=%sx%s wait_s=%.3f evict_s=%.3f render_s=%.3f evicted=%s preemptions=%d paused_s=%.3f",
             params.seed,
             params.width,
             params.height,
-            lease.wait_s,
-            lease.evict_s,
-            facts["render_s"],
-            ",".join(lease.evicted) or "-",
+            first.wait_s,
+            evict_s,
+            facts["render_s"] - paused_s,
+            ",".join(evicted) or "-",
+            lease.pauses,
+            paused_s,
         )
         return str(path), info
 

@@ -127,6 +127,9 @@ def build(studio: Studio) -> gr.Blocks:
         if not info:
             return ""
         swap = f" · evicted {', '.join(info['evicted'])} in {info['evict_s']:.1f} s" if info.get("evicted") else ""
+        if info.get("preemptions"):
+            n = info["preemptions"]
+            swap += f" · paused {n} time{'s' if n > 1 else ''} for chats ({info['paused_s']:.1f} s)"
         return (
             f"Seed **{info['seed']}** · {info['width']}×{info['height']} · {info['steps']} steps · "
             f"waited {info['wait_s']:.1f} s{swap} · rendered in {info['render_s']:.1f} s · "
@@ -162,6 +165,8 @@ def build(studio: Studio) -> gr.Blocks:
         else:
             doing = {"chat": "chatting", "render": "rendering"}
             gpu_text = "**GPU: " + ", ".join(f"{doing[x['kind']]} ({x['held_s']:.0f} s)" for x in h) + "**"
+        if any(w.get("paused") for w in st["waiting"]):
+            gpu_text += " · a render is paused for a chat"
         if st["waiting"]:
             gpu_text += f" · {len(st['waiting'])} waiting"
         loaded = ", ".join(f"{names.get(r['tenant'], r['tenant'])} ≈{r['gb']:.1f} GB" for r in st["resident"])

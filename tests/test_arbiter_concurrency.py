@@ -74,6 +74,7 @@ def test_chats_are_held_while_a_render_runs_and_all_go_after(arb):
 
 
 def test_a_waiting_render_stops_new_chats_from_joining(arb):
+    arb.preempt = "off"  # with preemption, chats join for a slice first (tests/test_preempt.py)
     first = arb.request("chat", "ollama", CHAT).wait(1)
     render = arb.request("render", "image", RENDER)
     late_chat = arb.request("chat", "ollama", CHAT)

@@ -74,7 +74,7 @@ def test_an_ollama_on_another_machine_is_never_evicted_nor_held_back(standin, tm
 
 
 def test_a_chat_held_by_a_render_sees_its_place_and_waits_for_the_release(standin, tmp_path):
-    studio = make(standin, tmp_path)
+    studio = make(standin, tmp_path, preempt="off")  # with preemption the render would pause for it
     assert reply(studio, "warm") == "You said: warm"
     entered, leave = threading.Event(), threading.Event()
     result = {}

@@ -1,0 +1,369 @@
+"""Preemption at step boundaries: a chat that cannot run beside a render pauses it, and the image is the same.
+
+The policy (`should_yield`) is a table; the shell (`Arbiter.pause`) and the whole protocol (`Studio.render`
+against the Ollama stand-in, with the tiny SDXL pipeline) are driven for real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clair.arbiter import Arbiter, GiB, Req, Resident, Snapshot, plan, should_yield
+from clair.config import Config
+from clair.errors import Cancelled
+from clair.image import RenderParams
+from clair.studio import Studio, Token
+from tests.ollama_standin import OllamaStandin
+from tests.support import wait_until
+
+MODEL = "llama3.1:8b"
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy, as a table
+# --------------------------------------------------------------------------------------------------
+
+
+def chat(i, need=5.7, order=None):
+    return Req(i, "chat", "ollama", int(need * GiB), int(need * GiB), order or (1, 1, i))
+
+
+def render(i=1, need=16.4, idle=6.5):
+    return Req(i, "render", "image", int(need * GiB), int(idle * GiB), (i, 0))
+
+
+def snap(running=(), waiting=(), residents=None, budget=20, policy="budget", preempt="auto"):
+    residents = residents if residents is not None else {"image": Resident("image", int(16.4 * GiB), 2)}
+    return Snapshot(policy, int(budget * GiB), residents, tuple(running), tuple(waiting), preempt)
+
+
+def yields(s, r=None, ran_s=10.0, pauses=0, slice_s=3.0, max_pauses=3):
+    return should_yield(s, r or s.running[0], ran_s=ran_s, pauses=pauses, slice_s=slice_s, max_pauses=max_pauses)
+
+
+YIELD_CASES = [
+    ("a chat that does not fit beside the render waits: pause", snap([render()], [chat(2)]), {}, True),
+    ("nobody waits: carry on", snap([render()], []), {}, False),
+    ("preemption off", snap([render()], [chat(2)], preempt="off"), {}, False),
+    ("paused as often as allowed already", snap([render()], [chat(2)]), {"pauses": 3}, False),
+    ("resumed less than a slice ago", snap([render()], [chat(2)]), {"pauses": 1, "ran_s": 1.0}, False),
+    ("resumed a slice ago", snap([render()], [chat(2)]), {"pauses": 1, "ran_s": 3.5}, True),
+    ("the first pause needs no slice", snap([render()], [chat(2)]), {"ran_s": 0.0}, True),
+    (
+        "fifo: a chat that came after the render does not jump it",
+        snap([render()], [chat(2, order=(2, 0))]),
+        {},
+        False,
+    ),
+    (
+        "a chat waiting behind another queued render does not pause this one",
+        snap(
+            [render()],
+            [Req(3, "render", "image", int(16.4 * GiB), int(6.5 * GiB), (3, 0)), chat(4, order=(4, 0))],
+        ),
+        {},
+        False,
+    ),
+    (
+        "a chat bigger than the whole budget still gets its turn (it runs alone)",
+        snap([render()], [chat(2, need=30)]),
+        {},
+        True,
+    ),
+    ("exclusive policy: any chat pauses the render", snap([render(need=9)], [chat(2, need=2)], policy="exclusive"), {}, True),
+    ("unknown budget: same as exclusive", snap([render(need=9)], [chat(2, need=2)], budget=0), {}, True),
+]
+
+
+@pytest.mark.parametrize(("name", "s", "kw", "expected"), YIELD_CASES, ids=[c[0] for c in YIELD_CASES])
+def test_should_yield(name, s, kw, expected):
+    assert bool(yields(s, **kw)) is expected
+
+
+def test_a_chat_that_fits_beside_the_render_runs_beside_it_but_always_pauses_it():
+    small = render(need=9.0)
+    residents = {"image": Resident("image", int(9 * GiB), 2)}
+    s = snap([small], [chat(2)], residents=residents)
+    assert [g.req.id for g in plan(s)] == [2]  # auto: granted beside the render, nothing to pause for
+    s = snap([small], [chat(2)], residents=residents, preempt="always")
+    assert plan(s) == []  # always: the chat waits for the GPU alone...
+    assert yields(s)  # ...and the render pauses for it
+
+
+def test_the_pause_evicts_the_renders_weights_only_when_the_chat_needs_the_room():
+    residents = {"image": Resident("image", int(16.4 * GiB), 2)}
+    # While paused the image tenant is idle at its weights (6.5 GiB): a 5.7 GiB chat fits beside it.
+    paused = Req(1, "render", "image", int(16.4 * GiB), int(6.5 * GiB), (1, 1, 9))
+    idle = {"image": Resident("image", int(6.5 * GiB), 2)}
+    s = Snapshot("budget", int(20 * GiB), idle, (), (chat(2), paused))
+    assert [(g.req.id, g.evict) for g in plan(s)] == [(2, ())]
+    # A 15 GiB chat does not: the weights leave.
+    s = Snapshot("budget", int(20 * GiB), idle, (), (chat(2, need=15), paused))
+    assert [(g.req.id, g.evict) for g in plan(s)] == [(2, ("image",))]
+    assert residents  # (the running footprint is only used while it renders)
+
+
+# --------------------------------------------------------------------------------------------------
+# The shell
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pause_hands_the_gpu_to_the_waiting_chat_and_keeps_the_renders_place():
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.0)
+    r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB), label="render").wait(1)
+    c = a.request("chat", "ollama", int(5.7 * GiB), label="chat")
+    assert not c.poll(0)
+    assert a.should_yield(r)
+    cont = a.pause(r, "test")
+    assert r.released_at is not None and cont.paused and cont.pauses == 1
+    assert c.poll(1)  # the chat has the GPU
+    st = a.status()
+    assert [w["paused"] for w in st["waiting"]] == [True]
+    assert "paused" in st["waiting"][0]["label"]
+    # A chat arriving now queues behind the paused render: chats cannot starve it.
+    late = a.request("chat", "ollama", int(5.7 * GiB), label="late")
+    assert [w["id"] for w in a.status()["waiting"]] == [cont.req.id, late.req.id]
+    c.release()
+    assert cont.poll(1) and not late.poll(0)
+    assert a.stats["preemptions"] == 1
+    cont.release()
+    assert late.poll(1)
+    late.release()
+    assert a.is_idle()
+
+
+def test_chats_arriving_just_after_a_pause_join_the_chats_then_later_ones_queue_behind_the_render():
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.3)
+    r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB)).wait(1)
+    c = a.request("chat", "ollama", int(5.7 * GiB))
+    cont = a.pause(r)
+    assert c.poll(1)
+    soon = a.request("chat", "ollama", int(5.7 * GiB))
+    assert soon.poll(1)  # joined the running chats: no swap, no wait
+    time.sleep(0.35)
+    late = a.request("chat", "ollama", int(5.7 * GiB))
+    assert not late.poll(0.05)  # behind the paused render
+    c.release()
+    soon.release()
+    assert cont.poll(1) and not late.poll(0)
+    cont.release()
+    assert late.poll(1)
+    late.release()
+
+
+def test_with_preemption_chats_join_a_chat_phase_for_a_slice_before_a_waiting_render_stops_them():
+    a = Arbiter(policy="exclusive", budget_bytes=20 * GiB, render_slice_s=0.3)
+    first = a.request("chat", "ollama", int(5.7 * GiB)).wait(1)
+    render = a.request("render", "image", int(16.4 * GiB))
+    soon = a.request("chat", "ollama", int(5.7 * GiB))
+    assert soon.poll(0.5)  # joined the streaming chat: the model is loaded, no swap
+    time.sleep(0.35)
+    late = a.request("chat", "ollama", int(5.7 * GiB))
+    assert not late.poll(0.05)  # the render has waited a slice: chats queue behind it now
+    first.release()
+    soon.release()
+    assert render.poll(1) and not late.poll(0)
+    render.release()
+    assert late.poll(1)
+    late.release()
+
+
+def test_cancel_while_paused_frees_everything():
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB)
+    r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB)).wait(1)
+    c = a.request("chat", "ollama", int(5.7 * GiB))
+    cont = a.pause(r)
+    assert c.poll(1)
+    with pytest.raises(Cancelled):
+        cont.wait(5, cancelled=lambda: True)
+    assert cont.released_at is not None
+    c.release()
+    assert a.is_idle()
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole protocol: Studio against the stand-in, the tiny pipeline, weights that really leave
+# --------------------------------------------------------------------------------------------------
+
+
+class ScrambleOnEvict:
+    """The image engine's weight swap, made observable on a CPU: evict() overwrites every weight with NaN
+    (as if its GPU memory were handed to someone else) and restore() puts the saved copy back. A render
+    that carried on without restoring would come out as NaN."""
+
+    def __init__(self, swap):
+        self.real = swap
+        self.nbytes = swap.nbytes
+        self.saved: dict[int, torch.Tensor] = {}
+        self.evictions = 0
+
+    def _tensors(self):
+        for m in self.real.modules:
+            yield from m.parameters()
+            yield from m.buffers()
+
+    def evict(self) -> float:
+        if not self.saved:
+            for t in self._tensors():
+                if t.is_floating_point():
+                    self.saved[id(t)] = t.data.clone()
+                    t.data.fill_(float("nan"))
+            self.evictions += 1
+        return 0.0
+
+    def restore(self) -> float:
+        for t in self._tensors():
+            if id(t) in self.saved:
+                t.data.copy_(self.saved.pop(id(t)))
+        return 0.0
+
+
+@pytest.fixture
+def standin():
+    s = OllamaStandin({MODEL: 4.9}, unload_delay=0.05).start()
+    yield s
+    s.stop()
+
+
+def make(standin, tmp_path, **kw) -> Studio:
+    cfg = dataclasses.replace(
+        Config(),
+        chat_backend="ollama",
+        ollama_host=standin.host,
+        image_model="tiny",
+        output_dir=str(tmp_path),
+        warmup=False,
+        render_slice_s=0.0,
+        max_preemptions=5,
+        **kw,
+    )
+    studio = Studio(cfg)  # no CUDA, no budget: a chat never fits beside a render
+    studio.image.load()
+    studio.image._swap = ScrambleOnEvict(studio.image._swap)
+    return studio
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def render_with_chats_at(studio, standin, params, steps_with_chat):
+    """Render; at each step in `steps_with_chat`, a chat is sent and the render only goes on once it waits."""
+    replies: list[str] = []
+    threads: list[threading.Thread] = []
+    progress: list[str] = []
+
+    def send(i):
+        replies.append("".join(e.text for e in studio.chat(f"hello {i}") if isinstance(e, Token)))
+
+    def on_progress(text, frac):
+        progress.append(text)
+        if text.startswith("Step "):
+            step = int(text.split()[1].split("/")[0])
+            if step in steps_with_chat:
+                t = threading.Thread(target=send, args=(step,))
+                t.start()
+                threads.append(t)
+                wait_until(lambda: any(w["kind"] == "chat" for w in studio.arbiter.status()["waiting"]), 10)
+
+    path, info = studio.render(params, on_progress=on_progress)
+    for t in threads:
+        t.join(10)
+    return path, info, replies, progress
+
+
+def test_a_render_paused_several_times_gives_the_very_same_image(standin, tmp_path):
+    studio = make(standin, tmp_path)
+    params = RenderParams("a lighthouse at dusk", steps=10, width=64, height=64, seed=1234)
+    alone, alone_info = studio.render(params)
+    assert alone_info["preemptions"] == 0
+
+    standin.reset_logs()
+    paused, info, replies, progress = render_with_chats_at(studio, standin, params, {2, 5, 7})
+    assert info["preemptions"] == 3
+    assert info["paused_s"] > 0
+    assert studio.image._swap.evictions >= 3  # the weights really left (and came back) each time
+    assert replies == ["You said: hello 2", "You said: hello 5", "You said: hello 7"]
+    # Each chat reached Ollama while the render was still going, and the render evicted the model again.
+    sent = [r for r in standin.requests_to("/api/chat") if r.messages]
+    assert len(sent) == 3 and all(r.arrived < info["gpu_finished_at"] for r in sent)
+    assert "ollama" in info["evicted"]
+    assert any(p.startswith("Paused for a chat at step 5/10") for p in progress)
+    assert np.array_equal(pixels(alone), pixels(paused))
+    assert studio.arbiter.is_idle()
+
+
+def test_ancestral_scheduler_also_gives_the_same_image(standin, tmp_path):
+    """A scheduler that draws noise at every step (from the render's generator) is safe too: the
+    generator stays inside the paused call, so it draws the same numbers."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    studio = make(standin, tmp_path)
+    pipe = studio.image.load()
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    params = RenderParams("noise", steps=8, width=64, height=64, seed=99)
+    alone, _ = studio.render(params)
+    paused, info, _, _ = render_with_chats_at(studio, standin, params, {3, 6})
+    assert info["preemptions"] == 2
+    assert np.array_equal(pixels(alone), pixels(paused))
+
+
+def test_preemption_off_makes_the_chat_wait_for_the_whole_render(standin, tmp_path):
+    studio = make(standin, tmp_path, preempt="off")
+    params = RenderParams("x", steps=6, width=64, height=64, seed=3)
+    standin.reset_logs()
+    done = threading.Event()
+    result = {}
+
+    def on_progress(text, frac):
+        if text == "Step 2/6":
+            t = threading.Thread(target=lambda: (result.setdefault("r", list(studio.chat("wait"))), done.set()))
+            t.start()
+            wait_until(lambda: studio.arbiter.status()["waiting"], 10)
+
+    _, info = studio.render(params, on_progress=on_progress)
+    assert done.wait(10)
+    assert info["preemptions"] == 0
+    sent = [r for r in standin.requests_to("/api/chat") if r.messages]
+    assert sent and sent[0].arrived >= info["gpu_finished_at"]
+
+
+def test_max_preemptions_bounds_the_pauses(standin, tmp_path):
+    studio = make(standin, tmp_path)
+    studio.arbiter.max_preemptions = 1
+    params = RenderParams("x", steps=8, width=64, height=64, seed=5)
+    _, info, replies, _ = render_with_chats_at(studio, standin, params, {2, 4})
+    assert info["preemptions"] == 1
+    assert len(replies) == 2  # the second chat waited for the end of the render instead
+
+
+def test_cancel_while_paused_stops_the_render_and_frees_the_gpu(standin, tmp_path):
+    studio = make(standin, tmp_path)
+    cancel = threading.Event()
+    gate = threading.Event()
+    params = RenderParams("x", steps=6, width=64, height=64, seed=5)
+    held = standin.hold(MODEL)  # the chat holds the GPU until the gate opens
+
+    def on_progress(text, frac):
+        if text == "Step 2/6":
+            threading.Thread(target=lambda: (list(studio.chat("hold")), gate.set()), daemon=True).start()
+            wait_until(lambda: studio.arbiter.status()["waiting"], 10)
+        if text.startswith("Paused for a chat") and "resumes" not in text:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        studio.render(params, on_progress=on_progress, cancel=cancel)
+    assert not [w for w in studio.arbiter.status()["waiting"] if w["kind"] == "render"]
+    held.release()
+    assert gate.wait(10)
+    wait_until(studio.arbiter.is_idle, 5)
+    time.sleep(0.05)
+    assert studio.arbiter.is_idle()
