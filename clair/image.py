@@ -10,6 +10,7 @@ This module does not decide when to use the GPU: callers hold an arbiter lease a
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ SDXL_WEIGHTS = int(6.46 * GiB)
 PRIOR_OVERHEAD = int(0.5 * GiB)
 PRIOR_PER_MPX = 9.0 * GiB
 MAX_SEED = 2**32 - 1
+# Tried in this order after an out-of-memory error (see ImageEngine.render).
+FALLBACKS = ("vae-tiling", "cpu-offload")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class ImageEngine:
         self._error: str | None = None
         self._error_at = 0.0
         self._per_mpx: float | None = None  # learned from real renders on CUDA
+        self.oom_recoveries = 0  # renders that ran out of memory and then succeeded with a fallback
+        self.oom_failures = 0  # renders that ran out of memory with every fallback
 
     @property
     def label(self) -> str:
@@ -185,62 +190,133 @@ class ImageEngine:
         params: RenderParams,
         on_step: Callable[[int, int], None] = lambda step, total: None,
         cancelled: Callable[[], bool] = lambda: False,
+        on_oom: Callable[[], None] | None = None,
     ) -> tuple[Image.Image, dict]:
-        """Render on the GPU the caller's lease holds. Returns the image and timings/memory facts."""
+        """Render on the GPU the caller's lease holds. Returns the image and timings/memory facts.
+
+        Out of memory, it heals itself (facts["fallback"] says how): it lets go of everything the failed
+        attempt held, asks `on_oom()` to evict every other tenant from the GPU, and tries again with VAE
+        tiling, then with model CPU offload. Only when all three fail does it raise, with what to do.
+        """
         import torch
 
         with self._lock:
             pipe = self._load_locked()
             assert self._swap is not None
-            generator = torch.Generator("cpu").manual_seed(params.seed)
-
-            def on_step_end(p, step, timestep, kwargs):
-                on_step(step + 1, params.steps)
-                if cancelled():
-                    raise Cancelled("Render cancelled.")
-                return {}
-
-            try:
-                restore_s = self._swap.restore()
-                # Empty the cache first: the peak would otherwise start from what an earlier render left
-                # reserved, and a 512² render after a 1024² one would learn a 4x footprint.
+            for attempt, fallback in enumerate((None, *FALLBACKS)):
+                out_of_memory = False
+                try:
+                    image, facts = self._render_once(pipe, params, on_step, cancelled, fallback)
+                except torch.OutOfMemoryError as exc:
+                    # Only a flag here: raising (or retrying) inside `except` keeps the traceback, and with it
+                    # every frame's activations, alive until the block ends.
+                    out_of_memory = True
+                    log.warning(
+                        "render out of memory size=%sx%s fallback=%s: %s",
+                        params.width,
+                        params.height,
+                        fallback or "none",
+                        _short(exc),
+                    )
+                if not out_of_memory:
+                    break
+                # Outside the except block: the failed attempt's frames are gone; give their memory back.
+                gc.collect()
                 gpu.empty_cache()
-                gpu.reset_peak()
-                # What this process holds before the render (our weights, an in-process chat model):
-                # only the growth above it is the render's activation peak.
-                baseline = gpu.reserved_now()
-                t0 = time.monotonic()
-                result = pipe(
-                    prompt=params.prompt,
-                    negative_prompt=params.negative_prompt or None,
-                    num_inference_steps=params.steps,
-                    guidance_scale=params.guidance,
-                    width=params.width,
-                    height=params.height,
-                    generator=generator,
-                    callback_on_step_end=on_step_end,
-                )
-            except torch.OutOfMemoryError:
+                if attempt == 0 and on_oom is not None:
+                    on_oom()  # every other tenant leaves the GPU before the retry
+            if out_of_memory:
+                self.oom_failures += 1
                 raise ImageModelUnavailable(
-                    f"The GPU ran out of memory at {params.width}x{params.height}. Try a smaller size, or lower "
-                    "CLAIR_VRAM_BUDGET_GB so Clair evicts more before rendering."
-                ) from None
-            finally:
-                # The stock SDXL VAE is upcast to fp32 for decoding and cast back afterwards; an error in
-                # between (out of memory at decode, a cancel) would leave it fp32 and break every later render.
-                vae, unet = getattr(pipe, "vae", None), getattr(pipe, "unet", None)
-                if vae is not None and unet is not None and vae.dtype != unet.dtype:
-                    vae.to(dtype=unet.dtype)
-                # Give the activations' cache back: the ledger counts an idle pipeline as its weights only,
-                # and a chat planned beside it must find that memory free.
-                gpu.empty_cache()
-            render_s = time.monotonic() - t0
-            peak = gpu.peak_reserved()
-            if peak and self._swap is not None:
-                mpx = params.width * params.height / 1e6
-                per = max(0.0, peak - baseline) / mpx
-                self._per_mpx = per if self._per_mpx is None else max(per, self._per_mpx)
-            return result.images[0], {"render_s": render_s, "restore_s": restore_s, "peak_reserved_gb": peak / GiB}
+                    f"The GPU ran out of memory at {params.width}x{params.height}, even after freeing the GPU for "
+                    "it and retrying with VAE tiling and with model CPU offload. Try a smaller size, or close "
+                    "other programs that use the GPU (check `nvidia-smi`)."
+                )
+            facts["fallback"] = fallback
+            if fallback is not None:
+                self.oom_recoveries += 1
+                log.info("render recovered from out of memory fallback=%s", fallback)
+            return image, facts
+
+    def _render_once(self, pipe, params: RenderParams, on_step, cancelled, fallback: str | None):
+        import torch
+
+        assert self._swap is not None
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+
+        def on_step_end(p, step, timestep, kwargs):
+            on_step(step + 1, params.steps)
+            if cancelled():
+                raise Cancelled("Render cancelled.")
+            return {}
+
+        restore_s = 0.0
+        t0 = time.monotonic()
+        try:
+            if fallback == "cpu-offload":
+                self._offload(pipe)
+            else:
+                restore_s = self._swap.restore()
+            if fallback == "vae-tiling":
+                pipe.vae.enable_tiling()  # decodes in overlapping tiles: the decode's peak no longer grows with size
+            # Empty the cache first: the peak would otherwise start from what an earlier render left
+            # reserved, and a 512² render after a 1024² one would learn a 4x footprint.
+            gpu.empty_cache()
+            gpu.reset_peak()
+            # What this process holds before the render (our weights, an in-process chat model):
+            # only the growth above it is the render's activation peak.
+            baseline = gpu.reserved_now()
+            t0 = time.monotonic()
+            result = pipe(
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt or None,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance,
+                width=params.width,
+                height=params.height,
+                generator=generator,
+                callback_on_step_end=on_step_end,
+            )
+            image = result.images[0]
+            del result
+        finally:
+            # The stock SDXL VAE is upcast to fp32 for decoding and cast back afterwards; an error in
+            # between (out of memory at decode, a cancel) would leave it fp32 and break every later render.
+            vae, unet = getattr(pipe, "vae", None), getattr(pipe, "unet", None)
+            if vae is not None and unet is not None and vae.dtype != unet.dtype:
+                vae.to(dtype=unet.dtype)
+            if fallback == "vae-tiling" and vae is not None:
+                vae.disable_tiling()  # the next render tries at full quality and speed again
+            if fallback == "cpu-offload":
+                self._end_offload(pipe)
+            # Give the activations' cache back: the ledger counts an idle pipeline as its weights only,
+            # and a chat planned beside it must find that memory free.
+            gpu.empty_cache()
+        render_s = time.monotonic() - t0
+        peak = gpu.peak_reserved()
+        if peak and fallback is None:  # a tiled or offloaded render's peak says nothing about the normal one
+            mpx = params.width * params.height / 1e6
+            per = max(0.0, peak - baseline) / mpx
+            self._per_mpx = per if self._per_mpx is None else max(per, self._per_mpx)
+        return image, {"render_s": render_s, "restore_s": restore_s, "peak_reserved_gb": peak / GiB}
+
+    def _offload(self, pipe) -> None:
+        """Model CPU offload (accelerate): each part goes to the GPU only while it runs. Needs CUDA."""
+        assert self._swap is not None
+        self._swap.evict()  # the weights go back to their (pinned) host copy; the hooks move them from there
+        if not gpu.cuda():
+            # Nothing to offload from: the weights are on the CPU already. The path still runs (and says so).
+            log.info("model CPU offload: no CUDA device, the pipeline already runs from host memory")
+            return
+        pipe.enable_model_cpu_offload()
+
+    def _end_offload(self, pipe) -> None:
+        """Remove the offload hooks and put every weight back on its host copy, wherever the hooks left it."""
+        assert self._swap is not None
+        if gpu.cuda():
+            pipe.remove_all_hooks()
+            self._swap.on_gpu = True  # a part may still sit on the GPU (an error before the pipeline's own clean-up)
+            self._swap.evict()
 
     # -- keeping images ------------------------------------------------------------------------------
     def save(self, image: Image.Image, params: RenderParams) -> Path:

@@ -15,6 +15,7 @@ traffic-cop protocol lives here in one place:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +68,7 @@ class Studio:
         self._cancel_lock = threading.Lock()
         self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
         self.warmups = 0
+        self._last_health_problem: str | None = None
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat_backend(self, fresh: bool = False, model: str | None = None) -> tuple[ChatBackend, str | None]:
@@ -138,7 +140,9 @@ class Studio:
         lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
         try:
             yield from self._wait(lease, stop.is_set)
+            lease.progress()
             for text in backend.stream(model, messages, stop):
+                lease.progress()  # the watchdog's sign of life (see healthy())
                 yield Token(text)
         finally:
             lease.release()
@@ -186,11 +190,20 @@ class Studio:
                 on_progress(f"Waiting for the GPU: {w.reason} (position {w.position}, about {w.eta_s:.0f} s)", 0.0)
             ollama_evicted = self.ollama.tenant in lease.evicted
             on_progress("Rendering", 0.0)
-            image, facts = self.image.render(
-                params,
-                on_step=lambda step, total: on_progress(f"Step {step}/{total}", step / total),
-                cancelled=cancel.is_set,
-            )
+            lease.progress()
+
+            def on_step(step: int, total: int) -> None:
+                lease.progress()  # the watchdog's sign of life (see healthy())
+                on_progress(f"Step {step}/{total}", step / total)
+
+            def on_oom() -> None:
+                # Out of memory: every idle tenant leaves the GPU before the image engine retries.
+                nonlocal ollama_evicted
+                on_progress("Out of GPU memory: freeing the GPU and retrying", 0.0)
+                evicted = self.arbiter.evict_idle(lease)
+                ollama_evicted = ollama_evicted or self.ollama.tenant in evicted
+
+            image, facts = self.image.render(params, on_step=on_step, cancelled=cancel.is_set, on_oom=on_oom)
         finally:
             lease.release()
             if ollama_evicted and self.cfg.warmup:
@@ -211,6 +224,8 @@ class Studio:
             "evicted": list(lease.evicted),
             "evict_reason": lease.evict_reason,
             "peak_reserved_gb": round(facts["peak_reserved_gb"], 3),
+            # None, or how the render healed after running out of memory: "vae-tiling" or "cpu-offload".
+            "fallback": facts.get("fallback"),
         }
         log.info(
             "render done seed=%s size=%sx%s wait_s=%.3f evict_s=%.3f render_s=%.3f evicted=%s",
@@ -277,13 +292,40 @@ class Studio:
         backend, problem = self.chat_backend()
         st["chat"] = {"backend": backend.name, "model": self.default_chat_model(), "problem": problem}
         st["image"] = {"model": self.image.label, "problem": self.image.problem()}
+        st["stats"]["oom_recoveries"] = self.image.oom_recoveries
+        st["stats"]["oom_failures"] = self.image.oom_failures
         st["cuda"] = gpu.cuda()
         st["demo"] = self.cfg.demo
         return st
 
-    def healthy(self) -> bool:
-        """For the systemd watchdog: the arbiter's lock is not stuck."""
+    def health_problem(self) -> str | None:
+        """Why Clair cannot be trusted to serve (None when it can): the watchdog's check, via /healthz.
+
+        * the arbiter's lock is stuck (a deadlock: nothing can be granted or released);
+        * a GPU holder made no progress (no denoising step, no token, no eviction step) for CLAIR_STALL_S
+          seconds: a hung render, CUDA call or Ollama stream. systemd then restarts Clair, which is the only
+          way to get the GPU back from a hung CUDA call.
+        """
         acquired = self.arbiter._lock.acquire(timeout=5)
-        if acquired:
-            self.arbiter._lock.release()
-        return acquired
+        if not acquired:
+            return "the GPU arbiter's lock has been held for over 5 s"
+        self.arbiter._lock.release()
+        if self.cfg.stall_s > 0:
+            stalled = self.arbiter.stalled(self.cfg.stall_s)
+            if stalled:
+                return "; ".join(
+                    f"{x['label']} has held the GPU without progress for {x['silent_s']:.0f} s "
+                    f"(CLAIR_STALL_S={self.cfg.stall_s:g})"
+                    for x in stalled
+                )
+        return None
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: see health_problem(). A failure is logged with its reason, once."""
+        problem = self.health_problem()
+        if problem and re.sub(r"[\d.]+", "", problem) != re.sub(r"[\d.]+", "", self._last_health_problem or ""):
+            log.error("unhealthy: %s", problem)
+        elif not problem and self._last_health_problem:
+            log.warning("healthy again")
+        self._last_health_problem = problem
+        return problem is None

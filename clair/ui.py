@@ -126,10 +126,12 @@ def build(studio: Studio) -> gr.Blocks:
         if not info:
             return ""
         swap = f" · evicted {', '.join(info['evicted'])} in {info['evict_s']:.1f} s" if info.get("evicted") else ""
+        healed = {"vae-tiling": "VAE tiling", "cpu-offload": "model CPU offload"}.get(info.get("fallback") or "")
+        note = f"\n\n⚠️ The GPU ran out of memory; rendered again with **{healed}**." if healed else ""
         return (
             f"Seed **{info['seed']}** · {info['width']}×{info['height']} · {info['steps']} steps · "
             f"waited {info['wait_s']:.1f} s{swap} · rendered in {info['render_s']:.1f} s · "
-            f"saved as `{Path(info['path']).name}`"
+            f"saved as `{Path(info['path']).name}`{note}"
         )
 
     def validate_render(prompt, negative_prompt, steps, guidance, width, height, seed):
