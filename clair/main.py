@@ -1,19 +1,23 @@
 """Start-up: read the config, build the studio and the Gradio app, serve, and talk to systemd.
 
 The web server is uvicorn with the Gradio app mounted at / beside a `/healthz` route (Gradio has no
-health route of its own). READY=1 goes to systemd once the server accepts connections; the watchdog
-heartbeat is sent only while the health check passes, so a wedged process is restarted.
+health route of its own). READY=1 goes to systemd once the server accepts connections and the models are
+preloaded into host memory (EXTEND_TIMEOUT_USEC keeps the start from timing out meanwhile); the watchdog
+heartbeat is sent only while the health check passes (see Studio.health_problem: a stuck arbiter, or a GPU
+holder without progress for CLAIR_STALL_S), so a wedged process is restarted.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,7 +39,8 @@ def make_app(studio, demo):
     @app.get("/healthz")
     def healthz():
         ok = studio.healthy()
-        body = {"ok": ok, "holder": studio.arbiter.status()["holder"] if ok else None}
+        problem = None if ok else studio.last_health_problem
+        body = {"ok": ok, "holder": studio.arbiter.status()["holder"] if ok else None, "problem": problem}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     auth = tuple(cfg.auth.split(":", 1)) if cfg.auth else None
@@ -52,6 +57,48 @@ def make_app(studio, demo):
         favicon_path=str(ASSETS / "favicon.svg"),
         css_paths=[ASSETS / "clair.css"],
     )
+
+
+# While preloading, each EXTEND_TIMEOUT_USEC gives systemd's start timeout this much more from now
+# (sd_notify(3): the next message must come within it), sent every EXTEND_EVERY_S. A preload that runs past
+# PRELOAD_LIMIT_S (a stuck download) stops holding the start back: READY=1 goes out and the tabs show the load.
+EXTEND_S = 90.0
+EXTEND_EVERY_S = 30.0
+PRELOAD_LIMIT_S = 3600.0
+
+
+def _preload_then_ready(studio, url: str) -> None:
+    done = threading.Event()
+
+    def preload() -> None:
+        try:
+            studio.preload()
+        finally:
+            done.set()
+
+    t0 = time.monotonic()
+    sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_S * 1e6)}\nSTATUS=serving on {url}; loading the models")
+    threading.Thread(target=preload, name="clair-preload-load", daemon=True).start()
+    while not done.wait(EXTEND_EVERY_S):
+        if time.monotonic() - t0 > PRELOAD_LIMIT_S:
+            log.warning("models still loading after %.0f s; telling systemd Clair is ready anyway", PRELOAD_LIMIT_S)
+            break
+        sdnotify.extend_timeout(EXTEND_S)
+    log.info("ready preload_s=%.2f", time.monotonic() - t0)
+    sdnotify.ready(f"serving on {url}")
+
+
+def _warn_without_cuda(cfg: config.Config) -> None:
+    from clair import gpu
+
+    real = [m for m in (cfg.image_model, cfg.local_chat_model) if m != "tiny"]
+    if real and not cfg.demo and not gpu.cuda():
+        log.warning(
+            "no CUDA device: the real models (%s) will run on the CPU, a render takes minutes. Check the NVIDIA "
+            "driver and that torch is a CUDA build (`python -c 'import torch; print(torch.cuda.is_available())'`), "
+            "or run with --demo",
+            ", ".join(real),
+        )
 
 
 def serve(cfg: config.Config, ready: threading.Event | None = None, stop: threading.Event | None = None):
@@ -78,9 +125,12 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
         "serving url=%s demo=%s policy=%s budget_gb=%s", url, cfg.demo, cfg.gpu_policy, studio.status()["budget_gb"]
     )
     print(f"Clair is running at {url}  (Ctrl+C to stop)", flush=True)
-    sdnotify.ready(f"serving on {url}")
+    _warn_without_cuda(cfg)
     if cfg.preload:
-        threading.Thread(target=studio.preload, name="clair-preload", daemon=True).start()
+        # READY=1 only once the models are in host memory; until then systemd's start timeout is extended.
+        threading.Thread(target=_preload_then_ready, args=(studio, url), name="clair-preload", daemon=True).start()
+    else:
+        sdnotify.ready(f"serving on {url}")
     watchdog = None
     interval = sdnotify.watchdog_interval()
     if interval:
@@ -89,6 +139,12 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
             try:
                 with urllib.request.urlopen(url + "/healthz", timeout=max(1.0, interval / 2)) as resp:
                     return resp.status == 200
+            except urllib.error.HTTPError as err:  # 503: the reason goes to `systemctl status` (STATUS=)
+                try:
+                    problem = json.loads(err.read()).get("problem")
+                except Exception:
+                    problem = None
+                raise RuntimeError(problem or f"/healthz answered {err.code}") from None
             except Exception:
                 return False
 

@@ -68,7 +68,7 @@ class Studio:
         self._cancel_lock = threading.Lock()
         self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
         self.warmups = 0
-        self._last_health_problem: str | None = None
+        self.last_health_problem: str | None = None
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat_backend(self, fresh: bool = False, model: str | None = None) -> tuple[ChatBackend, str | None]:
@@ -323,9 +323,9 @@ class Studio:
     def healthy(self) -> bool:
         """For the systemd watchdog: see health_problem(). A failure is logged with its reason, once."""
         problem = self.health_problem()
-        if problem and re.sub(r"[\d.]+", "", problem) != re.sub(r"[\d.]+", "", self._last_health_problem or ""):
+        if problem and re.sub(r"[\d.]+", "", problem) != re.sub(r"[\d.]+", "", self.last_health_problem or ""):
             log.error("unhealthy: %s", problem)
-        elif not problem and self._last_health_problem:
+        elif not problem and self.last_health_problem:
             log.warning("healthy again")
-        self._last_health_problem = problem
+        self.last_health_problem = problem
         return problem is None
