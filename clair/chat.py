@@ -19,7 +19,7 @@ import httpx
 import ollama
 
 from clair.config import Config
-from clair.errors import ChatUnavailable, EvictionFailed, load_failure
+from clair.errors import Cancelled, ChatUnavailable, EvictionFailed, load_failure
 
 log = logging.getLogger("clair.chat")
 GiB = 1024**3
@@ -378,60 +378,92 @@ class LocalChat:
         return int(need * 1.15), need  # ~15% for the KV cache and activations while answering
 
     def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
+        """Stream a reply. Yields "" (a heartbeat, no text) while another reply still has the model.
+
+        The caller holds its GPU lease meanwhile, so the wait must stay cancellable (`stop`) and visibly alive.
+        """
+        # Another reply may be generating: one generate() at a time. Wait for it cancellably, never blocked.
+        while not self._lock.acquire(timeout=0.25):
+            if stop.is_set():
+                raise Cancelled("Stopped while waiting for the chat model.")
+            yield ""
+        try:
+            yield from self._stream_locked(messages, stop)
+        finally:
+            self._lock.release()
+
+    def _stream_locked(self, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         from clair import gpu
 
-        with self._lock:
-            self._load_locked()
-            assert self._swap is not None
-            self._swap.restore()
-            model_, tok = self._model, self._tok
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            ids = {k: v.to(model_.device) for k, v in ids.items()}
+        self._load_locked()
+        assert self._swap is not None
+        self._swap.restore()
+        model_, tok = self._model, self._tok
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = {k: v.to(model_.device) for k, v in ids.items()}
 
-            class _Stop(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kwargs):
-                    return stop.is_set()
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
 
-            # timeout: a dead generate() must not hang the reader forever.
-            streamer = token_streamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
-            failure: list[BaseException] = []
+        # timeout: a dead generate() must not hang the reader forever.
+        streamer = token_streamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
+        failure: list[BaseException] = []
 
-            def run():
-                try:
-                    model_.generate(
-                        **ids,
-                        streamer=streamer,
-                        max_new_tokens=min(self.cfg.max_new_tokens, 256 if self.model_id == "tiny" else 4096),
-                        do_sample=True,
-                        temperature=0.8,
-                        stopping_criteria=StoppingCriteriaList([_Stop()]),
-                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                    )
-                except BaseException as exc:  # surfaced to the reader below
-                    failure.append(exc)
-                    streamer.end()
-
-            worker = threading.Thread(target=run, name="local-chat-generate", daemon=True)
-            worker.start()
+        def run():
             try:
-                for text in streamer:
-                    if text:
-                        yield text
-                    if stop.is_set():
-                        break
-            except queue.Empty:
-                raise ChatUnavailable(
-                    "The in-process chat model produced nothing for 120 s and was stopped. Try again; if it "
-                    "repeats, the model may be too large for this machine (CLAIR_LOCAL_CHAT_MODEL)."
-                ) from None
-            finally:
-                stop.set()
-                worker.join(30)
-                gpu.empty_cache()
-            if failure:
-                raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
+                model_.generate(
+                    **ids,
+                    streamer=streamer,
+                    max_new_tokens=min(self.cfg.max_new_tokens, 256 if self.model_id == "tiny" else 4096),
+                    do_sample=True,
+                    temperature=0.8,
+                    stopping_criteria=StoppingCriteriaList([_Stop()]),
+                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                )
+            except BaseException as exc:  # surfaced to the reader below
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="local-chat-generate", daemon=True)
+        worker.start()
+        try:
+            for text in streamer:
+                if text:
+                    yield text
+                if stop.is_set():
+                    break
+        except queue.Empty:
+            raise ChatUnavailable(
+                "The in-process chat model produced nothing for 120 s and was stopped. Try again; if it "
+                "repeats, the model may be too large for this machine (CLAIR_LOCAL_CHAT_MODEL)."
+            ) from None
+        finally:
+            stop.set()
+            self._join(worker)
+            gpu.empty_cache()
+        if failure:
+            raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
+
+    # How often a generate() that ignores the stop flag is reported while we wait for it.
+    STOP_WARN_S = 30.0
+
+    def _join(self, worker: threading.Thread) -> None:
+        """Wait until generate() has really stopped: it uses the GPU until then, so the caller's lease (released
+        after this returns) must stay held. generate() checks the stop flag after every token; one that does not
+        return is a hung GPU, reported here and by the watchdog (the lease shows no progress), never hidden."""
+        t0 = time.monotonic()
+        while True:
+            worker.join(self.STOP_WARN_S)
+            if not worker.is_alive():
+                return
+            log.warning(
+                "the in-process chat model is still generating %.0f s after it was asked to stop; "
+                "its GPU lease stays held until it does",
+                time.monotonic() - t0,
+            )
 
     def evict(self) -> None:
         if self._swap is not None:

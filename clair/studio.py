@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from clair import gpu
@@ -64,7 +65,7 @@ class Studio:
             self.arbiter.add_tenant(self.ollama.tenant, self.ollama.evict)
         self.arbiter.add_tenant(self.local.tenant, self.local.evict)
         self.arbiter.add_tenant(self.image.tenant, self.image.evict)
-        self._cancel: dict[str, threading.Event] = {}
+        self._cancel: dict[str, set[threading.Event]] = {}  # key -> the stop flags of its running jobs
         self._cancel_lock = threading.Lock()
         self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
         self.warmups = 0
@@ -142,8 +143,9 @@ class Studio:
             yield from self._wait(lease, stop.is_set)
             lease.progress()
             for text in backend.stream(model, messages, stop):
-                lease.progress()  # the watchdog's sign of life (see healthy())
-                yield Token(text)
+                lease.progress()  # the watchdog's sign of life (see healthy()); "" is a heartbeat without text
+                if text:
+                    yield Token(text)
         finally:
             lease.release()
             if backend is self.ollama:
@@ -273,19 +275,39 @@ class Studio:
                 log.warning("preload failed model=%s error=%s", name, exc)
 
     # -- cancel, status ------------------------------------------------------------------------------
-    def cancel_event(self, key: str) -> threading.Event:
+    @contextmanager
+    def cancel_scope(self, key: str) -> Iterator[threading.Event]:
+        """A stop flag for one job, registered under `key` (e.g. "chat:<session>") while the job runs.
+
+        Each job gets its own flag, so a second job of the same session does not replace the first's (which
+        then could no longer be stopped), and the flag is dropped when the job ends: nothing accumulates.
+        `cancel(key)` sets the flags of every job under the key.
+        """
+        ev = threading.Event()
         with self._cancel_lock:
-            ev = threading.Event()
-            self._cancel[key] = ev
-            return ev
+            self._cancel.setdefault(key, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            with self._cancel_lock:
+                jobs = self._cancel.get(key)
+                if jobs is not None:
+                    jobs.discard(ev)
+                    if not jobs:
+                        del self._cancel[key]
 
     def cancel(self, key: str) -> bool:
+        """Stop every running job under `key`; False when there is none."""
         with self._cancel_lock:
-            ev = self._cancel.get(key)
-        if ev is None:
-            return False
-        ev.set()
-        return True
+            jobs = list(self._cancel.get(key, ()))
+        for ev in jobs:
+            ev.set()
+        return bool(jobs)
+
+    def cancel_jobs(self) -> int:
+        """How many jobs can be cancelled now (for tests and /status)."""
+        with self._cancel_lock:
+            return sum(len(v) for v in self._cancel.values())
 
     def status(self) -> dict:
         st = self.arbiter.status()
