@@ -19,7 +19,8 @@ import httpx
 import ollama
 
 from clair.config import Config
-from clair.errors import Cancelled, ChatUnavailable, EvictionFailed, load_failure
+from clair.errors import Cancelled, ChatUnavailable, EvictionFailed, expected_load_failure, load_failure
+from clair.loadgate import LoadGate, source_fingerprint
 
 log = logging.getLogger("clair.chat")
 GiB = 1024**3
@@ -302,17 +303,26 @@ class LocalChat:
         self._model = None
         self._tok = None
         self._swap = None
-        self._error: str | None = None
-        self._error_at = 0.0
+        # A failed load is remembered: requests get its reason at once until a re-check (see clair/loadgate.py).
+        self.gate = LoadGate(lambda: source_fingerprint(self.model_id, "config.json"))
 
     @property
     def label(self) -> str:
         return "tiny (random weights)" if self.model_id == "tiny" else self.model_id
 
     def problem(self, model: str | None = None) -> str | None:
-        if self._error and time.monotonic() - self._error_at < 30:
-            return self._error
-        return None
+        """Why the model cannot be loaded, until a load succeeds (None when it loaded or was not tried yet)."""
+        return self.gate.problem
+
+    def blocked(self) -> str | None:
+        """The known load failure while no new attempt is due (a due re-check runs in the background)."""
+        if self._model is not None:
+            return None
+        return self.gate.blocked(recheck=self._load_now)
+
+    def _load_now(self) -> None:
+        with self._lock:
+            self._load_locked()
 
     def models(self) -> list[str]:
         return [self.label]
@@ -325,8 +335,10 @@ class LocalChat:
         """Load to host memory (raises ChatUnavailable with what to do). No GPU is touched."""
         if self._model is not None:
             return  # loaded: don't queue behind a reply that is streaming under the lock
-        with self._lock:
-            self._load_locked()
+        known = self.blocked()
+        if known:
+            raise ChatUnavailable(known)
+        self._load_now()
 
     def _load_locked(self):
         if self._model is not None:
@@ -355,14 +367,20 @@ class LocalChat:
                 tok = AutoTokenizer.from_pretrained(source)
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as exc:
-            self._error = load_failure("in-process chat model", self.model_id, exc, "CLAIR_LOCAL_CHAT_MODEL")
-            self._error += " Or start Ollama: chat uses it whenever it answers."
-            self._error_at = time.monotonic()
-            raise ChatUnavailable(self._error) from None
+            problem = load_failure("in-process chat model", self.model_id, exc, "CLAIR_LOCAL_CHAT_MODEL")
+            problem += " Or start Ollama: chat uses it whenever it answers."
+            self.gate.failed(problem)
+            if expected_load_failure(exc):  # offline, a missing folder: the reason is enough, the trace is noise
+                log.warning("in-process chat model unavailable model=%s: %s", self.model_id, problem)
+                log.debug("in-process chat model load failed model=%s", self.model_id, exc_info=True)
+            else:
+                log.exception("in-process chat model load failed model=%s", self.model_id)
+            raise ChatUnavailable(problem) from None
         model.eval()
         self._swap = gpu.WeightSwap([model], self.cfg.pinned_offload)
         self._swap.prepare()
-        self._model, self._tok, self._error = model, tok, None
+        self._model, self._tok = model, tok
+        self.gate.succeeded()
         log.info(
             "local chat model loaded model=%s s=%.2f gib=%.2f",
             self.model_id,
@@ -382,6 +400,9 @@ class LocalChat:
 
         The caller holds its GPU lease meanwhile, so the wait must stay cancellable (`stop`) and visibly alive.
         """
+        known = self.blocked()
+        if known:
+            raise ChatUnavailable(known)
         # Another reply may be generating: one generate() at a time. Wait for it cancellably, never blocked.
         while not self._lock.acquire(timeout=0.25):
             if stop.is_set():

@@ -27,7 +27,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from clair import gpu
 from clair.config import Config
-from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, load_failure
+from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, expected_load_failure, load_failure
+from clair.loadgate import LoadGate, source_fingerprint
 
 log = logging.getLogger("clair.image")
 GiB = 1024**3
@@ -90,8 +91,8 @@ class ImageEngine:
         self._lock = threading.Lock()  # guards loading; a pipeline also never runs two calls at once
         self._pipe = None
         self._swap: gpu.WeightSwap | None = None
-        self._error: str | None = None
-        self._error_at = 0.0
+        # A failed load is remembered: requests get its reason at once until a re-check (see clair/loadgate.py).
+        self.gate = LoadGate(lambda: source_fingerprint(self.model_id, "model_index.json"))
         self._per_mpx: float | None = None  # learned from real renders on CUDA
         self.oom_recoveries = 0  # renders that ran out of memory and then succeeded with a fallback
         self.oom_failures = 0  # renders that ran out of memory with every fallback
@@ -101,10 +102,8 @@ class ImageEngine:
         return "tiny (random weights)" if self.model_id == "tiny" else self.model_id
 
     def problem(self) -> str | None:
-        """The last load failure, for 30 s (then the next render tries again)."""
-        if self._error and time.monotonic() - self._error_at < 30:
-            return self._error
-        return None
+        """Why the model cannot be loaded, until a load succeeds (None when it loaded or was not tried yet)."""
+        return self.gate.problem
 
     # -- memory ------------------------------------------------------------------------------------
     def footprint(self, width: int, height: int) -> tuple[int, int]:
@@ -121,8 +120,16 @@ class ImageEngine:
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self):
+        """The pipeline, loaded into host memory now if need be. Raises ImageModelUnavailable with what to do:
+        at once while an earlier failure is known and not due for a re-check (clair/loadgate.py)."""
         if self._pipe is not None:
             return self._pipe  # loaded: don't block behind a render that holds the lock
+        known = self.gate.blocked(recheck=self._load_now)
+        if known:
+            raise ImageModelUnavailable(known)
+        return self._load_now()
+
+    def _load_now(self):
         with self._lock:
             return self._load_locked()
 
@@ -132,19 +139,24 @@ class ImageEngine:
         t0 = time.monotonic()
         try:
             pipe = self._build()
-        except ImageModelUnavailable as exc:
-            self._error, self._error_at = str(exc), time.monotonic()
-            raise
         except Exception as exc:
-            self._error = load_failure("image model", self.model_id, exc, "CLAIR_IMAGE_MODEL")
-            self._error_at = time.monotonic()
-            log.exception("image model load failed model=%s", self.model_id)
-            raise ImageModelUnavailable(self._error) from None
+            if isinstance(exc, ImageModelUnavailable):
+                problem = str(exc)
+            else:
+                problem = load_failure("image model", self.model_id, exc, "CLAIR_IMAGE_MODEL")
+            self.gate.failed(problem)
+            if expected_load_failure(exc):  # offline, a missing folder: the reason is enough, the trace is noise
+                log.warning("image model unavailable model=%s: %s", self.model_id, problem)
+                log.debug("image model load failed model=%s", self.model_id, exc_info=True)
+            else:
+                log.exception("image model load failed model=%s", self.model_id)
+            raise ImageModelUnavailable(problem) from None
         pipe.set_progress_bar_config(disable=True)
         modules = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
         self._swap = gpu.WeightSwap([m for m in modules if m is not None], self.cfg.pinned_offload)
         self._swap.prepare()
-        self._pipe, self._error = pipe, None
+        self._pipe = pipe
+        self.gate.succeeded()
         log.info(
             "image model loaded model=%s s=%.2f gib=%.2f", self.model_id, time.monotonic() - t0, self._swap.nbytes / GiB
         )
@@ -200,6 +212,7 @@ class ImageEngine:
         """
         import torch
 
+        self.load()  # at once with the known problem while a load failure stands
         with self._lock:
             pipe = self._load_locked()
             assert self._swap is not None
@@ -358,6 +371,9 @@ def read_metadata(path: str | Path) -> dict:
         return json.loads(im.text["clair"]) if "clair" in getattr(im, "text", {}) else dict(im.text)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """One line of an exception for the log, cut at a word (never mid-word) with an ellipsis."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return text

@@ -124,12 +124,15 @@ class Studio:
         messages.append({"role": "user", "content": message})
 
         backend, problem = self.chat_backend(fresh=True, model=model)
-        if problem:
+        if problem and backend is not self.local:  # the local engine answers for itself, below
             raise ChatUnavailable(problem)
         model = model or (self.cfg.chat_model if backend is self.ollama else self.local.label)
         if backend is self.ollama:
             self._sync_ollama()
         if backend is self.local and not self.local.loaded:
+            known = self.local.blocked()  # a known load failure: answered at once, re-checked in the background
+            if known:
+                raise ChatUnavailable(known)
             yield Waiting(0, 0.0, f"Loading the in-process chat model ({self.local.label})")
             self.local.load()  # from disk to host memory, before taking the GPU
         stop = stop or threading.Event()
