@@ -91,7 +91,8 @@ def _preload_then_ready(studio, url: str) -> None:
 def _warn_without_cuda(cfg: config.Config) -> None:
     from clair import gpu
 
-    real = [m for m in (cfg.image_model, cfg.local_chat_model) if m != "tiny"]
+    models = [cfg.image_model] + ([cfg.local_chat_model] if cfg.chat_backend != "ollama" else [])
+    real = [m for m in models if m != "tiny"]
     if real and not cfg.demo and not gpu.cuda():
         log.warning(
             "no CUDA device: the real models (%s) will run on the CPU, a render takes minutes. Check the NVIDIA "

@@ -26,7 +26,7 @@ from clair import gpu
 from clair.arbiter import Arbiter, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat, flatten_history
 from clair.config import Config
-from clair.errors import BadRequest, ChatUnavailable
+from clair.errors import BadRequest, ChatUnavailable, ClairError
 from clair.image import ImageEngine, RenderParams
 
 log = logging.getLogger("clair.studio")
@@ -274,6 +274,8 @@ class Studio:
         for name, load in jobs:
             try:
                 load()
+            except ClairError as exc:  # the engine has logged why (clair/loadgate.py keeps it for the tabs)
+                log.debug("preload failed model=%s error=%s", name, exc)
             except Exception as exc:
                 log.warning("preload failed model=%s error=%s", name, exc)
 
