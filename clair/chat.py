@@ -321,7 +321,11 @@ class LocalChat:
         return self.gate.blocked(recheck=self._load_now)
 
     def _load_now(self) -> None:
+        tried = self.gate.failures
         with self._lock:
+            if self._model is None and self.gate.failures > tried and self.gate.problem:
+                # Another load (the preload, a re-check) failed while we waited for it: that is the answer.
+                raise ChatUnavailable(self.gate.problem)
             self._load_locked()
 
     def models(self) -> list[str]:

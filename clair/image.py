@@ -130,7 +130,11 @@ class ImageEngine:
         return self._load_now()
 
     def _load_now(self):
+        tried = self.gate.failures
         with self._lock:
+            if self._pipe is None and self.gate.failures > tried and self.gate.problem:
+                # Another load (the preload, a re-check) failed while we waited for it: that is the answer.
+                raise ImageModelUnavailable(self.gate.problem)
             return self._load_locked()
 
     def _load_locked(self):

@@ -176,3 +176,38 @@ def test_warns_at_start_up_when_real_models_have_no_cuda(caplog: pytest.LogCaptu
     caplog.clear()
     main._warn_without_cuda(dataclasses.replace(Config(), demo=True, image_model="tiny", local_chat_model="tiny"))
     assert caplog.text == ""
+
+
+def test_a_request_that_waited_for_a_failing_preload_gets_its_answer(tmp_path, monkeypatch) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    calls: list[str] = []
+    original = StableDiffusionXLPipeline.from_pretrained
+    entered = threading.Event()
+
+    def slow(source, **kwargs):  # the hub client retrying offline, shortened
+        calls.append(source)
+        entered.set()
+        time.sleep(0.3)
+        return original(source, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", slow)
+    engine = ImageEngine(dataclasses.replace(Config(), image_model="example-org/no-such-sdxl", output_dir=str(tmp_path)))
+    errors: list[str] = []
+
+    def load() -> None:
+        try:
+            engine.load()
+        except ImageModelUnavailable as exc:
+            errors.append(str(exc))
+
+    preload = threading.Thread(target=load)
+    preload.start()
+    assert entered.wait(10)
+    request = threading.Thread(target=load)
+    request.start()
+    preload.join(30)
+    request.join(30)
+    assert len(errors) == 2 and errors[0] == errors[1]
+    assert engine.gate.failures == 1  # one attempt, not two: the request took the preload's answer
+    assert len(calls) <= 2  # that attempt's fp16 variant and default weights
