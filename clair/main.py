@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if cfg.log_level != "DEBUG":
+        # Offline, the hub client logs every retry of every file (twice: its own handler and ours); Clair
+        # explains the failure once (clair/loadgate.py).
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     faulthandler.enable()  # a watchdog abort prints every thread's stack to the journal
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -135,7 +135,7 @@ def build(studio: Studio) -> gr.Blocks:
                     reply += event.text
                     yield reply
         except ClairError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None
         if not reply:
             yield ""
 
