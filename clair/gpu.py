@@ -7,7 +7,8 @@
 * `WeightSwap` moves an in-process module (the SDXL pipeline's parts, the local chat model) off and
   onto the GPU. With a pinned host copy made once at load, eviction only re-points the parameters at
   that copy and frees the GPU memory (tens of ms), and restore is one transfer at PCIe speed;
-  `.to()` from pageable memory is 10-35x slower (shared/reference/gpu-measurements.md).
+  `.to()` from pageable memory is 10-35x slower (shared/reference/gpu-measurements.md). The device is a
+  parameter, so the same re-pointing code runs on CPU in the tests (tests/test_weight_swap.py).
 
 Nothing here decides *whether* to swap: that is the arbiter's job.
 """
