@@ -303,6 +303,7 @@ class Lease:
     paused: bool = False  # this lease continues a render that paused (see Arbiter.pause)
     _grant: Grant | None = None
     _tenant_was_resident: bool = False
+    progress_at: float | None = None  # time.monotonic() of the holder's last sign of life (see progress())
 
     @property
     def kind(self) -> Kind:
@@ -366,6 +367,10 @@ class Lease:
 
     def release(self) -> None:
         self.arbiter._release(self)
+
+    def progress(self) -> None:
+        """The holder is alive: a denoising step, a token. `Arbiter.stalled()` reports holders without it."""
+        self.progress_at = time.monotonic()
 
     def __enter__(self) -> Lease:
         return self.wait(self.arbiter.queue_timeout_s)
@@ -711,6 +716,66 @@ class Arbiter:
                 fn(event, data)
             except Exception:  # a broken listener must not break a hand-over
                 log.exception("arbiter listener failed")
+
+    # -- healing (OOM recovery, the watchdog) ---------------------------------------------------------
+    def evict_idle(self, lease: Lease) -> tuple[str, ...]:
+        """Out of memory while `lease` holds the GPU: evict every idle tenant, and let no one new in beside it.
+
+        The lease's need becomes the whole budget, so until it is released nothing is planned beside it
+        (invariant 5 holds: it only conflicts more). Tenants busy with another running request stay.
+        Evictions run outside the lock, as in `_run_evictions`; a failed one leaves its tenant counted.
+        """
+        with self._lock:
+            if lease.req.id not in self._running:
+                return ()
+            if self.budget > 0:
+                lease.req = replace(lease.req, need=max(lease.req.need, self.budget))
+            busy = {ls.req.tenant for ls in self._running.values()}
+            names = [n for n, r in self._residents.items() if n not in busy and not r.evicting]
+            now = time.monotonic()
+            for n in names:
+                self._residents[n] = replace(self._residents[n], evicting=True)
+                self._changed[n] = now
+        evicted: list[str] = []
+        for name in names:
+            tenant = self._tenants.get(name)
+            lease.progress()
+            try:
+                if tenant is not None:
+                    tenant.evict()
+            except Exception as exc:
+                log.warning("out-of-memory eviction failed tenant=%s error=%s", name, exc)
+                with self._lock:
+                    self.stats["evict_failures"] += 1
+                    res = self._residents.get(name)
+                    if res is not None:
+                        self._residents[name] = replace(res, evicting=False)
+                    self._schedule_locked()
+                continue
+            with self._lock:
+                self._residents.pop(name, None)
+                self._changed[name] = time.monotonic()
+                self.stats["swaps"] += 1
+                self._schedule_locked()
+            evicted.append(name)
+        lease.progress()
+        if evicted:
+            log.info("evicted for an out-of-memory retry tenants=%s for=%s", ",".join(evicted), lease.label)
+        return tuple(evicted)
+
+    def stalled(self, stall_s: float) -> list[dict]:
+        """Running leases whose holder showed no sign of life for `stall_s` s (since its grant, the end of
+        its evictions, or its last `progress()`, whichever is latest): a hung render or CUDA call."""
+        out = []
+        with self._lock:
+            wall, mono = time.time(), time.monotonic()
+            for ls in self._running.values():
+                since = wall - max(ls.granted_at or wall, ls.ready_at or 0.0)
+                if ls.progress_at is not None:
+                    since = min(since, mono - ls.progress_at)
+                if since > stall_s:
+                    out.append({"id": ls.req.id, "label": ls.label, "kind": ls.kind, "silent_s": round(since, 1)})
+        return out
 
     # -- what the UI and /status show ------------------------------------------------------------
     def position(self, lease: Lease) -> dict:

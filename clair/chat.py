@@ -19,7 +19,8 @@ import httpx
 import ollama
 
 from clair.config import Config
-from clair.errors import ChatUnavailable, EvictionFailed, load_failure
+from clair.errors import Cancelled, ChatUnavailable, EvictionFailed, expected_load_failure, load_failure
+from clair.loadgate import LoadGate, source_fingerprint
 
 log = logging.getLogger("clair.chat")
 GiB = 1024**3
@@ -302,17 +303,30 @@ class LocalChat:
         self._model = None
         self._tok = None
         self._swap = None
-        self._error: str | None = None
-        self._error_at = 0.0
+        # A failed load is remembered: requests get its reason at once until a re-check (see clair/loadgate.py).
+        self.gate = LoadGate(lambda: source_fingerprint(self.model_id, "config.json"))
 
     @property
     def label(self) -> str:
         return "tiny (random weights)" if self.model_id == "tiny" else self.model_id
 
     def problem(self, model: str | None = None) -> str | None:
-        if self._error and time.monotonic() - self._error_at < 30:
-            return self._error
-        return None
+        """Why the model cannot be loaded, until a load succeeds (None when it loaded or was not tried yet)."""
+        return self.gate.problem
+
+    def blocked(self) -> str | None:
+        """The known load failure while no new attempt is due (a due re-check runs in the background)."""
+        if self._model is not None:
+            return None
+        return self.gate.blocked(recheck=self._load_now)
+
+    def _load_now(self) -> None:
+        tried = self.gate.failures
+        with self._lock:
+            if self._model is None and self.gate.failures > tried and self.gate.problem:
+                # Another load (the preload, a re-check) failed while we waited for it: that is the answer.
+                raise ChatUnavailable(self.gate.problem)
+            self._load_locked()
 
     def models(self) -> list[str]:
         return [self.label]
@@ -325,8 +339,10 @@ class LocalChat:
         """Load to host memory (raises ChatUnavailable with what to do). No GPU is touched."""
         if self._model is not None:
             return  # loaded: don't queue behind a reply that is streaming under the lock
-        with self._lock:
-            self._load_locked()
+        known = self.blocked()
+        if known:
+            raise ChatUnavailable(known)
+        self._load_now()
 
     def _load_locked(self):
         if self._model is not None:
@@ -355,14 +371,20 @@ class LocalChat:
                 tok = AutoTokenizer.from_pretrained(source)
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as exc:
-            self._error = load_failure("in-process chat model", self.model_id, exc, "CLAIR_LOCAL_CHAT_MODEL")
-            self._error += " Or start Ollama: chat uses it whenever it answers."
-            self._error_at = time.monotonic()
-            raise ChatUnavailable(self._error) from None
+            problem = load_failure("in-process chat model", self.model_id, exc, "CLAIR_LOCAL_CHAT_MODEL")
+            problem += " Or start Ollama: chat uses it whenever it answers."
+            self.gate.failed(problem)
+            if expected_load_failure(exc):  # offline, a missing folder: the reason is enough, the trace is noise
+                log.warning("in-process chat model unavailable model=%s: %s", self.model_id, problem)
+                log.debug("in-process chat model load failed model=%s", self.model_id, exc_info=True)
+            else:
+                log.exception("in-process chat model load failed model=%s", self.model_id)
+            raise ChatUnavailable(problem) from None
         model.eval()
         self._swap = gpu.WeightSwap([model], self.cfg.pinned_offload)
         self._swap.prepare()
-        self._model, self._tok, self._error = model, tok, None
+        self._model, self._tok = model, tok
+        self.gate.succeeded()
         log.info(
             "local chat model loaded model=%s s=%.2f gib=%.2f",
             self.model_id,
@@ -378,60 +400,95 @@ class LocalChat:
         return int(need * 1.15), need  # ~15% for the KV cache and activations while answering
 
     def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
+        """Stream a reply. Yields "" (a heartbeat, no text) while another reply still has the model.
+
+        The caller holds its GPU lease meanwhile, so the wait must stay cancellable (`stop`) and visibly alive.
+        """
+        known = self.blocked()
+        if known:
+            raise ChatUnavailable(known)
+        # Another reply may be generating: one generate() at a time. Wait for it cancellably, never blocked.
+        while not self._lock.acquire(timeout=0.25):
+            if stop.is_set():
+                raise Cancelled("Stopped while waiting for the chat model.")
+            yield ""
+        try:
+            yield from self._stream_locked(messages, stop)
+        finally:
+            self._lock.release()
+
+    def _stream_locked(self, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         from clair import gpu
 
-        with self._lock:
-            self._load_locked()
-            assert self._swap is not None
-            self._swap.restore()
-            model_, tok = self._model, self._tok
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            ids = {k: v.to(model_.device) for k, v in ids.items()}
+        self._load_locked()
+        assert self._swap is not None
+        self._swap.restore()
+        model_, tok = self._model, self._tok
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = {k: v.to(model_.device) for k, v in ids.items()}
 
-            class _Stop(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kwargs):
-                    return stop.is_set()
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
 
-            # timeout: a dead generate() must not hang the reader forever.
-            streamer = token_streamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
-            failure: list[BaseException] = []
+        # timeout: a dead generate() must not hang the reader forever.
+        streamer = token_streamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
+        failure: list[BaseException] = []
 
-            def run():
-                try:
-                    model_.generate(
-                        **ids,
-                        streamer=streamer,
-                        max_new_tokens=min(self.cfg.max_new_tokens, 256 if self.model_id == "tiny" else 4096),
-                        do_sample=True,
-                        temperature=0.8,
-                        stopping_criteria=StoppingCriteriaList([_Stop()]),
-                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                    )
-                except BaseException as exc:  # surfaced to the reader below
-                    failure.append(exc)
-                    streamer.end()
-
-            worker = threading.Thread(target=run, name="local-chat-generate", daemon=True)
-            worker.start()
+        def run():
             try:
-                for text in streamer:
-                    if text:
-                        yield text
-                    if stop.is_set():
-                        break
-            except queue.Empty:
-                raise ChatUnavailable(
-                    "The in-process chat model produced nothing for 120 s and was stopped. Try again; if it "
-                    "repeats, the model may be too large for this machine (CLAIR_LOCAL_CHAT_MODEL)."
-                ) from None
-            finally:
-                stop.set()
-                worker.join(30)
-                gpu.empty_cache()
-            if failure:
-                raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
+                model_.generate(
+                    **ids,
+                    streamer=streamer,
+                    max_new_tokens=min(self.cfg.max_new_tokens, 256 if self.model_id == "tiny" else 4096),
+                    do_sample=True,
+                    temperature=0.8,
+                    stopping_criteria=StoppingCriteriaList([_Stop()]),
+                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                )
+            except BaseException as exc:  # surfaced to the reader below
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="local-chat-generate", daemon=True)
+        worker.start()
+        try:
+            for text in streamer:
+                if text:
+                    yield text
+                if stop.is_set():
+                    break
+        except queue.Empty:
+            raise ChatUnavailable(
+                "The in-process chat model produced nothing for 120 s and was stopped. Try again; if it "
+                "repeats, the model may be too large for this machine (CLAIR_LOCAL_CHAT_MODEL)."
+            ) from None
+        finally:
+            stop.set()
+            self._join(worker)
+            gpu.empty_cache()
+        if failure:
+            raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
+
+    # How often a generate() that ignores the stop flag is reported while we wait for it.
+    STOP_WARN_S = 30.0
+
+    def _join(self, worker: threading.Thread) -> None:
+        """Wait until generate() has really stopped: it uses the GPU until then, so the caller's lease (released
+        after this returns) must stay held. generate() checks the stop flag after every token; one that does not
+        return is a hung GPU, reported here and by the watchdog (the lease shows no progress), never hidden."""
+        t0 = time.monotonic()
+        while True:
+            worker.join(self.STOP_WARN_S)
+            if not worker.is_alive():
+                return
+            log.warning(
+                "the in-process chat model is still generating %.0f s after it was asked to stop; "
+                "its GPU lease stays held until it does",
+                time.monotonic() - t0,
+            )
 
     def evict(self) -> None:
         if self._swap is not None:

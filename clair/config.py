@@ -23,9 +23,22 @@ from typing import Any
 from clair.errors import ConfigError
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, choices: Sequence[str] = (), env: str = ""):
-    """Declare one setting: a dataclass field whose metadata carries its documentation."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": tuple(choices), "env": env})
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: Sequence[str] = (),
+    env: str = "",
+    min: float | None = None,
+    max: float | None = None,
+):
+    """Declare one setting: a dataclass field whose metadata carries its documentation.
+
+    `min`/`max` bound a number (inclusive); `validate()` refuses anything outside, NaN and infinities included.
+    """
+    meta = {"help": help, "flag": flag, "choices": tuple(choices), "env": env, "min": min, "max": max}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -36,7 +49,7 @@ class Config:
         "Address to serve on. Any address but loopback needs users (python app.py adduser NAME).",
         flag="--host",
     )
-    port: int = setting(7860, "Port to serve on.", flag="--port")
+    port: int = setting(7860, "Port to serve on.", flag="--port", min=1, max=65535)
     listen: bool = setting(
         False, "Serve every interface (host 0.0.0.0), so the other machines on the LAN can open Clair.", flag="--listen"
     )
@@ -55,13 +68,17 @@ class Config:
         "Extra host names clients may use to reach Clair (comma-separated), e.g. a reverse proxy's name. "
         "Loopback, this machine's name and its addresses are always allowed.",
     )
-    session_hours: float = setting(12.0, "A login lasts this many hours; then the browser asks again.")
+    session_hours: float = setting(
+        12.0, "A login lasts this many hours; then the browser asks again.", min=0.01, max=24 * 365
+    )
     tls_cert: str = setting("", "TLS certificate file (PEM). With CLAIR_TLS_KEY, Clair serves https.")
     tls_key: str = setting("", "TLS private key file (PEM) for CLAIR_TLS_CERT.")
     max_connections: int = setting(
         256,
         "Most connections served at once (uvicorn limit_concurrency); past it new ones get 503. One address "
         "may hold a quarter of them. Keep it well under the service's LimitNOFILE.",
+        min=8,
+        max=65_536,
     )
     demo: bool = setting(
         False,
@@ -88,12 +105,13 @@ class Config:
         4096,
         "Context length sent as options.num_ctx with every chat. Pinned so Ollama does not size the "
         "KV cache from free VRAM and blow the budget.",
+        min=256, max=1_048_576,
     )
     keep_alive: str = setting(
         "30m", "How long Ollama keeps the chat model loaded when idle: Go duration (30m, 1h) or seconds."
     )
     system_prompt: str = setting("You are a helpful assistant.", "Default system prompt for new chats.")
-    max_new_tokens: int = setting(1024, "Longest reply, in tokens (options.num_predict for Ollama).")
+    max_new_tokens: int = setting(1024, "Longest reply, in tokens (options.num_predict for Ollama).", min=1, max=131_072)
     ollama_host: str = setting(
         "127.0.0.1:11434", "Where Ollama listens (Ollama's own variable, read the same way).", env="OLLAMA_HOST"
     )
@@ -104,14 +122,16 @@ class Config:
         choices=("auto", "yes", "no"),
     )
     ollama_timeout_s: float = setting(
-        120.0, "Longest silence tolerated from Ollama while it loads or streams, in seconds."
+        120.0, "Longest silence tolerated from Ollama while it loads or streams, in seconds.",
+        min=1, max=86_400,
     )
     preload: bool = setting(
         True, "Load the models into host memory at start-up (not onto the GPU), so the first request is quick."
     )
     warmup: bool = setting(True, "Reload the chat model in the background after a render evicted it.")
     warmup_delay_s: float = setting(
-        2.0, "Seconds to wait after a render before that reload, so renders in quick succession skip it."
+        2.0, "Seconds to wait after a render before that reload, so renders in quick succession skip it.",
+        min=0, max=3600,
     )
 
     # --- images --------------------------------------------------------------------------------
@@ -121,7 +141,7 @@ class Config:
         flag="--image-model",
     )
     output_dir: str = setting("outputs", "Where rendered PNGs are saved (with their parameters).", flag="--output-dir")
-    gallery_size: int = setting(24, "How many recent images the gallery shows.")
+    gallery_size: int = setting(24, "How many recent images the gallery shows.", min=0, max=1000)
 
     # --- the GPU arbiter -----------------------------------------------------------------------
     gpu_policy: str = setting(
@@ -136,8 +156,10 @@ class Config:
         "VRAM ceiling Clair keeps to, in GB (GiB, as nvidia-smi counts). 0 = the device's total less vram_reserve_gb; without "
         "CUDA, 0 means unknown, so nothing is assumed to fit beside a render.",
         flag="--vram-budget-gb",
+        min=0,
+        max=4096,
     )
-    vram_reserve_gb: float = setting(1.5, "Safety margin left free when the budget is derived from the device.")
+    vram_reserve_gb: float = setting(1.5, "Safety margin left free when the budget is derived from the device.", min=0, max=4096)
     pinned_offload: str = setting(
         "auto",
         "Keep a pinned host copy of in-process weights for fast swaps. auto checks free RAM first.",
@@ -159,13 +181,27 @@ class Config:
         3.0,
         "After a pause, a render runs at least this many seconds before it may pause again. Lower: chats wait "
         "less behind a render; higher: renders finish sooner under a stream of chats.",
+        min=0,
+        max=3600,
     )
     max_preemptions: int = setting(
-        3, "A render pauses for chats at most this many times; after that, chats wait for it to finish."
+        3,
+        "A render pauses for chats at most this many times; after that, chats wait for it to finish.",
+        min=0,
+        max=100,
     )
-    evict_timeout_s: float = setting(60.0, "How long to wait for Ollama to free the GPU before giving up.")
-    queue_timeout_s: float = setting(900.0, "How long a request may wait for the GPU before it is refused.")
-    queue_slots: int = setting(16, "GPU requests the web queue lets in at once (the rest wait in Gradio's queue).")
+    evict_timeout_s: float = setting(60.0, "How long to wait for Ollama to free the GPU before giving up.", min=1, max=3600)
+    queue_timeout_s: float = setting(900.0, "How long a request may wait for the GPU before it is refused.", min=1, max=86_400)
+    stall_s: float = setting(
+        300.0,
+        "Watchdog: a GPU holder that makes no progress (no denoising step, no token) for this many seconds makes "
+        "/healthz fail, and systemd restarts Clair. Shorter heals a hung GPU sooner but risks restarting a slow "
+        "step (a huge image on a slow card); it must exceed twice CLAIR_EVICT_TIMEOUT_S and CLAIR_OLLAMA_TIMEOUT_S. "
+        "0 turns the check off.",
+        min=0,
+        max=86_400,
+    )
+    queue_slots: int = setting(16, "GPU requests the web queue lets in at once (the rest wait in Gradio's queue).", min=1, max=1024)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -364,12 +400,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError("CLAIR_MAX_CONNECTIONS must be at least 8 (a browser tab holds a few).")
     if not 1 <= cfg.port <= 65535:
         raise ConfigError(f"CLAIR_PORT={cfg.port} is not a TCP port.")
-    if not cfg.render_slice_s >= 0 or cfg.render_slice_s == float("inf"):
-        raise ConfigError(f"CLAIR_RENDER_SLICE_S={cfg.render_slice_s} must be a number of seconds, 0 or more.")
-    if cfg.max_preemptions < 0:
-        raise ConfigError(f"CLAIR_MAX_PREEMPTIONS={cfg.max_preemptions} must be 0 or more (0: never pause).")
     if cfg.queue_slots < 1:
         raise ConfigError("CLAIR_QUEUE_SLOTS must be at least 1.")
+    for f in fields():  # every number within its declared range: NaN and infinities fail every comparison
+        lo, hi = f.metadata["min"], f.metadata["max"]
+        value = getattr(cfg, f.name)
+        if (lo is None and hi is None) or isinstance(value, bool):
+            continue
+        if not ((lo is None or value >= lo) and (hi is None or value <= hi)):
+            span = f"from {lo:g} to {hi:g}" if lo is not None and hi is not None else f"at least {lo:g}" if lo is not None else f"at most {hi:g}"
+            raise ConfigError(f"{env_name(f)}={value!r} is out of range: use a number {span}.")
+    if cfg.stall_s and cfg.stall_s <= max(2 * cfg.evict_timeout_s, cfg.ollama_timeout_s):
+        raise ConfigError(
+            f"CLAIR_STALL_S={cfg.stall_s:g} is too short: a healthy eviction may take twice CLAIR_EVICT_TIMEOUT_S "
+            f"({2 * cfg.evict_timeout_s:g} s) and Ollama may stay silent for CLAIR_OLLAMA_TIMEOUT_S "
+            f"({cfg.ollama_timeout_s:g} s). Use more than both, or 0 to turn the check off."
+        )
 
 
 def env_example() -> str:

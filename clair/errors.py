@@ -33,6 +33,15 @@ def load_failure(what: str, model: str, exc: BaseException, setting: str) -> str
     return f"Could not load the {what} {model}: {text}{sep}Check {setting} (a hub id, a local folder, or `tiny`)."
 
 
+def expected_load_failure(exc: BaseException) -> bool:
+    """A load failure that is a known condition (offline, a missing folder or file), not a bug: its traceback
+    belongs at DEBUG, the explanation at WARNING."""
+    if isinstance(exc, (FileNotFoundError, ClairError)):
+        return True
+    text = " ".join(str(exc).split()).lower()
+    return any(hint in text for hint in (*_OFFLINE_HINTS, "couldn't connect", "not a valid model identifier"))
+
+
 class ClairError(Exception):
     """Base class. `str(err)` is the user-facing message."""
 

@@ -7,7 +7,8 @@
 * `WeightSwap` moves an in-process module (the SDXL pipeline's parts, the local chat model) off and
   onto the GPU. With a pinned host copy made once at load, eviction only re-points the parameters at
   that copy and frees the GPU memory (tens of ms), and restore is one transfer at PCIe speed;
-  `.to()` from pageable memory is 10-35x slower (shared/reference/gpu-measurements.md).
+  `.to()` from pageable memory is 10-35x slower (shared/reference/gpu-measurements.md). The device is a
+  parameter, so the same re-pointing code runs on CPU in the tests (tests/test_weight_swap.py).
 
 Nothing here decides *whether* to swap: that is the arbiter's job.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Iterable
 
 import psutil
@@ -101,11 +103,21 @@ def peak_reserved() -> int:
 
 
 def module_bytes(modules: Iterable[torch.nn.Module]) -> int:
+    """Bytes of the modules' parameters and buffers, each tensor counted once (tied weights are one)."""
     total = 0
+    for t in _unique_tensors(modules):
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _unique_tensors(modules: Iterable[torch.nn.Module]):
+    """Every parameter and buffer of `modules` once, even when modules share (tie) a Parameter object."""
+    seen: set[int] = set()
     for m in modules:
         for t in [*m.parameters(), *m.buffers()]:
-            total += t.numel() * t.element_size()
-    return total
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield t
 
 
 def pinned_allowed(mode: str, nbytes: int) -> bool:
@@ -126,67 +138,112 @@ def pinned_allowed(mode: str, nbytes: int) -> bool:
 
 
 class WeightSwap:
-    """Moves modules between the GPU and host memory, as fast as the host copy allows.
+    """Moves modules between a device (the GPU) and host memory, as fast as the host copy allows.
 
-    Weights never change at inference, so the pinned host copy made at `prepare()` stays valid: evicting
-    only re-points each tensor at it, and restoring copies it back in one pass of non-blocking
-    transfers. Without CUDA every method is a no-op: the modules live on the CPU anyway.
+    Weights never change at inference, so the host copy made at `prepare()` stays valid: evicting only
+    re-points each tensor's `.data` at it (the `nn.Parameter` objects stay the same objects, so tied
+    weights stay tied and optimisers/hooks keep their references), and restoring copies it back in one
+    pass of non-blocking transfers.
+
+    `device` is where restore() puts the weights: None means CUDA when there is one, else nothing to do
+    (the modules live on the CPU anyway; every method returns at once). Any other device runs the same
+    re-pointing code: the tests use `"cpu"`, where the device copy is a second host tensor,
+    so the logic behind the fast swap runs in every test run. Only pinning (`pin_memory()`) and the
+    transfer speed need a GPU; bench/gpu.py measures those.
+
+    Modes (`pinned_mode`, CLAIR_PINNED_OFFLOAD): with a host copy ("on", or "auto" when RAM allows) eviction
+    re-points and restore copies; "off" moves the modules with `.to()` (no second copy held while the
+    weights are on the device, at pageable speed). On a CUDA device the host copy is pinned.
     """
 
-    def __init__(self, modules: Iterable[torch.nn.Module], pinned_mode: str = "auto"):
+    def __init__(
+        self,
+        modules: Iterable[torch.nn.Module],
+        pinned_mode: str = "auto",
+        device: str | torch.device | None = None,
+    ):
         self.modules = [m for m in modules if m is not None]
         self.nbytes = module_bytes(self.modules)
-        self.pinned = pinned_allowed(pinned_mode, self.nbytes)
-        self._host: dict[int, torch.Tensor] = {}  # id(tensor slot) -> pinned copy
-        self.on_gpu = False
+        if device is None:
+            self.device = torch.device("cuda") if cuda() else None
+        else:
+            self.device = torch.device(device)
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        if on_cuda:
+            self.host_copy = pinned_allowed(pinned_mode, self.nbytes)
+        else:
+            self.host_copy = self.device is not None and pinned_mode != "off"
+        self.pinned = self.host_copy and on_cuda  # page-locked host memory: only a CUDA device has it
+        # id(tensor) -> (the tensor itself, weakly, and its host copy). The weak reference tells a live
+        # tensor from a new one that reuses a freed tensor's id.
+        self._host: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self.on_gpu = False  # the weights are on `device` (the name predates non-CUDA devices)
+
+    @property
+    def active(self) -> bool:
+        """False when there is no device to swap to (CPU-only torch, no device given)."""
+        return self.device is not None
 
     def _tensors(self):
-        for m in self.modules:
-            yield from m.parameters()
-            yield from m.buffers()
+        return _unique_tensors(self.modules)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        host = t.data.to("cpu")
+        return host.pin_memory() if self.pinned else host
 
     def prepare(self) -> None:
-        """Make the pinned host copy (once, at load). Moves nothing to the GPU."""
-        if not self.pinned or self._host:
+        """Make the host copy (once, at load). Moves nothing to the device."""
+        if not self.host_copy or self._host:
             return
         t0 = time.monotonic()
         for t in self._tensors():
-            pinned = t.data.to("cpu").pin_memory()
-            self._host[id(t)] = pinned
+            host = self._to_host(t)
+            self._host[id(t)] = (weakref.ref(t), host)
             if not self.on_gpu:
-                t.data = pinned  # the weights live in the pinned copy: one copy in host RAM, not two
-        log.info("pinned host copy made gib=%.2f s=%.2f", self.nbytes / GiB, time.monotonic() - t0)
+                t.data = host  # the weights live in the host copy: one copy in host RAM, not two
+        log.info(
+            "host copy made pinned=%s gib=%.2f s=%.2f", self.pinned, self.nbytes / GiB, time.monotonic() - t0
+        )
 
-    def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
-        """The pinned copy of `t`, made now if prepare() did not copy this tensor object.
+    def _host_copy(self, t: torch.Tensor, live: dict) -> torch.Tensor:
+        """The host copy of `t` in t's current dtype, made now if there is none for this tensor object.
 
         Parameters keep their identity through `module.to(dtype)` (diffusers' VAE upcast), but a float buffer
-        is replaced by a new object (a Llama's rotary `inv_freq` after `model.half()`, say): its id is then
-        unknown (a KeyError half-way through evict(), which left the swap stuck) or recycled from a freed
-        tensor. A shape check catches the recycled case. The dtype is deliberately not compared: a VAE left
-        fp32 by a failed decode is put back on its fp16 copy, as before.
+        is replaced by a new object (a Llama's rotary `inv_freq` after `model.half()`, say): it gets a copy
+        of its own, and the old object's copy is dropped (`live` keeps only the tensors seen in this pass).
+        A tensor whose dtype changed since its copy was made (a VAE cast to fp32 after restore) is copied
+        back from the device as it is now, so a round trip returns it bit-identical in its current dtype.
         """
-        host = self._host.get(id(t))
-        if host is None or host.shape != t.shape:
-            host = self._host[id(t)] = t.data.to("cpu").pin_memory()
-        return host
+        entry = self._host.get(id(t))
+        if entry is None or entry[0]() is not t or entry[1].dtype != t.dtype or entry[1].shape != t.shape:
+            entry = (weakref.ref(t), self._to_host(t))
+        live[id(t)] = entry
+        return entry[1]
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def restore(self) -> float:
-        """Put the weights on the GPU; returns seconds taken."""
-        if not cuda() or self.on_gpu:
+        """Put the weights on the device; returns seconds taken."""
+        if self.device is None or self.on_gpu:
             return 0.0
         t0 = time.monotonic()
-        # Counted as on the GPU from the first tensor moved, so that evict() brings every tensor back.
+        # Counted as on the device from the first tensor moved, so that evict() brings every tensor back.
         self.on_gpu = True
         try:
-            if self.pinned:
+            if self.host_copy:
                 self.prepare()
+                live: dict = {}
                 for t in self._tensors():
-                    t.data = self._host_copy(t).to("cuda", non_blocking=True)
-                torch.cuda.synchronize()
+                    host = self._host_copy(t, live)
+                    # copy=True: to a "cpu" device the copy must still be a tensor of its own.
+                    t.data = host.to(self.device, non_blocking=self.pinned, copy=True)
+                self._host = live
+                self._sync()
             else:
                 for m in self.modules:
-                    m.to("cuda")
+                    m.to(self.device)
         except BaseException:
             # A copy that failed half-way (out of memory) left the modules split across devices with on_gpu
             # True: every later restore() returned at once and the next forward failed on mixed devices until
@@ -199,17 +256,24 @@ class WeightSwap:
         return time.monotonic() - t0
 
     def evict(self) -> float:
-        """Free the GPU memory the weights hold; returns seconds taken."""
-        if not cuda() or not self.on_gpu:
+        """Free the device memory the weights hold; returns seconds taken."""
+        if self.device is None or not self.on_gpu:
             return 0.0
         t0 = time.monotonic()
-        if self.pinned:
+        if self.host_copy:
+            live: dict = {}
             for t in self._tensors():
-                t.data = self._host_copy(t)  # the copy is identical: weights never change at inference
+                t.data = self._host_copy(t, live)  # the copy is identical: weights never change at inference
+            self._host = live  # copies of tensors no longer in the modules are let go
         else:
             for m in self.modules:
                 m.to("cpu")
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        self._sync()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.on_gpu = False
         return time.monotonic() - t0
+
+    def host_bytes(self) -> int:
+        """Bytes held in host copies now (for the leak checks)."""
+        return sum(h.numel() * h.element_size() for _, h in self._host.values())

@@ -10,6 +10,7 @@ This module does not decide when to use the GPU: callers hold an arbiter lease a
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from clair import gpu
 from clair.config import Config
-from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, load_failure
+from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, expected_load_failure, load_failure
+from clair.loadgate import LoadGate, source_fingerprint
 
 log = logging.getLogger("clair.image")
 GiB = 1024**3
@@ -38,6 +40,8 @@ SDXL_WEIGHTS = int(6.46 * GiB)
 PRIOR_OVERHEAD = int(0.5 * GiB)
 PRIOR_PER_MPX = 9.0 * GiB
 MAX_SEED = 2**32 - 1
+# Tried in this order after an out-of-memory error (see ImageEngine.render).
+FALLBACKS = ("vae-tiling", "cpu-offload")
 
 
 @dataclass(frozen=True)
@@ -87,19 +91,19 @@ class ImageEngine:
         self._lock = threading.Lock()  # guards loading; a pipeline also never runs two calls at once
         self._pipe = None
         self._swap: gpu.WeightSwap | None = None
-        self._error: str | None = None
-        self._error_at = 0.0
+        # A failed load is remembered: requests get its reason at once until a re-check (see clair/loadgate.py).
+        self.gate = LoadGate(lambda: source_fingerprint(self.model_id, "model_index.json"))
         self._per_mpx: float | None = None  # learned from real renders on CUDA
+        self.oom_recoveries = 0  # renders that ran out of memory and then succeeded with a fallback
+        self.oom_failures = 0  # renders that ran out of memory with every fallback
 
     @property
     def label(self) -> str:
         return "tiny (random weights)" if self.model_id == "tiny" else self.model_id
 
     def problem(self) -> str | None:
-        """The last load failure, for 30 s (then the next render tries again)."""
-        if self._error and time.monotonic() - self._error_at < 30:
-            return self._error
-        return None
+        """Why the model cannot be loaded, until a load succeeds (None when it loaded or was not tried yet)."""
+        return self.gate.problem
 
     # -- memory ------------------------------------------------------------------------------------
     def footprint(self, width: int, height: int) -> tuple[int, int]:
@@ -116,9 +120,21 @@ class ImageEngine:
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self):
+        """The pipeline, loaded into host memory now if need be. Raises ImageModelUnavailable with what to do:
+        at once while an earlier failure is known and not due for a re-check (clair/loadgate.py)."""
         if self._pipe is not None:
             return self._pipe  # loaded: don't block behind a render that holds the lock
+        known = self.gate.blocked(recheck=self._load_now)
+        if known:
+            raise ImageModelUnavailable(known)
+        return self._load_now()
+
+    def _load_now(self):
+        tried = self.gate.failures
         with self._lock:
+            if self._pipe is None and self.gate.failures > tried and self.gate.problem:
+                # Another load (the preload, a re-check) failed while we waited for it: that is the answer.
+                raise ImageModelUnavailable(self.gate.problem)
             return self._load_locked()
 
     def _load_locked(self):
@@ -127,19 +143,24 @@ class ImageEngine:
         t0 = time.monotonic()
         try:
             pipe = self._build()
-        except ImageModelUnavailable as exc:
-            self._error, self._error_at = str(exc), time.monotonic()
-            raise
         except Exception as exc:
-            self._error = load_failure("image model", self.model_id, exc, "CLAIR_IMAGE_MODEL")
-            self._error_at = time.monotonic()
-            log.exception("image model load failed model=%s", self.model_id)
-            raise ImageModelUnavailable(self._error) from None
+            if isinstance(exc, ImageModelUnavailable):
+                problem = str(exc)
+            else:
+                problem = load_failure("image model", self.model_id, exc, "CLAIR_IMAGE_MODEL")
+            self.gate.failed(problem)
+            if expected_load_failure(exc):  # offline, a missing folder: the reason is enough, the trace is noise
+                log.warning("image model unavailable model=%s: %s", self.model_id, problem)
+                log.debug("image model load failed model=%s", self.model_id, exc_info=True)
+            else:
+                log.exception("image model load failed model=%s", self.model_id)
+            raise ImageModelUnavailable(problem) from None
         pipe.set_progress_bar_config(disable=True)
         modules = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
         self._swap = gpu.WeightSwap([m for m in modules if m is not None], self.cfg.pinned_offload)
         self._swap.prepare()
-        self._pipe, self._error = pipe, None
+        self._pipe = pipe
+        self.gate.succeeded()
         log.info(
             "image model loaded model=%s s=%.2f gib=%.2f", self.model_id, time.monotonic() - t0, self._swap.nbytes / GiB
         )
@@ -190,6 +211,7 @@ class ImageEngine:
         on_step: Callable[[int, int], None] = lambda step, total: None,
         cancelled: Callable[[], bool] = lambda: False,
         checkpoint: Callable[[int, int], None] = lambda step, total: None,
+        on_oom: Callable[[], None] | None = None,
     ) -> tuple[Image.Image, dict]:
         """Render on the GPU the caller's lease holds. Returns the image and timings/memory facts.
 
@@ -197,65 +219,135 @@ class ImageEngine:
         the render is paused for a chat (Studio.render). Everything the denoising loop carries (latents,
         the scheduler's position, the generator, the prompt embeddings) stays in this call meanwhile, so a
         paused render gives the very same image; only the weights may leave the GPU (see `restore`).
+
+        Out of memory, it heals itself (facts["fallback"] says how): it lets go of everything the failed
+        attempt held, asks `on_oom()` to evict every other tenant from the GPU, and tries again with VAE
+        tiling, then with model CPU offload. Only when all three fail does it raise, with what to do.
         """
         import torch
 
+        self.load()  # at once with the known problem while a load failure stands
         with self._lock:
             pipe = self._load_locked()
             assert self._swap is not None
-            generator = torch.Generator("cpu").manual_seed(params.seed)
+            for attempt, fallback in enumerate((None, *FALLBACKS)):
+                out_of_memory = False
+                try:
+                    image, facts = self._render_once(pipe, params, on_step, cancelled, checkpoint, fallback)
+                except torch.OutOfMemoryError as exc:
+                    # Only a flag here: raising (or retrying) inside `except` keeps the traceback, and with it
+                    # every frame's activations, alive until the block ends.
+                    out_of_memory = True
+                    log.warning(
+                        "render out of memory size=%sx%s fallback=%s: %s",
+                        params.width,
+                        params.height,
+                        fallback or "none",
+                        _short(exc),
+                    )
+                if not out_of_memory:
+                    break
+                # Outside the except block: the failed attempt's frames are gone; give their memory back.
+                gc.collect()
+                gpu.empty_cache()
+                if attempt == 0 and on_oom is not None:
+                    on_oom()  # every other tenant leaves the GPU before the retry
+            if out_of_memory:
+                self.oom_failures += 1
+                raise ImageModelUnavailable(
+                    f"The GPU ran out of memory at {params.width}x{params.height}, even after freeing the GPU for "
+                    "it and retrying with VAE tiling and with model CPU offload. Try a smaller size, or close "
+                    "other programs that use the GPU (check `nvidia-smi`)."
+                )
+            facts["fallback"] = fallback
+            if fallback is not None:
+                self.oom_recoveries += 1
+                log.info("render recovered from out of memory fallback=%s", fallback)
+            return image, facts
 
-            def on_step_end(p, step, timestep, kwargs):
-                on_step(step + 1, params.steps)
+    def _render_once(self, pipe, params: RenderParams, on_step, cancelled, checkpoint, fallback: str | None):
+        import torch
+
+        assert self._swap is not None
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+
+        def on_step_end(p, step, timestep, kwargs):
+            on_step(step + 1, params.steps)
+            if cancelled():
+                raise Cancelled("Render cancelled.")
+            if step + 1 < params.steps and fallback != "cpu-offload":  # no pause before the decode, nor offloaded
+                checkpoint(step + 1, params.steps)
                 if cancelled():
                     raise Cancelled("Render cancelled.")
-                if step + 1 < params.steps:  # no pause after the last step: only the decode is left
-                    checkpoint(step + 1, params.steps)
-                    if cancelled():
-                        raise Cancelled("Render cancelled.")
-                return {}
+            return {}
 
-            try:
+        restore_s = 0.0
+        t0 = time.monotonic()
+        try:
+            if fallback == "cpu-offload":
+                self._offload(pipe)
+            else:
                 restore_s = self._swap.restore()
-                # Empty the cache first: the peak would otherwise start from what an earlier render left
-                # reserved, and a 512² render after a 1024² one would learn a 4x footprint.
-                gpu.empty_cache()
-                gpu.reset_peak()
-                # What this process holds before the render (our weights, an in-process chat model):
-                # only the growth above it is the render's activation peak.
-                baseline = gpu.reserved_now()
-                t0 = time.monotonic()
-                result = pipe(
-                    prompt=params.prompt,
-                    negative_prompt=params.negative_prompt or None,
-                    num_inference_steps=params.steps,
-                    guidance_scale=params.guidance,
-                    width=params.width,
-                    height=params.height,
-                    generator=generator,
-                    callback_on_step_end=on_step_end,
-                )
-            except torch.OutOfMemoryError:
-                raise ImageModelUnavailable(
-                    f"The GPU ran out of memory at {params.width}x{params.height}. Try a smaller size, or lower "
-                    "CLAIR_VRAM_BUDGET_GB so Clair evicts more before rendering."
-                ) from None
-            finally:
-                # The stock SDXL VAE is upcast to fp32 for decoding and cast back afterwards; an error in
-                # between (out of memory at decode, a cancel) would leave it fp32 and break every later render.
-                vae, unet = getattr(pipe, "vae", None), getattr(pipe, "unet", None)
-                if vae is not None and unet is not None and vae.dtype != unet.dtype:
-                    vae.to(dtype=unet.dtype)
-                # Give the activations' cache back: the ledger counts an idle pipeline as its weights only,
-                # and a chat planned beside it must find that memory free.
-                gpu.empty_cache()
-            render_s = time.monotonic() - t0
-            peak = gpu.peak_reserved()
-            if peak and self._swap is not None:
-                mpx = params.width * params.height / 1e6
-                per = max(0.0, peak - baseline) / mpx
-                self._per_mpx = per if self._per_mpx is None else max(per, self._per_mpx)
-            return result.images[0], {"render_s": render_s, "restore_s": restore_s, "peak_reserved_gb": peak / GiB}
+            if fallback == "vae-tiling":
+                pipe.vae.enable_tiling()  # decodes in overlapping tiles: the decode's peak no longer grows with size
+            # Empty the cache first: the peak would otherwise start from what an earlier render left
+            # reserved, and a 512² render after a 1024² one would learn a 4x footprint.
+            gpu.empty_cache()
+            gpu.reset_peak()
+            # What this process holds before the render (our weights, an in-process chat model):
+            # only the growth above it is the render's activation peak.
+            baseline = gpu.reserved_now()
+            t0 = time.monotonic()
+            result = pipe(
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt or None,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance,
+                width=params.width,
+                height=params.height,
+                generator=generator,
+                callback_on_step_end=on_step_end,
+            )
+            image = result.images[0]
+            del result
+        finally:
+            # The stock SDXL VAE is upcast to fp32 for decoding and cast back afterwards; an error in
+            # between (out of memory at decode, a cancel) would leave it fp32 and break every later render.
+            vae, unet = getattr(pipe, "vae", None), getattr(pipe, "unet", None)
+            if vae is not None and unet is not None and vae.dtype != unet.dtype:
+                vae.to(dtype=unet.dtype)
+            if fallback == "vae-tiling" and vae is not None:
+                vae.disable_tiling()  # the next render tries at full quality and speed again
+            if fallback == "cpu-offload":
+                self._end_offload(pipe)
+            # Give the activations' cache back: the ledger counts an idle pipeline as its weights only,
+            # and a chat planned beside it must find that memory free.
+            gpu.empty_cache()
+        render_s = time.monotonic() - t0
+        peak = gpu.peak_reserved()
+        if peak and fallback is None:  # a tiled or offloaded render's peak says nothing about the normal one
+            mpx = params.width * params.height / 1e6
+            per = max(0.0, peak - baseline) / mpx
+            self._per_mpx = per if self._per_mpx is None else max(per, self._per_mpx)
+        return image, {"render_s": render_s, "restore_s": restore_s, "peak_reserved_gb": peak / GiB}
+
+    def _offload(self, pipe) -> None:
+        """Model CPU offload (accelerate): each part goes to the GPU only while it runs. Needs CUDA."""
+        assert self._swap is not None
+        self._swap.evict()  # the weights go back to their (pinned) host copy; the hooks move them from there
+        if not gpu.cuda():
+            # Nothing to offload from: the weights are on the CPU already. The path still runs (and says so).
+            log.info("model CPU offload: no CUDA device, the pipeline already runs from host memory")
+            return
+        pipe.enable_model_cpu_offload()
+
+    def _end_offload(self, pipe) -> None:
+        """Remove the offload hooks and put every weight back on its host copy, wherever the hooks left it."""
+        assert self._swap is not None
+        if gpu.cuda():
+            pipe.remove_all_hooks()
+            self._swap.on_gpu = True  # a part may still sit on the GPU (an error before the pipeline's own clean-up)
+            self._swap.evict()
 
     # -- keeping images ------------------------------------------------------------------------------
     def save(self, image: Image.Image, params: RenderParams) -> Path:
@@ -297,6 +389,9 @@ def read_metadata(path: str | Path) -> dict:
         return json.loads(im.text["clair"]) if "clair" in getattr(im, "text", {}) else dict(im.text)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """One line of an exception for the log, cut at a word (never mid-word) with an ellipsis."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return text

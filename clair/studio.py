@@ -15,16 +15,18 @@ traffic-cop protocol lives here in one place:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from clair import gpu
 from clair.arbiter import Arbiter, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat, flatten_history
 from clair.config import Config
-from clair.errors import BadRequest, ChatUnavailable
+from clair.errors import BadRequest, ChatUnavailable, ClairError
 from clair.image import ImageEngine, RenderParams
 
 log = logging.getLogger("clair.studio")
@@ -66,10 +68,11 @@ class Studio:
             self.arbiter.add_tenant(self.ollama.tenant, self.ollama.evict)
         self.arbiter.add_tenant(self.local.tenant, self.local.evict)
         self.arbiter.add_tenant(self.image.tenant, self.image.evict)
-        self._cancel: dict[str, threading.Event] = {}
+        self._cancel: dict[str, set[threading.Event]] = {}  # key -> the stop flags of its running jobs
         self._cancel_lock = threading.Lock()
         self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
         self.warmups = 0
+        self.last_health_problem: str | None = None
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat_backend(self, fresh: bool = False, model: str | None = None) -> tuple[ChatBackend, str | None]:
@@ -124,12 +127,15 @@ class Studio:
         messages.append({"role": "user", "content": message})
 
         backend, problem = self.chat_backend(fresh=True, model=model)
-        if problem:
+        if problem and backend is not self.local:  # the local engine answers for itself, below
             raise ChatUnavailable(problem)
         model = model or (self.cfg.chat_model if backend is self.ollama else self.local.label)
         if backend is self.ollama:
             self._sync_ollama()
         if backend is self.local and not self.local.loaded:
+            known = self.local.blocked()  # a known load failure: answered at once, re-checked in the background
+            if known:
+                raise ChatUnavailable(known)
             yield Waiting(0, 0.0, f"Loading the in-process chat model ({self.local.label})")
             self.local.load()  # from disk to host memory, before taking the GPU
         stop = stop or threading.Event()
@@ -141,8 +147,11 @@ class Studio:
         lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
         try:
             yield from self._wait(lease, stop.is_set)
+            lease.progress()
             for text in backend.stream(model, messages, stop):
-                yield Token(text)
+                lease.progress()  # the watchdog's sign of life (see healthy()); "" is a heartbeat without text
+                if text:
+                    yield Token(text)
         finally:
             lease.release()
             if backend is self.ollama:
@@ -216,11 +225,22 @@ class Studio:
             evicted.extend(first.evicted)
             evict_s += first.evict_s
             on_progress("Rendering", 0.0)
+            lease.progress()
+
+            def on_step(step: int, total: int) -> None:
+                lease.progress()  # the watchdog's sign of life (see healthy())
+                on_progress(f"Step {step}/{total}", step / total)
+
+            def on_oom() -> None:
+                # Out of memory: every idle tenant leaves the GPU before the image engine retries.
+                nonlocal ollama_evicted
+                on_progress("Out of GPU memory: freeing the GPU and retrying", 0.0)
+                gone = self.arbiter.evict_idle(lease)
+                evicted.extend(n for n in gone if n not in evicted)
+                ollama_evicted = ollama_evicted or self.ollama.tenant in gone
+
             image, facts = self.image.render(
-                params,
-                on_step=lambda step, total: on_progress(f"Step {step}/{total}", step / total),
-                cancelled=cancel.is_set,
-                checkpoint=checkpoint,
+                params, on_step=on_step, cancelled=cancel.is_set, checkpoint=checkpoint, on_oom=on_oom
             )
         finally:
             lease.release()
@@ -244,6 +264,8 @@ class Studio:
             "peak_reserved_gb": round(facts["peak_reserved_gb"], 3),
             "preemptions": lease.pauses,
             "paused_s": round(paused_s, 4),
+            # None, or how the render healed after running out of memory: "vae-tiling" or "cpu-offload".
+            "fallback": facts.get("fallback"),
         }
         log.info(
             "render done seed=%s size=%sx%s wait_s=%.3f evict_s=%.3f render_s=%.3f evicted=%s preemptions=%d paused_s=%.3f",
@@ -289,36 +311,85 @@ class Studio:
         for name, load in jobs:
             try:
                 load()
+            except ClairError as exc:  # the engine has logged why (clair/loadgate.py keeps it for the tabs)
+                log.debug("preload failed model=%s error=%s", name, exc)
             except Exception as exc:
                 log.warning("preload failed model=%s error=%s", name, exc)
 
     # -- cancel, status ------------------------------------------------------------------------------
-    def cancel_event(self, key: str) -> threading.Event:
+    @contextmanager
+    def cancel_scope(self, key: str) -> Iterator[threading.Event]:
+        """A stop flag for one job, registered under `key` (e.g. "chat:<session>") while the job runs.
+
+        Each job gets its own flag, so a second job of the same session does not replace the first's (which
+        then could no longer be stopped), and the flag is dropped when the job ends: nothing accumulates.
+        `cancel(key)` sets the flags of every job under the key.
+        """
+        ev = threading.Event()
         with self._cancel_lock:
-            ev = threading.Event()
-            self._cancel[key] = ev
-            return ev
+            self._cancel.setdefault(key, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            with self._cancel_lock:
+                jobs = self._cancel.get(key)
+                if jobs is not None:
+                    jobs.discard(ev)
+                    if not jobs:
+                        del self._cancel[key]
 
     def cancel(self, key: str) -> bool:
+        """Stop every running job under `key`; False when there is none."""
         with self._cancel_lock:
-            ev = self._cancel.get(key)
-        if ev is None:
-            return False
-        ev.set()
-        return True
+            jobs = list(self._cancel.get(key, ()))
+        for ev in jobs:
+            ev.set()
+        return bool(jobs)
+
+    def cancel_jobs(self) -> int:
+        """How many jobs can be cancelled now (for tests and /status)."""
+        with self._cancel_lock:
+            return sum(len(v) for v in self._cancel.values())
 
     def status(self) -> dict:
         st = self.arbiter.status()
         backend, problem = self.chat_backend()
         st["chat"] = {"backend": backend.name, "model": self.default_chat_model(), "problem": problem}
         st["image"] = {"model": self.image.label, "problem": self.image.problem()}
+        st["stats"]["oom_recoveries"] = self.image.oom_recoveries
+        st["stats"]["oom_failures"] = self.image.oom_failures
         st["cuda"] = gpu.cuda()
         st["demo"] = self.cfg.demo
         return st
 
-    def healthy(self) -> bool:
-        """For the systemd watchdog: the arbiter's lock is not stuck."""
+    def health_problem(self) -> str | None:
+        """Why Clair cannot be trusted to serve (None when it can): the watchdog's check, via /healthz.
+
+        * the arbiter's lock is stuck (a deadlock: nothing can be granted or released);
+        * a GPU holder made no progress (no denoising step, no token, no eviction step) for CLAIR_STALL_S
+          seconds: a hung render, CUDA call or Ollama stream. systemd then restarts Clair, which is the only
+          way to get the GPU back from a hung CUDA call.
+        """
         acquired = self.arbiter._lock.acquire(timeout=5)
-        if acquired:
-            self.arbiter._lock.release()
-        return acquired
+        if not acquired:
+            return "the GPU arbiter's lock has been held for over 5 s"
+        self.arbiter._lock.release()
+        if self.cfg.stall_s > 0:
+            stalled = self.arbiter.stalled(self.cfg.stall_s)
+            if stalled:
+                return "; ".join(
+                    f"{x['label']} has held the GPU without progress for {x['silent_s']:.0f} s "
+                    f"(CLAIR_STALL_S={self.cfg.stall_s:g})"
+                    for x in stalled
+                )
+        return None
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: see health_problem(). A failure is logged with its reason, once."""
+        problem = self.health_problem()
+        if problem and re.sub(r"[\d.]+", "", problem) != re.sub(r"[\d.]+", "", self.last_health_problem or ""):
+            log.error("unhealthy: %s", problem)
+        elif not problem and self.last_health_problem:
+            log.warning("healthy again")
+        self.last_health_problem = problem
+        return problem is None

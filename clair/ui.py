@@ -1,12 +1,14 @@
 """The Gradio app: Chat and Image tabs, a status line, and the scripting API (/chat, /render, /status).
 
 The only module that imports gradio. Handlers call `Studio`; ClairError becomes a message in the tab
-(or `gr.Error` for API callers) here at the edge, and nothing else reaches the browser. GPU events
-share one Gradio `concurrency_id` on top of the arbiter, which does the real arbitration.
+(or `gr.Error` for API callers) here at the edge, and nothing else reaches the browser. Chats and renders
+have a Gradio `concurrency_id` each; the arbiter decides their order on the GPU.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 from collections.abc import Iterator
@@ -20,7 +22,44 @@ from clair.studio import Studio, Token, Waiting
 from clair.web import LOGOUT_JS, has_users, lan_note, lan_qr
 
 log = logging.getLogger("clair.ui")
-GPU = "gpu"  # the concurrency_id every GPU event shares
+# Chats and renders have concurrency ids of their own: with one shared id, renders that filled its slots made
+# chats wait in Gradio's FIFO whatever CLAIR_CHAT_PRIORITY said. Gradio only lets requests in; their order on
+# the GPU is the arbiter's (which runs renders one at a time anyway).
+CHAT, RENDER = "chat", "render"
+
+
+def close_off_loop(gen_fn):
+    """Make a streaming handler's clean-up run on a thread of its own, never on Gradio's event loop.
+
+    When a job is cancelled, its client goes away, or it ends, Gradio closes the handler's generator from
+    the event loop (`utils.SyncToAsyncIterator.aclose()` calls `iterator.close()` there, from
+    `Queue.reset_iterators`, with `app.lock` held; a dropped generator is finalised there too). The handler's
+    `finally` blocks (release the lease, read Ollama's /api/ps, wait for generate() to stop) would then
+    freeze every client. Here the outer generator, which Gradio closes, only hands the inner one to a thread.
+    """
+
+    @functools.wraps(gen_fn)
+    def wrapper(*args, **kwargs):
+        inner = gen_fn(*args, **kwargs)
+        try:
+            while True:
+                try:
+                    item = next(inner)
+                except StopIteration:
+                    return
+                yield item
+        finally:
+            if inspect.getgeneratorstate(inner) != inspect.GEN_CLOSED:
+                threading.Thread(target=_close, args=(inner,), name="clair-cleanup", daemon=True).start()
+
+    return wrapper
+
+
+def _close(gen) -> None:
+    try:
+        gen.close()
+    except Exception:
+        log.exception("closing a handler failed")
 
 DEMO_BANNER = (
     "**Demo mode:** the models here are tiny and have random weights, so images are noise and replies "
@@ -56,6 +95,7 @@ def build(studio: Studio) -> gr.Blocks:
     cfg = studio.cfg
 
     # ---------------------------------------------------------------- handlers
+    @close_off_loop
     def chat_ui(message: str, history: list, model: str, system: str, request: gr.Request):
         """UI chat: shows the queue while held, then streams; errors appear in the conversation."""
         history = list(history or [])
@@ -65,7 +105,10 @@ def build(studio: Studio) -> gr.Blocks:
         history.append({"role": "user", "content": message})
         history.append({"role": "assistant", "content": "…"})
         yield history, ""
-        stop = studio.cancel_event(f"chat:{request.session_hash}")
+        with studio.cancel_scope(f"chat:{request.session_hash}") as stop:
+            yield from _chat_ui_stream(message, history, model, system, stop)
+
+    def _chat_ui_stream(message: str, history: list, model: str, system: str, stop: threading.Event):
         reply = ""
         try:
             past = [m for m in history[:-2] if not _is_notice(m)]
@@ -83,6 +126,7 @@ def build(studio: Studio) -> gr.Blocks:
             history[-1] = {"role": "assistant", "content": f"⚠️ {_unexpected(exc)}"}
             yield history, ""
 
+    @close_off_loop
     def chat_api(message: str, history: list[dict]) -> Iterator[str]:
         """Stream the growing reply to `message`, given `history` as [{role, content}] with string content."""
         reply = ""
@@ -92,7 +136,7 @@ def build(studio: Studio) -> gr.Blocks:
                     reply += event.text
                     yield reply
         except ClairError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None
         if not reply:
             yield ""
 
@@ -110,13 +154,15 @@ def build(studio: Studio) -> gr.Blocks:
         request: gr.Request = None,  # type: ignore[assignment]
         progress=gr.Progress(),  # noqa: B008 - Gradio's documented way to receive a progress tracker
     ):
-        key = f"render:{request.session_hash}" if request is not None else f"render:{threading.get_ident()}"
-        cancel = studio.cancel_event(key)
+        key = f"render:{request.session_hash}" if request is not None else "render:api"
         try:
             params = RenderParams(
                 prompt, negative_prompt, int(steps), float(guidance), int(width), int(height), int(seed)
             )
-            path, info = studio.render(params, on_progress=lambda text, frac: progress(frac, desc=text), cancel=cancel)
+            with studio.cancel_scope(key) as cancel:
+                path, info = studio.render(
+                    params, on_progress=lambda text, frac: progress(frac, desc=text), cancel=cancel
+                )
         except ClairError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         except Exception as exc:
@@ -130,10 +176,12 @@ def build(studio: Studio) -> gr.Blocks:
         if info.get("preemptions"):
             n = info["preemptions"]
             swap += f" · paused {n} time{'s' if n > 1 else ''} for chats ({info['paused_s']:.1f} s)"
+        healed = {"vae-tiling": "VAE tiling", "cpu-offload": "model CPU offload"}.get(info.get("fallback") or "")
+        note = f"\n\n⚠️ The GPU ran out of memory; rendered again with **{healed}**." if healed else ""
         return (
             f"Seed **{info['seed']}** · {info['width']}×{info['height']} · {info['steps']} steps · "
             f"waited {info['wait_s']:.1f} s{swap} · rendered in {info['render_s']:.1f} s · "
-            f"saved as `{Path(info['path']).name}`"
+            f"saved as `{Path(info['path']).name}`{note}"
         )
 
     def validate_render(prompt, negative_prompt, steps, guidance, width, height, seed):
@@ -204,7 +252,7 @@ def build(studio: Studio) -> gr.Blocks:
     # ---------------------------------------------------------------- layout
     with gr.Blocks(title="Clair") as demo:
         # The scripting API first, so these names are theirs (later events get suffixed names).
-        gr.api(chat_api, api_name="chat", concurrency_id=GPU, concurrency_limit=cfg.queue_slots)
+        gr.api(chat_api, api_name="chat", concurrency_id=CHAT, concurrency_limit=cfg.queue_slots)
         gr.api(status, api_name="status", queue=False)
         gr.Markdown("# Clair\nChat and images on one GPU, without running out of memory.")
         lan, users_exist = lan_note(cfg), has_users(cfg)
@@ -283,7 +331,7 @@ def build(studio: Studio) -> gr.Blocks:
             inputs=[message, chatbot, model, system],
             outputs=[chatbot, message],
             api_visibility="private",
-            concurrency_id=GPU,
+            concurrency_id=CHAT,
             concurrency_limit=cfg.queue_slots,
         )
         sent = [message.submit(**chat_inputs), send.click(**chat_inputs)]
@@ -299,7 +347,7 @@ def build(studio: Studio) -> gr.Blocks:
             outputs=[result, info],
             api_name="render",
             validator=validate_render,
-            concurrency_id=GPU,
+            concurrency_id=RENDER,
             concurrency_limit=cfg.queue_slots,
         )
         rendered.then(render_summary, inputs=info, outputs=summary, api_visibility="private")
@@ -309,5 +357,9 @@ def build(studio: Studio) -> gr.Blocks:
         # A render is a plain function: Gradio cannot interrupt it, so the flag is checked at every step.
         cancel.click(cancel_render, api_visibility="private", queue=False, cancels=[rendered])
 
+    # Gradio runs at most `max_threads` jobs at once over all concurrency ids (Queue.active_jobs) and in as
+    # many worker threads: room for every chat and render slot plus the small events, or chats would queue
+    # behind renders there. Set before queue(), which sizes the job table from it.
+    demo.max_threads = max(40, 2 * cfg.queue_slots + 16)
     demo.queue(default_concurrency_limit=cfg.queue_slots, max_size=256)
     return demo

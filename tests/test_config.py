@@ -278,3 +278,47 @@ def test_tls_needs_both_files(tmp_path: Path) -> None:
     assert (cfg.tls_cert, cfg.tls_key) == (str(cert), str(key))
     with pytest.raises(ConfigError, match="CLAIR_TLS_KEY="):
         load([], environ={"CLAIR_TLS_CERT": str(cert), "CLAIR_TLS_KEY": str(tmp_path / "missing.pem")})
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("CLAIR_QUEUE_TIMEOUT_S", "nan"),
+        ("CLAIR_QUEUE_TIMEOUT_S", "inf"),
+        ("CLAIR_QUEUE_TIMEOUT_S", "-5"),
+        ("CLAIR_WARMUP_DELAY_S", "-1"),
+        ("CLAIR_WARMUP_DELAY_S", "-inf"),
+        ("CLAIR_EVICT_TIMEOUT_S", "0"),
+        ("CLAIR_OLLAMA_TIMEOUT_S", "NaN"),
+        ("CLAIR_VRAM_RESERVE_GB", "-0.5"),
+        ("CLAIR_VRAM_BUDGET_GB", "nan"),
+        ("CLAIR_MAX_NEW_TOKENS", "0"),
+        ("CLAIR_GALLERY_SIZE", "-3"),
+        ("CLAIR_STALL_S", "-1"),
+        ("CLAIR_STALL_S", "nan"),
+        ("CLAIR_QUEUE_SLOTS", "100000"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_at_start_up(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load([], environ={name: raw})
+    message = str(err.value)
+    assert name in message and "\n" not in message
+    assert "range" in message or "at least" in message or "GB" in message
+
+
+def test_every_number_declares_its_range_and_the_defaults_are_inside() -> None:
+    for f in config.fields():
+        if f.type in ("int", "float"):
+            lo, hi = f.metadata["min"], f.metadata["max"]
+            assert lo is not None and hi is not None, f.name
+            assert lo <= f.default <= hi, f.name
+    config.validate(Config())
+
+
+def test_stall_must_outlast_a_healthy_eviction_and_ollama_silence() -> None:
+    with pytest.raises(ConfigError, match="CLAIR_STALL_S=100 is too short"):
+        load([], environ={"CLAIR_STALL_S": "100"})  # < 2 x 60 s of eviction
+    assert load([], environ={"CLAIR_STALL_S": "0"}).stall_s == 0  # off
+    cfg = load([], environ={"CLAIR_STALL_S": "90", "CLAIR_EVICT_TIMEOUT_S": "20", "CLAIR_OLLAMA_TIMEOUT_S": "60"})
+    assert cfg.stall_s == 90

@@ -199,10 +199,12 @@ def test_folder_without_model_index_then_fixed_in_place(tmp_path: Path) -> None:
     assert engine.problem() == message
     assert not engine._lock.locked()
 
-    # The problem is reported for 30 s, then cleared so the UI offers rendering again.
-    engine._error_at -= 31
-    assert engine.problem() is None
-    engine._error_at += 31
+    # The problem stays reported (a page reload still shows it) until a load succeeds; meanwhile a render is
+    # refused at once, without another attempt.
+    engine.gate.retry_at += 3600
+    with pytest.raises(ImageModelUnavailable, match=r"model_index\.json"):
+        engine.render(_params())
+    assert engine.gate.failures == 1 and engine.problem() == message
 
     # Fix the cause (a real pipeline in that folder): the next render loads it, no restart needed.
     save_tiny_sdxl(folder)
@@ -227,12 +229,21 @@ def test_missing_folder_then_created(tmp_path: Path) -> None:
 
 def test_unknown_hub_id_offline_is_explained(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     engine = _engine("example-org/no-such-sdxl", tmp_path / "out")
-    with caplog.at_level(logging.ERROR, logger="clair.image"), pytest.raises(ImageModelUnavailable) as err:
+    with caplog.at_level(logging.DEBUG, logger="clair.image"), pytest.raises(ImageModelUnavailable) as err:
         engine.render(_params())
     message = str(err.value)
     assert "example-org/no-such-sdxl" in message and "CLAIR_IMAGE_MODEL" in message
     assert "\n" not in message and "Traceback" not in message  # the trace goes to the log, not the user
-    assert any(r.exc_info for r in caplog.records if r.name == "clair.image")
+    # Offline is an expected condition: the explanation at WARNING, the traceback only at DEBUG.
+    records = [r for r in caplog.records if r.name == "clair.image"]
+    assert any(r.exc_info for r in records if r.levelno == logging.DEBUG)
+    assert not [r for r in records if r.exc_info and r.levelno > logging.DEBUG]
+    assert not [r for r in records if r.levelno >= logging.ERROR]
+    assert any(r.levelno == logging.WARNING and message in r.getMessage() for r in records)
+    for r in records:  # no INFO line is cut mid-word
+        text = r.getMessage()
+        if r.levelno == logging.INFO and "(" in text:
+            assert "inpu)" not in text and ("…" in text or len(text) < 400), text
     assert engine.problem() == message
 
 
