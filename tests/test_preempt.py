@@ -301,6 +301,25 @@ def test_a_render_paused_several_times_gives_the_very_same_image(standin, tmp_pa
     assert studio.arbiter.is_idle()
 
 
+def test_the_real_weight_swap_round_trips_through_pauses_to_the_same_image(standin, tmp_path):
+    """The same, with Clair's own WeightSwap re-pointing the weights between two copies (device "cpu")."""
+    from clair import gpu
+
+    studio = make(standin, tmp_path)
+    pipe = studio.image.load()
+    modules = [getattr(pipe, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    swap = studio.image._swap = gpu.WeightSwap(modules, "off", device="cpu")
+    evictions = []
+    real_evict = swap.evict
+    swap.evict = lambda: (evictions.append(swap.on_gpu), real_evict())[1]
+    params = RenderParams("a lighthouse", steps=8, width=64, height=64, seed=77)
+    alone, _ = studio.render(params)
+    paused, info, _, _ = render_with_chats_at(studio, standin, params, {2, 5})
+    assert info["preemptions"] == 2
+    assert evictions.count(True) >= 2  # the weights were on the "device" and left it at each pause
+    assert np.array_equal(pixels(alone), pixels(paused))
+
+
 def test_ancestral_scheduler_also_gives_the_same_image(standin, tmp_path):
     """A scheduler that draws noise at every step (from the render's generator) is safe too: the
     generator stays inside the paused call, so it draws the same numbers."""
