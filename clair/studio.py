@@ -276,7 +276,7 @@ class Studio:
         st = self.arbiter.status()
         backend, problem = self.chat_backend()
         st["chat"] = {"backend": backend.name, "model": self.default_chat_model(), "problem": problem}
-        st["image"] = {"model": self.image.label, "problem": self.image.problem()}
+        st["image"] = {"model": self.image.label, "problem": self.image.problem(), "vae": self.image.vae_status()}
         st["cuda"] = gpu.cuda()
         st["demo"] = self.cfg.demo
         return st
