@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from clair import config, sdnotify
+from clair import allocator, config, sdnotify
 from clair.errors import ConfigError
 
 log = logging.getLogger("clair")
@@ -111,6 +111,8 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
 
 
 def main(argv: list[str] | None = None) -> int:
+    # CUDA allocator (issue 11): before anything imports torch or touches CUDA; see clair/allocator.py.
+    alloc_var, alloc_conf = allocator.apply()
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = config.load(argv)
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         level=cfg.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    log.info("cuda allocator %s=%s", alloc_var, alloc_conf)
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
