@@ -17,7 +17,7 @@ on both sides):
 
 Why: the arbiter hands the one GPU between chat and images by evicting one tenant and restoring the
 other. Its goals are an SDXL restore within 1.25x of the PCIe bound and an SDXL eviction under 50 ms;
-this script checks them on real hardware (shared/reference/gpu-measurements.md has earlier numbers).
+this script checks them on real hardware (docs/facts.md has earlier numbers, with their machines).
 
 Models are built from config dicts written below, with random weights: nothing is downloaded. With
 diffusers importable, SDXL is the real ``UNet2DConditionModel``/``AutoencoderKL`` plus transformers' CLIP
@@ -596,7 +596,7 @@ def render(b: Bench, comps: dict[str, torch.nn.Module], sdxl_info: dict[str, Any
 
     The Euler update is replaced by a plain step: the time is all in the UNet and the VAE. The VAE is
     upcast to fp32 for the decode (unless --vae-fp16), as the stock SDXL pipeline does: that decode sets
-    the peak (shared/reference/gpu-measurements.md).
+    the peak (docs/facts.md).
     """
     if b.args.skip_render:
         return {"skipped": "--skip-render"}

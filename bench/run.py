@@ -5,13 +5,13 @@
 It drives the real `Studio` (arbiter, Ollama client code, image engine) with the tiny image model and
 the Ollama stand-in from tests/ set to realistic delays: loading an 8B model takes 2 s (1-10 s is
 typical from page cache), its unload finishes 1 s after Ollama answers (0.5-1.5 s), and it streams at
-25 tokens/s (shared/reference/ollama.md). Renders are paced to a consumer GPU's SDXL speed.
+25 tokens/s (docs/facts.md, "Ollama"). Renders are paced to a consumer GPU's SDXL speed.
 
 What is simulated, and why:
 * The ledger is told each render's *declared* size (768x768, or 1024x1024 where nothing fits beside
   it) while the tiny pipeline draws 256x256, to keep CPU time out of the figures.
 * Compute sharing: when the budget policy lets a chat and a render run at once, both slow down as
-  measured on an H100 (render 2.29 -> 3.71 s, chat 26 -> 12 tok/s; shared/reference/gpu-measurements.md).
+  measured on an H100 (render 2.29 -> 3.71 s, chat 26 -> 12 tok/s; docs/facts.md).
 
 Scenarios, each run under each policy: chat_only (3 users), render_only (1 user), mixed (3 chat users
 and an image user at once, both models fit in the 20 GB budget), mixed_nofit (the same at 1024x1024:

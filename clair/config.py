@@ -172,7 +172,7 @@ def parse_keep_alive(value: str) -> str | int:
 def ollama_url(host: str) -> str:
     """OLLAMA_HOST as Ollama's tools read it: scheme optional (http), port 11434 unless given.
 
-    `http://host` without a port means port 80, as in Ollama's own client (shared/reference/ollama.md).
+    `http://host` without a port means port 80, as in Ollama's own client (docs/facts.md, "Ollama").
     """
     host = host.strip() or "127.0.0.1:11434"
     scheme, sep, rest = host.partition("://")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SDXL_GB = 6.94  # UNet 5.14 + text encoders 0.25 + 1.39 + VAE 0.17 (shared/reference/gpu-measurements.md)
+SDXL_GB = 6.94  # UNet 5.14 + text encoders 0.25 + 1.39 + VAE 0.17 (docs/facts.md)
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
