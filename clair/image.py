@@ -5,6 +5,11 @@ folder (the tests save a tiny pipeline to a folder and load it through this same
 a random-weight pipeline in code for the demo. Loading is lazy (first render, under the arbiter) and
 retried after a failure, so fixing the cause is enough to recover.
 
+The VAE follows CLAIR_VAE (`_load_vae`): by default the fp16-safe `madebyollin/sdxl-vae-fp16-fix`, loaded
+with `AutoencoderKL.from_pretrained` and handed to the pipeline, which then decodes without the stock VAE's
+fp32 upcast; when it cannot be had, the checkpoint's own VAE, and the Image tab and /status say so. The
+memory a render declares to the arbiter follows the VAE (`PRIORS`; figures and sources in docs/facts.md).
+
 This module does not decide when to use the GPU: callers hold an arbiter lease around `render()`.
 """
 
