@@ -132,6 +132,26 @@ def test_auto_takes_the_fp16_fix_vae_from_the_hub_cache_and_the_pipeline_never_u
     assert not np.array_equal(_pixels(image), _pixels(stock))
 
 
+@pytest.mark.parametrize("vae", ["auto", "stock"])
+def test_in_fp16_only_the_stock_vae_is_upcast_to_fp32_to_decode(
+    sdxl_dir: Path, hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vae: str
+) -> None:
+    """What a GPU runs (fp16), on the CPU: diffusers moves the stock VAE to fp32 around the decode, and must
+    leave the fp16-safe one alone (that upcast is where a render's memory peaks)."""
+    put_in_hub_cache(hub_cache, FP16_FIX_VAE, save_tiny_vae(tmp_path / "vae", fp16_safe=False))
+    pipe = _engine(sdxl_dir, tmp_path / "out", vae=vae).load().to(torch.float16)
+    moves: list[object] = []
+    original = pipe.vae.to
+
+    def to(*args: object, **kwargs: object):
+        moves.append(kwargs.get("dtype", args[0] if args else None))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.vae, "to", to)
+    pipe(prompt="a lighthouse", num_inference_steps=1, width=64, height=64, guidance_scale=1.0)
+    assert moves == ([] if vae == "auto" else [torch.float32, torch.float16])
+
+
 def test_auto_offline_without_the_vae_falls_back_to_the_checkpoints_own_and_says_so(
     sdxl_dir: Path, hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
