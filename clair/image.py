@@ -41,7 +41,8 @@ GiB = 1024**3
 # bench/gpu.py on an H200 (random-weight SDXL with RealVisXL's shapes, 4 steps, CFG 7, batch 1; weights
 # 6.46 GiB); the table and the fit are in docs/facts.md, "SDXL's memory per render". The stock SDXL VAE is
 # upcast to fp32 to decode (diffusers' `force_upcast`): 15.54 GiB reserved at 1024². The fp16-safe VAE
-# decodes in fp16: 11.35 GiB reserved (8.99 allocated). Each prior lies at or above every measured size.
+# decodes in fp16: 11.35 GiB reserved (8.99 allocated). Each prior lies at or above every measured size, and
+# the fp16-safe one below the stock one at every size.
 SDXL_WEIGHTS = int(6.46 * GiB)
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
@@ -65,7 +66,7 @@ PRIORS = {
     # measured (reserved above the weights): 2.70 GiB at 512², 5.36 at 768², 9.08 at 1024², 19.86 at 1536²
     "stock": RenderPrior(act_gib=0.3, act_gib_per_mpx=4.8, frag_gib=0.2, frag_gib_per_mpx=4.2),
     # measured: 1.64 GiB at 512², 2.96 at 768², 4.89 at 1024², 10.53 at 1536²
-    "fp16": RenderPrior(act_gib=0.2, act_gib_per_mpx=2.3, frag_gib=0.4, frag_gib_per_mpx=2.0),
+    "fp16": RenderPrior(act_gib=0.15, act_gib_per_mpx=2.3, frag_gib=0.35, frag_gib_per_mpx=2.1),
 }
 
 

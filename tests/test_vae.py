@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clair import gpu
 from clair.arbiter import Arbiter
@@ -325,3 +327,17 @@ def test_on_the_seed_card_only_the_stock_vae_needs_the_llm_gone(hub_cache: Path,
         with arbiter.lease("render", "image", need, idle) as lease:
             assert list(lease.evicted) == evicts, vae
         assert gone == evicts
+
+
+@given(
+    w=st.integers(8, 256).map(lambda n: n * 8),
+    h=st.integers(8, 256).map(lambda n: n * 8),
+    dw=st.integers(0, 64).map(lambda n: n * 8),
+)
+def test_priors_grow_with_the_image_and_the_fp16_safe_vae_always_needs_less(w: int, h: int, dw: int) -> None:
+    from clair.image import PRIORS
+
+    mpx, bigger = w * h / 1e6, (w + dw) * h / 1e6
+    for prior in PRIORS.values():
+        assert SDXL_WEIGHTS < prior.need(SDXL_WEIGHTS, mpx) <= prior.need(SDXL_WEIGHTS, bigger)
+    assert PRIORS["fp16"].need(SDXL_WEIGHTS, mpx) < PRIORS["stock"].need(SDXL_WEIGHTS, mpx)
