@@ -13,6 +13,7 @@ import logging
 import shutil
 import socket
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,12 @@ def test_auto_tries_the_hub_when_online_and_falls_back_when_it_cannot_be_reached
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    # The hub client retries a refused connection 5 times, waiting 1+2+4+8+8 s: ~24 s a user without a
+    # network (and without HF_HUB_OFFLINE) waits once, in the background preload. The test skips the waits.
+    import huggingface_hub.utils._http as hub_http
+
+    waits: list[float] = []
+    monkeypatch.setattr(hub_http, "time", types.SimpleNamespace(sleep=waits.append))
     vaes = Spy(monkeypatch, AutoencoderKL)
     engine = _engine(sdxl_dir, tmp_path / "out")
 
