@@ -14,7 +14,7 @@ Invariants (tests in tests/test_arbiter_*.py hold each one):
 
 1. A request uses the GPU only between its grant (and the evictions in its plan) and its release.
    A chat held back by a render is not sent to Ollama before then: Ollama does not refuse a load when
-   VRAM is short, it silently spills layers to the CPU (shared/reference/ollama.md).
+   VRAM is short, it silently spills layers to the CPU (docs/facts.md, "Ollama").
 2. At most one render runs at a time (a diffusers pipeline keeps per-call state).
 3. The ledger (sum of every resident tenant's footprint: its peak need while busy, its weights while
    idle) stays within the budget whenever more than one tenant is resident. A lone tenant may exceed

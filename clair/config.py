@@ -140,6 +140,12 @@ class Config:
         "SDXL checkpoint: hub id, local diffusers folder, or tiny (random weights).",
         flag="--image-model",
     )
+    vae: str = setting(
+        "auto",
+        "SDXL VAE: auto (the fp16-safe madebyollin/sdxl-vae-fp16-fix when it is in the Hugging Face cache or can "
+        "be downloaded, else the checkpoint's own), fp16-fix, stock (the checkpoint's own, decoded in fp32: "
+        "more VRAM), or a hub id or local folder holding an SDXL VAE. See docs/facts.md.",
+    )
     output_dir: str = setting("outputs", "Where rendered PNGs are saved (with their parameters).", flag="--output-dir")
     gallery_size: int = setting(24, "How many recent images the gallery shows.", min=0, max=1000)
 
@@ -255,7 +261,7 @@ def parse_keep_alive(value: str) -> str | int:
 def ollama_url(host: str) -> str:
     """OLLAMA_HOST as Ollama's tools read it: scheme optional (http), port 11434 unless given.
 
-    `http://host` without a port means port 80, as in Ollama's own client (shared/reference/ollama.md).
+    `http://host` without a port means port 80, as in Ollama's own client (docs/facts.md, "Ollama").
     """
     host = host.strip() or "127.0.0.1:11434"
     scheme, sep, rest = host.partition("://")
@@ -400,6 +406,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("CLAIR_MAX_CONNECTIONS must be at least 8 (a browser tab holds a few).")
     if not 1 <= cfg.port <= 65535:
         raise ConfigError(f"CLAIR_PORT={cfg.port} is not a TCP port.")
+    if not cfg.vae.strip():
+        raise ConfigError("CLAIR_VAE is empty: use auto, fp16-fix, stock, a hub id or a local folder.")
     if cfg.queue_slots < 1:
         raise ConfigError("CLAIR_QUEUE_SLOTS must be at least 1.")
     for f in fields():  # every number within its declared range: NaN and infinities fail every comparison

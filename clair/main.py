@@ -24,7 +24,7 @@ from pathlib import Path
 
 from starlette.requests import Request  # module level: FastAPI resolves the routes' annotations here
 
-from clair import config, sdnotify
+from clair import allocator, config, sdnotify
 from clair import users as users_mod
 from clair.errors import ConfigError
 
@@ -270,6 +270,8 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
 
 
 def main(argv: list[str] | None = None) -> int:
+    # CUDA allocator (issue 11): before anything imports torch or touches CUDA; see clair/allocator.py.
+    alloc_var, alloc_conf = allocator.apply()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in users_mod.COMMANDS:
         return user_command(argv)
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         level=cfg.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    log.info("cuda allocator %s=%s", alloc_var, alloc_conf)
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if cfg.log_level != "DEBUG":

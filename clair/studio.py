@@ -355,7 +355,7 @@ class Studio:
         st = self.arbiter.status()
         backend, problem = self.chat_backend()
         st["chat"] = {"backend": backend.name, "model": self.default_chat_model(), "problem": problem}
-        st["image"] = {"model": self.image.label, "problem": self.image.problem()}
+        st["image"] = {"model": self.image.label, "problem": self.image.problem(), "vae": self.image.vae_status()}
         st["stats"]["oom_recoveries"] = self.image.oom_recoveries
         st["stats"]["oom_failures"] = self.image.oom_failures
         st["cuda"] = gpu.cuda()

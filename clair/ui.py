@@ -236,7 +236,7 @@ def build(studio: Studio) -> gr.Blocks:
         return (
             f"⚠️ {problem}"
             if problem
-            else f"Image model: {studio.image.label}. Images are saved in {studio.image.output_dir}."
+            else f"Image model: {studio.image.label}. {studio.image.vae_line()} Images are saved in {studio.image.output_dir}."
         )
 
     def model_choices():
