@@ -99,7 +99,11 @@ def test_demo_keeps_explicitly_given_models() -> None:
         ({"CLAIR_WARMUP": "maybe"}, "CLAIR_WARMUP", "bool"),
         ({"CLAIR_VRAM_BUDGET_GB": "-1"}, "CLAIR_VRAM_BUDGET_GB", "GB"),
         ({"CLAIR_AUTH": "nopassword"}, "CLAIR_AUTH", "user:password"),
-        ({"CLAIR_QUEUE_SLOTS": "0"}, "CLAIR_QUEUE_SLOTS", "at least 1"),
+        ({"CLAIR_MAX_QUEUE": "0"}, "CLAIR_MAX_QUEUE", "at least 1"),
+        ({"CLAIR_MAX_QUEUE": "500"}, "CLAIR_MAX_QUEUE", "thread"),
+        ({"CLAIR_MAX_SIDE": "1001"}, "CLAIR_MAX_SIDE", "multiple of 8"),
+        ({"CLAIR_MAX_GUIDANCE": "-1"}, "CLAIR_MIN_GUIDANCE", "min <= max"),
+        ({"CLAIR_MAX_PROMPT_CHARS": "0"}, "CLAIR_MAX_PROMPT_CHARS", "at least 1"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], name: str, detail: str) -> None:
