@@ -350,7 +350,7 @@ def build(studio: Studio) -> gr.Blocks:
                     with gr.Row():
                         width = gr.Slider(64, cfg.max_side, value=min(1024, cfg.max_side), step=8, label="Width")
                         height = gr.Slider(64, cfg.max_side, value=min(1024, cfg.max_side), step=8, label="Height")
-                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, maximum=cfg.max_seed)
+                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1)
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary")
                         cancel = gr.Button("Cancel")
