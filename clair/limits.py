@@ -25,6 +25,7 @@ from typing import Any
 from clair.config import Config
 from clair.errors import BadRequest, GpuBusy
 
+log = logging.getLogger("clair.limits")
 ROLES = ("system", "user", "assistant")
 
 
@@ -201,14 +202,17 @@ class JobCounter:
         """Take a slot for `who`; None when taken, else why not (which cap)."""
         with self._lock:
             if self.per_user.get(who, 0) >= self.max_per_user:
-                self.refused += 1
-                return "user"
-            if self.total >= self.max_total:
-                self.refused += 1
-                return "house"
-            self.per_user[who] = self.per_user.get(who, 0) + 1
-            self.total += 1
-            return None
+                which = "user"
+            elif self.total >= self.max_total:
+                which = "house"
+            else:
+                self.per_user[who] = self.per_user.get(who, 0) + 1
+                self.total += 1
+                return None
+            self.refused += 1
+            total = self.total
+        log.info("job refused cap=%s who=%s total=%d", which, who, total)
+        return which
 
     def give_back(self, who: str) -> None:
         with self._lock:

@@ -46,7 +46,7 @@ def make_app(studio, demo):
         path="/",
         auth=auth,
         allowed_paths=[str(studio.image.output_dir)],
-        show_error=True,
+        show_error=False,  # only gr.Error (Clair's own messages) reach clients; see docs/design.md
         footer_links=["api", "settings"],
         ssr_mode=False,
         favicon_path=str(ASSETS / "favicon.svg"),

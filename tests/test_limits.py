@@ -384,3 +384,49 @@ def test_a_client_past_its_cap_is_refused_while_another_clients_chat_gets_throug
         pool.shutdown()
     finally:
         app.stop()
+
+
+# -- each user's gallery ---------------------------------------------------------------------------------
+def test_the_gallery_lists_an_owners_own_images_from_the_servers_listing(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from clair.image import ImageEngine, read_metadata
+
+    out = tmp_path / "outputs"
+    engine = ImageEngine(dataclasses.replace(Config(), output_dir=str(out)))
+    img = Image.new("RGB", (8, 8))
+    made = {}
+    for i, owner in enumerate(["ann", "bob", None, "ann"]):
+        p = engine.save(img, RenderParams(f"picture {i}", seed=i), owner=owner)
+        os.utime(p, (1000 + i, 1000 + i))
+        made[i] = p
+    assert read_metadata(made[0])["owner"] == "ann" and "owner" not in read_metadata(made[2])
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not yours")
+    (out / "zz-link.png").symlink_to(secret)  # a link out of the folder is never listed
+    assert engine.recent(10, owner="ann") == [made[3], made[0]]
+    assert engine.recent(10, owner="bob") == [made[1]]
+    assert engine.recent(10) == [made[3], made[2], made[1], made[0]]
+    assert engine.recent(1, owner="ann") == [made[3]]
+    assert engine.recent(10, owner="carol") == []
+
+
+def test_the_retry_estimate_counts_what_runs_and_what_waits():
+    from clair.arbiter import Arbiter
+
+    a = Arbiter(policy="exclusive", budget_bytes=20 * 2**30)
+    a.add_tenant("image", lambda: None)
+    a.add_tenant("ollama", lambda: None)
+    assert a.drain_eta_s() == 0.0
+    running = a.request("render", "image", 2**30).wait(5)
+    waiting = [a.request("render", "image", 2**30), a.request("chat", "ollama", 2**30)]
+    eta = a.drain_eta_s()
+    # A render just started (~15 s typical) and one render and one chat waiting (15 s + 5 s).
+    assert 30 <= eta <= 35
+    c = JobCounter(1, 1, eta_s=a.drain_eta_s)
+    assert "about 3" in c.busy_message("house")
+    for lease in (running, *waiting):
+        lease.release()
+    assert a.drain_eta_s() == 0.0
