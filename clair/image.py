@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -282,6 +283,10 @@ class ImageEngine:
         info.add_text("parameters", a1111)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         slug = re.sub(r"[^a-z0-9]+", "-", params.prompt.lower()).strip("-")[:40] or "image"
+        if owner is not None:
+            # Every signed-in user may fetch any file in the output folder by name (Gradio's allowed_paths
+            # is not per user): a random part keeps another user's images from being guessed.
+            slug += "-" + secrets.token_hex(6)
         path = self.output_dir / f"{stamp}-{params.seed}-{slug}.png"
         n = 1
         while path.exists():

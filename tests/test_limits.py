@@ -8,6 +8,7 @@ caused no chat and no unload, and that one client past its cap does not hold up 
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -403,6 +404,7 @@ def test_the_gallery_lists_an_owners_own_images_from_the_servers_listing(tmp_pat
         os.utime(p, (1000 + i, 1000 + i))
         made[i] = p
     assert read_metadata(made[0])["owner"] == "ann" and "owner" not in read_metadata(made[2])
+    assert re.search(r"-picture-0-[0-9a-f]{12}\.png$", made[0].name)  # not guessable by another user
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"not yours")
     (out / "zz-link.png").symlink_to(secret)  # a link out of the folder is never listed
