@@ -432,3 +432,19 @@ def test_the_retry_estimate_counts_what_runs_and_what_waits():
     for lease in (running, *waiting):
         lease.release()
     assert a.drain_eta_s() == 0.0
+
+
+def test_who_is_asking_is_the_user_else_the_address():
+    import gradio as gr
+    from starlette.requests import Request
+
+    from clair.ui import client_id, owner_of
+
+    def req(username=None, host="192.168.1.20"):
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "client": (host, 5555)}
+        return gr.Request(Request(scope), username=username)
+
+    assert client_id(req("ann")) == "user:ann" and owner_of(req("ann")) == "ann"
+    assert client_id(req()) == "address:192.168.1.20" and owner_of(req()) is None
+    assert client_id(req(host="192.168.1.21")) != client_id(req())
+    assert client_id(None) == "local" and owner_of(None) is None
