@@ -1,8 +1,13 @@
 """The Gradio app: Chat and Image tabs, a status line, and the scripting API (/chat, /render, /status).
 
 The only module that imports gradio. Handlers call `Studio`; ClairError becomes a message in the tab
-(or `gr.Error` for API callers) here at the edge, and nothing else reaches the browser. GPU events
-share one Gradio `concurrency_id` on top of the arbiter, which does the real arbitration.
+(or `gr.Error` for API callers) here at the edge, and nothing else reaches the browser (an unexpected
+error becomes a message with an error id; the details go to the log). GPU events share one Gradio
+`concurrency_id` on top of the arbiter, which does the real arbitration.
+
+No handler returns a structure that came from the client, nor a path derived from one: Gradio serves
+every file a returned value names (docs/design.md, "Nothing a client sends is handed back"). Limits and
+the per-user and house caps on GPU jobs are checked here, before Studio takes a lease (clair/limits.py).
 """
 
 from __future__ import annotations

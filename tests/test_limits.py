@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -382,6 +383,16 @@ def test_a_client_past_its_cap_is_refused_while_another_clients_chat_gets_throug
         # Every slot was given back.
         wait_until(lambda: app.status()["jobs"]["total"] == 0, timeout=10)
         assert other.call("chat", ["after", []])["ok"]
+        # A client that goes away while its chat waits for the GPU gives its slot back too.
+        last = pool.submit(greedy.call, "render", slow)
+        wait_until(lambda: (app.status()["holder"] or {}).get("kind") == "render", timeout=30)
+        gone = Raw(app.url, "127.0.0.4")
+        gone.http.timeout = httpx.Timeout(1.0)  # gives up while the chat waits for the render
+        with pytest.raises(httpx.ReadTimeout):
+            gone.call("chat", ["anyone?", []])
+        assert app.status()["jobs"]["total"] == 2
+        assert last.result(timeout=120)["ok"]
+        wait_until(lambda: app.status()["jobs"]["total"] == 0, timeout=30)
         pool.shutdown()
     finally:
         app.stop()
