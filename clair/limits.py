@@ -55,7 +55,7 @@ def _text_block(block: Any) -> str:
         return block["text"]
     raise BadRequest(
         "Clair's chat takes text only: this conversation holds something else (a file, an image or another "
-        "component). Start a new conversation (clear it), or send history as [{role, content}] with string content."
+        "component). Start a new conversation (New chat), or send history as [{role, content}] with string content."
     )
 
 
@@ -68,7 +68,7 @@ def plain_history(history: Sequence[Any] | None, cfg: Config) -> list[dict[str, 
     if len(history) > cfg.max_history_messages:
         raise BadRequest(
             f"The conversation is too long ({len(history)} messages; the limit is {cfg.max_history_messages}, "
-            "CLAIR_MAX_HISTORY_MESSAGES). Start a new conversation, or send fewer past messages."
+            "CLAIR_MAX_HISTORY_MESSAGES). Start a new conversation (New chat), or send fewer past messages."
         )
     out: list[dict[str, str]] = []
     total = 0
@@ -90,7 +90,7 @@ def plain_history(history: Sequence[Any] | None, cfg: Config) -> list[dict[str, 
         if total > cfg.max_history_chars:
             raise BadRequest(
                 f"The conversation is too long (over {cfg.max_history_chars} characters, CLAIR_MAX_HISTORY_CHARS). "
-                "Start a new conversation, or send fewer past messages."
+                "Start a new conversation (New chat), or send fewer past messages."
             )
         if text.strip():
             out.append({"role": str(role), "content": str(text)})

@@ -172,6 +172,12 @@ def build(studio: Studio) -> gr.Blocks:
             yield ""
 
     @_guard
+    def fresh_chat(request: gr.Request):
+        """An empty conversation (a past one may have grown past the history limits); stops a reply."""
+        studio.cancel(f"chat:{request.session_hash}")
+        return [], ""
+
+    @_guard
     def stop_chat(request: gr.Request):
         studio.cancel(f"chat:{request.session_hash}")
 
@@ -336,6 +342,7 @@ def build(studio: Studio) -> gr.Blocks:
                 )
                 send = gr.Button("Send", variant="primary", scale=1)
                 stop = gr.Button("Stop", variant="stop", scale=1)
+                new_chat = gr.Button("New chat", scale=1)
 
         with gr.Tab("Image", id="image"):
             image_notice_md = gr.Markdown(elem_id="image-notice")
@@ -400,6 +407,7 @@ def build(studio: Studio) -> gr.Blocks:
         # The flag stops a reply that is streaming or waiting for the GPU; `cancels` also drops one still
         # in Gradio's own queue.
         stop.click(stop_chat, api_visibility="private", queue=False, cancels=sent)
+        new_chat.click(fresh_chat, outputs=[chatbot, message], api_visibility="private", queue=False, cancels=sent)
         for ev in sent:
             ev.then(chat_notice, outputs=chat_notice_md, api_visibility="private")
 
