@@ -214,6 +214,13 @@ class JobCounter:
         log.info("job refused cap=%s who=%s total=%d", which, who, total)
         return which
 
+    def would_refuse(self, who: str) -> str | None:
+        """Which cap a new job from `who` would hit now (None: none), without taking a slot."""
+        with self._lock:
+            if self.per_user.get(who, 0) >= self.max_per_user:
+                return "user"
+            return "house" if self.total >= self.max_total else None
+
     def give_back(self, who: str) -> None:
         with self._lock:
             n = self.per_user.get(who, 0)

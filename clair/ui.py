@@ -177,6 +177,25 @@ def build(studio: Studio) -> gr.Blocks:
         studio.cancel(f"chat:{request.session_hash}")
         return [], ""
 
+    def validate_chat(message, history, model, system, request: gr.Request):
+        """The UI chat's limits and caps, checked when it is queued: a refused message never enters Gradio's
+        queue. The handler checks all of it again (and is the only check for /chat)."""
+        problem, at = None, 0
+        try:
+            if isinstance(message, str) and not message.strip():
+                return [gr.validate(True, "")] * 4  # nothing to send: the handler does nothing
+            limits.check_chat(cfg, message, history, system, model)
+            which = jobs.would_refuse(client_id(request))
+            if which is not None:
+                problem = jobs.busy_message(which)
+        except ClairError as exc:
+            problem = str(exc)
+            low = problem.lower()
+            at = 3 if "system prompt" in low else 1 if ("conversation" in low or "history" in low) else 0
+        except Exception as exc:
+            problem = limits.unexpected(log, exc, "chat check")
+        return [gr.validate(problem is None or i != at, problem or "") for i in range(4)]
+
     @_guard
     def stop_chat(request: gr.Request):
         studio.cancel(f"chat:{request.session_hash}")
@@ -241,11 +260,9 @@ def build(studio: Studio) -> gr.Blocks:
         try:
             params = RenderParams(prompt, negative_prompt, steps, guidance, width, height, seed).validated(cfg)
             studio.check_fits(params)
-            at = 4
-            if jobs.per_user.get(client_id(request), 0) >= jobs.max_per_user:
-                problem, at = jobs.busy_message("user"), 0
-            elif jobs.total >= jobs.max_total:
-                problem, at = jobs.busy_message("house"), 0
+            which = jobs.would_refuse(client_id(request))
+            if which is not None:
+                problem, at = jobs.busy_message(which), 0
         except ClairError as exc:
             problem = str(exc)
             at = next((i for i, name in _FIELDS if name in problem.lower()), 6)
@@ -402,6 +419,7 @@ def build(studio: Studio) -> gr.Blocks:
             api_visibility="private",
             concurrency_id=GPU,
             concurrency_limit=gpu_slots,
+            validator=validate_chat,
         )
         sent = [message.submit(**chat_inputs), send.click(**chat_inputs)]
         # The flag stops a reply that is streaming or waiting for the GPU; `cancels` also drops one still

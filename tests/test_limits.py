@@ -358,13 +358,16 @@ def test_a_client_past_its_cap_is_refused_while_another_clients_chat_gets_throug
         wait_until(lambda: (app.status()["holder"] or {}).get("kind") == "render", timeout=30)
         second = pool.submit(greedy.call, "render", slow)
         wait_until(lambda: app.status()["jobs"]["total"] == 2, timeout=10)
-        # The greedy client queues many more: each is refused at once, with a retry time.
+        # The greedy client queues 30 more: each is refused at once, with a retry time.
         t0 = time.monotonic()
-        refused = list(pool.map(lambda _: greedy.call("render", slow), range(6)))
+        refused = list(pool.map(lambda _: greedy.call("render", slow), range(30)))
         assert time.monotonic() - t0 < 10
+        # Chats count too, through the UI (refused when queued) and the API (refused in the handler).
+        refused += [greedy.call("chat_ui", ["hi", [], MODEL, ""]), greedy.call("chat", ["hi", []])]
         for r in refused:
             assert not r["ok"]
             assert "Busy: you already have 2" in r["error"] and "Try again in about" in r["error"], r
+        assert refused[-2]["status"] == 422 and refused[-1]["status"] == 200  # see docs/design.md
         # Another client still gets a chat through, while the greedy one's renders are not all done.
         chat = other.call("chat", ["are you there?", []])
         assert chat["ok"] and chat["data"] == ["You said: are you there?"], chat
