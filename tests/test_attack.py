@@ -284,3 +284,8 @@ def test_file_routes_serve_only_outputs(target):
         for route in ("/gradio_api/file=", "/gradio_api/file/"):
             r = http.get(route + t)
             assert SECRET not in r.text and "root:" not in r.text, f"{route}{t} served a file"
+    # Gradio fetches http(s) URLs named in the file route itself, but never from a private address (no way
+    # in to loopback services through it).
+    for url in (f"{app.url}/config", f"http://localhost:{app.port}/config"):
+        r = http.get("/gradio_api/file=" + url)
+        assert r.status_code != 200 and "dependencies" not in r.text, url
