@@ -85,6 +85,14 @@ def _guard(fn):
     return wrapper
 
 
+def _bounds_checked_by_clair(*components: gr.components.Component) -> None:
+    """Pass these inputs to the handler as sent. Gradio refuses a slider or number outside its bounds with
+    its own message before any handler, which an API client sees only as a bare HTTP 400;
+    `RenderParams.validated` checks the same bounds (the settings) and says which setting sets them."""
+    for c in components:
+        c.preprocess = lambda payload: payload  # type: ignore[method-assign]
+
+
 # The GPU events' Gradio concurrency: every job a cap allows, plus a few slots so that requests past a cap
 # reach a handler at once and are refused there, instead of waiting in Gradio's queue (where no cap sees them).
 REFUSAL_SLOTS = 4
@@ -429,6 +437,7 @@ def build(studio: Studio) -> gr.Blocks:
         for ev in sent:
             ev.then(chat_notice, outputs=chat_notice_md, api_visibility="private")
 
+        _bounds_checked_by_clair(steps, guidance, width, height, seed)
         rendered = generate.click(
             render,
             inputs=[prompt, negative, steps, guidance, width, height, seed],
