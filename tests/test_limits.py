@@ -459,3 +459,29 @@ def test_who_is_asking_is_the_user_else_the_address():
     assert client_id(req()) == "address:192.168.1.20" and owner_of(req()) is None
     assert client_id(req(host="192.168.1.21")) != client_id(req())
     assert client_id(None) == "local" and owner_of(None) is None
+
+
+# -- errors: Clair's own messages, with an id ------------------------------------------------------------
+def test_an_unexpected_error_reaches_the_client_as_an_id_and_the_log_has_the_details(tmp_path, caplog):
+    import gradio as gr
+
+    from clair.studio import Studio
+    from clair.ui import build
+
+    studio = Studio(dataclasses.replace(Config(), output_dir=str(tmp_path / "out")))
+    demo = build(studio)
+    fns = {f.name: f.fn for f in demo.fns.values()}
+
+    def broken(*a, **k):
+        raise RuntimeError("/etc/clair/clair.env: internal detail")
+
+    studio.status = broken  # type: ignore[method-assign]
+    studio.chat_backend = broken  # type: ignore[method-assign]
+    for name in ("status", "status_line", "chat_notice"):
+        with pytest.raises(gr.Error) as err:
+            fns[name]()
+        text = str(err.value)
+        eid = re.search(r"error id ([0-9a-f]{6})", text).group(1)
+        assert "internal detail" not in text and "RuntimeError" not in text
+        logged = [r for r in caplog.records if eid in r.getMessage()]
+        assert logged and "internal detail" in str(logged[0].exc_info[1])
