@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -485,3 +485,47 @@ def test_an_unexpected_error_reaches_the_client_as_an_id_and_the_log_has_the_det
         assert "internal detail" not in text and "RuntimeError" not in text
         logged = [r for r in caplog.records if eid in r.getMessage()]
         assert logged and "internal detail" in str(logged[0].exc_info[1])
+
+
+# -- whatever a client sends: a clear refusal or clean values, never a crash ------------------------------
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "wizard"]) | JSON},
+    optional={
+        "content": JSON
+        | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=30)}), max_size=3),
+        "metadata": JSON,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(history=st.lists(MESSAGE, max_size=6) | JSON, message=JSON, system=JSON, model=JSON)
+def test_any_chat_request_is_refused_clearly_or_comes_out_as_plain_text(history, message, system, model):
+    try:
+        msg, past, sys_, mdl = check_chat(CFG, message, history, system, model)
+    except BadRequest as exc:
+        assert str(exc)
+        return
+    assert type(msg) is str and (sys_ is None or type(sys_) is str) and (mdl is None or type(mdl) is str)
+    for m in past:
+        assert set(m) == {"role", "content"} and m["role"] in ("user", "assistant", "system")
+        assert type(m["content"]) is str and m["content"].strip()
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(JSON | st.integers(-5, 600) | st.floats(-5, 40), min_size=7, max_size=7))
+def test_any_render_request_is_refused_clearly_or_comes_out_checked(values):
+    try:
+        p = RenderParams(*values).validated(CFG)
+    except BadRequest as exc:
+        assert str(exc)
+        return
+    assert type(p.prompt) is str and 0 < len(p.prompt) <= 50 and type(p.negative_prompt) is str
+    assert type(p.steps) is int and 1 <= p.steps <= 10 and type(p.seed) is int and 0 <= p.seed <= 1000
+    assert type(p.width) is int and 64 <= p.width <= 512 and p.width % 8 == 0
+    assert type(p.guidance) is float and 1 <= p.guidance <= 9
