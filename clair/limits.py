@@ -113,7 +113,8 @@ def check_message(message: Any, cfg: Config, what: str = "message") -> str:
 def check_model_name(model: Any) -> str | None:
     if model is None or model == "":
         return None
-    if not isinstance(model, str) or len(model) > 200 or any(c.isspace() or not c.isprintable() for c in model):
+    # Ollama names have no spaces, but the in-process model's label does ("tiny (random weights)").
+    if not isinstance(model, str) or len(model) > 200 or not model.isprintable():
         raise BadRequest("The model name is not valid: pick one from the list.")
     return model
 

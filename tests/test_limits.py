@@ -118,6 +118,9 @@ def test_message_and_system_prompt_limits():
         check_chat(CFG, {"path": "/etc/passwd"}, [])
     with pytest.raises(BadRequest, match="model name"):
         check_chat(CFG, "hi", [], None, "x\ny")
+    with pytest.raises(BadRequest, match="model name"):
+        check_chat(CFG, "hi", [], None, "m" * 201)
+    assert check_chat(CFG, "hi", [], None, "tiny (random weights)")[3] == "tiny (random weights)"
     with pytest.raises(BadRequest, match="Type a message"):
         check_chat(CFG, "  ", [])
 
