@@ -808,6 +808,20 @@ class Arbiter:
         )
         return max(0.0, eta)
 
+    def drain_eta_s(self) -> float:
+        """About how long until everything running or waiting now is done, one after another (an upper
+        estimate, for "busy, try again in about N s")."""
+        with self._lock:
+            now = time.time()
+            running = max(
+                (
+                    max(0.0, self._hold_ema[ls.kind] - (now - (ls.ready_at or ls.granted_at or now)))
+                    for ls in self._running.values()
+                ),
+                default=0.0,
+            )
+            return running + sum(self._hold_ema[ls.kind] for ls in self._waiting.values())
+
     def count(self, kind: Kind | None = None) -> int:
         """Requests of `kind` running or waiting."""
         with self._lock:

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -110,30 +111,45 @@ class RenderParams:
     height: int = 1024
     seed: int = -1
 
-    def validated(self) -> RenderParams:
-        """Checked and normalised (a random seed is drawn for -1). Raises BadRequest that says what to fix."""
-        if not self.prompt or not self.prompt.strip():
+    def validated(self, cfg: Config | None = None) -> RenderParams:
+        """Checked against the limits in `cfg` (default: the default settings) and normalised (a random
+        seed is drawn for -1). Raises BadRequest that says what to fix. Never trusts a type: every field
+        is converted from what a client could send (strings, numbers; nothing else)."""
+        from clair import limits
+
+        cfg = cfg or Config()
+        prompt = limits.check_prompt(self.prompt, cfg)
+        negative = limits.check_prompt(self.negative_prompt, cfg, "negative prompt")
+        if not prompt.strip():
             raise BadRequest("Write a prompt first: describe the image you want.")
+        side = cfg.max_side
+        sizes = {}
         for name, value in (("width", self.width), ("height", self.height)):
-            if int(value) != value or not 64 <= value <= 2048 or int(value) % 8:
-                raise BadRequest(f"{name} must be a multiple of 8 from 64 to 2048 (got {value}).")
-        if not 1 <= int(self.steps) <= 150:
-            raise BadRequest(f"steps must be from 1 to 150 (got {self.steps}).")
-        if not 0 <= float(self.guidance) <= 30:
-            raise BadRequest(f"guidance must be from 0 to 30 (got {self.guidance}).")
-        seed = int(self.seed)
-        if seed < -1 or seed > MAX_SEED:
-            raise BadRequest(f"seed must be -1 (random) or from 0 to {MAX_SEED} (got {self.seed}).")
+            x = limits.number(value, name)
+            if int(x) != x or not 64 <= x <= side or int(x) % 8:
+                raise BadRequest(f"{name} must be a multiple of 8 from 64 to {side} (got {value}; CLAIR_MAX_SIDE).")
+            sizes[name] = int(x)
+        steps = limits.number(self.steps, "steps")
+        if int(steps) != steps or not 1 <= steps <= cfg.max_steps:
+            raise BadRequest(f"steps must be a whole number from 1 to {cfg.max_steps} (got {self.steps}; CLAIR_MAX_STEPS).")
+        guidance = limits.number(self.guidance, "guidance")
+        if not cfg.min_guidance <= guidance <= cfg.max_guidance:
+            raise BadRequest(
+                f"guidance must be from {cfg.min_guidance:g} to {cfg.max_guidance:g} (got {self.guidance}; "
+                "CLAIR_MIN_GUIDANCE, CLAIR_MAX_GUIDANCE)."
+            )
+        seed_x = limits.number(self.seed, "seed")
+        if int(seed_x) != seed_x:
+            raise BadRequest(f"seed must be a whole number (got {self.seed}).")
+        seed = int(seed_x)
+        if seed < -1 or seed > cfg.max_seed:
+            raise BadRequest(
+                f"seed must be -1 (random) or from 0 to {cfg.max_seed} (got {self.seed}; CLAIR_MAX_SEED)."
+            )
         if seed == -1:
-            seed = random.randint(0, MAX_SEED)
+            seed = random.randint(0, cfg.max_seed)
         return RenderParams(
-            self.prompt.strip(),
-            (self.negative_prompt or "").strip(),
-            int(self.steps),
-            float(self.guidance),
-            int(self.width),
-            int(self.height),
-            seed,
+            prompt.strip(), negative.strip(), int(steps), float(guidance), sizes["width"], sizes["height"], seed
         )
 
 
@@ -159,6 +175,7 @@ class ImageEngine:
         self.vae_kind = self._expected_vae_kind()
         self.vae_source = ""  # after a load: FP16_FIX_VAE, "checkpoint" (its own), CLAIR_VAE's folder/id, or "tiny"
         self.vae_note: str | None = None
+        self._owners: dict[tuple[str, float], str | None] = {}  # (file name, mtime) -> owner, for recent()
 
     @property
     def label(self) -> str:
@@ -535,10 +552,16 @@ class ImageEngine:
             self._swap.evict()
 
     # -- keeping images ------------------------------------------------------------------------------
-    def save(self, image: Image.Image, params: RenderParams) -> Path:
-        """Save as PNG with every parameter in its text chunks (and an A1111-style `parameters` line)."""
+    def save(self, image: Image.Image, params: RenderParams, owner: str | None = None) -> Path:
+        """Save as PNG with every parameter in its text chunks (and an A1111-style `parameters` line).
+
+        `owner` (the user who asked for it; None without user accounts) goes into the `clair` JSON chunk,
+        so each user's gallery shows their own images (`recent(owner=...)`).
+        """
         self.output_dir.mkdir(parents=True, exist_ok=True)
         meta = {**asdict(params), "model": self.model_id, "vae": self.vae_source}
+        if owner is not None:
+            meta["owner"] = owner
         info = PngInfo()
         for key, value in meta.items():
             info.add_text(key, str(value))
@@ -552,6 +575,10 @@ class ImageEngine:
         info.add_text("parameters", a1111)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         slug = re.sub(r"[^a-z0-9]+", "-", params.prompt.lower()).strip("-")[:40] or "image"
+        if owner is not None:
+            # Every signed-in user may fetch any file in the output folder by name (Gradio's allowed_paths
+            # is not per user): a random part keeps another user's images from being guessed.
+            slug += "-" + secrets.token_hex(6)
         path = self.output_dir / f"{stamp}-{params.seed}-{slug}.png"
         n = 1
         while path.exists():
@@ -562,11 +589,45 @@ class ImageEngine:
         os.replace(tmp, path)  # never leave half an image in the gallery
         return path
 
-    def recent(self, n: int) -> list[Path]:
+    def recent(self, n: int, owner: str | None = None) -> list[Path]:
+        """The `n` newest PNGs in the output folder (newest first), from the server's own listing.
+
+        With `owner`, only the images whose metadata names that owner. Every path returned is a regular
+        file directly inside `output_dir` (no symlinks out of it), as Gradio will serve what it names.
+        """
         if not self.output_dir.is_dir():
             return []
-        files = sorted(self.output_dir.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
-        return files[:n]
+        stamped = []
+        for p in self.output_dir.glob("*.png"):
+            try:
+                if p.is_symlink() or not p.is_file():
+                    continue
+                stamped.append((p.stat().st_mtime, p))
+            except OSError:
+                continue  # deleted meanwhile
+        stamped.sort(reverse=True)
+        out: list[Path] = []
+        for mtime, p in stamped:
+            if len(out) >= n:
+                break
+            if owner is None or self._owner_of(p, mtime) == owner:
+                out.append(p)
+        return out
+
+    def _owner_of(self, path: Path, mtime: float) -> str | None:
+        key = (path.name, mtime)
+        cache = self._owners
+        if key not in cache:
+            try:
+                with Image.open(path) as im:  # text chunks before the image data: no decode
+                    raw = im.info.get("clair")
+                owner = json.loads(raw).get("owner") if isinstance(raw, str) else None
+            except Exception:
+                owner = None
+            if len(cache) > 10000:
+                cache.clear()
+            cache[key] = owner if isinstance(owner, str) else None
+        return cache[key]
 
 
 def read_metadata(path: str | Path) -> dict:
