@@ -26,6 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from clair import gpu
 from clair.config import Config
+from clair.engines import Engine
 from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, load_failure
 
 log = logging.getLogger("clair.image")
@@ -77,7 +78,8 @@ class RenderParams:
         )
 
 
-class ImageEngine:
+class ImageEngine(Engine):
+    name = "image"
     tenant = "image"
 
     def __init__(self, cfg: Config):

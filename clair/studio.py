@@ -21,13 +21,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from clair import gpu
-from clair.arbiter import Arbiter, Lease
+from clair.arbiter import Arbiter, Kind, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat, flatten_history
 from clair.config import Config
+from clair.engines import Engine, StateFile
 from clair.errors import BadRequest, ChatUnavailable
 from clair.image import ImageEngine, RenderParams
 
 log = logging.getLogger("clair.studio")
+GiB = 1024**3
+# Our own CUDA context (~0.3-0.5 GiB, outside torch's allocator) is not "other programs": this much of the
+# device's unexplained use is not counted as theirs (the budget's reserve covers it).
+CONTEXT_ALLOWANCE = int(0.5 * GiB)
 
 
 @dataclass
@@ -54,19 +59,30 @@ class Studio:
             queue_timeout_s=cfg.queue_timeout_s,
             wait_free=lambda n: gpu.wait_free(n, cfg.evict_timeout_s, reserve_gb=cfg.vram_reserve_gb),
         )
-        self.ollama = OllamaChat(cfg)
+        self.state = StateFile(cfg.state_path)
+        self.ollama = OllamaChat(cfg, self.state)
         self.local = LocalChat(cfg)
         self.image = ImageEngine(cfg)
-        # Ollama on another machine holds none of our GPU: nothing to evict, no chat to hold back.
-        self.ollama_local = cfg.ollama_on_this_gpu
-        if self.ollama_local:
-            self.arbiter.add_tenant(self.ollama.tenant, self.ollama.evict)
-        self.arbiter.add_tenant(self.local.tenant, self.local.evict)
-        self.arbiter.add_tenant(self.image.tenant, self.image.evict)
+        self.engines: list[Engine] = [self.ollama, self.local, self.image]
+        for engine in self.engines:
+            # An engine on another machine (Ollama elsewhere) holds none of our GPU: nothing to evict, no
+            # request to hold back.
+            if engine.on_this_gpu:
+                self.arbiter.add_tenant(engine.tenant, engine.evict)
+            if hasattr(engine, "attach"):
+                engine.attach(self.arbiter)
+        log.info("ollama %s the GPU: %s", "shares" if self.ollama.on_this_gpu else "does not share", self.ollama.locality)
         self._cancel: dict[str, threading.Event] = {}
         self._cancel_lock = threading.Lock()
         self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
-        self.warmups = 0
+
+    @property
+    def ollama_local(self) -> bool:
+        return self.ollama.on_this_gpu
+
+    @property
+    def warmups(self) -> int:
+        return self.ollama.warmups
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat_backend(self, fresh: bool = False, model: str | None = None) -> tuple[ChatBackend, str | None]:
@@ -98,7 +114,7 @@ class Studio:
 
     def default_chat_model(self) -> str:
         backend, _ = self.chat_backend()
-        return self.cfg.chat_model if backend is self.ollama else self.local.label
+        return backend.default_model()
 
     def chat(
         self,
@@ -123,27 +139,57 @@ class Studio:
         backend, problem = self.chat_backend(fresh=True, model=model)
         if problem:
             raise ChatUnavailable(problem)
-        model = model or (self.cfg.chat_model if backend is self.ollama else self.local.label)
-        if backend is self.ollama:
-            self._sync_ollama()
-        if backend is self.local and not self.local.loaded:
-            yield Waiting(0, 0.0, f"Loading the in-process chat model ({self.local.label})")
-            self.local.load()  # from disk to host memory, before taking the GPU
+        model = model or backend.default_model()
+        if backend.needs_load():
+            yield Waiting(0, 0.0, f"Loading the in-process chat model ({model})")
+            backend.load()  # from disk to host memory, before taking the GPU
         stop = stop or threading.Event()
-        if backend is self.ollama and not self.ollama_local:
+        if not backend.on_this_gpu:
             for text in backend.stream(model, messages, stop):
                 yield Token(text)
             return
-        need, idle = backend.footprint(model)
-        lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
+        lease = self._request(backend, "chat", backend.footprint(model), f"chat:{model}")
         try:
             yield from self._wait(lease, stop.is_set)
+            backend.after_grant(lease, model)
             for text in backend.stream(model, messages, stop):
                 yield Token(text)
         finally:
-            lease.release()
-            if backend is self.ollama:
-                self._sync_ollama()
+            self._release(lease)
+
+    # -- leases: the same steps for every engine -------------------------------------------------------
+    def sync(self) -> None:
+        """Before a plan: every engine tells the ledger what it holds, and on CUDA what other programs hold."""
+        for engine in self.engines:
+            if engine.on_this_gpu:
+                engine.sync(self.arbiter)
+        self._sync_other()
+
+    def _sync_other(self) -> None:
+        """GPU memory held by other processes: the device's use less ours (torch's pool and our CUDA
+        context) and Ollama's (its last successful /api/ps). Counted in the ledger as a tenant that is never
+        evicted, so the budget shrinks while they hold it. Skipped when Ollama's share is unknown."""
+        if not gpu.cuda():
+            return
+        total, free = gpu.total_bytes(), gpu.free_bytes()
+        ollama = self.ollama.held_vram() if self.ollama.on_this_gpu else 0
+        if total is None or free is None or ollama is None:
+            return
+        other = total - free - gpu.reserved_now() - ollama - CONTEXT_ALLOWANCE
+        self.arbiter.set_other(max(0, other))
+
+    def _request(self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str) -> Lease:
+        self.sync()  # the ledger must see what is really on the GPU before it plans
+        need, idle = footprint
+        return self.arbiter.request(kind, engine.tenant, need, idle, label=label)
+
+    def _release(self, lease: Lease) -> None:
+        lease.release()
+        for engine in self.engines:
+            try:
+                engine.after_release(lease)
+            except Exception:  # a hook must not turn a finished request into a failure
+                log.exception("after_release hook failed engine=%s", engine.name)
 
     def _wait(self, lease: Lease, cancelled: Callable[[], bool]) -> Iterator[Waiting]:
         """Yield the lease's place in the queue whenever it changes, until the GPU is ours."""
@@ -153,13 +199,6 @@ class Studio:
             if now != last:
                 last = now
                 yield Waiting(pos["position"], pos["eta_s"], pos["reason"])
-
-    def _sync_ollama(self) -> None:
-        """Tell the ledger what Ollama really holds (size_vram from /api/ps)."""
-        if not self.ollama_local:
-            return
-        read_at = time.monotonic()
-        self.arbiter.set_resident(self.ollama.tenant, self.ollama.resident_bytes(), read_at=read_at)
 
     # -- render --------------------------------------------------------------------------------------
     def render(
@@ -175,16 +214,12 @@ class Studio:
         # Load from disk (to host memory) before asking for the GPU: a slow or failing load must not
         # hold the GPU or evict anyone. Raises ImageModelUnavailable with what to do.
         self.image.load()
-        self._sync_ollama()  # the ledger must see what Ollama holds before it plans
-        need, idle = self.image.footprint(params.width, params.height)
-        lease = self.arbiter.request(
-            "render", self.image.tenant, need, idle, label=f"render {params.width}x{params.height}"
-        )
-        ollama_evicted = False
+        footprint = self.image.footprint(params.width, params.height)
+        lease = self._request(self.image, "render", footprint, f"render {params.width}x{params.height}")
         try:
             for w in self._wait(lease, cancel.is_set):
                 on_progress(f"Waiting for the GPU: {w.reason} (position {w.position}, about {w.eta_s:.0f} s)", 0.0)
-            ollama_evicted = self.ollama.tenant in lease.evicted
+            self.image.after_grant(lease)
             on_progress("Rendering", 0.0)
             image, facts = self.image.render(
                 params,
@@ -192,10 +227,8 @@ class Studio:
                 cancelled=cancel.is_set,
             )
         finally:
-            lease.release()
-            if ollama_evicted and self.cfg.warmup:
-                # Recovery: bring the chat model back in the background so the next message doesn't pay the load.
-                threading.Thread(target=self._warm, name="clair-warmup", daemon=True).start()
+            # Recovery is the engines' business: Ollama warms its model again if this render evicted it.
+            self._release(lease)
         path = self.image.save(image, params)
         info = {
             **asdict(params),
@@ -223,27 +256,6 @@ class Studio:
             ",".join(lease.evicted) or "-",
         )
         return str(path), info
-
-    def _warm(self) -> None:
-        # A short grace period first: someone iterating on prompts renders again within seconds, and
-        # reloading the LLM in between would only be evicted again (measured in bench/run.py).
-        time.sleep(self.cfg.warmup_delay_s)
-        if self.arbiter.count("render"):
-            return  # another render is queued or running: it would evict the model again at once
-        for model in self.ollama.last_evicted or [self.cfg.chat_model]:
-            need, idle = self.ollama.footprint(model)
-            lease = self.arbiter.request("chat", self.ollama.tenant, need, idle, label=f"warm-up:{model}")
-            try:
-                lease.wait(self.cfg.queue_timeout_s)
-                t0 = time.monotonic()
-                self.ollama.warm(model)
-                self.warmups += 1
-                log.info("warm-up done model=%s s=%.2f", model, time.monotonic() - t0)
-            except Exception as exc:
-                log.warning("warm-up failed model=%s error=%s", model, exc)
-            finally:
-                lease.release()
-                self._sync_ollama()
 
     def preload(self) -> None:
         """Load checkpoints from disk into host memory (never onto the GPU), so the first render or local
@@ -277,6 +289,9 @@ class Studio:
         backend, problem = self.chat_backend()
         st["chat"] = {"backend": backend.name, "model": self.default_chat_model(), "problem": problem}
         st["image"] = {"model": self.image.label, "problem": self.image.problem()}
+        st["engines"] = [{"name": e.name, "tenant": e.tenant, "device": e.device} for e in self.engines]
+        other = next((r for r in st["resident"] if r.get("other")), None)
+        st["other_gb"] = other["gb"] if other else 0.0
         st["cuda"] = gpu.cuda()
         st["demo"] = self.cfg.demo
         return st
