@@ -127,6 +127,11 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
     real_footprint = studio.image.footprint
     studio.image.footprint = lambda w, h: real_footprint(declared, declared)  # see the module docstring
     studio.image.load()
+    # Ollama sees a card of the budget's size, and while a render runs, the render's share of it is taken:
+    # a chat model loaded beside a render that left it too little is partly offloaded to the CPU, which
+    # the engine reports (partial_offload) and this benchmark counts as a budget breach.
+    standin.vram_total_bytes = studio.arbiter.budget
+    standin.vram_used_elsewhere = lambda: studio.image.footprint(declared, declared)[0] if contention.running["render"] else 0
 
     ttft: list[float] = []
     render_wait: list[float] = []
@@ -203,7 +208,10 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         "swaps": stats["swaps"],
         "ollama_loads": loads,
         "warmups": studio.warmups,
-        "budget_exceeded": stats["budget_exceeded"],
+        # A partial CPU offload (size_vram < size in /api/ps) means Ollama did not get the memory the ledger
+        # planned for it: a budget breach seen from Ollama's side.
+        "budget_exceeded": stats["budget_exceeded"] + stats.get("partial_offload", 0),
+        "partial_offload": stats.get("partial_offload", 0),
         "max_used_gb": round(stats["max_used_bytes"] / GiB, 2),
         "errors": errors,
         "elapsed_s": round(elapsed, 1),

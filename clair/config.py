@@ -72,8 +72,9 @@ class Config:
     )
     ollama_shares_gpu: str = setting(
         "auto",
-        "Does Ollama use this machine's GPU? auto: yes when OLLAMA_HOST is this machine. no: Ollama runs "
-        "elsewhere, so Clair never evicts it and never holds chats back for a render.",
+        "Does Ollama use this machine's GPU? auto: yes when OLLAMA_HOST is this machine (its name, or any "
+        "address of its network interfaces; the decision is logged at start-up). no: Ollama runs elsewhere, so "
+        "Clair never evicts it and never holds chats back for a render.",
         choices=("auto", "yes", "no"),
     )
     ollama_timeout_s: float = setting(
