@@ -93,11 +93,13 @@ def model_name(name: str) -> str:
 
     Ollama parses `[host/][namespace/]model[:tag][@digest]` and fills in `registry.ollama.ai`, `library`
     and `latest` (types/model/name.go in ollama/ollama); listings show the shortest form, without the
-    default host and namespace. So `library/phi4` and `registry.ollama.ai/library/phi4:latest` are
+    default host and namespace; names compare case-insensitively (`Name.EqualFold`). So `library/phi4` and `registry.ollama.ai/library/phi4:latest` are
     `phi4:latest`, `jmorgan/m` is `jmorgan/m:latest`, and `hf.co/org/repo:Q4_K_M` keeps its host. The tag
     is looked for after the last `/` only: a host's port (`myhost:5000/m`) is not a tag.
     """
     n = name.strip().split("@", 1)[0]
+    if "://" in n:  # a registry's protocol scheme (https://host/ns/model) is not part of the name
+        n = n.split("://", 1)[1]
     head, sep, last = n.rpartition("/")
     if last and ":" not in last:
         last += ":latest"

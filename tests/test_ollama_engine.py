@@ -31,6 +31,7 @@ GiB = 1024**3
         ("hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M", "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"),
         ("myhost:5000/team/model", "myhost:5000/team/model:latest"),  # a port is not a tag
         ("phi4@sha256:abc", "phi4:latest"),
+        ("https://registry.ollama.ai/library/phi4", "phi4:latest"),
         ("  phi4  ", "phi4:latest"),
     ],
 )
