@@ -24,7 +24,8 @@ after every step of random runs):
    tenant may exceed it: refusing would help no one). With no known budget (no CUDA device, none
    configured) or the `exclusive` policy, a grant leaves one of Clair's tenants on the GPU. A reading
    may later show a tenant larger than planned: that is counted (`budget_exceeded`) and every later
-   plan uses the larger size.
+   plan uses the larger size. (A worst case assumed after a failed reading is planned on, but not
+   counted as a breach: it is not a measurement.)
 4. Only idle tenants are evicted, and a tenant being evicted still counts in the ledger until its
    `evict()` has returned: nobody plans on memory that is not free yet (Ollama answers an unload
    before the memory is back), and no request starts on a tenant that is leaving.
@@ -36,7 +37,8 @@ after every step of random runs):
    alone). With 5, a waiting request is granted once the leases ahead of it or in its way (finitely
    many: later arrivals cannot get in its way) have been released.
 7. Unknown is never empty: a tenant leaves the ledger only on a successful reading that shows it gone,
-   or when its own `evict()` returned. A failed reading keeps it, at the worst size the caller knows.
+   or when its own `evict()` returned. A failed reading keeps it (or adds it), at the worst size the
+   caller knows (`Resident.unknown` until a reading or a grant replaces the assumption).
 8. Every lease is released exactly once, whatever happens (error, cancel, client gone): `release()`
    is idempotent and `Lease` is a context manager. A failed eviction releases the lease too, and the
    tenant it failed to evict stays in the ledger.
@@ -90,6 +92,7 @@ class Resident:
     evicting: bool = False
     measured: int = 0  # what the tenant itself last reported (Ollama's size_vram); 0 = never
     fixed: bool = False  # memory Clair cannot free (other processes on the card): never evicted, never "busy"
+    unknown: bool = False  # `bytes` is an assumption (a failed reading), not a measurement
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,7 +443,8 @@ class Arbiter:
             if at_least:
                 if nbytes > 0 and (cur is None or cur.bytes < nbytes):
                     seq = cur.last_used if cur else next(self._use_seq)
-                    self._residents[tenant] = Resident(tenant, int(nbytes), seq, measured=cur.measured if cur else 0)
+                    measured = cur.measured if cur else 0
+                    self._residents[tenant] = Resident(tenant, int(nbytes), seq, measured=measured, unknown=True)
             elif nbytes <= 0 and not busy:
                 self._residents.pop(tenant, None)
             elif nbytes > 0:
@@ -540,9 +544,10 @@ class Arbiter:
         self._cond.notify_all()
 
     def _check_budget_locked(self) -> None:
-        used = sum(r.bytes for r in self._residents.values())
+        # Counted: what was measured or planned, not what a failed reading made the ledger assume.
+        used = sum(r.measured if r.unknown else r.bytes for r in self._residents.values())
         self.stats["max_used_bytes"] = max(self.stats["max_used_bytes"], used)
-        mine = [r for r in self._residents.values() if not r.fixed]
+        mine = [r for r in self._residents.values() if not r.fixed and (r.bytes if not r.unknown else r.measured)]
         if self.budget > 0 and len(mine) > 1 and used > self.budget:
             self.stats["budget_exceeded"] += 1
             log.warning(
@@ -761,6 +766,7 @@ class Arbiter:
                         "busy": any(ls.req.tenant == r.tenant for ls in self._running.values()),
                         "evicting": r.evicting,
                         "other": r.fixed,  # held by other programs: never evicted
+                        "unknown": r.unknown,  # a failed reading: assumed at its worst size
                     }
                     for r in sorted(self._residents.values(), key=lambda r: r.tenant)
                 ],

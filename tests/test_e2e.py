@@ -123,7 +123,7 @@ def test_a_failing_render_releases_the_gpu_and_the_queue_moves_on(app, standin):
     other.start()
     gate.wait_reached(timeout=5)
     try:
-        with pytest.raises(Exception, match="Ollama did not confirm within .*still lists llama3.1:8b"):
+        with pytest.raises(Exception, match=r"Ollama did not confirm within .*still lists llama3\.1:8b"):
             app.render()
         st = app.status()
         assert st["holder"] is None and st["waiting"] == []
