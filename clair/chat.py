@@ -146,6 +146,7 @@ class OllamaChat(ChatBackend):
         self._seen: dict[str, tuple[str, int, int, int]] = {}  # last successful /api/ps: key -> (name, size, vram, ctx)
         self._seen_ok = False  # has any /api/ps reading succeeded since start?
         self._partial: set[tuple[str, int, int]] = set()  # partial offloads already reported
+        self._used: dict[str, str] = {}  # every model Clair sent a chat for (key -> name): evict() unloads them
         self._arbiter: Arbiter | None = None
         self.last_evicted: list[str] = []
         self.warmups = 0
@@ -298,6 +299,12 @@ class OllamaChat(ChatBackend):
         return held + own, held + own
 
     # -- hooks -----------------------------------------------------------------------------------
+    def after_grant(self, lease: Lease, model: str | None = None) -> None:
+        """The chat may load `model` from now on: evictions unload it even if no reading ever shows it."""
+        if model:
+            with self._lock:
+                self._used[model_key(model)] = model_name(model)
+
     def after_release(self, lease: Lease) -> None:
         if not self.on_this_gpu:
             return
@@ -321,6 +328,7 @@ class OllamaChat(ChatBackend):
             lease = arbiter.request("chat", self.tenant, need, idle, label=f"warm-up:{model}")
             try:
                 lease.wait(self.cfg.queue_timeout_s)
+                self.after_grant(lease, model)
                 t0 = time.monotonic()
                 self.warm(model)
                 self.warmups += 1
@@ -380,8 +388,8 @@ class OllamaChat(ChatBackend):
         )
 
     def evict(self) -> None:
-        """Unload what Ollama was last seen holding, plus the configured model, and return only once a
-        successful /api/ps reading is empty.
+        """Unload what Ollama was last seen holding, every model Clair chatted with, and the configured
+        model, and return only once a successful /api/ps reading is empty.
 
         The unload answer comes before the memory is free: the runner is only marked expired, killed
         after any running request ends, and listed by /api/ps until it has exited
@@ -391,9 +399,10 @@ class OllamaChat(ChatBackend):
         found = self.read()
         with self._lock:
             seen = [n for n, *_ in self._seen.values()]
+            used = list(self._used.values())
         loaded = [n for n, *_ in found] if found is not None else seen
         self.last_evicted = list(loaded)  # what the warm-up brings back after the render
-        targets = {model_key(n): n for n in [*seen, *loaded, model_name(self.cfg.chat_model)]}
+        targets = {model_key(n): n for n in [*seen, *loaded, *used, model_name(self.cfg.chat_model)]}
         unloaded: set[str] = set()
         deadline = time.monotonic() + self.cfg.evict_timeout_s
         delay = 0.02

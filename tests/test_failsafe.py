@@ -115,6 +115,19 @@ def test_case1_the_configured_model_is_unloaded_even_when_never_seen_loaded(stan
     assert all(loaded == [] for loaded in seen), seen
 
 
+def test_case1_every_model_clair_chatted_with_is_unloaded_when_readings_fail(standin, tmp_path):
+    """A second model (picked in the UI) was loaded while every reading failed: the render unloads it too."""
+    studio = make(standin, tmp_path, gpu_policy="exclusive")
+    standin.fail_ps(10_000)
+    assert reply(studio, "hi", model=SMALL_MODEL) == "You said: hi"
+    assert standin.loaded() == [SMALL_MODEL]
+    standin.clear_ps_faults()
+    standin.fail_ps(1)  # the render's own reading fails too
+    info, seen = render_watching(studio, standin)
+    assert "ollama" in info["evicted"]
+    assert all(loaded == [] for loaded in seen), seen
+
+
 # -- case 2: an untagged model name was never matched ---------------------------------------------------------
 
 
