@@ -236,8 +236,7 @@ def test_case4_a_partial_offload_is_logged_and_counted(standin, tmp_path, caplog
     studio = make(standin, tmp_path)
     with caplog.at_level(logging.WARNING, logger="clair.chat"):
         assert reply(studio, "hi") == "You said: hi"
-        studio.status()
-        studio.sync()
+        assert reply(studio, "again") == "You said: again"  # the same load, read again
     (entry,) = standin.ps()
     assert entry["size_vram"] < entry["size"]
     assert studio.status()["stats"]["partial_offload"] == 1  # once per load, however often it is read
