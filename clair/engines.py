@@ -12,6 +12,7 @@ chat model, the SDXL pipeline. Studio treats them alike, through this protocol:
 * `footprint(...)` -> (bytes while working, bytes while idle) on the GPU; `measured(...)` -> the size the
   engine itself observed once loaded, or None before (then the footprint is a conservative estimate).
 * `evict()`: leave the GPU; returns only once the memory is free (or raises EvictionFailed).
+* `attach(arbiter)`: the arbiter of its device, for leases the engine takes itself (Ollama's warm-up).
 * `sync(arbiter)`: before each plan, tell the ledger what the engine really holds. An engine that cannot
   tell (a failed reading) reports the worst case (`Arbiter.set_resident(..., at_least=True)`), never "empty".
 * `after_grant(lease, model)` and `after_release(lease)`: hooks around every lease, whoever holds it
@@ -49,6 +50,9 @@ class Engine:
     @property
     def on_this_gpu(self) -> bool:
         return self.device != REMOTE
+
+    def attach(self, arbiter: Arbiter) -> None:
+        """Called once by Studio: the arbiter this engine's device is planned by (for its own leases)."""
 
     def problem(self, *args: Any) -> str | None:
         return None

@@ -6,8 +6,8 @@ traffic-cop protocol lives here in one place:
 
 1. Intercept: a render asks for the GPU; chats already streaming finish first, new ones are held
    (they see their place and an estimated wait) and are not sent to Ollama meanwhile.
-2. Purge: the lease's plan evicts what must go (Ollama: unload, then poll /api/ps until empty, then
-   free VRAM on CUDA).
+2. Purge: the lease's plan evicts what must go (Ollama: unload what it was seen holding plus the configured
+   model, then poll /api/ps until a successful reading is empty, then free VRAM on CUDA; or refuse).
 3. Render on the cleared GPU.
 4. Recovery: release; held chats go on; the chat model is warmed again in the background.
 """
@@ -69,8 +69,7 @@ class Studio:
             # request to hold back.
             if engine.on_this_gpu:
                 self.arbiter.add_tenant(engine.tenant, engine.evict)
-            if hasattr(engine, "attach"):
-                engine.attach(self.arbiter)
+            engine.attach(self.arbiter)
         log.info("ollama %s the GPU: %s", "shares" if self.ollama.on_this_gpu else "does not share", self.ollama.locality)
         self._cancel: dict[str, threading.Event] = {}
         self._cancel_lock = threading.Lock()

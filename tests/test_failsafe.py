@@ -289,3 +289,17 @@ def test_case5_every_real_interface_address_counts_as_local():
     for addr in addrs:
         host = f"[{addr}]:11434" if ":" in addr else f"{addr}:11434"
         assert ollama_locality(dataclasses.replace(Config(), ollama_host=host))[0], addr
+
+
+# -- recovery, now in the Ollama engine's after_release hook ---------------------------------------------------
+
+
+def test_the_chat_model_is_warmed_again_after_a_render_evicted_it(standin, tmp_path):
+    studio = make(standin, tmp_path, warmup=True, warmup_delay_s=0.0, gpu_policy="exclusive")
+    assert reply(studio, "hi") == "You said: hi"
+    info, seen = render_watching(studio, standin)
+    assert "ollama" in info["evicted"] and all(loaded == [] for loaded in seen)
+    standin.wait_until(lambda: standin.loaded() == [MODEL] and studio.warmups == 1)
+    standin.wait_until(studio.arbiter.is_idle)
+    (res,) = [r for r in studio.status()["resident"] if r["tenant"] == "ollama"]
+    assert res["gb"] == round(6_200_000_000 / GiB, 2)  # and the ledger read it back
