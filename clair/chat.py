@@ -214,6 +214,8 @@ class OllamaChat(ChatBackend):
         with self._lock:
             self._seen = {model_key(n): (n, size, vram, ctx) for n, size, vram, ctx in found}
             self._seen_ok = True
+            # A model that left may be loaded again, partly on the CPU again: report that load too.
+            self._partial = {p for p in self._partial if model_key(p[0]) in self._seen}
         for name, size, vram, ctx in found:
             if size > 0 and ctx > 0:
                 # The size Ollama reports at this num_ctx replaces any estimate, from now on and after restarts.
@@ -253,7 +255,8 @@ class OllamaChat(ChatBackend):
         with self._lock:
             seen = sum(max(size, vram) for _, size, vram, _ in self._seen.values())
         known = [int(v) for v in self.state.section("ollama_loaded_bytes").values() if isinstance(v, int)]
-        return max([seen, self._model_bytes(self.cfg.chat_model), *known])
+        # No /api/tags request here: the server just failed to answer one; what was listed before will do.
+        return max([seen, self._model_bytes(self.cfg.chat_model, refresh=False), *known])
 
     def sync(self, arbiter: Arbiter) -> None:
         """Tell the ledger what Ollama really holds (size_vram from /api/ps); a failed reading keeps it."""
@@ -272,14 +275,14 @@ class OllamaChat(ChatBackend):
         value = self.state.get("ollama_loaded_bytes", f"{model_key(model)}@{self.cfg.chat_num_ctx}")
         return int(value) if isinstance(value, int) and value > 0 else None
 
-    def _model_bytes(self, model: str) -> int:
+    def _model_bytes(self, model: str, refresh: bool = True) -> int:
         measured = self.measured(model)
         if measured is not None:
             return measured
         key = model_key(model)
         with self._lock:
             disk = self._sizes.get(key)
-        if disk is None:
+        if disk is None and refresh:
             self.models()
             with self._lock:
                 disk = self._sizes.get(key)
@@ -360,7 +363,7 @@ class OllamaChat(ChatBackend):
                 chunks.close()  # aborts the HTTP stream: Ollama stops generating for us
         except ollama.ResponseError as exc:
             raise ChatUnavailable(self._explain(exc, model)) from None
-        except ConnectionError:
+        except (ConnectionError, httpx.ConnectError):  # a stream's connect error is not wrapped by the client
             raise ChatUnavailable(self.unreachable()) from None
         except httpx.TimeoutException:
             raise ChatUnavailable(

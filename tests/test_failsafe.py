@@ -241,6 +241,11 @@ def test_case4_a_partial_offload_is_logged_and_counted(standin, tmp_path, caplog
     assert entry["size_vram"] < entry["size"]
     assert studio.status()["stats"]["partial_offload"] == 1  # once per load, however often it is read
     assert any("partly on the CPU" in r.getMessage() for r in caplog.records)
+    # Evicted for a render, then loaded again while the card is still short: a second partial load.
+    info, _ = render_watching(studio, standin)
+    assert "ollama" in info["evicted"]
+    assert reply(studio, "later") == "You said: later"
+    assert studio.status()["stats"]["partial_offload"] == 2
 
 
 # -- case 5: a LAN address of this machine was taken for another machine --------------------------------------
