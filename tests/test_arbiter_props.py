@@ -142,6 +142,31 @@ class ArbiterMachine(RuleBasedStateMachine):
         self.arb.set_other(gb * GiB)
         self._after_step(before)
 
+    @precondition(lambda self: any(ls.kind == "render" for ls in self.waiting()))
+    @rule()
+    def no_new_arrivals_until_the_first_waiting_render_runs(self):
+        """Starvation, bounded: with no new arrivals, the first waiting render is granted after at most as many
+        releases as there were leases running or waiting ahead of it."""
+        head = min((ls for ls in self.waiting() if ls.kind == "render"), key=lambda ls: ls.req.order)
+        bound = len(self.running()) + sum(1 for w in self.waiting() if w.req.order < head.req.order)
+        releases = 0
+        while head.granted_at is None:
+            before = {ls.req.id for ls in self.running()}
+            for ls in [ls for ls in self.running() if ls.ready_at is None]:
+                ls.poll(0)  # evictions complete (none fails here)
+            self._after_step(before)
+            if head.granted_at is not None:
+                break
+            residents = dict(self.arb._residents)
+            in_way = [ls for ls in self.running() if self.cannot_share(head.req, ls.req, residents)]
+            assert self.running(), "nothing runs, yet the render waits"
+            victim = min(in_way or self.running(), key=lambda ls: ls.granted_at)
+            before = {ls.req.id for ls in self.running()}
+            victim.release()
+            self._after_step(before)
+            releases += 1
+            assert releases <= bound, (releases, bound, head.req)
+
     # -- checks made with knowledge of the step ------------------------------------------------------
     def _after_step(self, before: set[int]):
         residents = dict(self.arb._residents)
