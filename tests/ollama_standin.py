@@ -8,8 +8,12 @@ talk to this instead. It owns:
 * a fake scheduler: loading takes ``load_delay`` seconds, ``keep_alive`` timers, deferred unloads,
   ``unload_delay`` seconds during which an unloading model is still listed by ``/api/ps``, LRU eviction
   beyond ``max_loaded_models`` and reloads when ``num_ctx`` changes;
+* loaded sizes (``/api/ps`` ``size``) from its own table of figures users reported from real servers
+  (``LOADED_SIZES``), never from Clair's formula, and partial offload (``size_vram < size``) when its fake
+  VRAM is short;
 * test hooks: a request log and a lifecycle event log, scripted replies, injected errors, gates that hold a
-  request before its first token, and ``wait_until`` for sleep-free assertions.
+  request before its first token, ``/api/ps`` failing or hanging on demand (``fail_ps``, ``hang_ps``,
+  ``ps_fail_every``), and ``wait_until`` for sleep-free assertions.
 
 Behaviour follows ``shared/reference/ollama.md``; comments cite it where Ollama does something surprising.
 Standard library only, and nothing from ``clair``: the file also runs on its own::

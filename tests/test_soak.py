@@ -5,7 +5,7 @@ render would show up as a partial offload.
 
 Asserts: never two GPU holders that do not fit; no render step while the stand-in holds a model; the GPU free
 at the end; every request answered, cancelled, or refused with a message; threads and memory bounded.
-About 40-90 s on 2 CPU cores.
+20-35 s on 2 shared CPU cores.
 """
 
 from __future__ import annotations
