@@ -21,17 +21,17 @@ the chat, then evicts the model again and resumes). The JSON's top-level figures
 policy are the `mixed` scenario's; `budget_exceeded` is summed over all of them. A PNG timeline shows
 who held the GPU in the mixed scenarios (when matplotlib is installed: it is in requirements-dev.txt).
 
-The seed card (issue 11): the seed's 20 GB card, an 8B chat model whose loaded size is a figure a user
-saw in `ollama ps` (SEED_CARD_MODEL below, not Clair's estimate), 1024x1024 renders and three chat users:
-seed_card_chat (chats alone, the baseline), seed_card (CLAIR_VAE=fp16-fix) and seed_card_stock
-(CLAIR_VAE=stock). Goals: with the fp16-safe VAE no eviction and no reload, and chat TTFT p95 within 1.5x
+The seed card (issue 11): the seed's 20 GB card, an 8B chat model whose loaded size comes from the
+stand-in's own table of `ollama ps` figures (tests/ollama_standin.py, not Clair's estimate), 1024x1024
+renders and three chat users: seed_card_chat (chats alone, the baseline), seed_card (CLAIR_VAE=fp16-fix),
+seed_card_stock (CLAIR_VAE=stock) and seed_card_always (fp16-fix with CLAIR_PREEMPT=always: the render
+pauses for each chat instead of sharing compute with it). Goals: with the fp16-safe VAE no eviction and no reload, and chat TTFT p95 within 1.5x
 of chats alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -51,7 +51,6 @@ from clair.arbiter import Arbiter, GiB  # noqa: E402
 from clair.config import Config  # noqa: E402
 from clair.image import RenderParams  # noqa: E402
 from clair.studio import Studio, Token  # noqa: E402
-from tests import ollama_standin  # noqa: E402
 from tests.ollama_standin import OllamaStandin  # noqa: E402
 
 MODEL = "llama3.1:8b"
@@ -63,11 +62,9 @@ CHAT_SLOWDOWN = 26 / 12  # measured: an 8B model decoding beside an SDXL render
 RENDER_SLOWDOWN = 3.71 / 2.29
 
 
-# The seed card's chat model as `ollama ps` showed it to a user: llama3.1:8b Q4_0, 4.7 GB file, 6.5 GB
-# loaded at a ~4k context (https://github.com/ollama/ollama/issues/10801; other 8B figures in docs/facts.md,
-# "Context length": this is the largest). The stand-in on this branch computes loaded sizes from its own
-# formula, so the seed card gives it this figure instead (seed_card_sizes below).
-SEED_CARD_MODEL = {"name": MODEL, "disk_gb": 4.7, "loaded_bytes": int(6.5e9)}
+# The seed card's chat model: llama3.1:8b, a 4.7 GB file. Its loaded size comes from the stand-in's own table
+# of `ollama ps` figures users posted (tests/ollama_standin.py, LOADED_SIZES: 6.2 GB at 4k), not Clair's estimate.
+SEED_CARD_MODEL = {"name": MODEL, "disk_gb": 4.7}
 SEED_CARD_VAES = {
     "seed_card": "fp16-fix",
     "seed_card_stock": "stock",
@@ -75,22 +72,6 @@ SEED_CARD_VAES = {
     "seed_card_always": "fp16-fix",
 }
 SEED_CARD_SCENARIOS = tuple(SEED_CARD_VAES)
-
-
-@contextlib.contextmanager
-def seed_card_sizes():
-    """The stand-in reports SEED_CARD_MODEL's loaded size in /api/ps while this block runs."""
-    original = ollama_standin.loaded_size_bytes
-    disk = int(SEED_CARD_MODEL["disk_gb"] * ollama_standin.GB)
-
-    def loaded(disk_bytes: int, context_length: int) -> int:
-        return SEED_CARD_MODEL["loaded_bytes"] if disk_bytes == disk else original(disk_bytes, context_length)
-
-    ollama_standin.loaded_size_bytes = loaded
-    try:
-        yield
-    finally:
-        ollama_standin.loaded_size_bytes = original
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -154,13 +135,6 @@ PREEMPT = {"mixed_nofit": "off", "nofit_preempt": "auto", "seed_card_always": "a
 
 
 def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: Path) -> dict:
-    if scenario in SEED_CARD_SCENARIOS:
-        with seed_card_sizes():
-            return _run_scenario(policy, scenario, chats, renders, out_dir)
-    return _run_scenario(policy, scenario, chats, renders, out_dir)
-
-
-def _run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: Path) -> dict:
     seed_card = scenario in SEED_CARD_SCENARIOS
     disk_gb = SEED_CARD_MODEL["disk_gb"] if seed_card else 4.9
     standin = OllamaStandin({MODEL: disk_gb}, load_delay=2.0, unload_delay=1.0, token_delay=TOKEN_S)
@@ -186,6 +160,11 @@ def _run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir:
     real_footprint = studio.image.footprint
     studio.image.footprint = lambda w, h: real_footprint(declared, declared)  # see the module docstring
     studio.image.load()
+    # Ollama sees a card of the budget's size, and while a render runs, the render's share of it is taken:
+    # a chat model loaded beside a render that left it too little is partly offloaded to the CPU, which
+    # the engine reports (partial_offload) and this benchmark counts as a budget breach.
+    standin.vram_total_bytes = studio.arbiter.budget
+    standin.vram_used_elsewhere = lambda: studio.image.footprint(declared, declared)[0] if contention.running["render"] else 0
     # The seed card draws 64x64 and warms the pipeline first: on a shared 2-core machine the tiny model's
     # own CPU time at 256x256 (and its first call) stretched renders to 6-32 s instead of the paced ~3 s,
     # and every extra second of render slows the chats beside it. Only the pacing should count.
@@ -284,7 +263,10 @@ def _run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir:
         "vae": cfg.vae,
         "declared_render_gb": round(studio.image.footprint(declared, declared)[0] / GiB, 2),
         "warmups": studio.warmups,
-        "budget_exceeded": stats["budget_exceeded"],
+        # A partial CPU offload (size_vram < size in /api/ps) means Ollama did not get the memory the ledger
+        # planned for it: a budget breach seen from Ollama's side.
+        "budget_exceeded": stats["budget_exceeded"] + stats.get("partial_offload", 0),
+        "partial_offload": stats.get("partial_offload", 0),
         "max_used_gb": round(stats["max_used_bytes"] / GiB, 2),
         "errors": errors,
         "elapsed_s": round(elapsed, 1),

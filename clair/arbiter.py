@@ -10,28 +10,42 @@ GPU or sends a request to Ollama before its lease is granted. The module has two
   through the tenants' `evict()` callables, outside the lock, in the thread of the request that needs
   the memory.
 
-Invariants (tests in tests/test_arbiter_*.py hold each one):
+Invariants (tests in tests/test_arbiter_*.py hold each one; tests/test_arbiter_props.py checks them all
+after every step of random runs):
 
 1. A request uses the GPU only between its grant (and the evictions in its plan) and its release.
    A chat held back by a render is not sent to Ollama before then: Ollama does not refuse a load when
    VRAM is short, it silently spills layers to the CPU (docs/facts.md, "Ollama").
 2. At most one render runs at a time (a diffusers pipeline keeps per-call state).
-3. The ledger (sum of every resident tenant's footprint: its peak need while busy, its weights while
-   idle) stays within the budget whenever more than one tenant is resident. A lone tenant may exceed
-   it: refusing would help no one. With no known budget (no CUDA device, none configured) nothing is
-   assumed to fit beside anything else, which is the `exclusive` policy.
+3. Every grant is planned within the budget: right after a grant, the ledger (every resident's
+   footprint: its peak need while busy, its weights while idle, the larger of that and what it last
+   reported; plus memory held by other programs, a fixed tenant that is never evicted) less the
+   tenants that are leaving for it fits the budget, unless Clair has one tenant on the GPU (a lone
+   tenant may exceed it: refusing would help no one). With no known budget (no CUDA device, none
+   configured) or the `exclusive` policy, a grant leaves one of Clair's tenants on the GPU. A reading
+   may later show a tenant larger than planned: that is counted (`budget_exceeded`) and every later
+   plan uses the larger size. (A worst case assumed after a failed reading is planned on, but not
+   counted as a breach: it is not a measurement.)
 4. Only idle tenants are evicted, and a tenant being evicted still counts in the ledger until its
    `evict()` has returned: nobody plans on memory that is not free yet (Ollama answers an unload
-   before the memory is back).
+   before the memory is back), and no request starts on a tenant that is leaving.
 5. A request starts only when it fits beside what runs, and never overtakes a waiting request it
-   could not run beside (no starvation: a waiting render stops new chats from joining; with
-   `chat_priority="next"` a chat queues behind at most one render). The queue order is the shell's:
-   with preemption on, a chat that arrives while chats stream is ordered ahead of the render waiting
-   for them during that render's first `render_slice_s` of waiting (or of a pause), so it joins them
-   without a swap; a render therefore waits at most `render_slice_s` plus the longest chat.
-6. Every lease is released exactly once, whatever happens (error, cancel, client gone): `release()`
-   is idempotent and `Lease` is a context manager. A failed eviction releases the lease too.
-7. A running render pauses only at a denoising step boundary, and only when `should_yield()` finds
+   could not run beside. Both checks compare the same sizes, `size()`: a request's need, or its
+   tenant's size in the ledger when that is larger. So a waiting render stops new chats from
+   joining, and with `chat_priority="next"` a chat queues behind at most one render. The queue order
+   is the shell's: with preemption on, a chat that arrives while chats stream is ordered ahead of the
+   render waiting for them during that render's first `render_slice_s` of waiting (or of a pause), so
+   it joins them without a swap; a render therefore waits at most `render_slice_s` plus the longest chat.
+6. No starvation and no idling: when nothing runs, nothing waits (the first request in line fits
+   alone). With 5, a waiting request is granted once the leases ahead of it or in its way (finitely
+   many: later arrivals cannot get in its way) have been released.
+7. Unknown is never empty: a tenant leaves the ledger only on a successful reading that shows it gone,
+   or when its own `evict()` returned. A failed reading keeps it (or adds it), at the worst size the
+   caller knows (`Resident.unknown` until a reading or a grant replaces the assumption).
+8. Every lease is released exactly once, whatever happens (error, cancel, client gone): `release()`
+   is idempotent and `Lease` is a context manager. A failed eviction releases the lease too, and the
+   tenant it failed to evict stays in the ledger.
+9. A running render pauses only at a denoising step boundary, and only when `should_yield()` finds
    that pausing lets a waiting chat start (a chat that fits beside the render runs beside it instead);
    never more than `max_preemptions` times, and not again before it has run `render_slice_s` since it
    last resumed. A paused render holds no lease: its tenant counts at its idle size and is evicted like
@@ -39,7 +53,7 @@ Invariants (tests in tests/test_arbiter_*.py hold each one):
    arrives after the pause, except chats that arrive within `render_slice_s` of it (they join the chats
    it paused for, which costs no swap): a pause lasts at most that long plus the longest chat, so chats
    cannot starve a render either.
-8. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
+10. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
    never across an eviction, a load, a render or any I/O. Methods suffixed `_locked` expect it held.
    Leases are not bound to threads (Gradio runs each step of a streaming handler on any worker
    thread), so no thread-owned lock is ever held for the length of a lease.
@@ -89,6 +103,8 @@ class Resident:
     last_used: int = 0  # a sequence number, for least-recently-used eviction
     evicting: bool = False
     measured: int = 0  # what the tenant itself last reported (Ollama's size_vram); 0 = never
+    fixed: bool = False  # memory Clair cannot free (other processes on the card): never evicted, never "busy"
+    unknown: bool = False  # `bytes` is an assumption (a failed reading), not a measurement
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +125,33 @@ class Grant:
     over_budget: bool = False  # a lone tenant larger than the budget
 
 
-def _conflict(a: Req, b: Req, policy: Policy, budget: int, preempt: Preempt = "auto") -> str:
+def available(budget: int, residents: Mapping[str, Resident]) -> int:
+    """What Clair's tenants may use: the budget less memory held by others (fixed residents).
+
+    0 stays "unknown". A known budget never drops to 0 here (that would read as unknown): with others
+    holding all of it, nothing fits beside anything, and a lone tenant still runs.
+    """
+    if budget <= 0:
+        return 0
+    return max(1, budget - sum(r.bytes for r in residents.values() if r.fixed))
+
+
+def size(req: Req, residents: Mapping[str, Resident]) -> int:
+    """The bytes `req`'s tenant occupies while `req` runs, as the ledger counts them.
+
+    Its declared need, or what the ledger already holds for its tenant when that is more (a measured
+    size larger than the estimate). Every comparison in the policy uses this one figure, so that the
+    requests it compares with each other and the ledger it plans on agree (invariant 5).
+    """
+    res = residents.get(req.tenant)
+    if res is None or res.fixed:
+        return req.need
+    return max(req.need, res.bytes, res.measured)
+
+
+def _conflict(
+    a: Req, b: Req, policy: Policy, avail: int, residents: Mapping[str, Resident], preempt: Preempt = "auto"
+) -> str:
     """Why a and b cannot run at the same time ("" when they can)."""
     if a.kind == "render" and b.kind == "render":
         return "one render at a time"
@@ -119,9 +161,9 @@ def _conflict(a: Req, b: Req, policy: Policy, budget: int, preempt: Preempt = "a
         return "chats get the GPU alone (CLAIR_PREEMPT=always)"
     if policy == "exclusive":
         return "exclusive policy"
-    if budget <= 0:
+    if avail <= 0:
         return "no known VRAM budget"
-    if a.need + b.need > budget:
+    if size(a, residents) + size(b, residents) > avail:
         return f"{a.tenant} and {b.tenant} do not fit together"
     return ""
 
@@ -129,25 +171,22 @@ def _conflict(a: Req, b: Req, policy: Policy, budget: int, preempt: Preempt = "a
 def _fit(req: Req, running: Iterable[Req], residents: Mapping[str, Resident], s: Snapshot):
     """Can `req` start beside `running`? Returns (ok, evictions, reason)."""
     running = list(running)
+    avail = available(s.budget, residents)
     for other in running:
-        why = _conflict(req, other, s.policy, s.budget, s.preempt)
+        why = _conflict(req, other, s.policy, avail, residents, s.preempt)
         if why:
             return False, (), why
     if residents.get(req.tenant, Resident(req.tenant, 0)).evicting:
         return False, (), f"{req.tenant} is still leaving the GPU"
 
-    # Busy tenants stay, at the peak of what runs on them; so does req's own tenant.
+    # Busy tenants stay, at the peak of what runs on them (as the ledger counts it); so does req's own.
     busy: dict[str, int] = {}
     for r in [*running, req]:
-        busy[r.tenant] = max(busy.get(r.tenant, 0), r.need)
-    for r in running:  # a running request may have grown its tenant beyond `need`
-        res = residents.get(r.tenant)
-        if res is not None:
-            busy[r.tenant] = max(busy[r.tenant], res.bytes)
-    others = [res for name, res in residents.items() if name not in busy]
+        busy[r.tenant] = max(busy.get(r.tenant, 0), size(r, residents))
+    others = [res for name, res in residents.items() if name not in busy and not res.fixed]
     leaving = [res for res in others if res.evicting]
 
-    if s.policy == "exclusive" or s.budget <= 0:
+    if s.policy == "exclusive" or avail <= 0:
         # Exclusive, or no known budget: every idle tenant other than req's own leaves first.
         if leaving:
             return False, (), "waiting for an eviction to finish"
@@ -159,12 +198,12 @@ def _fit(req: Req, running: Iterable[Req], residents: Mapping[str, Resident], s:
     total = sum(busy.values()) + sum(res.bytes for res in others)
     evict: list[str] = []
     for res in sorted(others, key=lambda r: r.last_used):
-        if total <= s.budget:
+        if total <= avail:
             break
         if not res.evicting:
             evict.append(res.tenant)
             total -= res.bytes
-    if total > s.budget:
+    if total > avail:
         if leaving:  # a tenant still on its way out counts until it is gone (invariant 4)
             return False, (), "waiting for an eviction to finish"
         if len(busy) > 1:
@@ -172,12 +211,28 @@ def _fit(req: Req, running: Iterable[Req], residents: Mapping[str, Resident], s:
         # A lone tenant larger than the budget: it runs alone (invariant 3).
     if not evict:
         return True, (), ""
+    held = ", ".join(f"{r.tenant} {r.bytes / GiB:.1f} GiB" for r in others)
+    fixed = sum(r.bytes for r in residents.values() if r.fixed)
     reason = (
-        f"{req.kind} needs {req.need / GiB:.1f} GiB; with "
-        f"{', '.join(f'{r.tenant} {r.bytes / GiB:.1f} GiB' for r in others)} resident "
-        f"it would exceed the {s.budget / GiB:.1f} GiB budget"
+        f"{req.kind} needs {size(req, residents) / GiB:.1f} GiB; with {held} resident it would exceed the "
+        f"{avail / GiB:.1f} GiB budget" + (f" ({fixed / GiB:.1f} GiB held by other programs)" if fixed else "")
     )
     return True, tuple(evict), reason
+
+
+def apply_grant(residents: dict[str, Resident], grant: Grant, last_used: int) -> None:
+    """The ledger after `grant`: its evictions are under way, its tenant is resident at the request's size.
+
+    The one place a grant changes the ledger: `plan()` applies it to its working copy (for the requests
+    behind), and `Arbiter` to the real ledger.
+    """
+    for name in grant.evict:
+        residents[name] = replace(residents[name], evicting=True)
+    req = grant.req
+    cur = residents.get(req.tenant)
+    residents[req.tenant] = Resident(
+        req.tenant, size(req, residents), last_used, measured=cur.measured if cur else 0
+    )
 
 
 def plan(s: Snapshot) -> list[Grant]:
@@ -189,15 +244,19 @@ def plan(s: Snapshot) -> list[Grant]:
        tenants that do not fit together).
     4. Otherwise it is granted, with the idle tenants that must leave for it (exclusive: all others;
        budget: least recently used first, only until the rest fits).
-    5. Granted requests count as running for the requests behind them.
+    5. Granted requests count as running for the requests behind them (`apply_grant`).
+
+    Every size compared in 2-4 is `size()`: a request's need, or its tenant's size in the ledger when
+    that is larger.
     """
     running = list(s.running)
     residents = dict(s.residents)
     ahead: list[Req] = []
     grants: list[Grant] = []
     for req in s.waiting:
+        avail = available(s.budget, residents)
         # 2.
-        if any(_conflict(req, a, s.policy, s.budget, s.preempt) for a in ahead):
+        if any(_conflict(req, a, s.policy, avail, residents, s.preempt) for a in ahead):
             ahead.append(req)
             continue
         # 3.
@@ -206,28 +265,28 @@ def plan(s: Snapshot) -> list[Grant]:
             ahead.append(req)
             continue
         # 4.
-        lone = not running and all(n in evict or n == req.tenant for n in residents)
-        over = s.budget > 0 and lone and req.need > s.budget
-        grants.append(Grant(req, evict, reason, over))
+        mine = [n for n, r in residents.items() if not r.fixed and n not in evict and n != req.tenant]
+        lone = not running and not mine
+        over = avail > 0 and lone and size(req, residents) > avail
+        grant = Grant(req, evict, reason, over)
+        grants.append(grant)
         # 5.
         running.append(req)
-        for name in evict:
-            residents[name] = replace(residents[name], evicting=True)
-        cur = residents.get(req.tenant)
-        residents[req.tenant] = Resident(req.tenant, max(req.idle, cur.bytes if cur else 0))
+        apply_grant(residents, grant, 0)
     return grants
 
 
 def blocked_reason(s: Snapshot, req: Req) -> str:
     """Why a waiting request is not granted (for the UI), assuming `plan` did not grant it."""
+    avail = available(s.budget, s.residents)
     for a in s.waiting:
         if a.id == req.id:
             break
-        why = _conflict(req, a, s.policy, s.budget, s.preempt)
+        why = _conflict(req, a, s.policy, avail, s.residents, s.preempt)
         if why:
             return f"waiting behind a queued {a.kind}"
     for r in s.running:
-        if _conflict(req, r, s.policy, s.budget, s.preempt):
+        if _conflict(req, r, s.policy, avail, s.residents, s.preempt):
             return f"GPU busy: {r.kind} in progress"
     _, _, why = _fit(req, s.running, s.residents, s)
     return why or "waiting"
@@ -304,6 +363,7 @@ class Lease:
     _grant: Grant | None = None
     _tenant_was_resident: bool = False
     progress_at: float | None = None  # time.monotonic() of the holder's last sign of life (see progress())
+    _own_bytes: int = 0  # what its tenant held on the GPU when it was granted
 
     @property
     def kind(self) -> Kind:
@@ -422,6 +482,7 @@ class Arbiter:
             "budget_exceeded": 0,
             "max_used_bytes": 0,
             "preemptions": 0,
+            "partial_offload": 0,
         }
         self._listeners: list[Callable[[str, dict], None]] = []
 
@@ -435,12 +496,15 @@ class Arbiter:
         self._listeners.append(fn)
 
     # -- the ledger, kept in step with reality -----------------------------------------------------
-    def set_resident(self, tenant: str, nbytes: int, read_at: float | None = None) -> None:
+    def set_resident(self, tenant: str, nbytes: int, read_at: float | None = None, *, at_least: bool = False) -> None:
         """Record what a tenant really occupies now (e.g. size_vram from Ollama's /api/ps).
 
-        0 removes it: e.g. Ollama unloaded its model on its own when keep_alive ran out. `read_at`
-        (time.monotonic() when the reading was started) drops a reading that a grant, release or
-        eviction of the tenant has made stale meanwhile: readings are taken outside the lock.
+        Call it with a *successful* reading only: 0 removes the tenant (e.g. Ollama unloaded its model on
+        its own when keep_alive ran out). When a reading fails, the state is unknown, and unknown is never
+        empty: pass `at_least=True` with the worst size the tenant may have, and the ledger keeps the
+        larger of that and what it holds (it never removes a tenant). `read_at` (time.monotonic() when the
+        reading was started) drops a reading that a grant, release or eviction of the tenant has made
+        stale meanwhile: readings are taken outside the lock.
         """
         with self._lock:
             if read_at is not None and read_at < self._changed.get(tenant, 0.0):
@@ -449,7 +513,12 @@ class Arbiter:
             busy = any(lease.req.tenant == tenant for lease in self._running.values())
             if cur is not None and cur.evicting:
                 return  # the evicting request owns this entry until evict() returns
-            if nbytes <= 0 and not busy:
+            if at_least:
+                if nbytes > 0 and (cur is None or cur.bytes < nbytes):
+                    seq = cur.last_used if cur else next(self._use_seq)
+                    measured = cur.measured if cur else 0
+                    self._residents[tenant] = Resident(tenant, int(nbytes), seq, measured=measured, unknown=True)
+            elif nbytes <= 0 and not busy:
                 self._residents.pop(tenant, None)
             elif nbytes > 0:
                 seq = cur.last_used if cur else next(self._use_seq)
@@ -457,6 +526,28 @@ class Arbiter:
                 self._residents[tenant] = Resident(tenant, size, seq, measured=int(nbytes))
             self._check_budget_locked()
             self._schedule_locked()
+
+    def set_other(self, nbytes: int, name: str = "other") -> None:
+        """GPU memory held by other processes (a desktop, a browser, another app), re-read before each plan.
+
+        A fixed tenant: never evicted, never busy, and the budget shrinks by it while it is held.
+        """
+        with self._lock:
+            cur = self._residents.get(name)
+            if nbytes <= 0:
+                if cur is None:
+                    return
+                self._residents.pop(name, None)
+            elif cur is not None and cur.bytes == int(nbytes):
+                return
+            else:
+                self._residents[name] = Resident(name, int(nbytes), 0, fixed=True)
+            self._schedule_locked()
+
+    def count_stat(self, name: str, n: int = 1) -> None:
+        """Add to a counter shown in /status (e.g. partial_offload)."""
+        with self._lock:
+            self.stats[name] = self.stats.get(name, 0) + n
 
     def resident_bytes(self, tenant: str) -> int:
         with self._lock:
@@ -513,16 +604,10 @@ class Arbiter:
             self._running[lease.req.id] = lease
             lease._grant = grant
             lease.granted_at = time.time()
-            for name in grant.evict:
-                self._residents[name] = replace(self._residents[name], evicting=True)
             cur = self._residents.get(lease.req.tenant)
             lease._tenant_was_resident = cur is not None
-            self._residents[lease.req.tenant] = Resident(
-                lease.req.tenant,
-                max(lease.req.need, cur.bytes if cur else 0),
-                next(self._use_seq),
-                measured=cur.measured if cur else 0,
-            )
+            lease._own_bytes = cur.bytes if cur is not None else 0
+            apply_grant(self._residents, grant, next(self._use_seq))
             now = time.monotonic()
             for name in (lease.req.tenant, *grant.evict):
                 self._changed[name] = now
@@ -540,9 +625,11 @@ class Arbiter:
         self._cond.notify_all()
 
     def _check_budget_locked(self) -> None:
-        used = sum(r.bytes for r in self._residents.values())
+        # Counted: what was measured or planned, not what a failed reading made the ledger assume.
+        used = sum(r.measured if r.unknown else r.bytes for r in self._residents.values())
         self.stats["max_used_bytes"] = max(self.stats["max_used_bytes"], used)
-        if self.budget > 0 and len(self._residents) > 1 and used > self.budget:
+        mine = [r for r in self._residents.values() if not r.fixed and (r.bytes if not r.unknown else r.measured)]
+        if self.budget > 0 and len(mine) > 1 and used > self.budget:
             self.stats["budget_exceeded"] += 1
             log.warning(
                 "ledger over budget used_gib=%.2f budget_gib=%.2f residents=%s",
@@ -588,7 +675,7 @@ class Arbiter:
                 )
             if grant.evict and self._wait_free is not None:
                 # Only what the lease's tenant does not already hold on the GPU must be free.
-                own = lease.req.idle if lease._tenant_was_resident else 0
+                own = min(lease.req.idle, lease._own_bytes) if lease._tenant_was_resident else 0
                 self._wait_free(max(0, lease.req.need - own))
         except BaseException as exc:
             with self._lock:
@@ -794,17 +881,18 @@ class Arbiter:
     def _eta_locked(self, req: Req, ahead: list[Req]) -> float:
         now = time.time()
         eta = 0.0
+        avail = available(self.budget, self._residents)
         for ls in self._running.values():
-            if _conflict(req, ls.req, self.policy, self.budget, self.preempt):
+            if _conflict(req, ls.req, self.policy, avail, self._residents, self.preempt):
                 started = ls.ready_at or ls.granted_at or now
                 eta = max(eta, self._hold_ema[ls.kind] - (now - started))
         # Chats ahead run together, so they cost one chat's time; renders ahead run one by one.
-        if any(r.kind == "chat" and _conflict(req, r, self.policy, self.budget, self.preempt) for r in ahead):
+        if any(r.kind == "chat" and _conflict(req, r, self.policy, avail, self._residents, self.preempt) for r in ahead):
             eta += self._hold_ema["chat"]
         eta += sum(
             self._hold_ema["render"]
             for r in ahead
-            if r.kind == "render" and _conflict(req, r, self.policy, self.budget, self.preempt)
+            if r.kind == "render" and _conflict(req, r, self.policy, avail, self._residents, self.preempt)
         )
         return max(0.0, eta)
 
@@ -883,6 +971,8 @@ class Arbiter:
                         "gb": round(r.bytes / GiB, 2),
                         "busy": any(ls.req.tenant == r.tenant for ls in self._running.values()),
                         "evicting": r.evicting,
+                        "other": r.fixed,  # held by other programs: never evicted
+                        "unknown": r.unknown,  # a failed reading: assumed at its worst size
                     }
                     for r in sorted(self._residents.values(), key=lambda r: r.tenant)
                 ],

@@ -13,14 +13,18 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import ollama
 
-from clair.config import Config
+from clair.config import Config, ollama_locality
+from clair.engines import LOCAL_GPU, REMOTE, Engine, StateFile
 from clair.errors import Cancelled, ChatUnavailable, EvictionFailed, expected_load_failure, load_failure
 from clair.loadgate import LoadGate, source_fingerprint
+
+if TYPE_CHECKING:
+    from clair.arbiter import Arbiter, Lease
 
 log = logging.getLogger("clair.chat")
 GiB = 1024**3
@@ -65,43 +69,91 @@ def _text_of(content: Any) -> str:
     return str(content)
 
 
-class ChatBackend(Protocol):
-    name: str
-    tenant: str  # the arbiter tenant this engine occupies
+class ChatBackend(Engine):
+    """A chat engine: the `Engine` protocol plus what chat needs (see clair/engines.py)."""
 
-    def problem(self) -> str | None:
-        """None when the engine can answer, else what is wrong and what to do."""
+    def models(self) -> list[str]:
+        raise NotImplementedError
 
-    def models(self) -> list[str]: ...
+    def default_model(self) -> str:
+        raise NotImplementedError
 
-    def footprint(self, model: str) -> tuple[int, int]:
-        """(bytes while answering, bytes while idle) on the GPU."""
-
-    def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]: ...
-
-    def evict(self) -> None: ...
+    def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------------------------
 # Ollama
 # --------------------------------------------------------------------------------------------------
 
+_DEFAULT_HOST = "registry.ollama.ai"
 
-class OllamaChat:
-    """Chat through an Ollama server. The `ollama` tenant is everything Ollama has loaded."""
+
+def model_name(name: str) -> str:
+    """A model's name as Ollama's /api/ps and /api/tags list it: `phi4` -> `phi4:latest`.
+
+    Ollama parses `[host/][namespace/]model[:tag][@digest]` and fills in `registry.ollama.ai`, `library`
+    and `latest` (types/model/name.go in ollama/ollama); listings show the shortest form, without the
+    default host and namespace; names compare case-insensitively (`Name.EqualFold`). So `library/phi4` and `registry.ollama.ai/library/phi4:latest` are
+    `phi4:latest`, `jmorgan/m` is `jmorgan/m:latest`, and `hf.co/org/repo:Q4_K_M` keeps its host. The tag
+    is looked for after the last `/` only: a host's port (`myhost:5000/m`) is not a tag.
+    """
+    n = name.strip().split("@", 1)[0]
+    if "://" in n:  # a registry's protocol scheme (https://host/ns/model) is not part of the name
+        n = n.split("://", 1)[1]
+    head, sep, last = n.rpartition("/")
+    if last and ":" not in last:
+        last += ":latest"
+    n = head + sep + last
+    low = n.lower()
+    for prefix in (f"{_DEFAULT_HOST}/library/", f"{_DEFAULT_HOST}/", "library/"):
+        if low.startswith(prefix):
+            return n[len(prefix) :]
+    return n
+
+
+def model_key(name: str) -> str:
+    """What two names are compared by: Ollama's names are case-insensitive (types/model/name.go)."""
+    return model_name(name).lower()
+
+
+class OllamaChat(ChatBackend):
+    """Chat through an Ollama server. The `ollama` tenant is everything Ollama has loaded.
+
+    Fail closed: `/api/ps` is the only way to know what Ollama holds, and a busy server answers it slowly
+    or not at all. A failed reading is "unknown", never "empty": the ledger keeps the last state, at the
+    worst size known (`worst_bytes`). A refused connection is a reading: nothing listens, so no runner
+    of that server holds memory (runners are the server's children), and on CUDA the free-memory check
+    after every eviction covers the rest.
+    """
 
     name = "ollama"
     tenant = "ollama"
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, state: StateFile | None = None):
         self.cfg = cfg
         self.url = cfg.ollama_url
+        on_gpu, why = ollama_locality(cfg)
+        self.device = LOCAL_GPU if on_gpu else REMOTE
+        self.locality = why
         # A number is httpx's per-read timeout: the longest silence while Ollama loads or streams.
         # Ollama's own default is none at all, which is how chats hang forever (docs/facts.md, "Ollama").
         self.client = ollama.Client(host=self.url, timeout=cfg.ollama_timeout_s)
-        self._probe = ollama.Client(host=self.url, timeout=3)
-        self._sizes: dict[str, int] = {}
+        self._probe = ollama.Client(host=self.url, timeout=min(3.0, cfg.ollama_timeout_s))
+        self.state = state if state is not None else StateFile(cfg.state_path)
+        self._lock = threading.Lock()  # guards the fields below (readings come from any thread)
+        self._sizes: dict[str, int] = {}  # model key -> bytes on disk (/api/tags)
+        self._names: dict[str, str] = {}  # model key -> name as Ollama lists it
+        self._seen: dict[str, tuple[str, int, int, int]] = {}  # last successful /api/ps: key -> (name, size, vram, ctx)
+        self._seen_ok = False  # has any /api/ps reading succeeded since start?
+        self._partial: set[tuple[str, int, int]] = set()  # partial offloads already reported
+        self._used: dict[str, str] = {}  # every model Clair sent a chat for (key -> name): evict() unloads them
+        self._arbiter: Arbiter | None = None
         self.last_evicted: list[str] = []
+        self.warmups = 0
+
+    def attach(self, arbiter: Arbiter) -> None:
+        self._arbiter = arbiter
 
     # -- health ----------------------------------------------------------------------------------
     def unreachable(self) -> str:
@@ -110,50 +162,186 @@ class OllamaChat:
             "or point OLLAMA_HOST at it."
         )
 
+    def default_model(self) -> str:
+        return self.cfg.chat_model
+
     def problem(self, model: str | None = None) -> str | None:
         model = model or self.cfg.chat_model
         try:
-            names = self._list()
+            keys = self._list()
         except Exception as exc:
             log.debug("ollama probe failed: %s", exc)
             return self.unreachable()
-        if not names:
+        if not keys:
             return f"Ollama has no models yet. Install one: `ollama pull {model}`."
-        if model not in names and f"{model}:latest" not in names:
+        if model_key(model) not in keys:
             return f"Model {model} is not installed in Ollama. Run `ollama pull {model}` or pick another model."
         return None
 
     def _list(self) -> list[str]:
         resp = self._probe.list()
-        self._sizes = {m.model: int(m.size or 0) for m in resp.models if m.model}
-        return list(self._sizes)
+        sizes = {model_key(m.model): int(m.size or 0) for m in resp.models if m.model}
+        names = {model_key(m.model): model_name(m.model) for m in resp.models if m.model}
+        with self._lock:
+            self._sizes, self._names = sizes, names
+        return list(sizes)
 
     def models(self) -> list[str]:
         try:
-            return self._list()
+            keys = self._list()
         except Exception:
             return []
+        with self._lock:
+            return [self._names[k] for k in keys]
 
-    def loaded(self) -> list[Any]:
-        """Ollama's /api/ps entries; [] when it is down."""
+    # -- what Ollama holds -------------------------------------------------------------------------
+    def read(self) -> list[tuple[str, int, int, int]] | None:
+        """One /api/ps reading: [(name, size, size_vram, context_length)], or None when it failed."""
         try:
-            return list(self._probe.ps().models)
-        except Exception:
-            return []
+            models = list(self._probe.ps().models)
+        except ConnectionError:
+            models = []  # nothing listens: see the class docstring
+        except Exception as exc:  # timeout, HTTP 500, a broken answer: unknown, never empty
+            log.warning("ollama /api/ps failed; keeping the last known state error=%s", str(exc) or type(exc).__name__)
+            return None
+        found = [
+            (model_name(m.model or m.name or "?"), int(m.size or 0), int(m.size_vram or 0), int(m.context_length or 0))
+            for m in models
+        ]
+        self._observe(found)
+        return found
 
-    def resident_bytes(self) -> int:
-        """What Ollama holds on the GPU now (size_vram of every loaded model)."""
-        return sum(int(m.size_vram or 0) for m in self.loaded())
+    def _observe(self, found: list[tuple[str, int, int, int]]) -> None:
+        with self._lock:
+            self._seen = {model_key(n): (n, size, vram, ctx) for n, size, vram, ctx in found}
+            self._seen_ok = True
+            # A model that left may be loaded again, partly on the CPU again: report that load too.
+            self._partial = {p for p in self._partial if model_key(p[0]) in self._seen}
+        for name, size, vram, ctx in found:
+            if size > 0 and ctx > 0:
+                # The size Ollama reports at this num_ctx replaces any estimate, from now on and after restarts.
+                self.state.put("ollama_loaded_bytes", f"{model_key(name)}@{ctx}", size)
+            if 0 < vram < size and (name, ctx, size) not in self._partial:
+                self._partial.add((name, ctx, size))
+                log.warning(
+                    "ollama runs %s partly on the CPU: %.2f of %.2f GiB on the GPU (the GPU was short of memory "
+                    "when it loaded; chat is slow until it reloads)",
+                    name,
+                    vram / GiB,
+                    size / GiB,
+                )
+                if self._arbiter is not None:
+                    self._arbiter.count_stat("partial_offload")
+
+    def held_vram(self) -> int | None:
+        """GPU bytes Ollama held at the last successful reading (None before any)."""
+        with self._lock:
+            return sum(v for _, _, v, _ in self._seen.values()) if self._seen_ok else None
+
+    def loaded(self) -> list[str]:
+        """Names /api/ps lists now; raises ChatUnavailable when it cannot be read (unknown is not empty)."""
+        found = self.read()
+        if found is None:
+            raise ChatUnavailable(f"Ollama at {self.url} did not say which models it has loaded.")
+        return [n for n, *_ in found]
+
+    def resident_bytes(self) -> int | None:
+        """What Ollama holds on the GPU now (size_vram of every loaded model); None when unknown."""
+        found = self.read()
+        return None if found is None else sum(v for _, _, v, _ in found)
+
+    def worst_bytes(self) -> int:
+        """What Ollama may hold when a reading failed: the largest of everything it was last seen holding,
+        any size measured for a model, and the configured model's footprint."""
+        with self._lock:
+            seen = sum(max(size, vram) for _, size, vram, _ in self._seen.values())
+        known = [int(v) for v in self.state.section("ollama_loaded_bytes").values() if isinstance(v, int)]
+        # No /api/tags request here: the server just failed to answer one; what was listed before will do.
+        return max([seen, self._model_bytes(self.cfg.chat_model, refresh=False), *known])
+
+    def sync(self, arbiter: Arbiter) -> None:
+        """Tell the ledger what Ollama really holds (size_vram from /api/ps); a failed reading keeps it."""
+        if not self.on_this_gpu:
+            return
+        read_at = time.monotonic()
+        found = self.read()
+        if found is None:
+            arbiter.set_resident(self.tenant, self.worst_bytes(), read_at=read_at, at_least=True)
+        else:
+            arbiter.set_resident(self.tenant, sum(v for _, _, v, _ in found), read_at=read_at)
+
+    # -- sizes -----------------------------------------------------------------------------------
+    def measured(self, model: str) -> int | None:
+        """The size Ollama reported for `model` at the configured num_ctx, if it ever did."""
+        value = self.state.get("ollama_loaded_bytes", f"{model_key(model)}@{self.cfg.chat_num_ctx}")
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    def _model_bytes(self, model: str, refresh: bool = True) -> int:
+        measured = self.measured(model)
+        if measured is not None:
+            return measured
+        key = model_key(model)
+        with self._lock:
+            disk = self._sizes.get(key)
+        if disk is None and refresh:
+            self.models()
+            with self._lock:
+                disk = self._sizes.get(key)
+        return estimate_loaded_bytes(disk or int(4.9e9), self.cfg.chat_num_ctx)  # unknown: an 8B Q4 model
 
     def footprint(self, model: str) -> tuple[int, int]:
-        loaded = {m.model: int(m.size_vram or m.size or 0) for m in self.loaded()}
-        if model in loaded:
-            return loaded[model], loaded[model]
-        if model not in self._sizes:
-            self.models()
-        disk = self._sizes.get(model, int(4.9 * GiB))  # unknown: assume an 8B Q4 model
-        est = estimate_loaded_bytes(disk, self.cfg.chat_num_ctx)
-        return est, est
+        """(need, idle): everything Ollama holds, plus `model` when it is not loaded yet at our num_ctx."""
+        key = model_key(model)
+        with self._lock:
+            seen = dict(self._seen)
+        held = sum(max(size, vram) for k, (_, size, vram, ctx) in seen.items() if k != key)
+        mine = seen.get(key)
+        if mine is not None and mine[3] == self.cfg.chat_num_ctx:
+            own = max(mine[1], mine[2])
+        else:
+            own = self._model_bytes(model)
+        return held + own, held + own
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def after_grant(self, lease: Lease, model: str | None = None) -> None:
+        """The chat may load `model` from now on: evictions unload it even if no reading ever shows it."""
+        if model:
+            with self._lock:
+                self._used[model_key(model)] = model_name(model)
+
+    def after_release(self, lease: Lease) -> None:
+        if not self.on_this_gpu:
+            return
+        if lease.req.tenant == self.tenant:
+            if self._arbiter is not None:
+                self.sync(self._arbiter)  # what the chat really loaded, and at what size
+        elif self.tenant in lease.evicted and self.cfg.warmup and lease.kind == "render":
+            # Recovery: bring the chat model back in the background so the next message doesn't pay the load.
+            threading.Thread(target=self._warm_after_render, name="clair-warmup", daemon=True).start()
+
+    def _warm_after_render(self) -> None:
+        arbiter = self._arbiter
+        assert arbiter is not None
+        # A short grace period first: someone iterating on prompts renders again within seconds, and
+        # reloading the LLM in between would only be evicted again (measured in bench/run.py).
+        time.sleep(self.cfg.warmup_delay_s)
+        if arbiter.count("render"):
+            return  # another render is queued or running: it would evict the model again at once
+        for model in self.last_evicted or [self.cfg.chat_model]:
+            need, idle = self.footprint(model)
+            lease = arbiter.request("chat", self.tenant, need, idle, label=f"warm-up:{model}")
+            try:
+                lease.wait(self.cfg.queue_timeout_s)
+                self.after_grant(lease, model)
+                t0 = time.monotonic()
+                self.warm(model)
+                self.warmups += 1
+                log.info("warm-up done model=%s s=%.2f", model, time.monotonic() - t0)
+            except Exception as exc:
+                log.warning("warm-up failed model=%s error=%s", model, exc)
+            finally:
+                lease.release()
+                self.sync(arbiter)
 
     # -- use -------------------------------------------------------------------------------------
     def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
@@ -176,7 +364,7 @@ class OllamaChat:
                 chunks.close()  # aborts the HTTP stream: Ollama stops generating for us
         except ollama.ResponseError as exc:
             raise ChatUnavailable(self._explain(exc, model)) from None
-        except ConnectionError:
+        except (ConnectionError, httpx.ConnectError):  # a stream's connect error is not wrapped by the client
             raise ChatUnavailable(self.unreachable()) from None
         except httpx.TimeoutException:
             raise ChatUnavailable(
@@ -204,52 +392,75 @@ class OllamaChat:
         )
 
     def evict(self) -> None:
-        """Unload everything Ollama holds, and return only once /api/ps is empty.
+        """Unload what Ollama was last seen holding, every model Clair chatted with, and the configured
+        model, and return only once a successful /api/ps reading is empty.
 
         The unload answer comes before the memory is free: the runner is only marked expired, killed
         after any running request ends, and listed by /api/ps until it has exited
-        (docs/facts.md, "Ollama"). Rendering before that is how the seed ran out of memory.
+        (docs/facts.md, "Ollama"). A failed or hung reading proves nothing, so it is retried until
+        `evict_timeout_s`; then EvictionFailed refuses the render rather than squeeze it in.
         """
-        try:
-            models = [m.model for m in self._probe.ps().models]
-        except ConnectionError:
-            return  # Ollama is down: it holds no GPU memory
-        self.last_evicted = models  # what the warm-up brings back after the render
-        for name in models:
-            try:
-                self._probe.chat(model=name, messages=[], keep_alive=0)
-            except ollama.ResponseError as exc:
-                if exc.status_code != 404:
-                    raise
+        found = self.read()
+        with self._lock:
+            seen = [n for n, *_ in self._seen.values()]
+            used = list(self._used.values())
+        loaded = [n for n, *_ in found] if found is not None else seen
+        self.last_evicted = list(loaded)  # what the warm-up brings back after the render
+        targets = {model_key(n): n for n in [*seen, *loaded, *used, model_name(self.cfg.chat_model)]}
+        unloaded: set[str] = set()
         deadline = time.monotonic() + self.cfg.evict_timeout_s
         delay = 0.02
+        problem = ""
         while True:
-            try:
-                left = [m.model for m in self._probe.ps().models]
-            except ConnectionError:
+            for key, name in targets.items():
+                if key in unloaded:
+                    continue
+                try:
+                    self._probe.chat(model=name, messages=[], keep_alive=0)
+                    unloaded.add(key)
+                except ollama.ResponseError as exc:
+                    if exc.status_code == 404:
+                        unloaded.add(key)  # not installed: it cannot be loaded either
+                    else:
+                        problem = f"unloading {name} failed ({exc.status_code}: {exc.error})"
+                except ConnectionError:
+                    unloaded.add(key)  # nothing listens: nothing of it is loaded
+                except Exception as exc:
+                    problem = f"unloading {name} failed ({str(exc) or type(exc).__name__})"
+            found = self.read()
+            if found is not None and not found:
                 return
-            except httpx.TimeoutException:
-                left = ["(ps blocked during unload)"]  # newer servers block /api/ps while unloading
-            if not left:
-                return
+            if found is None:
+                problem = "/api/ps did not answer"
+            else:
+                left = [n for n, *_ in found]
+                problem = f"it still lists {', '.join(left)}"
+                for name in left:  # loaded meanwhile (another client of Ollama): unload it too
+                    if model_key(name) not in targets:
+                        targets[model_key(name)] = name
+                        self.last_evicted.append(name)
             if time.monotonic() > deadline:
                 raise EvictionFailed(
-                    f"Ollama still holds {', '.join(left)} after {self.cfg.evict_timeout_s:.0f} s, so the render "
-                    "was stopped before it could run out of memory. Check `ollama ps`; a stuck request may "
-                    "be keeping the model busy."
+                    f"Ollama did not confirm within {self.cfg.evict_timeout_s:.0f} s that it freed the GPU "
+                    f"({problem}), so the render was refused rather than run beside a model that may still be "
+                    "loaded. Try again in a moment; if it repeats, check `ollama ps` and `journalctl -u ollama` "
+                    "(a stuck request may be keeping the model busy)."
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
 
 
 def estimate_loaded_bytes(disk_bytes: int, num_ctx: int) -> int:
-    """VRAM an Ollama model takes once loaded: weights plus KV cache for the pinned context.
+    """An upper bound of the VRAM an Ollama model takes once loaded, used until Ollama has reported it.
 
-    An 8B Q4_K_M is 4.9 GB on disk and ~5.2 GB loaded at a small context; its KV cache is ~0.5 GiB at
-    4k and ~4 GiB at 32k (docs/facts.md, "Ollama"). The KV cache is scaled by model size.
+    Weights (the file, +5 %), a KV cache of 256 KiB per token per 4.9 GB of file (twice an 8B Llama's
+    128 KiB, which covers the common GQA models), and 1.45 GiB for the compute graph and Ollama's
+    per-GPU floor. An 8B Q4_K_M (4.9 GB) at 4k comes to 7.8 GB; `ollama ps` shows 5.4-6.5 GB for such
+    models. Sources and figures: docs/design.md, "Footprints in the ledger".
     """
-    kv_per_token = 128 * 1024 * (disk_bytes / (4.9 * 1e9))
-    return int(disk_bytes * 1.06 + kv_per_token * num_ctx)
+    scale = disk_bytes / 4.9e9
+    kv = num_ctx * 256 * 1024 * scale
+    return int(disk_bytes * 1.05 + kv + 1.45 * GiB)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +501,7 @@ def token_streamer(tok: Any, **kwargs: Any):
     return TokenStreamer(tok, **kwargs)
 
 
-class LocalChat:
+class LocalChat(ChatBackend):
     """A causal LM from the Hugging Face hub, a local folder, or `tiny` (random weights), in-process."""
 
     name = "local"
@@ -309,6 +520,9 @@ class LocalChat:
     @property
     def label(self) -> str:
         return "tiny (random weights)" if self.model_id == "tiny" else self.model_id
+
+    def default_model(self) -> str:
+        return self.label
 
     def problem(self, model: str | None = None) -> str | None:
         """Why the model cannot be loaded, until a load succeeds (None when it loaded or was not tried yet)."""
@@ -334,6 +548,9 @@ class LocalChat:
     @property
     def loaded(self) -> bool:
         return self._model is not None
+
+    def needs_load(self) -> bool:
+        return self._model is None
 
     def load(self) -> None:
         """Load to host memory (raises ChatUnavailable with what to do). No GPU is touched."""

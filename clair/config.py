@@ -72,7 +72,7 @@ class Config:
         "Loopback, this machine's name and its addresses are always allowed.",
     )
     session_hours: float = setting(
-        12.0, "A login lasts this many hours; then the browser asks again.", min=0.01, max=24 * 365
+        12.0, "A login lasts this many hours; then the browser asks again.", min=0.0005, max=24 * 365
     )
     tls_cert: str = setting("", "TLS certificate file (PEM). With CLAIR_TLS_KEY, Clair serves https.")
     tls_key: str = setting("", "TLS private key file (PEM) for CLAIR_TLS_CERT.")
@@ -120,8 +120,9 @@ class Config:
     )
     ollama_shares_gpu: str = setting(
         "auto",
-        "Does Ollama use this machine's GPU? auto: yes when OLLAMA_HOST is this machine. no: Ollama runs "
-        "elsewhere, so Clair never evicts it and never holds chats back for a render.",
+        "Does Ollama use this machine's GPU? auto: yes when OLLAMA_HOST is this machine (its name, or any "
+        "address of its network interfaces; the decision is logged at start-up). no: Ollama runs elsewhere, so "
+        "Clair never evicts it and never holds chats back for a render.",
         choices=("auto", "yes", "no"),
     )
     ollama_timeout_s: float = setting(
@@ -150,6 +151,11 @@ class Config:
         "more VRAM), or a hub id or local folder holding an SDXL VAE. See docs/facts.md.",
     )
     output_dir: str = setting("outputs", "Where rendered PNGs are saved (with their parameters).", flag="--output-dir")
+    state_dir: str = setting(
+        "",
+        "Where Clair keeps what it measured across restarts (clair-state.json: Ollama's loaded model sizes). "
+        "Empty: the folder that holds the output folder (never inside it: the outputs are served).",
+    )
     gallery_size: int = setting(24, "How many recent images the gallery shows.", min=0, max=1000)
 
     # --- the GPU arbiter -----------------------------------------------------------------------
@@ -255,11 +261,46 @@ class Config:
         return ollama_url(self.ollama_host)
 
     @property
+    def state_path(self) -> str:
+        base = self.state_dir or os.path.dirname(os.path.abspath(os.path.expanduser(self.output_dir)))
+        return os.path.join(os.path.expanduser(base), "clair-state.json")
+
+    @property
     def ollama_on_this_gpu(self) -> bool:
-        if self.ollama_shares_gpu != "auto":
-            return self.ollama_shares_gpu == "yes"
-        host = self.ollama_url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]").lower()
-        return host in ("localhost", "::1", "0.0.0.0", socket.gethostname().lower()) or host.startswith("127.")
+        return ollama_locality(self)[0]
+
+
+def local_addresses() -> set[str]:
+    """Every address of this machine's network interfaces (loopback, LAN, VPN), lower-case."""
+    import psutil  # reads the interface table; no network traffic
+
+    found = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                found.add(a.address.split("%", 1)[0].lower())  # drop an IPv6 zone (fe80::1%eth0)
+    return found
+
+
+def ollama_locality(cfg: Config) -> tuple[bool, str]:
+    """Does Ollama use this machine's GPU, and why Clair thinks so (logged at start-up)."""
+    if cfg.ollama_shares_gpu != "auto":
+        yes = cfg.ollama_shares_gpu == "yes"
+        return yes, f"CLAIR_OLLAMA_SHARES_GPU={cfg.ollama_shares_gpu}"
+    host = cfg.ollama_url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]").split("%", 1)[0].lower()
+    names = {"localhost", socket.gethostname().lower(), socket.gethostname().lower() + ".local"}
+    if host in names or host.startswith("127.") or host in ("::1", "0.0.0.0", "::"):
+        return True, f"OLLAMA_HOST {host} is this machine"
+    try:
+        mine = local_addresses()
+    except Exception as exc:  # fail closed: a host we cannot place is treated as sharing our GPU
+        return True, f"could not list this machine's addresses ({exc}); assuming {host} shares the GPU"
+    if host in mine:
+        return True, f"OLLAMA_HOST {host} is an address of this machine"
+    return False, (
+        f"OLLAMA_HOST {host} is not an address of this machine, so Ollama is taken to run elsewhere and is "
+        "never evicted; set CLAIR_OLLAMA_SHARES_GPU=yes if it uses this GPU"
+    )
 
 
 def env_name(f: dataclasses.Field) -> str:

@@ -33,6 +33,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from clair import gpu
 from clair.config import Config
+from clair.engines import Engine
 from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, expected_load_failure, load_failure
 from clair.loadgate import LoadGate, source_fingerprint
 
@@ -153,7 +154,8 @@ class RenderParams:
         )
 
 
-class ImageEngine:
+class ImageEngine(Engine):
+    name = "image"
     tenant = "image"
 
     def __init__(self, cfg: Config):

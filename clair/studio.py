@@ -6,8 +6,8 @@ traffic-cop protocol lives here in one place:
 
 1. Intercept: a render asks for the GPU; chats already streaming finish first, new ones are held
    (they see their place and an estimated wait) and are not sent to Ollama meanwhile.
-2. Purge: the lease's plan evicts what must go (Ollama: unload, then poll /api/ps until empty, then
-   free VRAM on CUDA).
+2. Purge: the lease's plan evicts what must go (Ollama: unload what it was seen holding plus the configured
+   model, then poll /api/ps until a successful reading is empty, then free VRAM on CUDA; or refuse).
 3. Render on the cleared GPU.
 4. Recovery: release; held chats go on; the chat model is warmed again in the background.
 """
@@ -23,13 +23,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from clair import gpu, limits
-from clair.arbiter import Arbiter, Lease
+from clair.arbiter import Arbiter, Kind, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat
 from clair.config import Config
+from clair.engines import Engine, StateFile
 from clair.errors import BadRequest, ChatUnavailable, ClairError
 from clair.image import ImageEngine, RenderParams
 
 log = logging.getLogger("clair.studio")
+GiB = 1024**3
+# Our own CUDA context (~0.3-0.5 GiB, outside torch's allocator) is not "other programs": this much of the
+# device's unexplained use is not counted as theirs (the budget's reserve covers it).
+CONTEXT_ALLOWANCE = int(0.5 * GiB)
 
 
 @dataclass
@@ -59,20 +64,30 @@ class Studio:
             render_slice_s=cfg.render_slice_s,
             max_preemptions=cfg.max_preemptions,
         )
-        self.ollama = OllamaChat(cfg)
+        self.state = StateFile(cfg.state_path)
+        self.ollama = OllamaChat(cfg, self.state)
         self.local = LocalChat(cfg)
         self.image = ImageEngine(cfg)
-        # Ollama on another machine holds none of our GPU: nothing to evict, no chat to hold back.
-        self.ollama_local = cfg.ollama_on_this_gpu
-        if self.ollama_local:
-            self.arbiter.add_tenant(self.ollama.tenant, self.ollama.evict)
-        self.arbiter.add_tenant(self.local.tenant, self.local.evict)
-        self.arbiter.add_tenant(self.image.tenant, self.image.evict)
+        self.engines: list[Engine] = [self.ollama, self.local, self.image]
+        for engine in self.engines:
+            # An engine on another machine (Ollama elsewhere) holds none of our GPU: nothing to evict, no
+            # request to hold back.
+            if engine.on_this_gpu:
+                self.arbiter.add_tenant(engine.tenant, engine.evict)
+            engine.attach(self.arbiter)
+        log.info("ollama %s the GPU: %s", "shares" if self.ollama.on_this_gpu else "does not share", self.ollama.locality)
         self._cancel: dict[str, set[threading.Event]] = {}  # key -> the stop flags of its running jobs
         self._cancel_lock = threading.Lock()
         self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
-        self.warmups = 0
         self.last_health_problem: str | None = None
+
+    @property
+    def ollama_local(self) -> bool:
+        return self.ollama.on_this_gpu
+
+    @property
+    def warmups(self) -> int:
+        return self.ollama.warmups
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat_backend(self, fresh: bool = False, model: str | None = None) -> tuple[ChatBackend, str | None]:
@@ -104,7 +119,7 @@ class Studio:
 
     def default_chat_model(self) -> str:
         backend, _ = self.chat_backend()
-        return self.cfg.chat_model if backend is self.ollama else self.local.label
+        return backend.default_model()
 
     def chat(
         self,
@@ -125,33 +140,63 @@ class Studio:
         backend, problem = self.chat_backend(fresh=True, model=model)
         if problem and backend is not self.local:  # the local engine answers for itself, below
             raise ChatUnavailable(problem)
-        model = model or (self.cfg.chat_model if backend is self.ollama else self.local.label)
-        if backend is self.ollama:
-            self._sync_ollama()
-        if backend is self.local and not self.local.loaded:
-            known = self.local.blocked()  # a known load failure: answered at once, re-checked in the background
+        model = model or backend.default_model()
+        if backend.needs_load():
+            known = backend.blocked()  # a known load failure: answered at once, re-checked in the background
             if known:
                 raise ChatUnavailable(known)
-            yield Waiting(0, 0.0, f"Loading the in-process chat model ({self.local.label})")
-            self.local.load()  # from disk to host memory, before taking the GPU
+            yield Waiting(0, 0.0, f"Loading the in-process chat model ({model})")
+            backend.load()  # from disk to host memory, before taking the GPU
         stop = stop or threading.Event()
-        if backend is self.ollama and not self.ollama_local:
+        if not backend.on_this_gpu:
             for text in backend.stream(model, messages, stop):
                 yield Token(text)
             return
-        need, idle = backend.footprint(model)
-        lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
+        lease = self._request(backend, "chat", backend.footprint(model), f"chat:{model}")
         try:
             yield from self._wait(lease, stop.is_set)
             lease.progress()
+            backend.after_grant(lease, model)
             for text in backend.stream(model, messages, stop):
                 lease.progress()  # the watchdog's sign of life (see healthy()); "" is a heartbeat without text
                 if text:
                     yield Token(text)
         finally:
-            lease.release()
-            if backend is self.ollama:
-                self._sync_ollama()
+            self._release(lease)
+
+    # -- leases: the same steps for every engine -------------------------------------------------------
+    def sync(self) -> None:
+        """Before a plan: every engine tells the ledger what it holds, and on CUDA what other programs hold."""
+        for engine in self.engines:
+            if engine.on_this_gpu:
+                engine.sync(self.arbiter)
+        self._sync_other()
+
+    def _sync_other(self) -> None:
+        """GPU memory held by other processes: the device's use less ours (torch's pool and our CUDA
+        context) and Ollama's (its last successful /api/ps). Counted in the ledger as a tenant that is never
+        evicted, so the budget shrinks while they hold it. Skipped when Ollama's share is unknown."""
+        if not gpu.cuda():
+            return
+        total, free = gpu.total_bytes(), gpu.free_bytes()
+        ollama = self.ollama.held_vram() if self.ollama.on_this_gpu else 0
+        if total is None or free is None or ollama is None:
+            return
+        other = total - free - gpu.reserved_now() - ollama - CONTEXT_ALLOWANCE
+        self.arbiter.set_other(max(0, other))
+
+    def _request(self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str) -> Lease:
+        self.sync()  # the ledger must see what is really on the GPU before it plans
+        need, idle = footprint
+        return self.arbiter.request(kind, engine.tenant, need, idle, label=label)
+
+    def _release(self, lease: Lease) -> None:
+        lease.release()
+        for engine in self.engines:
+            try:
+                engine.after_release(lease)
+            except Exception:  # a hook must not turn a finished request into a failure
+                log.exception("after_release hook failed engine=%s", engine.name)
 
     def _wait(self, lease: Lease, cancelled: Callable[[], bool]) -> Iterator[Waiting]:
         """Yield the lease's place in the queue whenever it changes, until the GPU is ours."""
@@ -161,13 +206,6 @@ class Studio:
             if now != last:
                 last = now
                 yield Waiting(pos["position"], pos["eta_s"], pos["reason"])
-
-    def _sync_ollama(self) -> None:
-        """Tell the ledger what Ollama really holds (size_vram from /api/ps)."""
-        if not self.ollama_local:
-            return
-        read_at = time.monotonic()
-        self.arbiter.set_resident(self.ollama.tenant, self.ollama.resident_bytes(), read_at=read_at)
 
     # -- render --------------------------------------------------------------------------------------
     def render(
@@ -188,20 +226,16 @@ class Studio:
         # Load from disk (to host memory) before asking for the GPU: a slow or failing load must not
         # hold the GPU or evict anyone. Raises ImageModelUnavailable with what to do.
         self.image.load()
-        self._sync_ollama()  # the ledger must see what Ollama holds before it plans
-        need, idle = self.image.footprint(params.width, params.height)
-        first = self.arbiter.request(
-            "render", self.image.tenant, need, idle, label=f"render {params.width}x{params.height}"
-        )
+        footprint = self.image.footprint(params.width, params.height)
+        first = self._request(self.image, "render", footprint, f"render {params.width}x{params.height}")
         lease = first  # the lease that holds the GPU now: a pause hands over to a continuation
-        ollama_evicted = False
         evicted: list[str] = []
         evict_s = 0.0
         paused_s = 0.0
 
         def checkpoint(step: int, total: int) -> None:
             """Between two denoising steps: pause for a waiting chat when the arbiter says so."""
-            nonlocal lease, ollama_evicted, evict_s, paused_s
+            nonlocal lease, evict_s, paused_s
             why = self.arbiter.should_yield(lease)
             if not why:
                 return
@@ -216,15 +250,16 @@ class Studio:
             paused_s += time.monotonic() - t0
             evict_s += lease.evict_s
             evicted.extend(n for n in lease.evicted if n not in evicted)
-            ollama_evicted = ollama_evicted or self.ollama.tenant in lease.evicted
+            self.image.after_grant(lease)
+            lease.progress()
             on_progress(f"Resumed at step {step}/{total}", step / total)
 
         try:
             for w in self._wait(first, cancel.is_set):
                 on_progress(f"Waiting for the GPU: {w.reason} (position {w.position}, about {w.eta_s:.0f} s)", 0.0)
-            ollama_evicted = self.ollama.tenant in first.evicted
             evicted.extend(first.evicted)
             evict_s += first.evict_s
+            self.image.after_grant(first)
             on_progress("Rendering", 0.0)
             lease.progress()
 
@@ -234,20 +269,21 @@ class Studio:
 
             def on_oom() -> None:
                 # Out of memory: every idle tenant leaves the GPU before the image engine retries.
-                nonlocal ollama_evicted
                 on_progress("Out of GPU memory: freeing the GPU and retrying", 0.0)
                 gone = self.arbiter.evict_idle(lease)
                 evicted.extend(n for n in gone if n not in evicted)
-                ollama_evicted = ollama_evicted or self.ollama.tenant in gone
+                # The lease's record of what left for it: the engines' recovery hooks read it at release.
+                lease.evicted = (*lease.evicted, *(n for n in gone if n not in lease.evicted))
 
             image, facts = self.image.render(
                 params, on_step=on_step, cancelled=cancel.is_set, checkpoint=checkpoint, on_oom=on_oom
             )
         finally:
-            lease.release()
-            if ollama_evicted and self.cfg.warmup:
-                # Recovery: bring the chat model back in the background so the next message doesn't pay the load.
-                threading.Thread(target=self._warm, name="clair-warmup", daemon=True).start()
+            self._release(lease)
+            if lease is not first and self.ollama.tenant in first.evicted and self.ollama.tenant not in lease.evicted:
+                # Ollama left for the first grant, came back for a chat the render paused for, and a later
+                # grant did not evict it again: its recovery hook looks at the first lease.
+                self.ollama.after_release(first)
         path = self.image.save(image, params, owner=owner)
         info = {
             **asdict(params),
@@ -301,27 +337,6 @@ class Studio:
             f"A {params.width}x{params.height} render needs about {need / gib:.1f} GB of GPU memory, more than "
             f"Clair's VRAM budget of {budget / gib:.1f} GB even with nothing else loaded. {tip}"
         )
-
-    def _warm(self) -> None:
-        # A short grace period first: someone iterating on prompts renders again within seconds, and
-        # reloading the LLM in between would only be evicted again (measured in bench/run.py).
-        time.sleep(self.cfg.warmup_delay_s)
-        if self.arbiter.count("render"):
-            return  # another render is queued or running: it would evict the model again at once
-        for model in self.ollama.last_evicted or [self.cfg.chat_model]:
-            need, idle = self.ollama.footprint(model)
-            lease = self.arbiter.request("chat", self.ollama.tenant, need, idle, label=f"warm-up:{model}")
-            try:
-                lease.wait(self.cfg.queue_timeout_s)
-                t0 = time.monotonic()
-                self.ollama.warm(model)
-                self.warmups += 1
-                log.info("warm-up done model=%s s=%.2f", model, time.monotonic() - t0)
-            except Exception as exc:
-                log.warning("warm-up failed model=%s error=%s", model, exc)
-            finally:
-                lease.release()
-                self._sync_ollama()
 
     def preload(self) -> None:
         """Load checkpoints from disk into host memory (never onto the GPU), so the first render or local
@@ -379,6 +394,9 @@ class Studio:
         st["image"] = {"model": self.image.label, "problem": self.image.problem(), "vae": self.image.vae_status()}
         st["stats"]["oom_recoveries"] = self.image.oom_recoveries
         st["stats"]["oom_failures"] = self.image.oom_failures
+        st["engines"] = [{"name": e.name, "tenant": e.tenant, "device": e.device} for e in self.engines]
+        other = next((r for r in st["resident"] if r.get("other")), None)
+        st["other_gb"] = other["gb"] if other else 0.0
         st["cuda"] = gpu.cuda()
         st["demo"] = self.cfg.demo
         return st

@@ -8,8 +8,12 @@ talk to this instead. It owns:
 * a fake scheduler: loading takes ``load_delay`` seconds, ``keep_alive`` timers, deferred unloads,
   ``unload_delay`` seconds during which an unloading model is still listed by ``/api/ps``, LRU eviction
   beyond ``max_loaded_models`` and reloads when ``num_ctx`` changes;
+* loaded sizes (``/api/ps`` ``size``) from its own table of figures users reported from real servers
+  (``LOADED_SIZES``), never from Clair's formula, and partial offload (``size_vram < size``) when its fake
+  VRAM is short;
 * test hooks: a request log and a lifecycle event log, scripted replies, injected errors, gates that hold a
-  request before its first token, and ``wait_until`` for sleep-free assertions.
+  request before its first token, ``/api/ps`` failing or hanging on demand (``fail_ps``, ``hang_ps``,
+  ``ps_fail_every``), and ``wait_until`` for sleep-free assertions.
 
 Behaviour follows ``docs/facts.md`` ("Ollama", with the original sources); comments cite it where Ollama does something surprising.
 Standard library only, and nothing from ``clair``: the file also runs on its own::
@@ -51,12 +55,27 @@ VERSION = "0.12.0-standin"
 GB = 1_000_000_000  # on-disk sizes are decimal GB, as `ollama list` prints them
 MIB = 1024 * 1024
 
-# Loaded size (see loaded_size_bytes): weights take ~6 % more than the file once loaded (runner buffers),
-# and the KV cache costs ~0.125 MiB per token of context for an 8B model (4.9 GB on disk): 0.5 GiB at 4k
-# and 4 GiB at 32k, as docs/facts.md ("Context length") derives. Smaller or larger models scale linearly.
-LOADED_OVERHEAD = 1.06
-KV_MIB_PER_TOKEN_8B = 0.125
-REFERENCE_SIZE_GB = 4.9
+REFERENCE_SIZE_GB = 4.9  # an 8B Q4_K_M on disk, for guessing a parameter count
+
+# Loaded sizes (``/api/ps`` ``size``) come from this table of the stand-in's own, never from a formula of
+# Clair's: per model, (bytes at context 0: weights + compute graph + Ollama's per-GPU floor, KV-cache bytes
+# per token of context). The KV figure is the model's GGUF geometry: layers x KV heads x head dim x 2 (K and
+# V) x 2 bytes (f16). The totals are what users pasted from `ollama ps` in Ollama's issue tracker:
+#   llama3:8b Q4_0 (4.7 GB file) 5.4 GB at the 2k default (ollama/ollama#4531); llama3.1:8b Q4_0 6.5 GB at
+#   ~4k (#10801); llama3.2:3b Q8_0 6.8 GB at 4k x 4 parallel and 9.6 GB at 8k x 4 (#8009); qwen2.5vl:7b
+#   8.5 GB at 4k (#12261). A loaded model is always well above its file plus KV cache: `size` also counts
+#   the compute graph and a per-GPU floor of ~457 MiB.
+LOADED_SIZES: dict[str, tuple[int, int]] = {
+    # 32 layers x 8 x 128 x 2 x 2 = 128 KiB/token; Q4_K_M (4.9 GB) at 4096 -> 6.2 GB, like its Q4_0 sibling
+    "llama3.1:8b": (6_200_000_000 - 4096 * 131_072, 131_072),
+    "llama3:8b": (5_400_000_000 - 2048 * 131_072, 131_072),  # #4531: 5.4 GB at 2048
+    # 28 x 8 x 128 x 2 x 2 = 112 KiB/token; #8009: 6.8 GB at 16k tokens, 9.6 GB at 32k tokens (Q8_0)
+    "llama3.2:3b": (6_800_000_000 - 16_384 * 114_688, 114_688),
+    "qwen2.5:0.5b": (1_150_000_000, 12_288),  # 24 x 2 x 64 x 2 x 2; 0.4 GB file + graph + floor
+    "gemma2:2b": (2_700_000_000, 106_496),  # 26 x 4 x 256 x 2 x 2; 1.6 GB file, large vocab graph
+    "mistral:latest": (5_000_000_000, 131_072),  # 32 x 8 x 128 x 2 x 2; 4.1 GB file
+    "phi4:latest": (10_300_000_000, 204_800),  # 40 x 10 x 128 x 2 x 2; 9.1 GB file
+}
 
 FOREVER = math.inf
 # Ollama turns a negative keep_alive into time.Duration(math.MaxInt64) (~292.3 years), so /api/ps shows
@@ -157,15 +176,17 @@ def keep_alive_from_env(value: str | float) -> float:
     return FOREVER if seconds < 0 else seconds
 
 
-def loaded_size_bytes(disk_bytes: int, context_length: int) -> int:
-    """What ``/api/ps`` reports as ``size`` for a model of ``disk_bytes`` loaded with ``context_length``.
+def loaded_size_bytes(name: str, disk_bytes: int, context_length: int) -> int:
+    """What ``/api/ps`` reports as ``size`` for ``name`` (``disk_bytes`` on disk) loaded with ``context_length``.
 
-    ``disk * 1.06 + context_length * 0.125 MiB * (disk / 4.9 GB)``: an 8B Q4_K_M (4.9 GB) is ~5.7 GB at 4k
-    context and ~9.4 GB at 32k.
+    From ``LOADED_SIZES``; a model not in the table gets a generous guess of its own: 1.2 x the file plus the
+    ~457 MiB per-GPU floor, and 160 KiB of KV cache per token per 4.9 GB of file.
     """
-    scale = disk_bytes / (REFERENCE_SIZE_GB * GB)
-    kv_cache = context_length * KV_MIB_PER_TOKEN_8B * MIB * scale
-    return int(disk_bytes * LOADED_OVERHEAD + kv_cache)
+    fixed, per_token = LOADED_SIZES.get(canonical_name(name), (0, 0))
+    if not fixed:
+        fixed = int(disk_bytes * 1.2 + 457 * MIB)
+        per_token = int(160 * 1024 * disk_bytes / (REFERENCE_SIZE_GB * GB))
+    return fixed + per_token * context_length
 
 
 def _rfc3339(wall: float) -> str:
@@ -499,6 +520,8 @@ class OllamaStandin:
         self._gates: dict[str, deque[Gate]] = {}
         self._all_gates: list[Gate] = []
         self._failures: dict[str, deque[_Failure]] = {}
+        self._ps_faults: deque[tuple[str, float]] = deque()  # ("fail", http status) / ("hang", seconds)
+        self.ps_fail_every = 0  # fail every n-th /api/ps with 500 (0: never), for soak tests
         self._replies: dict[str | None, deque[str | Sequence[str]]] = {}
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
@@ -723,6 +746,22 @@ class OllamaStandin:
         with self._cond:
             self._failures.setdefault(canonical_name(model), deque()).append(_Failure(after_chunks, error, status))
 
+    def fail_ps(self, times: int = 1, status: int = 500) -> None:
+        """Make the next ``times`` ``/api/ps`` requests fail with HTTP ``status`` (a busy or broken server)."""
+        with self._cond:
+            self._ps_faults.extend([("fail", float(status))] * times)
+
+    def hang_ps(self, times: int = 1, seconds: float = 30.0) -> None:
+        """Make the next ``times`` ``/api/ps`` requests hang ``seconds`` before answering (``stop()`` ends the
+        wait): newer servers block ``/api/ps`` while they unload (docs/facts.md, "Ollama")."""
+        with self._cond:
+            self._ps_faults.extend([("hang", float(seconds))] * times)
+
+    def clear_ps_faults(self) -> None:
+        with self._cond:
+            self._ps_faults.clear()
+            self.ps_fail_every = 0
+
     def queue_reply(self, reply: str | Sequence[str], model: str | None = None) -> None:
         """Script the next reply (on ``model``, or on any model). A string is split into word tokens; a
         list is streamed one element per chunk. Queued replies win over ``reply_fn`` and the default."""
@@ -771,7 +810,7 @@ class OllamaStandin:
     # -- scheduler (all with the lock held)
 
     def _new_runner(self, model: InstalledModel, context_length: int, keep_alive: float | None) -> _Runner:
-        size = loaded_size_bytes(model.size, context_length)
+        size = loaded_size_bytes(model.name, model.size, context_length)
         size_vram = size
         if self.vram_total_bytes is not None:
             in_use = sum(runner.size_vram for runner in self._runners.values())
@@ -955,6 +994,15 @@ class OllamaStandin:
                 head_only=method == "HEAD",
             )
         elif path == "/api/ps" and method == "GET":
+            with self._cond:
+                fault = self._ps_faults.popleft() if self._ps_faults else None
+                self._ps_count = getattr(self, "_ps_count", 0) + 1
+                if fault is None and self.ps_fail_every and self._ps_count % self.ps_fail_every == 0:
+                    fault = ("fail", 500.0)
+            if fault is not None and fault[0] == "hang":
+                self._pause(fault[1])
+            elif fault is not None:
+                return self._fail(handler, record, int(fault[1]), "ps: server busy (injected failure)")
             if self.ps_blocks_during_unload:
                 with self._cond:
                     while any(runner.state == "unloading" for runner in self._runners.values()):

@@ -15,8 +15,8 @@ def render(i, need=15.5, idle=6.5, order=None):
     return Req(i, "render", "image", int(need * GiB), int(idle * GiB), order or (i, 0))
 
 
-def res(tenant, gb, last_used=0, evicting=False):
-    return {tenant: Resident(tenant, int(gb * GiB), last_used, evicting)}
+def res(tenant, gb, last_used=0, evicting=False, measured=0, fixed=False):
+    return {tenant: Resident(tenant, int(gb * GiB), last_used, evicting, int(measured * GiB), fixed)}
 
 
 def snap(policy="budget", budget=20, residents=(), running=(), waiting=()):
@@ -124,6 +124,37 @@ CASES = [
         [(1, ("ollama",))],
     ),
     (
+        "issue 7 case 3: Ollama measured larger than a chat declares -> a waiting render still holds new chats",
+        # declared 4 + 15.5 fits 20, but the ledger holds Ollama at 8 GiB: 8 + 15.5 does not
+        snap(residents=[res("ollama", 8, measured=8)], running=[chat(1, need=4)], waiting=[render(2), chat(3, need=4)]),
+        [],
+    ),
+    (
+        "... and once the running chat is done, the render goes first and evicts the chat model",
+        snap(residents=[res("ollama", 8, measured=8)], waiting=[render(2), chat(3, need=4)]),
+        [(2, ("ollama",))],
+    ),
+    (
+        "when the ledger's sizes fit, the render starts beside the chat and the next chat joins",
+        snap(residents=[res("ollama", 4, measured=4)], running=[chat(1, need=4)], waiting=[render(2), chat(3, need=4)]),
+        [(2, ()), (3, ())],
+    ),
+    (
+        "memory held by other programs shrinks the budget: the chat model must leave now",
+        snap(residents=[res("other", 3, fixed=True), res("ollama", 5.2)], waiting=[render(1, need=13.5)]),
+        [(1, ("ollama",))],
+    ),
+    (
+        "other programs' memory is never evicted, and a render alone still runs over the rest",
+        snap(residents=[res("other", 10, fixed=True)], waiting=[render(1, need=15.5)]),
+        [(1, ())],
+    ),
+    (
+        "exclusive: other programs' memory is not a tenant of Clair's to evict",
+        snap(policy="exclusive", residents=[res("other", 2, fixed=True), res("ollama", 5.2)], waiting=[render(1)]),
+        [(1, ("ollama",))],
+    ),
+    (
         "a chat never starts on a tenant that is being evicted",
         snap(residents=[res("ollama", 5.2, evicting=True)], running=[render(1)], waiting=[chat(2)]),
         [],
@@ -181,3 +212,19 @@ def test_budget_decisions_never_overbook_the_ledger():
                     on_gpu[g.req.tenant] = max(on_gpu.get(g.req.tenant, 0), g.req.need)
                 if len(on_gpu) > 1:
                     assert sum(on_gpu.values()) <= budget * GiB, (ollama_gb, image_idle, need, grants)
+
+
+def test_over_budget_flag_counts_other_programs_memory():
+    (g,) = plan(snap(budget=20, residents=[res("other", 10, fixed=True)], waiting=[render(1, need=15.5)]))
+    assert g.over_budget and g.evict == ()
+
+
+def test_a_grant_puts_its_tenant_in_the_ledger_at_the_size_plan_compared():
+    """plan() and the Arbiter apply a grant with the same function: the ledger holds Ollama's measured size."""
+    from clair.arbiter import apply_grant
+
+    s = snap(residents=[res("ollama", 8, measured=8)], waiting=[chat(1, need=4)])
+    (g,) = plan(s)
+    ledger = dict(s.residents)
+    apply_grant(ledger, g, 1)
+    assert ledger["ollama"].bytes == 8 * GiB and ledger["ollama"].measured == 8 * GiB

@@ -203,8 +203,10 @@ def target(standin, tmp_path_factory):
     app.stop()
 
 
-def _uploaded_ref(app: App) -> str:
+def _uploaded_ref(app: App) -> str | None:
     r = httpx.post(app.url + "/gradio_api/upload", files={"files": ("note.txt", UPLOADED.encode())}, timeout=10)
+    if r.status_code == 403:
+        return None  # Clair takes no uploads (clair/web.py refuses the route): nothing uploaded to aim at
     r.raise_for_status()
     (path,) = r.json()
     return path
@@ -217,7 +219,7 @@ def test_no_event_hands_back_a_file_it_was_not_given(target):
     comps = {c["id"]: c for c in config["components"]}
     deps = config["dependencies"]
     assert len(deps) >= 20, "fewer events than the app registers: /config was not read right"
-    refs = [str(secret), _uploaded_ref(app)]
+    refs = [ref for ref in (str(secret), _uploaded_ref(app)) if ref]
 
     calls = 0
     for dep in deps:

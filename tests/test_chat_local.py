@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clair.chat import LocalChat, estimate_loaded_bytes, flatten_history, token_streamer
+from clair.chat import LocalChat, flatten_history, token_streamer
 from clair.config import Config
 from clair.errors import ChatUnavailable
 from clair.tiny import build_tiny_chat, save_tiny_chat
@@ -271,16 +271,3 @@ def test_home_relative_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     save_tiny_chat(tmp_path / "models" / "chat")
     chat = _local("~/models/chat", max_new_tokens=4)
     assert "".join(chat.stream("x", HELLO, threading.Event()))
-
-
-# -- Ollama memory estimate -------------------------------------------------------------------------------------
-
-
-def test_estimate_loaded_bytes() -> None:
-    at_4k = estimate_loaded_bytes(int(4.9e9), 4096)
-    assert 5.2e9 <= at_4k <= 5.8e9  # 8B Q4_K_M: ~5.2 GB loaded + ~0.5 GiB KV cache at 4k
-    at_32k = estimate_loaded_bytes(int(4.9e9), 32768)
-    assert 3.5 * GiB <= at_32k - at_4k <= 4.5 * GiB  # KV cache ~4 GiB at 32k
-    assert estimate_loaded_bytes(int(4.9e9), 8192) > at_4k
-    # Scaled by model size: a model twice as large needs about twice as much.
-    assert estimate_loaded_bytes(int(9.8e9), 4096) == pytest.approx(2 * at_4k, rel=0.01)

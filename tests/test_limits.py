@@ -276,6 +276,7 @@ def test_each_limit_is_refused_clearly_before_any_gpu_work(standin, tmp_path):
             "OLLAMA_HOST": standin.host,
             "CLAIR_CHAT_BACKEND": "ollama",
             "CLAIR_VRAM_BUDGET_GB": "8",
+            "CLAIR_VAE": "stock",  # the largest size that fits below follows the stock VAE's prior
             "CLAIR_PRELOAD": "0",
             "CLAIR_WARMUP": "0",
             **LIMIT_ENV,
@@ -345,6 +346,7 @@ def test_a_client_past_its_cap_is_refused_while_another_clients_chat_gets_throug
             "CLAIR_CHAT_BACKEND": "ollama",
             "CLAIR_MAX_JOBS_PER_USER": "2",
             "CLAIR_MAX_QUEUE": "3",
+            "CLAIR_PREEMPT": "off",  # chats wait for renders here: with preemption they would pause them
             "CLAIR_PRELOAD": "0",
             "CLAIR_WARMUP": "0",
         },

@@ -129,7 +129,7 @@ def test_streaming_chat_sends_token_chunks_then_a_done_chunk(standin: OllamaStan
     assert final.total_duration >= final.load_duration
 
     entry = ps_entry(client, BIG)
-    assert entry.size == entry.size_vram == loaded_size_bytes(int(4.9 * GB), 4096)
+    assert entry.size == entry.size_vram == loaded_size_bytes(BIG, int(4.9 * GB), 4096) == 6_200_000_000
     assert entry.context_length == 4096
     # An omitted keep_alive on a new load gets the server default of 5 minutes.
     assert entry.expires_at is not None
@@ -188,7 +188,7 @@ def test_num_ctx_sets_context_length_and_memory(standin: OllamaStandin, client: 
     entry = ps_entry(client, BIG)
     assert entry.context_length == 32768
     # ~4 GiB of KV cache at 32k for an 8B model (docs/facts.md, "Ollama").
-    kv = entry.size - loaded_size_bytes(int(4.9 * GB), 0)
+    kv = entry.size - loaded_size_bytes(BIG, int(4.9 * GB), 0)
     assert kv == pytest.approx(4 * 1024**3, rel=0.01)
 
 
@@ -509,3 +509,27 @@ def test_cli_help_and_standalone_server() -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+def test_ps_fails_and_hangs_on_demand(standin: OllamaStandin, client: ollama.Client) -> None:
+    client.chat(SMALL, messages=HELLO)
+    standin.fail_ps(2)
+    for _ in range(2):
+        with pytest.raises(ollama.ResponseError) as err:
+            client.ps()
+        assert err.value.status_code == 500
+    assert [m.model for m in client.ps().models] == [SMALL]
+    standin.hang_ps(1, seconds=5)
+    quick = ollama.Client(host=standin.url, timeout=0.3)
+    with pytest.raises(httpx.TimeoutException):
+        quick.ps()
+    assert [m.model for m in client.ps().models] == [SMALL]
+
+
+def test_loaded_sizes_come_from_the_table_not_from_a_formula() -> None:
+    # Real `ollama ps` figures: larger than file + KV cache (compute graph, per-GPU floor).
+    assert loaded_size_bytes("llama3.1:8b", int(4.9 * GB), 4096) == 6_200_000_000
+    assert loaded_size_bytes("llama3:8b", int(4.7 * GB), 2048) == 5_400_000_000
+    assert loaded_size_bytes("phi4", int(9.1 * GB), 4096) > 11 * GB
+    # A model not in the table is still well above its file plus the KV cache.
+    assert loaded_size_bytes("other:7b", int(4.0 * GB), 4096) > 4.0 * GB * 1.2

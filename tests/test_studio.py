@@ -29,6 +29,7 @@ def make(standin, tmp_path, **kw) -> Studio:
         ollama_host=standin.host,
         image_model="tiny",
         output_dir=str(tmp_path),
+        state_dir=str(tmp_path / "state"),
         warmup_delay_s=0.0,
         **kw,
     )

@@ -1,0 +1,202 @@
+"""A bounded soak: 8 clients, 320 mixed chats and renders, random cancels and disconnects, Ollama restarted
+once in the middle and /api/ps failing now and then. Studio in-process (the same code the app serves) with the
+real `ollama` client against the stand-in, which sees a card of the budget's size: a chat model loaded beside a
+render would show up as a partial offload.
+
+Asserts: never two GPU holders that do not fit; no render step while the stand-in holds a model; the GPU free
+at the end; every request answered, cancelled, or refused with a message; threads and memory bounded.
+20-35 s on 2 shared CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import random
+import threading
+import time
+
+import psutil
+import pytest
+
+from clair.config import Config
+from clair.errors import Cancelled, ClairError
+from clair.image import RenderParams
+from clair.studio import Studio, Token, Waiting
+from tests.ollama_standin import OllamaStandin
+
+pytestmark = pytest.mark.slow
+
+MODEL = "llama3.1:8b"
+GiB = 1024**3
+CLIENTS = 8
+PER_CLIENT = 40  # 320 requests in all
+RENDER_GB = 23  # fits beside no chat model in a 24 GiB budget: every render must evict Ollama
+THREADS_BOUND = 12  # threads left over at the end, beyond those at the start (HTTP keep-alive pools, timers)
+RSS_BOUND_MB = 400
+
+
+def test_soak(tmp_path):
+    studio: Studio | None = None
+
+    def render_holds() -> bool:
+        return studio is not None and any(h["kind"] == "render" for h in studio.arbiter.status()["holders"])
+
+    standin = OllamaStandin(
+        {MODEL: 4.9, "qwen2.5:0.5b": 0.4},
+        load_delay=0.02,
+        unload_delay=0.03,
+        token_delay=0.002,
+        num_parallel=4,
+        vram_total_bytes=24 * GiB,
+        # The render's share of the card from its grant to its release (set once the Studio exists).
+        vram_used_elsewhere=lambda: RENDER_GB * GiB if render_holds() else 0,
+    ).start()
+    standin.ps_fail_every = 3  # one /api/ps in three fails with HTTP 500
+    cfg = dataclasses.replace(
+        Config(),
+        chat_backend="ollama",
+        ollama_host=standin.host,
+        image_model="tiny",
+        output_dir=str(tmp_path / "outputs"),
+        vram_budget_gb=24,
+        warmup=True,
+        warmup_delay_s=0.05,
+        evict_timeout_s=3.0,
+        ollama_timeout_s=3.0,
+        queue_timeout_s=60.0,
+        max_new_tokens=12,
+    )
+    studio = Studio(cfg)
+    studio.image.footprint = lambda w, h: (RENDER_GB * GiB, 7 * GiB)
+    studio.image.load()
+
+    violations: list[str] = []
+    outcomes: dict[str, int] = {}
+    refusals: list[str] = []
+    lock = threading.Lock()
+
+    def note(kind: str, what: str) -> None:
+        with lock:
+            outcomes[f"{kind}:{what}"] = outcomes.get(f"{kind}:{what}", 0) + 1
+
+    def on_event(event: str, data: dict) -> None:
+        if event != "start":
+            return
+        st = studio.arbiter.status()
+        busy = {h["tenant"] for h in st["holders"]}
+        sizes = {r["tenant"]: r["gb"] for r in st["resident"] if r["tenant"] in busy}
+        if len(busy) > 1 and sum(sizes.values()) > st["budget_gb"]:
+            with lock:
+                violations.append(f"holders that do not fit: {sizes}")
+
+    studio.arbiter.on_event(on_event)
+
+    proc = psutil.Process()
+    gc.collect()
+    threads_before = threading.active_count()
+    rss_before = proc.memory_info().rss
+
+    def client(i: int) -> None:
+        rng = random.Random(i)
+        for k in range(PER_CLIENT):
+            if rng.random() < 0.3:
+                render(rng, i, k)
+            else:
+                chat(rng, i, k)
+
+    def chat(rng: random.Random, i: int, k: int) -> None:
+        stop = threading.Event()
+        mode = rng.choice(["full", "full", "full", "cancel", "disconnect"])
+        model = rng.choice([MODEL, MODEL, MODEL, "qwen2.5:0.5b"])
+        tokens = 0
+        gen = studio.chat(f"client {i} message {k}", model=model, stop=stop)
+        try:
+            for ev in gen:
+                if isinstance(ev, Token):
+                    tokens += 1
+                    if mode == "cancel" and tokens == 2:
+                        stop.set()
+                    if mode == "disconnect" and tokens == 2:
+                        break  # the browser went away: Gradio closes the generator
+                elif isinstance(ev, Waiting) and mode == "disconnect" and rng.random() < 0.2:
+                    break  # gone while waiting for the GPU
+            note("chat", mode if mode != "full" else ("ok" if tokens else "empty"))
+        except ClairError as exc:
+            assert str(exc), "a refusal without a message"
+            with lock:
+                refusals.append(f"chat: {exc}")
+            note("chat", "refused:" + type(exc).__name__)
+        finally:
+            gen.close()
+
+    def render(rng: random.Random, i: int, k: int) -> None:
+        cancel = threading.Event()
+        cancel_at = rng.choice([None, None, None, 1])
+
+        def progress(text: str, frac: float) -> None:
+            if text.startswith("Step"):
+                held = standin.loaded()
+                if held:
+                    with lock:
+                        violations.append(f"render step while Ollama holds {held}")
+                if cancel_at is not None and text.startswith(f"Step {cancel_at}/"):
+                    cancel.set()
+
+        try:
+            studio.render(RenderParams(f"soak {i} {k}", steps=2, width=64, height=64, seed=k), progress, cancel)
+            note("render", "ok")
+        except Cancelled:
+            note("render", "cancelled")
+        except ClairError as exc:
+            assert str(exc), "a refusal without a message"
+            with lock:
+                refusals.append(f"render: {exc}")
+            note("render", "refused:" + type(exc).__name__)
+
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            client(i)
+        except BaseException as exc:  # anything but a ClairError is a bug
+            errors.append(exc)
+
+    t0 = time.monotonic()
+    workers = [threading.Thread(target=guarded, args=(i,), name=f"soak-client-{i}") for i in range(CLIENTS)]
+    for w in workers:
+        w.start()
+    # Ollama restarted once in the middle (systemctl restart ollama): runners gone, streams cut.
+    time.sleep(8)
+    standin.stop()
+    time.sleep(0.5)
+    standin.start()
+    for w in workers:
+        w.join(240)
+    elapsed = time.monotonic() - t0
+    assert not any(w.is_alive() for w in workers), "a client never finished"
+    assert not errors, errors[:3]
+
+    # The GPU is free at the end: no lease held or waiting once the last warm-up is done.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not studio.arbiter.is_idle():
+        time.sleep(0.05)
+    st = studio.arbiter.status()
+    assert studio.arbiter.is_idle(), st
+    assert not any(r["evicting"] for r in st["resident"]), st
+
+    total = sum(outcomes.values())
+    print(f"\nsoak: {total} requests in {elapsed:.1f} s: {dict(sorted(outcomes.items()))}")
+    print(f"stats: {st['stats']}; refusals: {len(refusals)}: {sorted(set(r[:60] for r in refusals))}")
+    assert total == CLIENTS * PER_CLIENT
+    assert not violations, violations[:5]
+    assert st["stats"]["partial_offload"] == 0  # no chat model was loaded beside a render
+    assert outcomes.get("render:ok", 0) > 0 and outcomes.get("chat:ok", 0) > 0
+    assert len(refusals) < total // 4, refusals[:10]  # refusals are the exception (Ollama restart, ps faults)
+
+    standin.stop()
+    gc.collect()
+    time.sleep(0.5)
+    assert threading.active_count() <= threads_before + THREADS_BOUND, [t.name for t in threading.enumerate()]
+    grown_mb = (proc.memory_info().rss - rss_before) / 2**20
+    assert grown_mb < RSS_BOUND_MB, grown_mb
