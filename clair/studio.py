@@ -113,8 +113,11 @@ class Studio:
         model: str | None = None,
         system: str | None = None,
         stop: threading.Event | None = None,
+        label: str | None = None,
     ) -> Iterator[Waiting | Token]:
-        """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses."""
+        """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses.
+
+        `label` names the request in the queue (default `chat:<model>`; the gateway's `api:<model> (<client>)`)."""
         if not message or not message.strip():
             raise BadRequest("Type a message first.")
         try:
@@ -144,7 +147,7 @@ class Studio:
                 yield Token(text)
             return
         need, idle = backend.footprint(model)
-        lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
+        lease = self.arbiter.request("chat", backend.tenant, need, idle, label=label or f"chat:{model}")
         try:
             yield from self._wait(lease, stop.is_set)
             lease.progress()
@@ -351,8 +354,65 @@ class Studio:
         with self._cancel_lock:
             return sum(len(v) for v in self._cancel.values())
 
+    # -- the gateway (issue 10): clair/gateway.py and clair/openai_api.py call only these two --------
+    @contextmanager
+    def ollama_lease(
+        self, model: str, label: str, gpu: bool = True, cancelled: Callable[[], bool] = lambda: False
+    ) -> Iterator[Lease | None]:
+        """Hold the GPU around one request another program sends to Ollama through Clair.
+
+        The protocol of `chat()`: the ledger is synced from /api/ps before and after; a chat lease on
+        Ollama's tenant, labelled `label` in the queue, is waited for (held during a render; GpuBusy after
+        CLAIR_QUEUE_TIMEOUT_S, Cancelled once `cancelled()` says so) before the block runs, and released
+        after it, whatever happens. `gpu=False` (an unload) takes no lease and only syncs the ledger after
+        the block. With Ollama on another machine nothing is held. Yields the granted lease, or None.
+        """
+        if not self.ollama_local:
+            yield None
+            return
+        if not gpu:
+            try:
+                yield None
+            finally:
+                self._sync_ollama()
+            return
+        self._sync_ollama()
+        need, idle = self.ollama.footprint(model)
+        lease = self.arbiter.request("chat", self.ollama.tenant, need, idle, label=label)
+        try:
+            lease.wait(self.cfg.queue_timeout_s, cancelled)
+            yield lease
+        finally:
+            lease.release()
+            self._sync_ollama()
+
+    def ollama_seen(self) -> list[dict]:
+        """What Ollama holds now by /api/ps, Clair's requests or not, and the ledger told so (for /status).
+
+        A model another program loaded straight on Ollama shows here, counts in the ledger, and is evicted
+        before a render like Clair's own. Read at most every 2 s (the UI polls /status).
+        """
+        if not self.ollama_local:
+            return []
+        now = time.monotonic()
+        seen = getattr(self, "_ollama_seen", None)
+        if seen is not None and now - seen[0] < 2.0:
+            return seen[1]
+        loaded = self.ollama.loaded()
+        self.arbiter.set_resident(self.ollama.tenant, sum(int(m.size_vram or 0) for m in loaded), read_at=now)
+        GiB = 1024**3
+        models = [
+            {"model": m.model, "gb": round(int(m.size or 0) / GiB, 2), "vram_gb": round(int(m.size_vram or 0) / GiB, 2)}
+            for m in loaded
+        ]
+        self._ollama_seen = (now, models)
+        return models
+
+    # -- cancel, status (continued) ------------------------------------------------------------------
     def status(self) -> dict:
+        ollama_models = self.ollama_seen()  # the gateway (issue 10): models loaded behind Clair's back too
         st = self.arbiter.status()
+        st["ollama_models"] = ollama_models
         backend, problem = self.chat_backend()
         st["chat"] = {"backend": backend.name, "model": self.default_chat_model(), "problem": problem}
         st["image"] = {"model": self.image.label, "problem": self.image.problem()}

@@ -1,0 +1,439 @@
+"""The Ollama-compatible API Clair serves on CLAIR_OLLAMA_PORT: one gate for every other client.
+
+Other programs on the box (Open WebUI, editor plugins, scripts, agents) talk to Ollama directly, and
+no lock of Clair's sees them load a model in the middle of a render. Pointed at this port instead
+(only their OLLAMA_HOST changes; or none, once Ollama moves to a private port: docs/gateway.md),
+their requests go through the same arbiter as Clair's own tabs:
+
+* `POST /api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings` need the GPU. Each takes a chat
+  lease like a Chat-tab message (`Studio.ollama_lease`): held during a render, listed in the queue as
+  `api:<model> (<client>)`, and forwarded only once granted. The body is forwarded as sent, except what
+  Clair decides for the GPU's sake (logged when it differs from what the client asked):
+  - `keep_alive`: Clair's CLAIR_KEEP_ALIVE when the client sends none, a negative one (forever) or a
+    longer one; a shorter one, or 0, is kept.
+  - `options.num_ctx`: always CLAIR_CHAT_NUM_CTX (replaced, not capped). One context size means one
+    runner shape: clients asking for different sizes would otherwise make Ollama reload the model
+    between them, and the ledger's estimate of the model's size would be wrong.
+  The answer (NDJSON stream or one JSON object) is relayed chunk by chunk as Ollama sends it; Ollama's
+  errors come back with its status code and `{"error": ...}` body.
+* A load (no messages / no prompt) is a GPU request too. An unload (no messages / no prompt and
+  `keep_alive: 0`) frees memory: it takes no lease, and the ledger is re-read from /api/ps after it.
+* `GET /`, `/api/version`, `/api/tags`, `/api/ps` and `POST /api/show` need no GPU and pass straight
+  through. Model management (`pull`, `push`, `create`, `copy`, `delete`, blobs) is refused: do it with
+  the `ollama` command on the host.
+* `/v1/...` are Clair's OpenAI-compatible endpoints (clair/openai_api.py), as on Ollama's own port.
+
+Who may use it: the port is bound like Clair (loopback unless --listen). A request from another
+machine needs a key (`Authorization: Bearer`, `python app.py addkey NAME`) whenever Clair has users.
+One from this machine needs none: Ollama itself, on its private loopback port, answers anyone here
+without a key, so a key would protect nothing. Host names are checked as on the web port (DNS
+rebinding), and a browser page from another origin (not loopback) cannot send requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from clair.errors import Cancelled, ClairError, GpuBusy
+
+log = logging.getLogger("clair.gateway")
+
+MAX_BODY = 64 * 1024 * 1024  # chat requests may carry base64 images
+PASS_GET = ("/", "/api/version", "/api/tags", "/api/ps")
+GPU_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
+MANAGE = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs")
+
+
+# --- running blocking work without starving the server ---------------------------------------------
+
+_limiters: dict[int, anyio.CapacityLimiter] = {}
+
+
+def limiter() -> anyio.CapacityLimiter:
+    """Worker threads for requests that wait for the GPU, apart from the server's (and Gradio's) own pool:
+    a queue of held API requests must not take every thread the UI needs. One per event loop."""
+    loop = id(asyncio.get_running_loop())
+    lim = _limiters.get(loop)
+    if lim is None:
+        lim = _limiters[loop] = anyio.CapacityLimiter(256)
+    return lim
+
+
+async def in_thread(fn: Callable, *args: Any) -> Any:
+    return await anyio.to_thread.run_sync(fn, *args, limiter=limiter())
+
+
+Send = Callable[[dict], Awaitable[None]]
+
+
+class Exchange(Response):
+    """A response that runs `work(send, gone)` itself, so what it holds is released whatever happens.
+
+    `work` sends the response (it decides the status once it knows it, e.g. after the GPU was granted
+    and Ollama answered). `gone` is set as soon as the client disconnects, also while nothing is being
+    sent (a request held for a render), so the wait ends and the lease goes back.
+    """
+
+    def __init__(self, work: Callable[[Send, threading.Event], Awaitable[None]]):
+        self.work = work
+        self.background = None
+        self.status_code = 200
+        self.raw_headers = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        gone = threading.Event()
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone.set()
+                    return
+
+        async def guarded_send(message: dict) -> None:
+            if gone.is_set():
+                raise OSError("the client went away")
+            await send(message)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            try:
+                await self.work(guarded_send, gone)
+            except OSError:
+                gone.set()
+            finally:
+                tg.cancel_scope.cancel()
+
+
+async def send_json(send: Send, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(obj).encode()
+    raw = [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+# --- keep_alive and num_ctx --------------------------------------------------------------------------
+
+_GO_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """A keep_alive as Ollama reads it: None when absent; seconds (inf for a negative one).
+
+    JSON numbers are seconds; strings are Go durations ("5m", "1h30m", "-1s"); Ollama rejects anything else
+    with 400 before it loads anything (Ollama's docs/api.md, "keep_alive"), and so does Clair. Raises
+    ValueError with Go's message.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"Unsupported type: '{type(value).__name__}'")
+    if isinstance(value, int | float):
+        return float("inf") if value < 0 else float(int(value))
+    text = value.strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    if body == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(body):
+        m = _GO_PART.match(body, pos)
+        if not m:
+            raise ValueError(f'time: invalid duration "{value}"')
+        total += float(m.group(1)) * _GO_UNIT[m.group(2)]
+        pos = m.end()
+    if not body:
+        raise ValueError(f'time: invalid duration "{value}"')
+    return float("inf") if sign < 0 else total
+
+
+def decide(body: dict, cfg, client: str) -> dict:
+    """The body Clair forwards: keep_alive and options.num_ctx decided for the GPU (module docstring)."""
+    out = dict(body)
+    ours = cfg.keep_alive_value
+    ours_s = keep_alive_seconds(ours)
+    theirs = body.get("keep_alive")
+    theirs_s = keep_alive_seconds(theirs)  # already validated by the caller
+    if theirs_s is None or theirs_s > (ours_s or 0):
+        out["keep_alive"] = ours
+        if theirs is not None:
+            log.info(
+                "gateway override client=%s model=%s keep_alive %r -> %r", client, body.get("model"), theirs, ours
+            )
+    options = body.get("options")
+    if isinstance(options, dict) or options is None:
+        options = dict(options or {})
+        asked = options.get("num_ctx")
+        if asked != cfg.chat_num_ctx:
+            options["num_ctx"] = cfg.chat_num_ctx
+            if asked is not None:
+                log.info(
+                    "gateway override client=%s model=%s num_ctx %r -> %d",
+                    client,
+                    body.get("model"),
+                    asked,
+                    cfg.chat_num_ctx,
+                )
+        out["options"] = options
+    return out
+
+
+# --- the app -----------------------------------------------------------------------------------------
+
+
+def ollama_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def job_slot(user: str | None):
+    """The hook for per-user caps (CLAIR_MAX_JOBS_PER_USER, not on main yet): count this GPU request
+    against `user` (a key's name; None for an anonymous loopback client) and refuse past the cap. Until
+    the caps exist, nothing is counted."""
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+class Gateway:
+    """The routes of the Ollama-compatible port; `app()` builds the ASGI app."""
+
+    def __init__(self, studio, web):
+        self.studio = studio
+        self.cfg = studio.cfg
+        self.web = web  # clair.web.Web: hosts, users, keys, the failed-key back-off
+        self.url = self.cfg.ollama_url.rstrip("/")
+        self.timeout = httpx.Timeout(self.cfg.ollama_timeout_s, connect=5.0)
+
+    # -- who is asking ------------------------------------------------------------------------------
+    def client_name(self, request: Request) -> str:
+        user = request.scope.get("clair_api_user")
+        addr = request.client.host if request.client else "?"
+        return f"{user}@{addr}" if user else addr
+
+    # -- pass-through -------------------------------------------------------------------------------
+    async def passthrough(self, request: Request) -> Response:
+        body = await request.body() if request.method == "POST" else None
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                r = await client.request(
+                    request.method,
+                    self.url + request.url.path,
+                    content=body,
+                    headers={"content-type": "application/json"} if body is not None else None,
+                )
+        except httpx.HTTPError:
+            return ollama_error(502, self.unreachable())
+        keep = {k: v for k, v in r.headers.items() if k.lower() == "content-type"}
+        return Response(r.content, status_code=r.status_code, headers=keep)
+
+    def unreachable(self) -> str:
+        return f"Clair cannot reach Ollama at {self.url}: start it (`sudo systemctl start ollama`) or check OLLAMA_HOST."
+
+    async def refuse_management(self, request: Request) -> Response:
+        return ollama_error(
+            403, "Clair's Ollama port does not manage models: run `ollama pull`, `ollama rm` ... on the host itself."
+        )
+
+    # -- GPU requests -------------------------------------------------------------------------------
+    async def gpu_request(self, request: Request) -> Response:
+        path = request.url.path
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            return ollama_error(413, f"request too large: Clair takes at most {MAX_BODY // 2**20} MB")
+        if not raw.strip():
+            return ollama_error(400, "missing request body")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return ollama_error(400, f"invalid JSON: {exc}")
+        if not isinstance(body, dict):
+            return ollama_error(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            return ollama_error(400, "model is required")
+        try:
+            keep = keep_alive_seconds(body.get("keep_alive"))
+        except ValueError as exc:
+            return ollama_error(400, str(exc))
+        client = self.client_name(request)
+        if path in ("/api/chat", "/api/generate"):
+            empty = not body.get("messages") if path == "/api/chat" else not body.get("prompt")
+        else:
+            empty = False
+        unload = empty and keep == 0
+        forward = body if unload else decide(body, self.cfg, client)
+        what = "unload" if unload else ("load" if empty else path.rsplit("/", 1)[-1])
+        label = f"api:{model} ({client})"
+        user = request.scope.get("clair_api_user")
+
+        async def work(send: Send, gone: threading.Event) -> None:
+            await self.relay(send, gone, path, model, forward, label, gpu=not unload, what=what, user=user)
+
+        return Exchange(work)
+
+    async def relay(
+        self,
+        send: Send,
+        gone: threading.Event,
+        path: str,
+        model: str,
+        body: dict,
+        label: str,
+        gpu: bool,
+        what: str,
+        user: str | None,
+    ) -> None:
+        """Wait for the GPU (unless `gpu` is False), forward `body`, relay Ollama's answer as it comes."""
+        t0 = time.monotonic()
+        with job_slot(user):
+            held = self.studio.ollama_lease(model, label, gpu=gpu, cancelled=gone.is_set)
+            try:
+                await in_thread(held.__enter__)
+            except Cancelled:
+                log.info("gateway %s model=%s (%s) gave up waiting for the GPU", what, model, label)
+                return
+            except GpuBusy as exc:
+                await send_json(send, 503, {"error": str(exc)})
+                return
+            except ClairError as exc:
+                await send_json(send, 503, {"error": str(exc)})
+                return
+            waited = time.monotonic() - t0
+            status = 0
+            try:
+                status = await self._forward(send, gone, path, body)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await in_thread(held.__exit__, None, None, None)
+                log.info(
+                    "gateway %s model=%s client=%s status=%s wait_s=%.3f total_s=%.3f%s",
+                    what,
+                    model,
+                    label,
+                    status or "-",
+                    waited,
+                    time.monotonic() - t0,
+                    " (client gone)" if gone.is_set() else "",
+                )
+
+    async def _forward(self, send: Send, gone: threading.Event, path: str, body: dict) -> int:
+        started = False
+        try:
+            async with (
+                httpx.AsyncClient(timeout=self.timeout) as client,
+                client.stream("POST", self.url + path, json=body, headers={"accept-encoding": "identity"}) as r,
+            ):
+                ctype = r.headers.get("content-type", "application/json")
+                await send(
+                    {"type": "http.response.start", "status": r.status_code, "headers": [(b"content-type", ctype.encode())]}
+                )
+                started = True
+                async for chunk in r.aiter_raw():
+                    if gone.is_set():
+                        break  # closing the stream aborts the request: Ollama stops generating
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return r.status_code
+        except httpx.HTTPError as exc:
+            if not started:
+                await send_json(send, 502, {"error": self.unreachable()})
+                return 502
+            # Mid-stream, Ollama itself ends the stream with an error line under HTTP 200.
+            line = json.dumps({"error": f"lost the connection to Ollama: {exc}"}).encode() + b"\n"
+            await send({"type": "http.response.body", "body": line})
+            return 200
+
+    # -- the app --------------------------------------------------------------------------------------
+    def app(self):
+        from fastapi import FastAPI
+
+        from clair.openai_api import router
+
+        app = FastAPI(title="Clair (Ollama-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+        for path in PASS_GET:
+            app.add_api_route(path, self.passthrough, methods=["GET", "HEAD"], include_in_schema=False)
+        app.add_api_route("/api/show", self.passthrough, methods=["POST"], include_in_schema=False)
+        for path in GPU_PATHS:
+            app.add_api_route(path, self.gpu_request, methods=["POST"], include_in_schema=False)
+        for path in MANAGE:
+            app.add_api_route(path, self.refuse_management, methods=["POST", "DELETE", "HEAD"], include_in_schema=False)
+        app.add_api_route("/api/blobs/{digest}", self.refuse_management, methods=["POST", "HEAD"], include_in_schema=False)
+        app.include_router(router(self.studio))
+        app.add_middleware(GatewayGuard, web=self.web)
+        return app
+
+
+# --- who may use the port ------------------------------------------------------------------------------
+
+
+def _loopback_origin(origin: str) -> bool:
+    from clair.web import Hosts, is_loopback_client
+
+    name = Hosts.hostname(origin.split("://", 1)[-1]) if "://" in origin else None
+    return bool(name) and (name == "localhost" or name.endswith(".localhost") or is_loopback_client(name))
+
+
+class GatewayGuard:
+    """Host allowlist, other origins, keys (module docstring). Answers refusals as Ollama would, or as
+    OpenAI would under /v1."""
+
+    def __init__(self, app, web):
+        self.app = app
+        self.web = web
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from clair.web import is_loopback_client
+
+        web = self.web
+        headers = Headers(scope=scope)
+        address = (scope.get("client") or ("?", 0))[0]
+        path = scope.get("path", "/")
+        openai = path == "/v1" or path.startswith("/v1/")
+
+        async def refuse(status: int, text: str, code: str, extra: dict | None = None) -> None:
+            if openai:
+                kind = {401: "invalid_request_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
+                obj: dict = {"error": {"message": text, "type": kind, "code": code}}
+            else:
+                obj = {"error": text}
+            await send_json(send, status, obj, extra)
+
+        if not web.hosts.allowed(headers.get("host")):
+            await refuse(421, "Clair does not answer to this host name (CLAIR_ALLOWED_HOSTS adds one).", "bad_host")
+            return
+        origin = headers.get("origin")
+        unsafe = scope.get("method") not in ("GET", "HEAD", "OPTIONS")
+        if unsafe and origin and not _loopback_origin(origin) and not web.origin_ok(origin, headers.get("host")):
+            log.warning("gateway refused origin=%r addr=%s path=%s", origin[:100], address, path[:100])
+            await refuse(403, "Requests from web pages of other sites are refused.", "forbidden_origin")
+            return
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            await refuse(413, f"Request too large: Clair takes at most {MAX_BODY // 2**20} MB.", "too_large")
+            return
+        if not is_loopback_client(address):
+            verdict = web.api_key_check(headers, address)
+            if verdict.status:
+                await refuse(verdict.status, verdict.message, verdict.code, verdict.headers)
+                return
+            if verdict.user:
+                scope = {**scope, "clair_api_user": verdict.user}
+        await self.app(scope, receive, send)

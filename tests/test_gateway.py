@@ -1,0 +1,185 @@
+"""Clair's Ollama-compatible port (clair/gateway.py), driven by the official `ollama` client as another
+program on the box would, with Ollama played by the stand-in. In-process: Studio + the gateway app on
+uvicorn in a thread; what reached "Ollama" is read from the stand-in's own logs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import ollama
+import pytest
+
+from tests.gateway_support import Served, gateway_app, hold_render, make_studio
+from tests.ollama_standin import OllamaStandin
+
+MODEL = "llama3.1:8b"
+SMALL = "qwen2.5:0.5b"
+
+
+@pytest.fixture
+def standin():
+    s = OllamaStandin({MODEL: 4.9, SMALL: 0.4}, unload_delay=0.2, token_delay=0.01).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def studio(standin, tmp_path):
+    return make_studio(standin, tmp_path, preempt="off")
+
+
+@pytest.fixture
+def gateway(studio):
+    served = Served(gateway_app(studio))
+    yield served
+    served.stop()
+
+
+def real_chats(standin):
+    return [r for r in standin.requests_to("/api/chat") if r.messages]
+
+
+def test_chat_streams_and_clair_decides_keep_alive_and_num_ctx(gateway, standin, studio):
+    client = ollama.Client(host=gateway.url)
+    parts = [
+        c.message.content
+        for c in client.chat(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hello there"}],
+            stream=True,
+            keep_alive=-1,  # would pin the model forever
+            options={"num_ctx": 32768, "temperature": 0.5},
+        )
+    ]
+    assert len(parts) >= 3 and "".join(parts) == "You said: hello there"
+    (sent,) = real_chats(standin)
+    assert sent.keep_alive == "30m"  # Clair's CLAIR_KEEP_ALIVE, not -1
+    assert sent.options["num_ctx"] == studio.cfg.chat_num_ctx  # replaced, not the client's 32768
+    assert sent.options["temperature"] == 0.5  # everything else as the client sent it
+    # A shorter keep_alive is the client's to choose.
+    client.chat(model=MODEL, messages=[{"role": "user", "content": "again"}], keep_alive="10s")
+    assert real_chats(standin)[-1].keep_alive == "10s"
+    standin.wait_until(studio.arbiter.is_idle)
+
+
+def test_generate_streaming_and_not(gateway, standin):
+    client = ollama.Client(host=gateway.url)
+    whole = client.generate(model=MODEL, prompt="one two", stream=False)
+    assert whole.response == "You said: one two" and whole.done
+    parts = [c.response for c in client.generate(model=MODEL, prompt="three four", stream=True)]
+    assert len(parts) >= 2 and "".join(parts) == "You said: three four"
+
+
+def test_a_chat_sent_during_a_render_is_held_until_the_render_ends(gateway, standin, studio):
+    client = ollama.Client(host=gateway.url)
+    client.chat(model=MODEL, messages=[{"role": "user", "content": "warm"}])
+    _, leave, render, result = hold_render(studio)
+    standin.reset_logs()
+    got: dict = {}
+
+    def chat():
+        got["parts"] = [
+            c.message.content
+            for c in client.chat(model=MODEL, messages=[{"role": "user", "content": "held?"}], stream=True)
+        ]
+        got["at"] = time.time()
+
+    t = threading.Thread(target=chat)
+    t.start()
+    try:
+        # It waits in Clair's queue, labelled for the program that sent it, and has not reached Ollama.
+        waiting = standin.wait_until(lambda: studio.arbiter.status()["waiting"], timeout=10)
+        assert waiting[0]["label"] == f"api:{MODEL} (127.0.0.1)"
+        time.sleep(0.5)
+        assert not real_chats(standin)
+        assert "parts" not in got
+    finally:
+        leave.set()
+    render.join(30)
+    t.join(30)
+    assert "".join(got["parts"]) == "You said: held?"
+    (sent,) = real_chats(standin)
+    assert sent.arrived >= result["info"]["gpu_finished_at"]
+    standin.wait_until(studio.arbiter.is_idle)
+
+
+def test_tags_ps_show_and_version_answer_as_ollama_does(gateway, standin):
+    through, direct = ollama.Client(host=gateway.url), ollama.Client(host=standin.url)
+    assert through.list() == direct.list()
+    through.chat(model=MODEL, messages=[{"role": "user", "content": "load it"}])
+    ps_through, ps_direct = through.ps(), direct.ps()
+    assert [m.model for m in ps_through.models] == [MODEL]
+
+    def comparable(resp):  # expires_at is computed when each answer is made
+        return [m.model_dump(exclude={"expires_at"}) for m in resp.models]
+
+    assert comparable(ps_through) == comparable(ps_direct)
+    assert through.show(MODEL) == direct.show(MODEL)
+    assert httpx.get(gateway.url + "/api/version").json() == httpx.get(standin.url + "/api/version").json()
+    assert httpx.get(gateway.url + "/").text == "Ollama is running"
+    with pytest.raises(ollama.ResponseError) as err:
+        through.show("nope:1b")
+    assert err.value.status_code == 404 and "not found" in err.value.error
+
+
+def test_ollamas_errors_come_back_with_its_status(gateway, standin, studio):
+    client = ollama.Client(host=gateway.url)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="missing:7b", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 404 and err.value.error == "model 'missing:7b' not found"
+    grants = studio.arbiter.stats["grants"]
+    with pytest.raises(ollama.ResponseError) as err:  # Ollama refuses a unit-less string, so does Clair
+        client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], keep_alive="300")
+    assert err.value.status_code == 400 and '"300"' in err.value.error
+    assert studio.arbiter.stats["grants"] == grants  # refused before it asked for the GPU
+    standin.fail_next(MODEL, after_chunks=1, error="runner crashed")
+    with pytest.raises(ollama.ResponseError) as err:  # an error line mid-stream, relayed as it came
+        list(client.chat(model=MODEL, messages=[{"role": "user", "content": "a b c"}], stream=True))
+    assert "runner crashed" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        client.pull(MODEL)
+    assert err.value.status_code == 403
+    standin.wait_until(studio.arbiter.is_idle)
+
+
+def test_load_takes_the_gpu_and_unload_only_updates_the_ledger(gateway, standin, studio):
+    client = ollama.Client(host=gateway.url)
+    grants = studio.arbiter.stats["grants"]
+    loaded = client.generate(model=SMALL, prompt="", keep_alive=-1)  # a load request
+    assert loaded.done_reason == "load"
+    assert studio.arbiter.stats["grants"] == grants + 1
+    (load,) = standin.requests_to("/api/generate", SMALL)
+    assert load.keep_alive == "30m"
+    assert studio.arbiter.resident_bytes("ollama") > 0
+
+    # An unload frees memory: no lease, sent as the client sent it, and the ledger follows /api/ps.
+    _, leave, render, _ = hold_render(studio)
+    try:
+        gone = client.chat(model=SMALL, messages=[], keep_alive=0)  # not held by the render
+        assert gone.done_reason == "unload"
+    finally:
+        leave.set()
+        render.join(30)
+    assert studio.arbiter.stats["grants"] == grants + 2  # the render's only
+    standin.wait_until(lambda: not standin.loaded())
+    time.sleep(2.1)  # past the 2 s the /status reading is kept
+    standin.wait_until(lambda: not [r for r in studio.status()["resident"] if r["tenant"] == "ollama"])
+
+
+def test_a_model_loaded_behind_clairs_back_is_seen_and_evicted_before_the_next_render(standin, studio):
+    from clair.image import RenderParams
+
+    # Another program talks to Ollama directly, not through Clair.
+    ollama.Client(host=standin.url).generate(model=SMALL, prompt="", keep_alive=-1)
+    assert standin.loaded() == [f"{SMALL}"]
+    st = studio.status()
+    assert [m["model"] for m in st["ollama_models"]] == [SMALL]
+    assert [r["tenant"] for r in st["resident"]] == ["ollama"]
+
+    _, info = studio.render(RenderParams("x", steps=2, width=64, height=64))
+    assert "ollama" in info["evicted"]
+    unloaded = next(e.at for e in standin.events_for(SMALL) if e.kind == "unloaded")
+    assert unloaded <= info["gpu_started_at"]
+    assert standin.loaded() == []
