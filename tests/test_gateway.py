@@ -183,3 +183,47 @@ def test_a_model_loaded_behind_clairs_back_is_seen_and_evicted_before_the_next_r
     unloaded = next(e.at for e in standin.events_for(SMALL) if e.kind == "unloaded")
     assert unloaded <= info["gpu_started_at"]
     assert standin.loaded() == []
+
+
+def test_from_another_machine_the_ollama_port_needs_a_key(standin, tmp_path):
+    """Clair with users, serving the LAN; requests arrive from a LAN address (an in-memory transport
+    stamps it), and from loopback, which needs no key (Ollama answers loopback without one anyway)."""
+    import asyncio
+
+    from clair.keys import Keys, keys_path
+    from clair.users import Users
+
+    studio = make_studio(standin, tmp_path, host="0.0.0.0")
+    Users(studio.cfg.users_path).set_password("alice", "correct horse battery")
+    key, _ = Keys(keys_path(studio.cfg.users_path)).add("alice")
+    app = gateway_app(studio)
+
+    def lan_client(**kw) -> ollama.AsyncClient:
+        transport = httpx.ASGITransport(app, client=("192.168.1.20", 40000))
+        return ollama.AsyncClient(host="http://127.0.0.1:11434", transport=transport, **kw)
+
+    async def run():
+        for headers in ({}, {"Authorization": "Bearer clair-wrong"}):
+            with pytest.raises(ollama.ResponseError) as err:
+                await lan_client(headers=headers).list()
+            assert err.value.status_code == 401 and "key" in err.value.error
+        with pytest.raises(ollama.ResponseError) as err:
+            await lan_client(headers=headers).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        assert err.value.status_code == 401
+        ok = lan_client(headers={"Authorization": f"Bearer {key}"})
+        assert [m.model for m in (await ok.list()).models] == [MODEL, SMALL]
+        reply = await ok.chat(model=MODEL, messages=[{"role": "user", "content": "from the lan"}])
+        assert reply.message.content == "You said: from the lan"
+        # A web page of another site cannot drive it, key or not.
+        evil = lan_client(headers={"Authorization": f"Bearer {key}", "Origin": "http://evil.example"})
+        with pytest.raises(ollama.ResponseError) as err:
+            await evil.chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        assert err.value.status_code == 403
+
+    asyncio.run(run())
+    assert [r.messages[-1]["content"] for r in real_chats(standin)] == ["from the lan"]
+    served = Served(app)  # loopback: no key
+    try:
+        assert ollama.Client(host=served.url).chat(model=MODEL, messages=[{"role": "user", "content": "here"}])
+    finally:
+        served.stop()
