@@ -150,6 +150,8 @@ def keep_alive_seconds(value: Any) -> float | None:
     body = text.lstrip("+-")
     if body == "0":
         return 0.0
+    if re.fullmatch(r"\d+(\.\d*)?", body):
+        raise ValueError(f'time: missing unit in duration "{value}"')
     pos, total = 0, 0.0
     while pos < len(body):
         m = _GO_PART.match(body, pos)

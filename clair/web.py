@@ -15,6 +15,9 @@ app, decides before Gradio sees a request:
   `/healthz`) needs a session. Failed logins are logged (name and address, never the password) and
   back off per address: three free tries, then 2, 4, 8 ... up to 300 s of 429 + Retry-After. One check
   at a time per address, and two scrypt checks at a time overall, bound the memory scrypt takes.
+* API keys: `/v1` (clair/openai_api.py, for other programs) takes no session: with users, it needs an
+  `Authorization: Bearer` key (clair/keys.py); wrong keys back off like failed logins, and refusals are
+  shaped as OpenAI's errors. Host and origin checks apply to it as to everything else.
 * Sessions: Gradio keeps `token -> user` in `App.tokens` with no expiry. `Sessions` replaces that
   dict: it remembers when each token was issued and forgets it after CLAIR_SESSION_HOURS, or once its
   user is deleted. Logout is a POST that ends only the caller's session (Gradio's GET /logout ended
