@@ -198,6 +198,18 @@ def decide(body: dict, cfg, client: str) -> dict:
 # --- the app -----------------------------------------------------------------------------------------
 
 
+async def read_capped(request: Request) -> bytes | None:
+    """The request body, or None past MAX_BODY (a chunked body has no Content-Length to refuse early)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def ollama_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -229,7 +241,9 @@ class Gateway:
 
     # -- pass-through -------------------------------------------------------------------------------
     async def passthrough(self, request: Request) -> Response:
-        body = await request.body() if request.method == "POST" else None
+        body = await read_capped(request) if request.method == "POST" else None
+        if request.method == "POST" and body is None:
+            return ollama_error(413, f"request too large: Clair takes at most {MAX_BODY // 2**20} MB")
         try:
             async with httpx.AsyncClient(timeout=self.timeout) as client:
                 r = await client.request(
@@ -254,8 +268,8 @@ class Gateway:
     # -- GPU requests -------------------------------------------------------------------------------
     async def gpu_request(self, request: Request) -> Response:
         path = request.url.path
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
+        raw = await read_capped(request)
+        if raw is None:
             return ollama_error(413, f"request too large: Clair takes at most {MAX_BODY // 2**20} MB")
         if not raw.strip():
             return ollama_error(400, "missing request body")

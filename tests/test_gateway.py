@@ -227,3 +227,17 @@ def test_from_another_machine_the_ollama_port_needs_a_key(standin, tmp_path):
         assert ollama.Client(host=served.url).chat(model=MODEL, messages=[{"role": "user", "content": "here"}])
     finally:
         served.stop()
+
+
+def test_a_client_that_gives_up_while_held_leaves_the_queue_and_never_reaches_ollama(gateway, standin, studio):
+    _, leave, render, _ = hold_render(studio)
+    try:
+        impatient = ollama.Client(host=gateway.url, timeout=1.0)
+        with pytest.raises(httpx.TimeoutException):  # it hangs up after 1 s
+            impatient.chat(model=MODEL, messages=[{"role": "user", "content": "bye"}])
+        standin.wait_until(lambda: not studio.arbiter.status()["waiting"], timeout=5)
+    finally:
+        leave.set()
+        render.join(30)
+    standin.wait_until(studio.arbiter.is_idle)
+    assert not real_chats(standin)

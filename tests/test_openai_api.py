@@ -44,7 +44,8 @@ def v1(studio):
 
 
 def client(served, key="no key needed on loopback", **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+    kw.setdefault("timeout", 60)
+    return openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0, **kw)
 
 
 def test_models_lists_the_chat_and_image_models(v1, studio):
@@ -228,3 +229,18 @@ def test_foreign_origin_browser_requests_are_refused(lan):
     c = client(served, key, default_headers={"Origin": "http://evil.example"})
     with pytest.raises(openai.PermissionDeniedError):
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+
+
+def test_a_client_that_gives_up_while_held_leaves_the_queue(v1, standin, studio):
+    _, leave, render, _ = hold_render(studio)
+    try:
+        for stream in (False, True):
+            impatient = client(v1, timeout=1.0)
+            with pytest.raises(openai.APITimeoutError):
+                list(impatient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "bye"}], stream=stream))
+            standin.wait_until(lambda: not studio.arbiter.status()["waiting"], timeout=5)
+    finally:
+        leave.set()
+        render.join(30)
+    standin.wait_until(studio.arbiter.is_idle)
+    assert not [r for r in standin.requests_to("/api/chat") if r.messages]
