@@ -37,6 +37,9 @@ class Served:
 
 
 def make_studio(standin, tmp_path: Path, **kw) -> Studio:
+    """A Studio on the stand-in with the tiny image model. The VRAM budget is set (10 GiB: an 8B chat model
+    and SDXL do not fit together), so a render holds chats back on any machine, with or without CUDA."""
+    kw.setdefault("vram_budget_gb", 10.0)
     cfg = dataclasses.replace(
         Config(),
         chat_backend="ollama",

@@ -168,21 +168,37 @@ def test_load_takes_the_gpu_and_unload_only_updates_the_ledger(gateway, standin,
     standin.wait_until(lambda: not [r for r in studio.status()["resident"] if r["tenant"] == "ollama"])
 
 
-def test_a_model_loaded_behind_clairs_back_is_seen_and_evicted_before_the_next_render(standin, studio):
+@pytest.mark.parametrize(
+    ("policy", "budget_gb", "model", "evicted"),
+    [
+        ("exclusive", 0.0, SMALL, True),
+        ("budget", 10.0, MODEL, True),  # SDXL (~7 GiB) and an 8B model (~5.3 GiB) do not fit in 10 GiB
+        ("budget", 40.0, SMALL, False),  # it fits beside the render: the budget policy keeps it, counted
+    ],
+)
+def test_a_model_loaded_behind_clairs_back_is_seen_and_evicted_before_a_render_it_does_not_fit_beside(
+    standin, tmp_path, policy, budget_gb, model, evicted
+):
     from clair.image import RenderParams
 
+    studio = make_studio(standin, tmp_path, gpu_policy=policy, vram_budget_gb=budget_gb)
     # Another program talks to Ollama directly, not through Clair.
-    ollama.Client(host=standin.url).generate(model=SMALL, prompt="", keep_alive=-1)
-    assert standin.loaded() == [f"{SMALL}"]
+    ollama.Client(host=standin.url).generate(model=model, prompt="", keep_alive=-1)
+    assert standin.loaded() == [model]
     st = studio.status()
-    assert [m["model"] for m in st["ollama_models"]] == [SMALL]
-    assert [r["tenant"] for r in st["resident"]] == ["ollama"]
+    assert [m["model"] for m in st["ollama_models"]] == [model]
+    (seen,) = [r for r in st["resident"] if r["tenant"] == "ollama"]
+    assert seen["gb"] == pytest.approx(standin.ps()[0]["size_vram"] / 1024**3, abs=0.01)
 
     _, info = studio.render(RenderParams("x", steps=2, width=64, height=64))
-    assert "ollama" in info["evicted"]
-    unloaded = next(e.at for e in standin.events_for(SMALL) if e.kind == "unloaded")
-    assert unloaded <= info["gpu_started_at"]
-    assert standin.loaded() == []
+    if evicted:
+        assert "ollama" in info["evicted"]
+        unloaded = next(e.at for e in standin.events_for(model) if e.kind == "unloaded")
+        assert unloaded <= info["gpu_started_at"]
+        assert standin.loaded() == []
+    else:
+        assert info["evicted"] == [] and standin.loaded() == [model]
+        assert studio.arbiter.stats["budget_exceeded"] == 0
 
 
 def test_from_another_machine_the_ollama_port_needs_a_key(standin, tmp_path):
