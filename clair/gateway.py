@@ -13,7 +13,8 @@ their requests go through the same arbiter as Clair's own tabs:
     longer one; a shorter one, or 0, is kept.
   - `options.num_ctx`: always CLAIR_CHAT_NUM_CTX (replaced, not capped). One context size means one
     runner shape: clients asking for different sizes would otherwise make Ollama reload the model
-    between them, and the ledger's estimate of the model's size would be wrong.
+    between them, and the ledger's estimate of the model's size would be wrong. (Embeddings: capped,
+    since an embedding model's own context may be shorter.)
   The answer (NDJSON stream or one JSON object) is relayed chunk by chunk as Ollama sends it; Ollama's
   errors come back with its status code and `{"error": ...}` body.
 * A load (no messages / no prompt) is a GPU request too. An unload (no messages / no prompt and
@@ -164,8 +165,11 @@ def keep_alive_seconds(value: Any) -> float | None:
     return float("inf") if sign < 0 else total
 
 
-def decide(body: dict, cfg, client: str) -> dict:
-    """The body Clair forwards: keep_alive and options.num_ctx decided for the GPU (module docstring)."""
+def decide(body: dict, cfg, client: str, cap_only: bool = False) -> dict:
+    """The body Clair forwards: keep_alive and options.num_ctx decided for the GPU (module docstring).
+
+    `cap_only` (embeddings): a smaller num_ctx is kept, since an embedding model's own context may be
+    shorter than CLAIR_CHAT_NUM_CTX; a missing or larger one becomes Clair's."""
     out = dict(body)
     ours = cfg.keep_alive_value
     ours_s = keep_alive_seconds(ours)
@@ -181,7 +185,8 @@ def decide(body: dict, cfg, client: str) -> dict:
     if isinstance(options, dict) or options is None:
         options = dict(options or {})
         asked = options.get("num_ctx")
-        if asked != cfg.chat_num_ctx:
+        small = cap_only and isinstance(asked, int) and not isinstance(asked, bool) and 0 < asked <= cfg.chat_num_ctx
+        if asked != cfg.chat_num_ctx and not small:
             options["num_ctx"] = cfg.chat_num_ctx
             if asked is not None:
                 log.info(
@@ -292,9 +297,9 @@ class Gateway:
         else:
             empty = False
         unload = empty and keep == 0
-        forward = body if unload else decide(body, self.cfg, client)
+        forward = body if unload else decide(body, self.cfg, client, cap_only=path.startswith("/api/embed"))
         what = "unload" if unload else ("load" if empty else path.rsplit("/", 1)[-1])
-        label = f"api:{model} ({client})"
+        label = f"api:{model[:80]} ({client})"
         user = request.scope.get("clair_api_user")
 
         async def work(send: Send, gone: threading.Event) -> None:

@@ -110,6 +110,11 @@ def router(studio) -> APIRouter:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             return error(400, "`model` must be a string.", "invalid_model")
+        # OpenAI's newer name for the system role; tool calls are not supported (Clair passes no tools).
+        messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+        if any(m.get("role") not in ("system", "user", "assistant") for m in messages):
+            return error(400, "Clair takes system, user and assistant messages only (no tools).", "invalid_messages")
+        last = messages[-1]
         try:
             text = flatten_history([last])
             history = flatten_history(messages[:-1])
@@ -126,7 +131,7 @@ def router(studio) -> APIRouter:
         stream = bool(body.get("stream"))
         client = client_name(request)
         user = request.scope.get("clair_api_user")
-        name = model or studio.default_chat_model()
+        name = (model or studio.default_chat_model())[:80]
         cid = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
 

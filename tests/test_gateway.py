@@ -257,3 +257,14 @@ def test_a_client_that_gives_up_while_held_leaves_the_queue_and_never_reaches_ol
         render.join(30)
     standin.wait_until(studio.arbiter.is_idle)
     assert not real_chats(standin)
+
+
+def test_embeddings_take_the_gpu_too(gateway, standin, studio):
+    """The stand-in has no /api/embed: Ollama's 404 comes back, after the request held a lease."""
+    grants = studio.arbiter.stats["grants"]
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=gateway.url).embed(model=MODEL, input="hello")
+    assert err.value.status_code == 404
+    assert studio.arbiter.stats["grants"] == grants + 1
+    (sent,) = standin.requests_to("/api/embed")
+    assert sent.method == "POST"

@@ -121,3 +121,8 @@ def test_clair_decides_keep_alive_and_num_ctx() -> None:
         assert out["messages"] == base["messages"]
     assert decide({**base, "options": {"temperature": 0.1}}, cfg, "t")["options"]["temperature"] == 0.1
     assert decide({**base, "options": "bad"}, cfg, "t")["options"] == "bad"  # Ollama refuses it, before loading
+    # Embeddings: a smaller context is kept (the model's own may be shorter), a larger one capped.
+    embed = {"model": "e", "input": "x"}
+    assert decide({**embed, "options": {"num_ctx": 512}}, cfg, "t", cap_only=True)["options"]["num_ctx"] == 512
+    assert decide({**embed, "options": {"num_ctx": 65536}}, cfg, "t", cap_only=True)["options"]["num_ctx"] == 4096
+    assert decide(embed, cfg, "t", cap_only=True)["options"]["num_ctx"] == 4096

@@ -82,10 +82,19 @@ def test_chat_streams_through_the_arbiter(v1, standin, studio):
     standin.wait_until(studio.arbiter.is_idle)
 
 
-def test_chat_not_streaming_and_bad_requests(v1):
+def test_chat_not_streaming_and_bad_requests(v1, standin):
     c = client(v1)
-    done = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "one"}])
+    done = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "developer", "content": "terse"}, {"role": "user", "content": "one"}]
+    )
     assert done.choices[0].message.content == "You said: one" and done.object == "chat.completion"
+    (sent,) = [r for r in standin.requests_to("/api/chat") if r.messages]
+    assert sent.messages == [{"role": "system", "content": "terse"}, {"role": "user", "content": "one"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model=MODEL, messages=[{"role": "tool", "content": "42", "tool_call_id": "a"}, {"role": "user", "content": "x"}]
+        )
+    assert "no tools" in err.value.body["message"]
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(model=MODEL, messages=[{"role": "assistant", "content": "hm"}])
     assert "last message" in err.value.body["message"]
