@@ -268,3 +268,14 @@ def test_embeddings_take_the_gpu_too(gateway, standin, studio):
     assert studio.arbiter.stats["grants"] == grants + 1
     (sent,) = standin.requests_to("/api/embed")
     assert sent.method == "POST"
+
+
+def test_openais_v1_is_on_the_ollama_port_too(gateway, standin, studio):
+    """Some tools expect Ollama's own OpenAI-compatible /v1 on Ollama's port: Clair's answers there."""
+    import openai
+
+    c = openai.OpenAI(base_url=gateway.url + "/v1", api_key="ollama", max_retries=0, timeout=60)
+    assert MODEL in [m.id for m in c.models.list()]
+    stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "via v1"}], stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == "You said: via v1"
+    standin.wait_until(studio.arbiter.is_idle)
