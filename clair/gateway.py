@@ -130,7 +130,7 @@ async def send_json(send: Send, status: int, obj: Any, headers: dict[str, str] |
 # --- keep_alive and num_ctx --------------------------------------------------------------------------
 
 _GO_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")  # ASCII digits only, as Go
 
 
 def keep_alive_seconds(value: Any) -> float | None:
@@ -148,10 +148,10 @@ def keep_alive_seconds(value: Any) -> float | None:
         return float("inf") if value < 0 else float(int(value))
     text = value.strip()
     sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-")
+    body = text[1:] if text[:1] in ("+", "-") else text  # one sign at most, as Go's time.ParseDuration
     if body == "0":
         return 0.0
-    if re.fullmatch(r"\d+(\.\d*)?", body):
+    if re.fullmatch(r"[0-9]+(\.[0-9]*)?", body):
         raise ValueError(f'time: missing unit in duration "{value}"')
     pos, total = 0, 0.0
     while pos < len(body):
@@ -162,7 +162,7 @@ def keep_alive_seconds(value: Any) -> float | None:
         pos = m.end()
     if not body:
         raise ValueError(f'time: invalid duration "{value}"')
-    return float("inf") if sign < 0 else total
+    return float("inf") if sign < 0 and total > 0 else total  # "-0s" is 0 (unload), not forever
 
 
 def decide(body: dict, cfg, client: str, cap_only: bool = False) -> dict:

@@ -9,6 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clair.config import Config
 from clair.gateway import decide, keep_alive_seconds
@@ -126,3 +128,27 @@ def test_clair_decides_keep_alive_and_num_ctx() -> None:
     assert decide({**embed, "options": {"num_ctx": 512}}, cfg, "t", cap_only=True)["options"]["num_ctx"] == 512
     assert decide({**embed, "options": {"num_ctx": 65536}}, cfg, "t", cap_only=True)["options"]["num_ctx"] == 4096
     assert decide(embed, cfg, "t", cap_only=True)["options"]["num_ctx"] == 4096
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(
+        st.text(alphabet="0123456789.+-hmsuµμn", max_size=12),
+        st.from_regex(r"[+-]{0,2}(\d{0,3}(\.\d{0,2})?(h|m|s|ms|us|µs|ns|x)?){0,3}", fullmatch=True),
+        st.integers(-10**6, 10**6),
+        st.floats(-1e6, 1e6, allow_nan=False),
+        st.none(),
+    )
+)
+def test_keep_alive_parsing_agrees_with_the_stand_ins_go_faithful_parser(value) -> None:
+    """Two independent readings of Ollama's keep_alive: Clair refuses exactly what Ollama refuses."""
+    from tests.ollama_standin import keep_alive_from_json
+
+    try:
+        expected = keep_alive_from_json(value)
+    except ValueError:
+        with pytest.raises(ValueError):
+            keep_alive_seconds(value)
+        return
+    got = keep_alive_seconds(value)
+    assert got == pytest.approx(expected) if expected is not None else got is None
