@@ -279,3 +279,91 @@ def test_openais_v1_is_on_the_ollama_port_too(gateway, standin, studio):
     stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "via v1"}], stream=True)
     assert "".join(ch.choices[0].delta.content or "" for ch in stream) == "You said: via v1"
     standin.wait_until(studio.arbiter.is_idle)
+
+
+def test_many_clients_at_once_never_reach_ollama_while_a_render_holds_the_gpu(gateway, standin, studio):
+    """Three programs chatting through the gate (both APIs, streaming or not, asking for odd keep_alive
+    and num_ctx) for as long as renders come and go: no generation runs at Ollama during any render,
+    and the model is out of Ollama's memory for every render."""
+    import openai
+
+    from clair.image import RenderParams
+    from tests.gateway_support import Served, v1_app
+
+    studio.image.load()  # from disk first, so the chats really meet the renders
+    v1 = Served(v1_app(studio))
+    renders: list[dict] = []
+    errors: list[BaseException] = []
+    answered: list[str] = []
+    done = threading.Event()
+
+    def guard(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+                done.set()
+
+        return threading.Thread(target=run)
+
+    def ollama_chats(i):
+        c = ollama.Client(host=gateway.url)
+        n = 0
+        while not done.is_set():
+            text = f"c{i} m{n}"
+            if n % 2:
+                got = "".join(
+                    ch.message.content
+                    for ch in c.chat(model=MODEL, messages=[{"role": "user", "content": text}], stream=True, keep_alive=-1)
+                )
+            else:
+                got = c.generate(model=MODEL, prompt=text, options={"num_ctx": 1024 * (i + 1)}).response
+            assert got == f"You said: {text}"
+            answered.append(text)
+            n += 1
+
+    def openai_chats():
+        c = openai.OpenAI(base_url=v1.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        n = 0
+        while not done.is_set():
+            r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"o{n}"}])
+            assert r.choices[0].message.content == f"You said: o{n}"
+            answered.append(f"o{n}")
+            n += 1
+
+    def render_loop():
+        slow = lambda text, frac: time.sleep(0.1 if text.startswith("Step") else 0)  # noqa: E731 (renders that last)
+        try:
+            for n in range(3):
+                time.sleep(0.3)
+                renders.append(studio.render(RenderParams(f"r{n}", steps=4, width=64, height=64), slow)[1])
+        finally:
+            done.set()
+
+    threads = [guard(lambda i=i: ollama_chats(i)) for i in range(2)] + [guard(openai_chats), guard(render_loop)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        v1.stop()
+    assert not errors, errors
+    assert len(renders) == 3
+    generations = [r for p in ("/api/chat", "/api/generate") for r in standin.requests_to(p) if r.messages or r.prompt]
+    assert len(generations) == len(answered) >= 6
+    for info in renders:
+        for g in generations:
+            assert g.finished <= info["gpu_started_at"] or g.arrived >= info["gpu_finished_at"], (g, info)
+        # And the model was out of Ollama's memory for the whole render (they do not fit together).
+        state = None
+        for e in standin.events_for(MODEL):
+            if e.at <= info["gpu_started_at"]:
+                state = {"load_start": "loading", "loaded": "ready", "unloaded": None}.get(e.kind, state)
+            elif e.at < info["gpu_finished_at"]:
+                assert e.kind != "load_start", (e, info)
+        assert state is None, (state, info)
+    assert all(g.options.get("num_ctx") == studio.cfg.chat_num_ctx for g in generations)
+    assert studio.arbiter.stats["budget_exceeded"] == 0
+    standin.wait_until(studio.arbiter.is_idle)
