@@ -237,6 +237,15 @@ class Gateway:
         self.web = web  # clair.web.Web: hosts, users, keys, the failed-key back-off
         self.url = self.cfg.ollama_url.rstrip("/")
         self.timeout = httpx.Timeout(self.cfg.ollama_timeout_s, connect=5.0)
+        self._clients: dict[int, httpx.AsyncClient] = {}
+
+    def client(self) -> httpx.AsyncClient:
+        """One connection pool per event loop (making a client costs ~20 ms: it builds an SSL context)."""
+        loop = id(asyncio.get_running_loop())
+        c = self._clients.get(loop)
+        if c is None:
+            c = self._clients[loop] = httpx.AsyncClient(timeout=self.timeout, headers={"accept-encoding": "identity"})
+        return c
 
     # -- who is asking ------------------------------------------------------------------------------
     def client_name(self, request: Request) -> str:
@@ -250,13 +259,12 @@ class Gateway:
         if request.method == "POST" and body is None:
             return ollama_error(413, f"request too large: Clair takes at most {MAX_BODY // 2**20} MB")
         try:
-            async with httpx.AsyncClient(timeout=self.timeout) as client:
-                r = await client.request(
-                    request.method,
-                    self.url + request.url.path,
-                    content=body,
-                    headers={"content-type": "application/json"} if body is not None else None,
-                )
+            r = await self.client().request(
+                request.method,
+                self.url + request.url.path,
+                content=body,
+                headers={"content-type": "application/json"} if body is not None else None,
+            )
         except httpx.HTTPError:
             return ollama_error(502, self.unreachable())
         keep = {k: v for k, v in r.headers.items() if k.lower() == "content-type"}
@@ -355,10 +363,7 @@ class Gateway:
     async def _forward(self, send: Send, gone: threading.Event, path: str, body: dict) -> int:
         started = False
         try:
-            async with (
-                httpx.AsyncClient(timeout=self.timeout) as client,
-                client.stream("POST", self.url + path, json=body, headers={"accept-encoding": "identity"}) as r,
-            ):
+            async with self.client().stream("POST", self.url + path, json=body) as r:
                 ctype = r.headers.get("content-type", "application/json")
                 await send(
                     {"type": "http.response.start", "status": r.status_code, "headers": [(b"content-type", ctype.encode())]}
