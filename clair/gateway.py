@@ -80,6 +80,26 @@ async def in_thread(fn: Callable, *args: Any) -> Any:
 Send = Callable[[dict], Awaitable[None]]
 
 
+class Gone(threading.Event):
+    """Set once the client has disconnected; also sets the events linked to it. Pass a linked event, not
+    this one, to code that may set it itself (an engine sets its `stop` when its reply ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._linked: list[threading.Event] = []
+
+    def link(self, event: threading.Event) -> threading.Event:
+        self._linked.append(event)
+        if self.is_set():
+            event.set()
+        return event
+
+    def set(self) -> None:
+        super().set()
+        for event in self._linked:
+            event.set()
+
+
 class Exchange(Response):
     """A response that runs `work(send, gone)` itself, so what it holds is released whatever happens.
 
@@ -88,14 +108,14 @@ class Exchange(Response):
     sent (a request held for a render), so the wait ends and the lease goes back.
     """
 
-    def __init__(self, work: Callable[[Send, threading.Event], Awaitable[None]]):
+    def __init__(self, work: Callable[[Send, Gone], Awaitable[None]]):
         self.work = work
         self.background = None
         self.status_code = 200
         self.raw_headers = []
 
     async def __call__(self, scope, receive, send) -> None:
-        gone = threading.Event()
+        gone = Gone()
 
         async def watch() -> None:
             while True:
@@ -310,7 +330,7 @@ class Gateway:
         label = f"api:{model[:80]} ({client})"
         user = request.scope.get("clair_api_user")
 
-        async def work(send: Send, gone: threading.Event) -> None:
+        async def work(send: Send, gone: Gone) -> None:
             await self.relay(send, gone, path, model, forward, label, gpu=not unload, what=what, user=user)
 
         return Exchange(work)
@@ -318,7 +338,7 @@ class Gateway:
     async def relay(
         self,
         send: Send,
-        gone: threading.Event,
+        gone: Gone,
         path: str,
         model: str,
         body: dict,
@@ -360,7 +380,7 @@ class Gateway:
                     " (client gone)" if gone.is_set() else "",
                 )
 
-    async def _forward(self, send: Send, gone: threading.Event, path: str, body: dict) -> int:
+    async def _forward(self, send: Send, gone: Gone, path: str, body: dict) -> int:
         started = False
         try:
             async with self.client().stream("POST", self.url + path, json=body) as r:

@@ -37,7 +37,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from clair.chat import flatten_history
 from clair.errors import BadRequest, Cancelled, ChatUnavailable, ClairError, GpuBusy
-from clair.gateway import Exchange, Send, in_thread, job_slot, send_json
+from clair.gateway import Exchange, Gone, Send, in_thread, job_slot, send_json
 from clair.image import RenderParams
 from clair.studio import Token, Waiting
 
@@ -82,7 +82,6 @@ async def json_body(request: Request) -> dict | JSONResponse:
 
 def router(studio) -> APIRouter:
     r = APIRouter(prefix="/v1")
-    cfg = studio.cfg
 
     @r.get("/models")
     def models() -> Response:
@@ -123,27 +122,33 @@ def router(studio) -> APIRouter:
         if not text:
             return error(400, "The last message is empty.", "invalid_messages")
         model = model or None
+
+        def engine() -> tuple[bool, str]:  # may ask Ollama (HTTP): not on the event loop
+            backend, _ = studio.chat_backend()
+            return backend is studio.local, studio.default_chat_model()
+
+        in_process, default = await in_thread(engine)
         # A model name that is not one of Clair's (OpenAI clients default to theirs) falls back to the
         # default chat model when the engine is the in-process one, which has only that.
-        backend, _ = studio.chat_backend()
-        if model and backend is studio.local:
+        if model and in_process:
             model = None
         stream = bool(body.get("stream"))
         client = client_name(request)
         user = request.scope.get("clair_api_user")
-        name = (model or studio.default_chat_model())[:80]
+        name = (model or default)[:80]
         cid = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
 
-        async def work(send: Send, gone: threading.Event) -> None:
+        async def work(send: Send, gone: Gone) -> None:
             with job_slot(user):
                 await _chat(send, gone, text[0]["content"], history, model, name, cid, created, stream, client)
 
         return Exchange(work)
 
-    async def _chat(send, gone, message, history, model, name, cid, created, stream, client) -> None:
+    async def _chat(send, gone: Gone, message, history, model, name, cid, created, stream, client) -> None:
         t0 = time.monotonic()
-        events = studio.chat(message, history, model=model, system="", stop=gone, label=f"api:{name} ({client})")
+        stop = gone.link(threading.Event())  # the engine sets it when its reply ends: not `gone` itself
+        events = studio.chat(message, history, model=model, system="", stop=stop, label=f"api:{name} ({client})")
 
         def step():
             try:
@@ -224,13 +229,13 @@ def router(studio) -> APIRouter:
             except ClairError as exc:
                 # The stream has begun: the error goes in the stream, where OpenAI's client raises it.
                 _, obj = clair_error(exc)
-                await out(b"data: " + json.dumps(obj).encode() + b"\n\n")
+                await send({"type": "http.response.body", "body": b"data: " + json.dumps(obj).encode() + b"\n\n"})
                 status = 599
                 return
             await out(chunk({}, "stop"))
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         finally:
-            gone.set()  # stops the reply if it is still running
+            stop.set()  # stops the reply if it is still running
             await in_thread(events.close)  # releases the lease (Studio.chat's finally)
             log.info(
                 "api chat model=%s client=%s stream=%s status=%s s=%.3f", name, client, stream, status, time.monotonic() - t0
@@ -249,14 +254,15 @@ def router(studio) -> APIRouter:
         user = request.scope.get("clair_api_user")
         client = client_name(request)
 
-        async def work(send: Send, gone: threading.Event) -> None:
+        async def work(send: Send, gone: Gone) -> None:
             data = []
             t0 = time.monotonic()
             with job_slot(user):
                 for i in range(n):
                     p = params if params.seed < 0 else RenderParams(**{**params.__dict__, "seed": params.seed + i})
                     try:
-                        path, info = await in_thread(lambda p=p: studio.render(p, cancel=gone))
+                        cancel = gone.link(threading.Event())
+                        path, info = await in_thread(lambda p=p, cancel=cancel: studio.render(p, cancel=cancel))
                     except Cancelled:
                         return
                     except ClairError as exc:
@@ -290,7 +296,6 @@ def router(studio) -> APIRouter:
             return error(404, "No such image.", "not_found")
         return FileResponse(entry, media_type="image/png")
 
-    _ = cfg
     return r
 
 

@@ -39,17 +39,16 @@ class Served:
 def make_studio(standin, tmp_path: Path, **kw) -> Studio:
     """A Studio on the stand-in with the tiny image model. The VRAM budget is set (10 GiB: an 8B chat model
     and SDXL do not fit together), so a render holds chats back on any machine, with or without CUDA."""
-    kw.setdefault("vram_budget_gb", 10.0)
-    cfg = dataclasses.replace(
-        Config(),
-        chat_backend="ollama",
-        ollama_host=standin.host,
-        image_model="tiny",
-        output_dir=str(tmp_path / "outputs"),
-        users_file=str(tmp_path / "users.json"),
-        warmup=False,
-        **kw,
-    )
+    settings = {
+        "vram_budget_gb": 10.0,
+        "chat_backend": "ollama",
+        "ollama_host": standin.host,
+        "image_model": "tiny",
+        "output_dir": str(tmp_path / "outputs"),
+        "users_file": str(tmp_path / "users.json"),
+        "warmup": False,
+    }
+    cfg = dataclasses.replace(Config(), **{**settings, **kw})
     return Studio(cfg)
 
 

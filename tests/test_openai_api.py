@@ -253,3 +253,18 @@ def test_a_client_that_gives_up_while_held_leaves_the_queue(v1, standin, studio)
         render.join(30)
     standin.wait_until(studio.arbiter.is_idle)
     assert not [r for r in standin.requests_to("/api/chat") if r.messages]
+
+
+def test_chat_with_the_in_process_model_ignores_openais_model_names(standin, tmp_path):
+    """Demo mode or no Ollama: the in-process model answers whatever model a client names."""
+    studio = make_studio(standin, tmp_path, chat_backend="local", local_chat_model="tiny")
+    served = Served(v1_app(studio))
+    try:
+        c = client(served)
+        assert next(m.id for m in c.models.list()) == studio.local.label
+        stream = c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True)
+        chunks = list(stream)
+        assert chunks[-1].choices[0].finish_reason == "stop" and {c.model for c in chunks} == {studio.local.label}
+        assert studio.arbiter.stats["grants"] == 1 and not standin.requests_to("/api/chat")
+    finally:
+        served.stop()
