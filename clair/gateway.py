@@ -34,12 +34,13 @@ rebinding), and a browser page from another origin (not loopback) cannot send re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -239,13 +240,21 @@ def ollama_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def job_slot(user: str | None):
-    """The hook for per-user caps (CLAIR_MAX_JOBS_PER_USER, not on main yet): count this GPU request
-    against `user` (a key's name; None for an anonymous loopback client) and refuse past the cap. Until
-    the caps exist, nothing is counted."""
-    import contextlib
+@contextlib.contextmanager
+def job_slot(studio, user: str | None, address: str) -> Iterator[None]:
+    """Count one GPU request against its user's cap (CLAIR_MAX_JOBS_PER_USER) for the block.
 
-    return contextlib.nullcontext()
+    The caps are a `clair.limits.JobCounter` (branch lan-input); once Studio carries it as `studio.jobs`,
+    API requests count against the same caps as the UI: a key's requests as its name's (`user:NAME`,
+    as a logged-in browser), anonymous loopback ones by address. Raises GpuBusy past a cap. Without
+    the counter, nothing is counted.
+    """
+    jobs = getattr(studio, "jobs", None)
+    if jobs is None:
+        yield
+        return
+    with jobs.slot(f"user:{user}" if user else f"address:{address}"):
+        yield
 
 
 class Gateway:
@@ -329,9 +338,12 @@ class Gateway:
         what = "unload" if unload else ("load" if empty else path.rsplit("/", 1)[-1])
         label = f"api:{model[:80]} ({client})"
         user = request.scope.get("clair_api_user")
+        address = request.client.host if request.client else "?"
 
         async def work(send: Send, gone: Gone) -> None:
-            await self.relay(send, gone, path, model, forward, label, gpu=not unload, what=what, user=user)
+            await self.relay(
+                send, gone, path, model, forward, label, gpu=not unload, what=what, user=user, address=address
+            )
 
         return Exchange(work)
 
@@ -346,10 +358,16 @@ class Gateway:
         gpu: bool,
         what: str,
         user: str | None,
+        address: str,
     ) -> None:
         """Wait for the GPU (unless `gpu` is False), forward `body`, relay Ollama's answer as it comes."""
         t0 = time.monotonic()
-        with job_slot(user):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(job_slot(self.studio, user, address))
+            except GpuBusy as exc:  # a per-user cap, not the GPU's queue
+                await send_json(send, 429, {"error": str(exc)}, {"retry-after": "5"})
+                return
             held = self.studio.ollama_lease(model, label, gpu=gpu, cancelled=gone.is_set)
             try:
                 await in_thread(held.__enter__)

@@ -22,6 +22,7 @@ keys (clair/web.py), 503 when the engine or the GPU cannot serve. Who may call: 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -83,6 +84,16 @@ async def json_body(request: Request) -> dict | JSONResponse:
 def router(studio) -> APIRouter:
     r = APIRouter(prefix="/v1")
 
+    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str) -> bool:
+        """Count the request against its user's cap (clair.gateway.job_slot); False (429 sent) past it."""
+        try:
+            stack.enter_context(job_slot(studio, user, address))
+        except GpuBusy as exc:
+            obj = {"error": {"message": str(exc), "type": "rate_limit_error", "code": "too_many_jobs"}}
+            await send_json(send, 429, obj, {"retry-after": "5"})
+            return False
+        return True
+
     @r.get("/models")
     def models() -> Response:
         created = int(time.time())
@@ -139,8 +150,12 @@ def router(studio) -> APIRouter:
         cid = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
 
+        address = request.client.host if request.client else "?"
+
         async def work(send: Send, gone: Gone) -> None:
-            with job_slot(user):
+            with contextlib.ExitStack() as stack:
+                if not await take_slot(stack, send, user, address):
+                    return
                 await _chat(send, gone, text[0]["content"], history, model, name, cid, created, stream, client)
 
         return Exchange(work)
@@ -254,10 +269,14 @@ def router(studio) -> APIRouter:
         user = request.scope.get("clair_api_user")
         client = client_name(request)
 
+        address = request.client.host if request.client else "?"
+
         async def work(send: Send, gone: Gone) -> None:
             data = []
             t0 = time.monotonic()
-            with job_slot(user):
+            with contextlib.ExitStack() as stack:
+                if not await take_slot(stack, send, user, address):
+                    return
                 for i in range(n):
                     p = params if params.seed < 0 else RenderParams(**{**params.__dict__, "seed": params.seed + i})
                     try:

@@ -367,3 +367,25 @@ def test_many_clients_at_once_never_reach_ollama_while_a_render_holds_the_gpu(ga
     assert all(g.options.get("num_ctx") == studio.cfg.chat_num_ctx for g in generations)
     assert studio.arbiter.stats["budget_exceeded"] == 0
     standin.wait_until(studio.arbiter.is_idle)
+
+
+def test_ollama_port_requests_count_against_the_per_user_caps(gateway, standin, studio):
+    """The same hook on the Ollama port: an anonymous loopback client counts by its address."""
+    from contextlib import contextmanager
+
+    from clair.errors import GpuBusy
+
+    seen: list[str] = []
+
+    class Refuse:
+        @contextmanager
+        def slot(self, who):
+            seen.append(who)
+            raise GpuBusy(f"Busy: {who} is over its limit.")
+            yield
+
+    studio.jobs = Refuse()
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=gateway.url).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 429 and "address:127.0.0.1 is over its limit" in err.value.error
+    assert seen == ["address:127.0.0.1"] and not real_chats(standin)

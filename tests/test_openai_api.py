@@ -268,3 +268,45 @@ def test_chat_with_the_in_process_model_ignores_openais_model_names(standin, tmp
         assert studio.arbiter.stats["grants"] == 1 and not standin.requests_to("/api/chat")
     finally:
         served.stop()
+
+
+def test_api_requests_count_against_the_per_user_caps(lan):
+    """The hook for CLAIR_MAX_JOBS_PER_USER: with a job counter on Studio (`studio.jobs`), a key's
+    requests count as its user's. Here a counter of one job per person, with its own bookkeeping."""
+    from contextlib import contextmanager
+
+    from clair.errors import GpuBusy
+
+    class OneEach:
+        def __init__(self):
+            self.held: set[str] = set()
+            self.seen: list[str] = []
+
+        @contextmanager
+        def slot(self, who):
+            self.seen.append(who)
+            if who in self.held:
+                raise GpuBusy(f"Busy: {who} already has a request waiting or running.")
+            self.held.add(who)
+            try:
+                yield
+            finally:
+                self.held.discard(who)
+
+    served, key, studio = lan
+    studio.jobs = OneEach()
+    c = client(served, key)
+    _, leave, render, _ = hold_render(studio)
+    first = threading.Thread(target=lambda: c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "1"}]))
+    first.start()
+    try:
+        wait_until(lambda: studio.arbiter.status()["waiting"], timeout=10)
+        with pytest.raises(openai.RateLimitError) as err:
+            c.images.generate(prompt="x", size="64x64", extra_body={"steps": 1})
+        assert "user:alice already has" in err.value.body["message"]
+    finally:
+        leave.set()
+        render.join(30)
+        first.join(30)
+    assert studio.jobs.seen == ["user:alice", "user:alice"] and not studio.jobs.held
+    c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2"}])  # free again
