@@ -192,6 +192,7 @@ def decide(body: dict, cfg, client: str, cap_only: bool = False) -> dict:
     `cap_only` (embeddings): a smaller num_ctx is kept, since an embedding model's own context may be
     shorter than CLAIR_CHAT_NUM_CTX; a missing or larger one becomes Clair's."""
     out = dict(body)
+    shown = str(body.get("model"))[:80]
     ours = cfg.keep_alive_value
     ours_s = keep_alive_seconds(ours)
     theirs = body.get("keep_alive")
@@ -200,7 +201,7 @@ def decide(body: dict, cfg, client: str, cap_only: bool = False) -> dict:
         out["keep_alive"] = ours
         if theirs is not None:
             log.info(
-                "gateway override client=%s model=%s keep_alive %r -> %r", client, body.get("model"), theirs, ours
+                "gateway override client=%s model=%r keep_alive %r -> %r", client, shown, theirs, ours
             )
     options = body.get("options")
     if isinstance(options, dict) or options is None:
@@ -211,9 +212,9 @@ def decide(body: dict, cfg, client: str, cap_only: bool = False) -> dict:
             options["num_ctx"] = cfg.chat_num_ctx
             if asked is not None:
                 log.info(
-                    "gateway override client=%s model=%s num_ctx %r -> %d",
+                    "gateway override client=%s model=%r num_ctx %r -> %d",
                     client,
-                    body.get("model"),
+                    shown,
                     asked,
                     cfg.chat_num_ctx,
                 )
@@ -372,7 +373,7 @@ class Gateway:
             try:
                 await in_thread(held.__enter__)
             except Cancelled:
-                log.info("gateway %s model=%s (%s) gave up waiting for the GPU", what, model, label)
+                log.info("gateway %s model=%r (%r) gave up waiting for the GPU", what, model[:80], label)
                 return
             except GpuBusy as exc:
                 await send_json(send, 503, {"error": str(exc)})
@@ -388,9 +389,9 @@ class Gateway:
                 with anyio.CancelScope(shield=True):
                     await in_thread(held.__exit__, None, None, None)
                 log.info(
-                    "gateway %s model=%s client=%s status=%s wait_s=%.3f total_s=%.3f%s",
+                    "gateway %s model=%r client=%r status=%s wait_s=%.3f total_s=%.3f%s",
                     what,
-                    model,
+                    model[:80],
                     label,
                     status or "-",
                     waited,

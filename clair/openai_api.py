@@ -13,7 +13,8 @@
   default 1024x1024); extra body fields, Clair's own: `steps` (default 30), `seed` (-1: random),
   `negative_prompt`, `guidance` (default 7). `n` is 1 to 4 (seeds seed, seed+1, ...). `response_format`
   `b64_json` returns the PNG itself; `url` (the default, as OpenAI's) a link to `/v1/files/<name>`,
-  which serves only PNGs of Clair's output folder, by exact name, with the same key.
+  which serves only the PNGs /v1 rendered, to the user (key) that asked for them, from Clair's output
+  folder by exact name, until Clair restarts.
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "code"}}`, 400 for a bad request, 401/429 for
 keys (clair/web.py), 503 when the engine or the GPU cannot serve. Who may call: clair/keys.py.
@@ -29,6 +30,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from clair.studio import Token, Waiting
 log = logging.getLogger("clair.openai")
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
 MAX_IMAGES = 4
+MAX_ISSUED = 4096  # image URLs remembered for /v1/files
 
 
 def error(status: int, message: str, code: str = "", kind: str = "") -> JSONResponse:
@@ -83,6 +86,10 @@ async def json_body(request: Request) -> dict | JSONResponse:
 
 def router(studio) -> APIRouter:
     r = APIRouter(prefix="/v1")
+    # Images /v1 rendered, by file name -> the key's user (None without users): /v1/files serves these
+    # only, to the same user, until Clair restarts. Other people's images stay theirs.
+    issued: OrderedDict[str, str | None] = OrderedDict()
+    issued_lock = threading.Lock()
 
     async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str) -> bool:
         """Count the request against its user's cap (clair.gateway.job_slot); False (429 sent) past it."""
@@ -253,7 +260,7 @@ def router(studio) -> APIRouter:
             stop.set()  # stops the reply if it is still running
             await in_thread(events.close)  # releases the lease (Studio.chat's finally)
             log.info(
-                "api chat model=%s client=%s stream=%s status=%s s=%.3f", name, client, stream, status, time.monotonic() - t0
+                "api chat model=%r client=%s stream=%s status=%s s=%.3f", name, client, stream, status, time.monotonic() - t0
             )
 
     # -- images -------------------------------------------------------------------------------------
@@ -292,6 +299,10 @@ def router(studio) -> APIRouter:
                     if fmt == "b64_json":
                         item["b64_json"] = base64.b64encode(Path(path).read_bytes()).decode("ascii")
                     else:
+                        with issued_lock:
+                            issued[Path(path).name] = user
+                            while len(issued) > MAX_ISSUED:
+                                issued.popitem(last=False)
                         item["url"] = str(request.base_url).rstrip("/") + "/v1/files/" + Path(path).name
                     item["clair"] = {k: info[k] for k in ("seed", "steps", "guidance", "width", "height", "model")}
                     data.append(item)
@@ -301,10 +312,12 @@ def router(studio) -> APIRouter:
         return Exchange(work)
 
     @r.get("/files/{name}")
-    def files(name: str) -> Response:
-        """A PNG from the output folder, by exact name; nothing else (no paths, no other files)."""
+    def files(name: str, request: Request) -> Response:
+        """A PNG this API rendered for the same user, from the output folder, by exact name; nothing else."""
         folder = Path(studio.image.output_dir).resolve()
-        if not FILE_NAME.match(name):
+        with issued_lock:
+            known = name in issued and issued[name] == request.scope.get("clair_api_user")
+        if not known or not FILE_NAME.match(name):
             return error(404, "No such image.", "not_found")
         try:
             entries = {e.name: e for e in folder.iterdir()}

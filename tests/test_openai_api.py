@@ -310,3 +310,18 @@ def test_api_requests_count_against_the_per_user_caps(lan):
         first.join(30)
     assert studio.jobs.seen == ["user:alice", "user:alice"] and not studio.jobs.held
     c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2"}])  # free again
+
+
+def test_an_image_url_serves_only_the_user_who_asked_for_it(lan):
+    served, key, studio = lan
+    other, _ = Keys(keys_path(studio.cfg.users_path)).add("bob")
+    url = client(served, key).images.generate(prompt="mine", size="64x64", extra_body={"steps": 1}).data[0].url
+    name = url.rsplit("/", 1)[1]
+    assert (studio.image.output_dir / name).is_file()
+    mine = httpx.get(url, headers={"Authorization": f"Bearer {key}"})
+    assert mine.status_code == 200 and mine.content == (studio.image.output_dir / name).read_bytes()
+    assert httpx.get(url, headers={"Authorization": f"Bearer {other}"}).status_code == 404
+    assert httpx.get(url).status_code == 401
+    # An image saved by someone else (the Image tab) is not served under its exact name either.
+    (studio.image.output_dir / "tab.png").write_bytes((studio.image.output_dir / name).read_bytes())
+    assert httpx.get(served.url + "/v1/files/tab.png", headers={"Authorization": f"Bearer {key}"}).status_code == 404
