@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import inspect
 import json
 import logging
 import re
@@ -275,8 +276,9 @@ def router(studio) -> APIRouter:
             return error(400, str(exc), "invalid_request")
         user = request.scope.get("clair_api_user")
         client = client_name(request)
-
         address = request.client.host if request.client else "?"
+        # Per-user galleries (branch lan-input) record an image's owner: the key's user, as a login's.
+        owner = {"owner": user} if "owner" in inspect.signature(studio.render).parameters else {}
 
         async def work(send: Send, gone: Gone) -> None:
             data = []
@@ -288,7 +290,9 @@ def router(studio) -> APIRouter:
                     p = params if params.seed < 0 else RenderParams(**{**params.__dict__, "seed": params.seed + i})
                     try:
                         cancel = gone.link(threading.Event())
-                        path, info = await in_thread(lambda p=p, cancel=cancel: studio.render(p, cancel=cancel))
+                        path, info = await in_thread(
+                            lambda p=p, cancel=cancel: studio.render(p, cancel=cancel, **owner)
+                        )
                     except Cancelled:
                         return
                     except ClairError as exc:
