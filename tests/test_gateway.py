@@ -389,3 +389,34 @@ def test_ollama_port_requests_count_against_the_per_user_caps(gateway, standin, 
         ollama.Client(host=gateway.url).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 429 and "address:127.0.0.1 is over its limit" in err.value.error
     assert seen == ["address:127.0.0.1"] and not real_chats(standin)
+
+
+def test_with_preemption_a_chat_pauses_the_render_like_a_chat_tab_message(standin, tmp_path):
+    """CLAIR_PREEMPT=auto (the default): an API chat that does not fit beside a render pauses it at a step
+    boundary, as a Chat-tab message does, instead of waiting for the whole render."""
+    from clair.image import RenderParams
+
+    studio = make_studio(standin, tmp_path, preempt="auto", render_slice_s=0.0)
+    served = Served(gateway_app(studio))
+    stepping = threading.Event()
+    result: dict = {}
+
+    def slow(text, frac):
+        if text.startswith("Step"):
+            stepping.set()
+            time.sleep(0.15)
+
+    t = threading.Thread(target=lambda: result.update(info=studio.render(RenderParams("p", steps=20, width=64, height=64), slow)[1]))
+    t.start()
+    try:
+        assert stepping.wait(30)
+        reply = ollama.Client(host=served.url).chat(model=MODEL, messages=[{"role": "user", "content": "now"}])
+        answered = time.time()
+        assert reply.message.content == "You said: now"
+        t.join(60)
+    finally:
+        served.stop()
+    assert result["info"]["preemptions"] >= 1
+    assert answered < result["info"]["gpu_finished_at"]  # it did not wait for the whole render
+    (sent,) = real_chats(standin)
+    assert sent.arrived > result["info"]["gpu_started_at"]
