@@ -14,10 +14,14 @@ on both sides):
 5. With diffusers: a 1024x1024 render-shaped workload (30 UNet steps at batch 2 for CFG on random text
    embeddings, then a VAE decode upcast to fp32 like the stock SDXL VAE): seconds and peak memory.
 6. The environment: GPU, memory, torch/CUDA, driver and PCIe link (nvidia-smi).
+7. The 1024x1024 peak (allocated and reserved) with the stock VAE (fp32 decode) and with an fp16-safe one
+   (fp16 decode), each with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False`` and ``:True``, each in a
+   fresh child process (an allocator setting only takes effect before CUDA is first used), against
+   Clair's prior for that VAE. ``--only-vae`` runs just this and the environment (about a minute).
 
 Why: the arbiter hands the one GPU between chat and images by evicting one tenant and restoring the
 other. Its goals are an SDXL restore within 1.25x of the PCIe bound and an SDXL eviction under 50 ms;
-this script checks them on real hardware (shared/reference/gpu-measurements.md has earlier numbers).
+this script checks them on real hardware (docs/facts.md has earlier numbers, with their machines).
 
 Models are built from config dicts written below, with random weights: nothing is downloaded. With
 diffusers importable, SDXL is the real ``UNet2DConditionModel``/``AutoencoderKL`` plus transformers' CLIP
@@ -596,7 +600,7 @@ def render(b: Bench, comps: dict[str, torch.nn.Module], sdxl_info: dict[str, Any
 
     The Euler update is replaced by a plain step: the time is all in the UNet and the VAE. The VAE is
     upcast to fp32 for the decode (unless --vae-fp16), as the stock SDXL pipeline does: that decode sets
-    the peak (shared/reference/gpu-measurements.md).
+    the peak (docs/facts.md).
     """
     if b.args.skip_render:
         return {"skipped": "--skip-render"}
@@ -668,9 +672,9 @@ def render(b: Bench, comps: dict[str, torch.nn.Module], sdxl_info: dict[str, Any
         "reserved_over_weights_per_mpx_gib": (peak_reserved - weights_alloc) / GiB / mpx,
     }
     try:  # what the arbiter assumes before it has measured a render, to compare with peak_reserved_gib
-        from clair.image import PRIOR_OVERHEAD, PRIOR_PER_MPX, SDXL_WEIGHTS
+        from clair.image import PRIORS, SDXL_WEIGHTS
 
-        out["clair_prior_gib"] = (SDXL_WEIGHTS + PRIOR_OVERHEAD + PRIOR_PER_MPX * mpx) / GiB
+        out["clair_prior_gib"] = PRIORS["stock" if upcast else "fp16"].need(SDXL_WEIGHTS, mpx) / GiB
     except Exception as exc:  # clair.image needs Pillow; the prior is a comparison, not a measurement
         out["clair_prior_gib"] = None
         out["clair_prior_error"] = f"{type(exc).__name__}: {exc}"
@@ -683,6 +687,77 @@ def render(b: Bench, comps: dict[str, torch.nn.Module], sdxl_info: dict[str, Any
         f"(weights {out['weights_allocated_gib']:.2f}); Clair's prior {fmt(out['clair_prior_gib'], '.2f', ' GiB')}"
     )
     return out
+
+
+# The 1024² peak per VAE and allocator setting. A CUDA allocator setting is read once, when the process first
+# uses CUDA: each combination runs in a fresh child process (this script with --vae-child).
+VAE_KINDS = {"stock": False, "fp16": True}  # kind -> decode in fp16 (no upcast, as the fp16-safe VAE)
+ALLOC_CONFS = {"default": "expandable_segments:False", "expandable": "expandable_segments:True"}
+
+
+def vae_peaks(b: Bench) -> dict[str, Any]:
+    """A 1024² render's peak allocated and reserved memory with the stock VAE (fp32 decode) and the fp16-safe
+    one (fp16 decode: same architecture, so the same memory as madebyollin/sdxl-vae-fp16-fix), each with
+    and without expandable segments. The figures behind Clair's priors (docs/facts.md) and its allocator
+    setting (clair/allocator.py)."""
+    if b.args.skip_render:
+        return {"skipped": "--skip-render"}
+    steps = b.args.render_steps or 4  # the peak is the decode's: 4 steps show it as well as 30
+    out: dict[str, Any] = {"steps": steps, "runs": {}}
+    base_env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    print(f"   {'VAE / allocator':<26}{'alloc GiB':>11}{'reserved':>11}{'frag.':>9}{'prior':>9}{'render':>9}")
+    for kind, fp16 in VAE_KINDS.items():
+        for alloc, conf in ALLOC_CONFS.items():
+            name = f"{kind}/{alloc}"
+            child_out = Path(b.args.out).with_name(f"{Path(b.args.out).stem}.vae-{kind}-{alloc}.json")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--vae-child", "--out", str(child_out)]
+            cmd += ["--render-steps", str(steps), *(["--vae-fp16"] if fp16 else [])]
+            cmd += [flag for flag, on in (("--dry-run", b.dry), ("--standin", b.args.standin)) if on]
+            proc = subprocess.run(
+                cmd, env={**base_env, "PYTORCH_CUDA_ALLOC_CONF": conf}, capture_output=True, text=True, timeout=900
+            )
+            try:
+                r = json.loads(child_out.read_text())["render_1024"]
+            except (OSError, ValueError, KeyError):
+                r = {"error": f"child exited {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
+            if "error" in r or "skipped" in r:
+                out["runs"][name] = {"alloc_conf": conf, **r}
+                print(f"   {name:<26}{r.get('error') or r.get('skipped')}")
+                continue
+            run = {
+                "alloc_conf": conf,
+                "vae_upcast_fp32": r["vae_upcast_fp32"],
+                "width": r["width"],
+                "height": r["height"],
+                "weights_allocated_gib": r["weights_allocated_gib"],
+                "peak_allocated_gib": r["peak_allocated_gib"],
+                "peak_reserved_gib": r["peak_reserved_gib"],
+                "fragmentation_gib": r["peak_reserved_gib"] - r["peak_allocated_gib"],
+                "clair_prior_gib": r.get("clair_prior_gib"),
+                "render_s": r["render_s"],
+            }
+            out["runs"][name] = run
+            print(
+                f"   {name:<26}{run['peak_allocated_gib']:>11.2f}{run['peak_reserved_gib']:>11.2f}"
+                f"{run['fragmentation_gib']:>9.2f}{fmt(run['clair_prior_gib'], '.2f'):>9}{fmt_s(run['render_s']):>9}"
+            )
+    bad = [n for n, r in out["runs"].items() if "error" in r]
+    if bad:
+        raise RuntimeError(f"VAE peak runs failed: {', '.join(bad)}; see the JSON's runs")
+    return out
+
+
+def vae_child(b: Bench) -> int:
+    """--vae-child: build SDXL, render once at 1024² (after a warm-up), record the peaks; nothing else."""
+
+    def run() -> dict[str, Any]:
+        comps, info = build_sdxl(b)
+        out = render(b, comps, info)
+        out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        return out
+
+    b.section("render_1024", run)
+    return 1 if b.failed else 0
 
 
 def llm(b: Bench) -> dict[str, Any]:
@@ -788,6 +863,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--llm-layers", type=int, default=None, help="LLM layers (default 32; 8 with --quick)")
     p.add_argument("--render-steps", type=int, default=None, help="UNet steps in the render (default 30)")
     p.add_argument("--vae-fp16", action="store_true", help="decode in fp16 (an fp16-fix VAE) instead of fp32")
+    p.add_argument("--skip-vae", action="store_true", help="skip the 1024² peaks per VAE and allocator setting")
+    p.add_argument(
+        "--only-vae", action="store_true", help="only the environment and the 1024² peaks per VAE and allocator"
+    )
+    p.add_argument("--vae-child", action="store_true", help=argparse.SUPPRESS)  # one peak run, for vae_peaks
     p.add_argument("--standin", action="store_true", help="plain-tensor stand-ins even if diffusers is there")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, any device, results not meaningful")
     return p.parse_args(argv)
@@ -808,11 +888,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DRY RUN on {b.device}: tiny sizes, {NOT_MEANINGFUL}")
         if not b.cuda:
             torch.set_num_threads(1)  # tiny tensors: thread hand-offs cost more than they save (10-50x here)
+    if args.vae_child:
+        return vae_child(b)
     b.section("env", lambda: environment(b))
+    if args.only_vae:
+        b.section("vae_peaks", lambda: vae_peaks(b))
+        b.write()
+        print(f"\nwrote {args.out} in {b.results['elapsed_s']:.0f} s" + (f"; FAILED: {b.failed}" if b.failed else ""))
+        return 1 if b.failed else 0
     b.section("bandwidth", lambda: bandwidth(b))
     b.section("sdxl", lambda: sdxl(b))
     b.results.setdefault("render_1024", {"skipped": "the sdxl section failed before it"})
     b.section("llm", lambda: {"skipped": "--skip-llm"} if args.skip_llm else llm(b))
+    b.section("vae_peaks", lambda: {"skipped": "--skip-vae"} if args.skip_vae else vae_peaks(b))
     print("\n== goals ==")
     b.results["goals"] = goals(b)
     b.write()

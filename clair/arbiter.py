@@ -14,7 +14,7 @@ Invariants (tests in tests/test_arbiter_*.py hold each one):
 
 1. A request uses the GPU only between its grant (and the evictions in its plan) and its release.
    A chat held back by a render is not sent to Ollama before then: Ollama does not refuse a load when
-   VRAM is short, it silently spills layers to the CPU (shared/reference/ollama.md).
+   VRAM is short, it silently spills layers to the CPU (docs/facts.md, "Ollama").
 2. At most one render runs at a time (a diffusers pipeline keeps per-call state).
 3. The ledger (sum of every resident tenant's footprint: its peak need while busy, its weights while
    idle) stays within the budget whenever more than one tenant is resident. A lone tenant may exceed
@@ -807,6 +807,20 @@ class Arbiter:
             if r.kind == "render" and _conflict(req, r, self.policy, self.budget, self.preempt)
         )
         return max(0.0, eta)
+
+    def drain_eta_s(self) -> float:
+        """About how long until everything running or waiting now is done, one after another (an upper
+        estimate, for "busy, try again in about N s")."""
+        with self._lock:
+            now = time.time()
+            running = max(
+                (
+                    max(0.0, self._hold_ema[ls.kind] - (now - (ls.ready_at or ls.granted_at or now)))
+                    for ls in self._running.values()
+                ),
+                default=0.0,
+            )
+            return running + sum(self._hold_ema[ls.kind] for ls in self._waiting.values())
 
     def count(self, kind: Kind | None = None) -> int:
         """Requests of `kind` running or waiting."""

@@ -30,7 +30,7 @@ def flatten_history(history: Sequence[Any] | None) -> list[dict[str, str]]:
     """Turn Gradio chat history into Ollama messages: [{role, content: str}].
 
     Gradio 6 hands a Chatbot's content over as a list of blocks ([{"type": "text", "text": ...}]);
-    the API and Ollama want plain strings (shared/reference/gradio.md). Non-text blocks (files) are
+    the API and Ollama want plain strings (docs/facts.md, "Gradio and systemd details"). Non-text blocks (files) are
     named, empty messages are dropped, unknown roles are refused.
     """
     out: list[dict[str, str]] = []
@@ -97,7 +97,7 @@ class OllamaChat:
         self.cfg = cfg
         self.url = cfg.ollama_url
         # A number is httpx's per-read timeout: the longest silence while Ollama loads or streams.
-        # Ollama's own default is none at all, which is how chats hang forever (shared/reference/ollama.md).
+        # Ollama's own default is none at all, which is how chats hang forever (docs/facts.md, "Ollama").
         self.client = ollama.Client(host=self.url, timeout=cfg.ollama_timeout_s)
         self._probe = ollama.Client(host=self.url, timeout=3)
         self._sizes: dict[str, int] = {}
@@ -208,7 +208,7 @@ class OllamaChat:
 
         The unload answer comes before the memory is free: the runner is only marked expired, killed
         after any running request ends, and listed by /api/ps until it has exited
-        (shared/reference/ollama.md). Rendering before that is how the seed ran out of memory.
+        (docs/facts.md, "Ollama"). Rendering before that is how the seed ran out of memory.
         """
         try:
             models = [m.model for m in self._probe.ps().models]
@@ -246,7 +246,7 @@ def estimate_loaded_bytes(disk_bytes: int, num_ctx: int) -> int:
     """VRAM an Ollama model takes once loaded: weights plus KV cache for the pinned context.
 
     An 8B Q4_K_M is 4.9 GB on disk and ~5.2 GB loaded at a small context; its KV cache is ~0.5 GiB at
-    4k and ~4 GiB at 32k (shared/reference/ollama.md). The KV cache is scaled by model size.
+    4k and ~4 GiB at 32k (docs/facts.md, "Ollama"). The KV cache is scaled by model size.
     """
     kv_per_token = 128 * 1024 * (disk_bytes / (4.9 * 1e9))
     return int(disk_bytes * 1.06 + kv_per_token * num_ctx)

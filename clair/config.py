@@ -22,6 +22,9 @@ from typing import Any
 
 from clair.errors import ConfigError
 
+# Every GPU job waiting or running holds one of the web server's worker threads (40 by default).
+MAX_QUEUE_CEILING = 24
+
 
 def setting(
     default: Any,
@@ -147,6 +150,12 @@ class Config:
         "SDXL checkpoint: hub id, local diffusers folder, or tiny (random weights).",
         flag="--image-model",
     )
+    vae: str = setting(
+        "auto",
+        "SDXL VAE: auto (the fp16-safe madebyollin/sdxl-vae-fp16-fix when it is in the Hugging Face cache or can "
+        "be downloaded, else the checkpoint's own), fp16-fix, stock (the checkpoint's own, decoded in fp32: "
+        "more VRAM), or a hub id or local folder holding an SDXL VAE. See docs/facts.md.",
+    )
     output_dir: str = setting("outputs", "Where rendered PNGs are saved (with their parameters).", flag="--output-dir")
     gallery_size: int = setting(24, "How many recent images the gallery shows.", min=0, max=1000)
 
@@ -208,7 +217,28 @@ class Config:
         min=0,
         max=86_400,
     )
-    queue_slots: int = setting(16, "GPU requests the web queue lets in at once (the rest wait in Gradio's queue).", min=1, max=1024)
+
+    # --- limits: what one request may ask for, checked before any GPU work (UI and API alike) -----
+    max_prompt_chars: int = setting(
+        2000, "Longest image prompt, and longest negative prompt, in characters (SDXL reads ~77 tokens of it).", min=1, max=1000000)
+    max_message_chars: int = setting(8000, "Longest chat message (and system prompt), in characters.", min=1, max=1000000)
+    max_history_messages: int = setting(200, "Most messages a chat history sent with a message may hold.", min=1, max=100000)
+    max_history_chars: int = setting(
+        48000, "Most characters a chat history may hold in all (the model reads only CLAIR_CHAT_NUM_CTX tokens).", min=1, max=10000000)
+    max_side: int = setting(2048, "Largest image width or height, in pixels (a multiple of 8; the smallest is 64).", min=64, max=8192)
+    max_steps: int = setting(150, "Most denoising steps a render may ask for.", min=1, max=1000)
+    min_guidance: float = setting(0.0, "Lowest guidance (CFG scale) a render may ask for.", min=0, max=100)
+    max_guidance: float = setting(30.0, "Highest guidance (CFG scale) a render may ask for.", min=0, max=100)
+    max_seed: int = setting(2**32 - 1, "Largest seed a render may ask for (seeds run from 0; -1 draws one at random).", min=0, max=2**63 - 1)
+    max_jobs_per_user: int = setting(
+        4,
+        "GPU jobs (chats and renders, waiting or running) one user may have at once; per client address "
+        "when there are no users. Past it, requests are refused with a retry time.", min=1, max=1000)
+    max_queue: int = setting(
+        16, "GPU jobs (chats and renders, waiting or running) the whole house may have at once; past it, refused.", min=1, max=24)
+    shared_gallery: bool = setting(
+        False, "With user accounts, show everyone's images in every gallery (without users, all images are shown)."
+    )
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -262,7 +292,7 @@ def parse_keep_alive(value: str) -> str | int:
 def ollama_url(host: str) -> str:
     """OLLAMA_HOST as Ollama's tools read it: scheme optional (http), port 11434 unless given.
 
-    `http://host` without a port means port 80, as in Ollama's own client (shared/reference/ollama.md).
+    `http://host` without a port means port 80, as in Ollama's own client (docs/facts.md, "Ollama").
     """
     host = host.strip() or "127.0.0.1:11434"
     scheme, sep, rest = host.partition("://")
@@ -419,8 +449,23 @@ def validate(cfg: Config) -> None:
                 f"CLAIR_OLLAMA_PORT={cfg.ollama_port} is Ollama's own port (OLLAMA_HOST={cfg.ollama_host}): Clair would "
                 "forward to itself. Move Ollama to a private port first and point OLLAMA_HOST there (docs/gateway.md)."
             )
-    if cfg.queue_slots < 1:
-        raise ConfigError("CLAIR_QUEUE_SLOTS must be at least 1.")
+    for name in ("max_prompt_chars", "max_message_chars", "max_history_messages", "max_history_chars", "max_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"CLAIR_{name.upper()} must be at least 1.")
+    if cfg.max_side < 64 or cfg.max_side % 8:
+        raise ConfigError(f"CLAIR_MAX_SIDE={cfg.max_side}: use a multiple of 8, at least 64 (2048 is typical).")
+    if not 0 <= cfg.min_guidance <= cfg.max_guidance:
+        raise ConfigError("CLAIR_MIN_GUIDANCE and CLAIR_MAX_GUIDANCE: need 0 <= min <= max (0 and 30 are typical).")
+    if not 0 <= cfg.max_seed <= 2**63 - 1:
+        raise ConfigError(f"CLAIR_MAX_SEED must be from 0 to {2**63 - 1}.")
+    if cfg.max_queue < 1 or cfg.max_jobs_per_user < 1:
+        raise ConfigError("CLAIR_MAX_QUEUE and CLAIR_MAX_JOBS_PER_USER must be at least 1.")
+    if cfg.max_queue > MAX_QUEUE_CEILING:
+        raise ConfigError(
+            f"CLAIR_MAX_QUEUE={cfg.max_queue} is above {MAX_QUEUE_CEILING}: every waiting job holds a server thread."
+        )
+    if not cfg.vae.strip():
+        raise ConfigError("CLAIR_VAE is empty: use auto, fp16-fix, stock, a hub id or a local folder.")
     for f in fields():  # every number within its declared range: NaN and infinities fail every comparison
         lo, hi = f.metadata["min"], f.metadata["max"]
         value = getattr(cfg, f.name)

@@ -40,7 +40,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -138,6 +138,18 @@ class Exchange(Response):
                 gone.set()
             finally:
                 tg.cancel_scope.cancel()
+
+
+def closing_send(send: Send, stack: contextlib.ExitStack) -> Send:
+    """`send`, closing `stack` (a job slot, a lease) just before the last bytes of the response go out."""
+
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with anyio.CancelScope(shield=True):
+                await in_thread(stack.close)
+        await send(message)
+
+    return wrapped
 
 
 async def send_json(send: Send, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
@@ -241,21 +253,12 @@ def ollama_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-@contextlib.contextmanager
-def job_slot(studio, user: str | None, address: str) -> Iterator[None]:
-    """Count one GPU request against its user's cap (CLAIR_MAX_JOBS_PER_USER) for the block.
-
-    The caps are a `clair.limits.JobCounter` (branch lan-input); once Studio carries it as `studio.jobs`,
-    API requests count against the same caps as the UI: a key's requests as its name's (`user:NAME`,
-    as a logged-in browser), anonymous loopback ones by address. Raises GpuBusy past a cap. Without
-    the counter, nothing is counted.
+def job_slot(studio, user: str | None, address: str):
+    """Count one GPU request against its user's cap for the block (`studio.jobs`, clair/limits.py: the
+    caps the UI uses, CLAIR_MAX_JOBS_PER_USER and CLAIR_MAX_QUEUE). A key's requests count as its name's
+    (`user:NAME`, as a logged-in browser's), anonymous loopback ones by address. Raises GpuBusy past a cap.
     """
-    jobs = getattr(studio, "jobs", None)
-    if jobs is None:
-        yield
-        return
-    with jobs.slot(f"user:{user}" if user else f"address:{address}"):
-        yield
+    return studio.jobs.slot(f"user:{user}" if user else f"address:{address}")
 
 
 class Gateway:
@@ -361,9 +364,15 @@ class Gateway:
         user: str | None,
         address: str,
     ) -> None:
-        """Wait for the GPU (unless `gpu` is False), forward `body`, relay Ollama's answer as it comes."""
+        """Wait for the GPU (unless `gpu` is False), forward `body`, relay Ollama's answer as it comes.
+
+        The job slot and the lease go back before the client sees the end of the answer, so a client
+        that sends its next request at once is not refused for the one it has finished."""
         t0 = time.monotonic()
-        with contextlib.ExitStack() as stack:
+        waited, status = 0.0, 0
+        stack = contextlib.ExitStack()  # the job slot, then the lease; closed once, in a worker thread
+        send = closing_send(send, stack)
+        try:
             try:
                 stack.enter_context(job_slot(self.studio, user, address))
             except GpuBusy as exc:  # a per-user cap, not the GPU's queue
@@ -371,33 +380,28 @@ class Gateway:
                 return
             held = self.studio.ollama_lease(model, label, gpu=gpu, cancelled=gone.is_set)
             try:
-                await in_thread(held.__enter__)
+                await in_thread(stack.enter_context, held)
             except Cancelled:
                 log.info("gateway %s model=%r (%r) gave up waiting for the GPU", what, model[:80], label)
                 return
-            except GpuBusy as exc:
-                await send_json(send, 503, {"error": str(exc)})
-                return
-            except ClairError as exc:
+            except ClairError as exc:  # GpuBusy after CLAIR_QUEUE_TIMEOUT_S, an eviction that failed ...
                 await send_json(send, 503, {"error": str(exc)})
                 return
             waited = time.monotonic() - t0
-            status = 0
-            try:
-                status = await self._forward(send, gone, path, body)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await in_thread(held.__exit__, None, None, None)
-                log.info(
-                    "gateway %s model=%r client=%r status=%s wait_s=%.3f total_s=%.3f%s",
-                    what,
-                    model[:80],
-                    label,
-                    status or "-",
-                    waited,
-                    time.monotonic() - t0,
-                    " (client gone)" if gone.is_set() else "",
-                )
+            status = await self._forward(send, gone, path, body)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await in_thread(stack.close)
+            log.info(
+                "gateway %s model=%r client=%r status=%s wait_s=%.3f total_s=%.3f%s",
+                what,
+                model[:80],
+                label,
+                status or "-",
+                waited,
+                time.monotonic() - t0,
+                " (client gone)" if gone.is_set() else "",
+            )
 
     async def _forward(self, send: Send, gone: Gone, path: str, body: dict) -> int:
         started = False

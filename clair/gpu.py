@@ -3,12 +3,12 @@
 * `budget_bytes()` derives the VRAM ceiling: CLAIR_VRAM_BUDGET_GB, else the device's total less a
   reserve, else 0 ("unknown": the arbiter then lets nothing co-reside).
 * `wait_free()` polls device-wide free memory after an eviction: Ollama answers an unload before its
-  runner has exited and given the memory back (shared/reference/ollama.md).
+  runner has exited and given the memory back (docs/facts.md, "Ollama").
 * `WeightSwap` moves an in-process module (the SDXL pipeline's parts, the local chat model) off and
   onto the GPU. With a pinned host copy made once at load, eviction only re-points the parameters at
   that copy and frees the GPU memory (tens of ms), and restore is one transfer at PCIe speed;
-  `.to()` from pageable memory is 10-35x slower (shared/reference/gpu-measurements.md). The device is a
-  parameter, so the same re-pointing code runs on CPU in the tests (tests/test_weight_swap.py).
+  `.to()` from pageable memory is 10-35x slower (docs/facts.md). The device is a parameter, so the same
+  re-pointing code runs on CPU in the tests (tests/test_weight_swap.py).
 
 Nothing here decides *whether* to swap: that is the arbiter's job.
 """

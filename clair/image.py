@@ -5,6 +5,11 @@ folder (the tests save a tiny pipeline to a folder and load it through this same
 a random-weight pipeline in code for the demo. Loading is lazy (first render, under the arbiter) and
 retried after a failure, so fixing the cause is enough to recover.
 
+The VAE follows CLAIR_VAE (`_load_vae`): by default the fp16-safe `madebyollin/sdxl-vae-fp16-fix`, loaded
+with `AutoencoderKL.from_pretrained` and handed to the pipeline, which then decodes without the stock VAE's
+fp32 upcast; when it cannot be had, the checkpoint's own VAE, and the Image tab and /status say so. The
+memory a render declares to the arbiter follows the VAE (`PRIORS`; figures and sources in docs/facts.md).
+
 This module does not decide when to use the GPU: callers hold an arbiter lease around `render()`.
 """
 
@@ -16,6 +21,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -33,12 +39,63 @@ from clair.loadgate import LoadGate, source_fingerprint
 log = logging.getLogger("clair.image")
 GiB = 1024**3
 
-# What a render needs on the GPU before we have measured one (shared/reference/gpu-measurements.md):
-# SDXL fp16 weights are 6.46 GiB; peak *reserved* memory grows ~8.4-10.3 GiB per megapixel with the
-# stock VAE (upcast to fp32 at decode): 9.2 GiB at 512², 15.5 at 1024², 26.3 at 1536².
+# --- VAE choice and the render's memory prior (CLAIR_VAE) ---------------------------------------------------
+# What a render needs on the GPU before one has been measured, per VAE kind. Measured by this project's
+# bench/gpu.py on an H200 (random-weight SDXL with RealVisXL's shapes, 4 steps, CFG 7, batch 1; weights
+# 6.46 GiB); the table and the fit are in docs/facts.md, "SDXL's memory per render". The stock SDXL VAE is
+# upcast to fp32 to decode (diffusers' `force_upcast`): 15.54 GiB reserved at 1024². The fp16-safe VAE
+# decodes in fp16: 11.35 GiB reserved (8.99 allocated). Each prior lies at or above every measured size, and
+# the fp16-safe one below the stock one at every size.
 SDXL_WEIGHTS = int(6.46 * GiB)
-PRIOR_OVERHEAD = int(0.5 * GiB)
-PRIOR_PER_MPX = 9.0 * GiB
+FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+
+
+@dataclass(frozen=True)
+class RenderPrior:
+    """weights + activations (allocated) + fragmentation (reserved but not allocated), each a + b x megapixels."""
+
+    act_gib: float
+    act_gib_per_mpx: float
+    frag_gib: float
+    frag_gib_per_mpx: float
+
+    def need(self, weights: int, mpx: float) -> int:
+        act = self.act_gib + self.act_gib_per_mpx * mpx
+        frag = self.frag_gib + self.frag_gib_per_mpx * mpx
+        return int(weights + (act + frag) * GiB)
+
+
+PRIORS = {
+    # measured (reserved above the weights): 2.70 GiB at 512², 5.36 at 768², 9.08 at 1024², 19.86 at 1536²
+    "stock": RenderPrior(act_gib=0.3, act_gib_per_mpx=4.8, frag_gib=0.2, frag_gib_per_mpx=4.2),
+    # measured: 1.64 GiB at 512², 2.96 at 768², 4.89 at 1024², 10.53 at 1536²
+    "fp16": RenderPrior(act_gib=0.15, act_gib_per_mpx=2.3, frag_gib=0.35, frag_gib_per_mpx=2.1),
+}
+
+
+def hub_offline() -> bool:
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> str:
+    import huggingface_hub.constants
+
+    return str(huggingface_hub.constants.HF_HUB_CACHE)
+
+
+def vae_in_cache(repo_id: str) -> bool:
+    """Is this hub VAE complete in the local Hugging Face cache? Reads the cache folder only: no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hub_cache_dir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        if not isinstance(try_to_load_from_cache(repo_id, name, cache_dir=cache), str):
+            return False
+    return True
+
+
 MAX_SEED = 2**32 - 1
 # Tried in this order after an out-of-memory error (see ImageEngine.render).
 FALLBACKS = ("vae-tiling", "cpu-offload")
@@ -54,30 +111,45 @@ class RenderParams:
     height: int = 1024
     seed: int = -1
 
-    def validated(self) -> RenderParams:
-        """Checked and normalised (a random seed is drawn for -1). Raises BadRequest that says what to fix."""
-        if not self.prompt or not self.prompt.strip():
+    def validated(self, cfg: Config | None = None) -> RenderParams:
+        """Checked against the limits in `cfg` (default: the default settings) and normalised (a random
+        seed is drawn for -1). Raises BadRequest that says what to fix. Never trusts a type: every field
+        is converted from what a client could send (strings, numbers; nothing else)."""
+        from clair import limits
+
+        cfg = cfg or Config()
+        prompt = limits.check_prompt(self.prompt, cfg)
+        negative = limits.check_prompt(self.negative_prompt, cfg, "negative prompt")
+        if not prompt.strip():
             raise BadRequest("Write a prompt first: describe the image you want.")
+        side = cfg.max_side
+        sizes = {}
         for name, value in (("width", self.width), ("height", self.height)):
-            if int(value) != value or not 64 <= value <= 2048 or int(value) % 8:
-                raise BadRequest(f"{name} must be a multiple of 8 from 64 to 2048 (got {value}).")
-        if not 1 <= int(self.steps) <= 150:
-            raise BadRequest(f"steps must be from 1 to 150 (got {self.steps}).")
-        if not 0 <= float(self.guidance) <= 30:
-            raise BadRequest(f"guidance must be from 0 to 30 (got {self.guidance}).")
-        seed = int(self.seed)
-        if seed < -1 or seed > MAX_SEED:
-            raise BadRequest(f"seed must be -1 (random) or from 0 to {MAX_SEED} (got {self.seed}).")
+            x = limits.number(value, name)
+            if int(x) != x or not 64 <= x <= side or int(x) % 8:
+                raise BadRequest(f"{name} must be a multiple of 8 from 64 to {side} (got {value}; CLAIR_MAX_SIDE).")
+            sizes[name] = int(x)
+        steps = limits.number(self.steps, "steps")
+        if int(steps) != steps or not 1 <= steps <= cfg.max_steps:
+            raise BadRequest(f"steps must be a whole number from 1 to {cfg.max_steps} (got {self.steps}; CLAIR_MAX_STEPS).")
+        guidance = limits.number(self.guidance, "guidance")
+        if not cfg.min_guidance <= guidance <= cfg.max_guidance:
+            raise BadRequest(
+                f"guidance must be from {cfg.min_guidance:g} to {cfg.max_guidance:g} (got {self.guidance}; "
+                "CLAIR_MIN_GUIDANCE, CLAIR_MAX_GUIDANCE)."
+            )
+        seed_x = limits.number(self.seed, "seed")
+        if int(seed_x) != seed_x:
+            raise BadRequest(f"seed must be a whole number (got {self.seed}).")
+        seed = int(seed_x)
+        if seed < -1 or seed > cfg.max_seed:
+            raise BadRequest(
+                f"seed must be -1 (random) or from 0 to {cfg.max_seed} (got {self.seed}; CLAIR_MAX_SEED)."
+            )
         if seed == -1:
-            seed = random.randint(0, MAX_SEED)
+            seed = random.randint(0, cfg.max_seed)
         return RenderParams(
-            self.prompt.strip(),
-            (self.negative_prompt or "").strip(),
-            int(self.steps),
-            float(self.guidance),
-            int(self.width),
-            int(self.height),
-            seed,
+            prompt.strip(), negative.strip(), int(steps), float(guidance), sizes["width"], sizes["height"], seed
         )
 
 
@@ -92,10 +164,18 @@ class ImageEngine:
         self._pipe = None
         self._swap: gpu.WeightSwap | None = None
         # A failed load is remembered: requests get its reason at once until a re-check (see clair/loadgate.py).
-        self.gate = LoadGate(lambda: source_fingerprint(self.model_id, "model_index.json"))
+        self.gate = LoadGate(
+            lambda: source_fingerprint(self.model_id, "model_index.json") + self._vae_fingerprint()
+        )
         self._per_mpx: float | None = None  # learned from real renders on CUDA
         self.oom_recoveries = 0  # renders that ran out of memory and then succeeded with a fallback
         self.oom_failures = 0  # renders that ran out of memory with every fallback
+        # The VAE (CLAIR_VAE): which prior the ledger uses ("fp16" or "stock"), what decodes, and a fallback
+        # the user should hear about. Before the first load this is what the load is expected to pick.
+        self.vae_kind = self._expected_vae_kind()
+        self.vae_source = ""  # after a load: FP16_FIX_VAE, "checkpoint" (its own), CLAIR_VAE's folder/id, or "tiny"
+        self.vae_note: str | None = None
+        self._owners: dict[tuple[str, float], str | None] = {}  # (file name, mtime) -> owner, for recent()
 
     @property
     def label(self) -> str:
@@ -116,7 +196,7 @@ class ImageEngine:
         mpx = width * height / 1e6
         if self._per_mpx is not None:
             return int(weights + self._per_mpx * mpx * 1.1), weights  # measured, with 10% margin
-        return int(weights + PRIOR_OVERHEAD + PRIOR_PER_MPX * mpx), weights
+        return PRIORS[self.vae_kind].need(weights, mpx), weights  # per VAE kind; see the table above
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self):
@@ -170,6 +250,9 @@ class ImageEngine:
         if self.model_id == "tiny":
             from clair.tiny import build_tiny_sdxl
 
+            # The tiny pipeline keeps its own VAE; the declared footprint follows CLAIR_VAE (see _expected_vae_kind).
+            self.vae_kind, self.vae_note = self._expected_vae_kind(), None
+            self.vae_source = "tiny"
             return build_tiny_sdxl()
         import torch
         from diffusers import StableDiffusionXLPipeline
@@ -187,12 +270,131 @@ class ImageEngine:
             raise ImageModelUnavailable(f"The image model folder {source} does not exist. Check CLAIR_IMAGE_MODEL.")
         dtype = torch.float16 if gpu.cuda() else torch.float32
         kwargs = {"dtype": dtype, "use_safetensors": True}
+        vae = self._load_vae(dtype)
+        if vae is not None:
+            kwargs["vae"] = vae
         try:
             # fp16 variant files are half the download and what a GPU runs; a local folder may lack them.
             return StableDiffusionXLPipeline.from_pretrained(source, variant="fp16", **kwargs)
         except (OSError, ValueError) as exc:
             log.info("no fp16 variant (%s); loading the default weights", _short(exc))
             return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
+
+    # -- the VAE (CLAIR_VAE) ---------------------------------------------------------------------------
+    def _vae_fingerprint(self) -> tuple:
+        """What loading the VAE depends on (see clair/loadgate.py): a fixed VAE that appears in the cache or
+        a folder lets the next render try again at once."""
+        setting = self.cfg.vae.strip()
+        low = setting.lower()
+        if low == "stock":
+            return ()
+        return source_fingerprint(FP16_FIX_VAE if low in ("auto", "fp16-fix") else setting, "config.json")
+
+    def _expected_vae_kind(self) -> str:
+        """The prior a render gets before the first load has said which VAE decodes. Fails closed: "stock"
+        (the larger) unless the fp16-safe VAE is asked for, or is sure to be found."""
+        setting = self.cfg.vae.strip()
+        low = setting.lower()
+        if low == "stock":
+            return "stock"
+        if low == "fp16-fix":
+            return "fp16"
+        if low == "auto":
+            # The demo shows what a real card decides when auto finds the fp16-safe VAE (the usual case).
+            return "fp16" if self.model_id == "tiny" or vae_in_cache(FP16_FIX_VAE) else "stock"
+        config = _vae_config(setting)
+        return "stock" if config is None or config.get("force_upcast", True) else "fp16"
+
+    def _load_vae(self, dtype):
+        """The VAE to hand to the pipeline (None: the checkpoint's own). Records what decodes, and why."""
+        setting = self.cfg.vae.strip()
+        low = setting.lower()
+        if low == "stock":
+            self.vae_kind, self.vae_source, self.vae_note = "stock", "checkpoint", None
+            return None
+        if low in ("auto", "fp16-fix"):
+            cached = vae_in_cache(FP16_FIX_VAE)
+            if low == "auto" and not cached and hub_offline():
+                return self._vae_fallback("is not in the Hugging Face cache, and the hub is offline (HF_HUB_OFFLINE)")
+            try:
+                vae = self._vae_from_pretrained(FP16_FIX_VAE, dtype, local_files_only=cached)
+            except Exception as exc:
+                if low == "auto":
+                    log.info("fp16-fix VAE unavailable", exc_info=True)
+                    return self._vae_fallback(f"could not be loaded ({_short(exc)})")
+                log.exception("VAE load failed vae=%s", FP16_FIX_VAE)
+                raise ImageModelUnavailable(load_failure("VAE", FP16_FIX_VAE, exc, "CLAIR_VAE")) from None
+            # It decodes in fp16 without NaNs (its model card): never let the pipeline upcast it to fp32.
+            vae.register_to_config(force_upcast=False)
+            self.vae_source, self.vae_note = FP16_FIX_VAE, None
+        else:
+            vae = self._custom_vae(setting, dtype)
+            self.vae_source, self.vae_note = setting, None
+        self.vae_kind = "stock" if vae.config.force_upcast else "fp16"
+        log.info("VAE loaded vae=%s fp16_decode=%s", self.vae_source, self.vae_kind == "fp16")
+        return vae
+
+    def _custom_vae(self, setting: str, dtype):
+        local = Path(setting).expanduser()
+        if local.exists():
+            folder = _vae_folder(local)
+            if folder is None:
+                raise ImageModelUnavailable(
+                    f"{local} holds no VAE (no config.json, nor vae/config.json). Point CLAIR_VAE at the folder that "
+                    "holds the VAE's config.json and diffusion_pytorch_model.safetensors, or use auto or stock."
+                )
+            source = str(folder)
+        elif setting.startswith(("/", "./", "~")) or re.match(r"^[A-Za-z]:\\", setting):
+            raise ImageModelUnavailable(f"The VAE folder {setting} does not exist. Check CLAIR_VAE (or use auto or stock).")
+        else:
+            source = setting
+        try:
+            return self._vae_from_pretrained(source, dtype)
+        except Exception as exc:
+            log.exception("VAE load failed vae=%s", setting)
+            raise ImageModelUnavailable(load_failure("VAE", setting, exc, "CLAIR_VAE")) from None
+
+    @staticmethod
+    def _vae_from_pretrained(source: str, dtype, local_files_only: bool = False):
+        from diffusers import AutoencoderKL
+
+        kwargs = {"dtype": dtype, "use_safetensors": True}
+        if local_files_only:
+            kwargs |= {"local_files_only": True, "cache_dir": hub_cache_dir()}
+        elif not Path(source).exists():
+            kwargs["cache_dir"] = hub_cache_dir()
+        return AutoencoderKL.from_pretrained(source, **kwargs)
+
+    def _vae_fallback(self, reason: str) -> None:
+        self.vae_kind, self.vae_source = "stock", "checkpoint"
+        self.vae_note = (
+            f"Renders use the checkpoint's own VAE, decoded in fp32: about 4 GiB more GPU memory at 1024², so the "
+            f"chat model may be unloaded for each render. The fp16-safe VAE {FP16_FIX_VAE} {reason}. Connect once "
+            f"to download it (or run `hf download {FP16_FIX_VAE}`), or set CLAIR_VAE=stock to choose this on purpose."
+        )
+        log.warning("VAE fallback: %s", self.vae_note)
+        return None
+
+    def vae_status(self) -> dict:
+        """For /status: what CLAIR_VAE asked for, what decodes (empty until loaded), and the prior's kind."""
+        return {
+            "setting": self.cfg.vae,
+            "using": self.vae_source,
+            "fp16_decode": self.vae_kind == "fp16",
+            "note": self.vae_note,
+        }
+
+    def vae_line(self) -> str:
+        """One sentence for the Image tab."""
+        if self.vae_note:
+            return f"⚠️ {self.vae_note}"
+        if self.vae_source == "tiny":
+            return f"VAE: the tiny model's own; the GPU budget counts {_KIND_WORDS[self.vae_kind]} memory (CLAIR_VAE)."
+        if not self.vae_source:
+            return f"VAE: {self.cfg.vae} (CLAIR_VAE), chosen at the first load."
+        name = "the checkpoint's own" if self.vae_source == "checkpoint" else self.vae_source
+        how = "fp16-safe: no fp32 upcast to decode" if self.vae_kind == "fp16" else "upcast to fp32 to decode"
+        return f"VAE: {name} ({how})."
 
     # -- swaps (called by the arbiter) ---------------------------------------------------------------
     def restore(self) -> float:
@@ -350,10 +552,16 @@ class ImageEngine:
             self._swap.evict()
 
     # -- keeping images ------------------------------------------------------------------------------
-    def save(self, image: Image.Image, params: RenderParams) -> Path:
-        """Save as PNG with every parameter in its text chunks (and an A1111-style `parameters` line)."""
+    def save(self, image: Image.Image, params: RenderParams, owner: str | None = None) -> Path:
+        """Save as PNG with every parameter in its text chunks (and an A1111-style `parameters` line).
+
+        `owner` (the user who asked for it; None without user accounts) goes into the `clair` JSON chunk,
+        so each user's gallery shows their own images (`recent(owner=...)`).
+        """
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        meta = {**asdict(params), "model": self.model_id}
+        meta = {**asdict(params), "model": self.model_id, "vae": self.vae_source}
+        if owner is not None:
+            meta["owner"] = owner
         info = PngInfo()
         for key, value in meta.items():
             info.add_text(key, str(value))
@@ -367,6 +575,10 @@ class ImageEngine:
         info.add_text("parameters", a1111)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         slug = re.sub(r"[^a-z0-9]+", "-", params.prompt.lower()).strip("-")[:40] or "image"
+        if owner is not None:
+            # Every signed-in user may fetch any file in the output folder by name (Gradio's allowed_paths
+            # is not per user): a random part keeps another user's images from being guessed.
+            slug += "-" + secrets.token_hex(6)
         path = self.output_dir / f"{stamp}-{params.seed}-{slug}.png"
         n = 1
         while path.exists():
@@ -377,16 +589,84 @@ class ImageEngine:
         os.replace(tmp, path)  # never leave half an image in the gallery
         return path
 
-    def recent(self, n: int) -> list[Path]:
+    def recent(self, n: int, owner: str | None = None) -> list[Path]:
+        """The `n` newest PNGs in the output folder (newest first), from the server's own listing.
+
+        With `owner`, only the images whose metadata names that owner. Every path returned is a regular
+        file directly inside `output_dir` (no symlinks out of it), as Gradio will serve what it names.
+        """
         if not self.output_dir.is_dir():
             return []
-        files = sorted(self.output_dir.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
-        return files[:n]
+        stamped = []
+        for p in self.output_dir.glob("*.png"):
+            try:
+                if p.is_symlink() or not p.is_file():
+                    continue
+                stamped.append((p.stat().st_mtime, p))
+            except OSError:
+                continue  # deleted meanwhile
+        stamped.sort(reverse=True)
+        out: list[Path] = []
+        for mtime, p in stamped:
+            if len(out) >= n:
+                break
+            if owner is None or self._owner_of(p, mtime) == owner:
+                out.append(p)
+        return out
+
+    def _owner_of(self, path: Path, mtime: float) -> str | None:
+        key = (path.name, mtime)
+        cache = self._owners
+        if key not in cache:
+            try:
+                with Image.open(path) as im:  # text chunks before the image data: no decode
+                    raw = im.info.get("clair")
+                owner = json.loads(raw).get("owner") if isinstance(raw, str) else None
+            except Exception:
+                owner = None
+            if len(cache) > 10000:
+                cache.clear()
+            cache[key] = owner if isinstance(owner, str) else None
+        return cache[key]
 
 
 def read_metadata(path: str | Path) -> dict:
     with Image.open(path) as im:
         return json.loads(im.text["clair"]) if "clair" in getattr(im, "text", {}) else dict(im.text)
+
+
+_KIND_WORDS = {"fp16": "the fp16-safe VAE's", "stock": "the stock VAE's (fp32 decode)"}
+
+
+def _vae_folder(path: Path) -> Path | None:
+    """The folder holding an AutoencoderKL: the path itself, or a diffusers pipeline's vae/."""
+    for folder in (path, path / "vae"):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def _vae_config(setting: str) -> dict | None:
+    """A custom VAE's config.json (local folder, or a hub id already cached), read without loading weights."""
+    local = Path(setting).expanduser()
+    path: str | Path | None = None
+    if local.exists():
+        folder = _vae_folder(local)
+        path = folder / "config.json" if folder else None
+    elif "/" in setting and not setting.startswith(("/", "./", "~")):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(setting, "config.json", cache_dir=hub_cache_dir())
+        except ValueError:  # not a valid repo id
+            found = None
+        path = found if isinstance(found, str) else None
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from starlette.requests import Request  # module level: FastAPI resolves the routes' annotations here
 
-from clair import config, sdnotify
+from clair import allocator, config, sdnotify
 from clair import keys as keys_mod
 from clair import users as users_mod
 from clair.errors import ConfigError
@@ -102,7 +102,7 @@ def make_app(studio, demo, users=None):
         auth=auth,
         app_kwargs=no_docs,
         allowed_paths=[str(studio.image.output_dir)],
-        show_error=True,
+        show_error=False,  # only gr.Error (Clair's own messages) reach clients; see docs/design.md
         max_file_size="1kb",  # Clair takes no uploads; the guard refuses /gradio_api/upload as well
         footer_links=["api", "settings"],
         ssr_mode=False,
@@ -316,6 +316,8 @@ def serve_gateway(cfg: config.Config, studio, web):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # CUDA allocator (issue 11): before anything imports torch or touches CUDA; see clair/allocator.py.
+    alloc_var, alloc_conf = allocator.apply()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in users_mod.COMMANDS + keys_mod.COMMANDS:
         return user_command(argv)
@@ -328,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         level=cfg.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    log.info("cuda allocator %s=%s", alloc_var, alloc_conf)
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if cfg.log_level != "DEBUG":

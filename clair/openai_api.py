@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import inspect
 import json
 import logging
 import re
@@ -41,7 +40,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from clair.chat import flatten_history
 from clair.errors import BadRequest, Cancelled, ChatUnavailable, ClairError, GpuBusy
-from clair.gateway import Exchange, Gone, Send, in_thread, job_slot, send_json
+from clair.gateway import Exchange, Gone, Send, closing_send, in_thread, job_slot, send_json
 from clair.image import RenderParams
 from clair.studio import Token, Waiting
 
@@ -162,6 +161,7 @@ def router(studio) -> APIRouter:
 
         async def work(send: Send, gone: Gone) -> None:
             with contextlib.ExitStack() as stack:
+                send = closing_send(send, stack)  # the slot goes back before the client sees the end
                 if not await take_slot(stack, send, user, address):
                     return
                 await _chat(send, gone, text[0]["content"], history, model, name, cid, created, stream, client)
@@ -271,19 +271,18 @@ def router(studio) -> APIRouter:
         if isinstance(body, Response):
             return body
         try:
-            params, n, fmt = image_request(body)
+            params, n, fmt = image_request(body, studio.cfg)
         except BadRequest as exc:
             return error(400, str(exc), "invalid_request")
         user = request.scope.get("clair_api_user")
         client = client_name(request)
         address = request.client.host if request.client else "?"
-        # Per-user galleries (branch lan-input) record an image's owner: the key's user, as a login's.
-        owner = {"owner": user} if "owner" in inspect.signature(studio.render).parameters else {}
 
         async def work(send: Send, gone: Gone) -> None:
             data = []
             t0 = time.monotonic()
             with contextlib.ExitStack() as stack:
+                send = closing_send(send, stack)  # the slot goes back before the client sees the end
                 if not await take_slot(stack, send, user, address):
                     return
                 for i in range(n):
@@ -291,7 +290,7 @@ def router(studio) -> APIRouter:
                     try:
                         cancel = gone.link(threading.Event())
                         path, info = await in_thread(
-                            lambda p=p, cancel=cancel: studio.render(p, cancel=cancel, **owner)
+                            lambda p=p, cancel=cancel: studio.render(p, cancel=cancel, owner=user)  # per-user galleries
                         )
                     except Cancelled:
                         return
@@ -335,7 +334,7 @@ def router(studio) -> APIRouter:
     return r
 
 
-def image_request(body: dict) -> tuple[RenderParams, int, str]:
+def image_request(body: dict, cfg) -> tuple[RenderParams, int, str]:
     """(params, n, response_format) from an images/generations body. Raises BadRequest."""
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -373,10 +372,6 @@ def image_request(body: dict) -> tuple[RenderParams, int, str]:
         height=int(m.group(2)),
         seed=number("seed", -1, int),
     )
-    params = params.validated() if params.seed >= 0 else _checked(params)
-    return params, n, fmt
-
-
-def _checked(params: RenderParams) -> RenderParams:
-    params.validated()  # raises BadRequest; the random seed is drawn by Studio.render, per image
-    return params
+    checked = params.validated(cfg)  # the limits (CLAIR_MAX_SIDE, CLAIR_MAX_STEPS ...); raises BadRequest
+    # A random seed (-1) is drawn by Studio.render, per image.
+    return (checked if params.seed >= 0 else params), n, fmt

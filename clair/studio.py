@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from clair import gpu
+from clair import gpu, limits
 from clair.arbiter import Arbiter, Lease
-from clair.chat import ChatBackend, LocalChat, OllamaChat, flatten_history
+from clair.chat import ChatBackend, LocalChat, OllamaChat
 from clair.config import Config
 from clair.errors import BadRequest, ChatUnavailable, ClairError
 from clair.image import ImageEngine, RenderParams
@@ -62,6 +62,9 @@ class Studio:
         self.ollama = OllamaChat(cfg)
         self.local = LocalChat(cfg)
         self.image = ImageEngine(cfg)
+        # Per-user and house caps on GPU jobs (CLAIR_MAX_JOBS_PER_USER, CLAIR_MAX_QUEUE), checked by the UI and
+        # the APIs (clair/ui.py, clair/gateway.py, clair/openai_api.py) before a request asks for a lease.
+        self.jobs = limits.JobCounter(cfg.max_jobs_per_user, cfg.max_queue, eta_s=self.arbiter.drain_eta_s)
         # Ollama on another machine holds none of our GPU: nothing to evict, no chat to hold back.
         self.ollama_local = cfg.ollama_on_this_gpu
         if self.ollama_local:
@@ -118,12 +121,8 @@ class Studio:
         """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses.
 
         `label` names the request in the queue (default `chat:<model>`; the gateway's `api:<model> (<client>)`)."""
-        if not message or not message.strip():
-            raise BadRequest("Type a message first.")
-        try:
-            messages = flatten_history(history)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+        # Limits first: a refused request makes no Ollama call and takes no lease (clair.limits).
+        message, messages, system, model = limits.check_chat(self.cfg, message, history, system, model)
         system = self.cfg.system_prompt if system is None else system
         if system.strip() and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
@@ -182,9 +181,14 @@ class Studio:
         params: RenderParams,
         on_progress: Callable[[str, float], None] = lambda text, frac: None,
         cancel: threading.Event | None = None,
+        owner: str | None = None,
     ) -> tuple[str, dict]:
-        """Render and save an image through the arbiter. Returns (png path, info)."""
-        params = params.validated()
+        """Render and save an image through the arbiter. Returns (png path, info).
+
+        `owner` (the user, None without accounts) is recorded in the PNG for per-user galleries.
+        """
+        params = params.validated(self.cfg)
+        self.check_fits(params)  # limits first: before any load, lease or eviction
         cancel = cancel or threading.Event()
         t_request = time.time()
         # Load from disk (to host memory) before asking for the GPU: a slow or failing load must not
@@ -250,7 +254,7 @@ class Studio:
             if ollama_evicted and self.cfg.warmup:
                 # Recovery: bring the chat model back in the background so the next message doesn't pay the load.
                 threading.Thread(target=self._warm, name="clair-warmup", daemon=True).start()
-        path = self.image.save(image, params)
+        path = self.image.save(image, params, owner=owner)
         info = {
             **asdict(params),
             "model": self.image.model_id,
@@ -283,6 +287,26 @@ class Studio:
             paused_s,
         )
         return str(path), info
+
+    def check_fits(self, params: RenderParams) -> None:
+        """Refuse a render that could never fit the VRAM budget, even alone (0 = unknown: no refusal)."""
+        budget = self.arbiter.budget
+        if not budget:
+            return
+        need, _ = self.image.footprint(params.width, params.height)
+        if need <= budget:
+            return
+        gib = 1024**3
+        fits = limits.largest_fitting(self.image.footprint, budget, params.width, params.height)
+        tip = (
+            f"The largest render of that shape that fits is {fits[0]}x{fits[1]}."
+            if fits
+            else "Not even 64x64 fits: raise CLAIR_VRAM_BUDGET_GB if the card has more memory."
+        )
+        raise BadRequest(
+            f"A {params.width}x{params.height} render needs about {need / gib:.1f} GB of GPU memory, more than "
+            f"Clair's VRAM budget of {budget / gib:.1f} GB even with nothing else loaded. {tip}"
+        )
 
     def _warm(self) -> None:
         # A short grace period first: someone iterating on prompts renders again within seconds, and
@@ -415,7 +439,7 @@ class Studio:
         st["ollama_models"] = ollama_models
         backend, problem = self.chat_backend()
         st["chat"] = {"backend": backend.name, "model": self.default_chat_model(), "problem": problem}
-        st["image"] = {"model": self.image.label, "problem": self.image.problem()}
+        st["image"] = {"model": self.image.label, "problem": self.image.problem(), "vae": self.image.vae_status()}
         st["stats"]["oom_recoveries"] = self.image.oom_recoveries
         st["stats"]["oom_failures"] = self.image.oom_failures
         st["cuda"] = gpu.cuda()

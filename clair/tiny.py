@@ -41,7 +41,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-__all__ = ["build_tiny_chat", "build_tiny_sdxl", "save_tiny_chat", "save_tiny_sdxl"]
+__all__ = ["build_tiny_chat", "build_tiny_sdxl", "build_tiny_vae", "save_tiny_chat", "save_tiny_sdxl", "save_tiny_vae"]
 
 # ---------------------------------------------------------------------------------------------------------
 # Shared helpers
@@ -107,6 +107,46 @@ def _clip_config(vocab_size: int, bos_id: int, eos_id: int, **extra: int) -> CLI
     )
 
 
+def _tiny_vae(force_upcast: bool = True) -> AutoencoderKL:
+    """SDXL's VAE layout (8x downsampling, 4 latent channels, SDXL's scaling factor) with a few channels."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 4, 4),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=1024,
+        scaling_factor=0.13025,  # SDXL's
+        mid_block_add_attention=False,  # attention over 128x128 latents would dominate 1024px decodes
+        force_upcast=force_upcast,  # True, as the stock SDXL VAE: diffusers decodes it in fp32
+    )
+
+
+def build_tiny_vae(seed: int = 1, fp16_safe: bool = True) -> AutoencoderKL:
+    """A stand-alone tiny SDXL-shaped ``AutoencoderKL`` (random weights), to stand in for a replacement VAE.
+
+    ``fp16_safe`` writes ``force_upcast=False`` into its config, as an fp16-safe VAE has (diffusers then
+    decodes it in the pipeline's dtype); ``False`` gives the stock VAE's ``force_upcast=True``. The default
+    seed differs from the pipeline's (0), so an image decoded by it differs from one decoded by the
+    pipeline's own VAE.
+    """
+    with _seeded(seed):
+        return _tiny_vae(force_upcast=not fp16_safe)
+
+
+def save_tiny_vae(path: str | Path, seed: int = 1, fp16_safe: bool = True) -> Path:
+    """``save_pretrained`` a tiny VAE (config.json + diffusion_pytorch_model.safetensors) into ``path``.
+
+    Load it back with ``AutoencoderKL.from_pretrained(folder)``.
+    """
+    folder = Path(path)
+    build_tiny_vae(seed, fp16_safe).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """A real ``StableDiffusionXLPipeline`` with tiny random-weight components (fp32, CPU).
 
@@ -133,19 +173,7 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
             addition_time_embed_dim=_TIME_EMBED,
             projection_class_embeddings_input_dim=6 * _TIME_EMBED + _TEXT_PROJECTION,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(4, 4, 4, 4),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=2,
-            sample_size=1024,
-            scaling_factor=0.13025,  # SDXL's
-            mid_block_add_attention=False,  # attention over 128x128 latents would dominate 1024px decodes
-        )
+        vae = _tiny_vae()
         tokenizer = _clip_tokenizer()
         tokenizer_2 = _clip_tokenizer()
         ids = {"vocab_size": len(tokenizer), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id}

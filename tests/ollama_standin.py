@@ -11,7 +11,7 @@ talk to this instead. It owns:
 * test hooks: a request log and a lifecycle event log, scripted replies, injected errors, gates that hold a
   request before its first token, and ``wait_until`` for sleep-free assertions.
 
-Behaviour follows ``shared/reference/ollama.md``; comments cite it where Ollama does something surprising.
+Behaviour follows ``docs/facts.md`` ("Ollama", with the original sources); comments cite it where Ollama does something surprising.
 Standard library only, and nothing from ``clair``: the file also runs on its own::
 
     python tests/ollama_standin.py --port 11434 --model llama3.1:8b=4.9 --model qwen2.5:0.5b=0.4 \\
@@ -53,14 +53,14 @@ MIB = 1024 * 1024
 
 # Loaded size (see loaded_size_bytes): weights take ~6 % more than the file once loaded (runner buffers),
 # and the KV cache costs ~0.125 MiB per token of context for an 8B model (4.9 GB on disk): 0.5 GiB at 4k
-# and 4 GiB at 32k, as shared/reference/ollama.md states. Smaller or larger models scale linearly.
+# and 4 GiB at 32k, as docs/facts.md ("Context length") derives. Smaller or larger models scale linearly.
 LOADED_OVERHEAD = 1.06
 KV_MIB_PER_TOKEN_8B = 0.125
 REFERENCE_SIZE_GB = 4.9
 
 FOREVER = math.inf
 # Ollama turns a negative keep_alive into time.Duration(math.MaxInt64) (~292.3 years), so /api/ps shows
-# expires_at in the year 2318 (shared/reference/ollama.md, "keep_alive"). It is now + that duration, so
+# expires_at in the year 2318 (docs/facts.md, "keep_alive"). It is now + that duration, so
 # from September 2026 on the year is 2319: compare with a threshold, not with 2318.
 GO_MAX_DURATION_S = (2**63 - 1) / 1e9
 
@@ -126,7 +126,7 @@ def keep_alive_from_json(value: Any) -> float | None:
     ``None`` (omitted or JSON null) -> ``None``; negative -> ``FOREVER``; 0 -> unload when idle.
     JSON numbers are seconds and, as in Ollama's Go code (``int(t) * time.Second``), truncated to whole
     seconds, so 0.5 means 0. Strings must be Go durations: a unit-less "300" is rejected with
-    ``time: missing unit in duration "300"`` (shared/reference/ollama.md, "keep_alive").
+    ``time: missing unit in duration "300"`` (docs/facts.md, "keep_alive").
     """
     if value is None:
         return None
@@ -145,7 +145,7 @@ def keep_alive_from_env(value: str | float) -> float:
     """Seconds for a server default given like ``OLLAMA_KEEP_ALIVE``.
 
     Unlike the request field, the env var also accepts a bare integer of seconds ("300")
-    (shared/reference/ollama.md, "keep_alive").
+    (docs/facts.md, "keep_alive").
     """
     if isinstance(value, int | float):
         seconds = float(value)
@@ -467,7 +467,7 @@ class OllamaStandin:
         num_parallel: requests one model generates at once; more wait their turn (OLLAMA_NUM_PARALLEL).
         vram_total_bytes / vram_used_elsewhere: None = unlimited VRAM. Otherwise a load gets
             ``size_vram = min(size, total - elsewhere - other runners' size_vram)``: Ollama does not refuse
-            to load when VRAM is short, it silently offloads layers to CPU (shared/reference/ollama.md).
+            to load when VRAM is short, it silently offloads layers to CPU (docs/facts.md, "Ollama").
             ``vram_used_elsewhere`` may be a callable (e.g. a fake SDXL pipeline's footprint).
         offload_slowdown: token_delay multiplier for a partially offloaded model (slow chat, no error).
         ps_blocks_during_unload: newer servers block /api/ps while a runner unloads; True mimics them.
@@ -782,7 +782,7 @@ class OllamaStandin:
             context_length=context_length,
             size=size,
             size_vram=size_vram,
-            # shared/reference/ollama.md: an omitted keep_alive means the server default for a new load.
+            # docs/facts.md ("Ollama"): an omitted keep_alive means the server default for a new load.
             keep_alive=self.default_keep_alive if keep_alive is None else keep_alive,
             state="loading",
             ready_at=now + self.load_delay,
@@ -814,7 +814,7 @@ class OllamaStandin:
             runner.state = "unloading"
             runner.idle_deadline = None
             runner.expired_wall = time.time()
-            # shared/reference/ollama.md: until the runner process has exited (and Ollama has finished its
+            # docs/facts.md ("Ollama"): until the runner process has exited (and Ollama has finished its
             # VRAM bookkeeping) the model stays listed by /api/ps.
             runner.gone_at = time.monotonic() + self.unload_delay
             self._event("unloading", runner.model.name)
@@ -865,7 +865,7 @@ class OllamaStandin:
                     # so a request without num_ctx reloads a model loaded with a custom num_ctx.
                     self._expire(runner)
                 else:
-                    # shared/reference/ollama.md: an omitted keep_alive keeps the loaded model's duration.
+                    # docs/facts.md ("Ollama"): an omitted keep_alive keeps the loaded model's duration.
                     if keep_alive is not None:
                         runner.keep_alive = keep_alive
                         runner.unload_requested = runner.unload_requested and keep_alive == 0
@@ -1006,7 +1006,7 @@ class OllamaStandin:
         started = time.monotonic()
         raw = handler.read_body()
         # Validation order follows Ollama's handlers: decode the body (keep_alive is decoded with it), then
-        # the model name, then the model lookup; all before any scheduling (shared/reference/ollama.md).
+        # the model name, then the model lookup; all before any scheduling (docs/facts.md, "Ollama").
         if not raw.strip():
             return self._fail(handler, record, 400, "missing request body")
         try:
@@ -1040,7 +1040,7 @@ class OllamaStandin:
         empty = not body.get("messages") if kind == "chat" else not body.get("prompt")
 
         if empty and keep_alive == 0:
-            # Answered at once: the memory is freed later (shared/reference/ollama.md, "Loading and unloading").
+            # Answered at once: the memory is freed later (docs/facts.md, "Unloading: the answer comes before the memory is free").
             self._request_unload(model)
             return handler.send_json(200, self._done_object(kind, name, "unload"))
         runner, load_ns = self._acquire(model, context_length, keep_alive)
@@ -1148,7 +1148,7 @@ class OllamaStandin:
                 self._update(record, error=failure.error)
                 if not stream:
                     return handler.send_json(500, {"error": failure.error})
-                # shared/reference/ollama.md, "Streaming": an error after streaming began keeps HTTP 200 and
+                # docs/facts.md, "Protocol details": an error after streaming began keeps HTTP 200 and
                 # ends the stream with an error line; the client raises ResponseError(status_code=-1).
                 handler.send_line({"error": failure.error})
                 return handler.end_stream()
@@ -1202,7 +1202,7 @@ def _parse_model(text: str) -> tuple[str, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Ollama server stand-in (no GPU): speaks Ollama's HTTP API with fake models, "
-        "realistic load/unload timing and streaming. See shared/reference/ollama.md."
+        "realistic load/unload timing and streaming. See docs/facts.md, section Ollama."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=11434, help="port (default 11434; 0 picks a free one)")

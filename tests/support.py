@@ -94,3 +94,52 @@ class App:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class Raw:
+    """Gradio's queue protocol by hand (POST /gradio_api/queue/join, then the SSE of /gradio_api/queue/data),
+    from a chosen loopback source address, so one test can play several clients (Clair tells clients
+    apart by address when there are no user accounts)."""
+
+    def __init__(self, url: str, source: str = "127.0.0.1"):
+        import httpx
+
+        self.http = httpx.Client(
+            base_url=url, timeout=120, transport=httpx.HTTPTransport(local_address=source, retries=0)
+        )
+        self.config = self.http.get("/config").json()
+
+    def dep(self, fn: str) -> dict:
+        """The dependency whose api_name is `fn` (private events too)."""
+        return next(d for d in self.config["dependencies"] if d.get("api_name") == fn)
+
+    def call(self, fn: str, data: list) -> dict:
+        """Run one event to its end. Returns {"ok", "status", "error", "data", "messages"}."""
+        import json
+        import uuid
+
+        dep = self.dep(fn)
+        session = uuid.uuid4().hex[:12]
+        trigger = dep["targets"][0][0] if dep.get("targets") else None
+        body = {"data": data, "fn_index": dep["id"], "trigger_id": trigger, "session_hash": session}
+        r = self.http.post("/gradio_api/queue/join", json=body)
+        if r.status_code != 200:
+            return {"ok": False, "status": r.status_code, "error": r.text, "data": None, "messages": []}
+        event_id = r.json()["event_id"]
+        messages = []
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                messages.append(msg)
+                if msg.get("event_id") == event_id and msg.get("msg") == "process_completed":
+                    out = msg.get("output") or {}
+                    return {
+                        "ok": bool(msg.get("success")),
+                        "status": 200,
+                        "error": out.get("error"),
+                        "data": out.get("data"),
+                        "messages": messages,
+                    }
+        return {"ok": False, "status": 200, "error": "stream ended", "data": None, "messages": messages}

@@ -16,19 +16,20 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SDXL_GB = 6.94  # UNet 5.14 + text encoders 0.25 + 1.39 + VAE 0.17 (shared/reference/gpu-measurements.md)
+SDXL_GB = 6.94  # UNet 5.14 + text encoders 0.25 + 1.39 + VAE 0.17 (docs/facts.md)
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+def run_bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "bench/gpu.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "bench/gpu.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
 def dry_run(tmp_path: Path, *extra: str) -> dict[str, Any]:
     out = tmp_path / "bench.json"
-    proc = run_bench("--dry-run", "--quick", "--out", str(out), *extra)
+    # The VAE peaks start four child processes: their own test below.
+    proc = run_bench("--dry-run", "--quick", "--skip-vae", "--out", str(out), *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     for name in ("env", "bandwidth", "sdxl", "render_1024", "llm"):
@@ -93,6 +94,7 @@ def test_standin_has_sdxl_byte_and_tensor_counts(tmp_path: Path) -> None:
     assert sdxl["components"]["unet"]["tensors"] == 1680
     check_swaps(sdxl)
     assert "skipped" in r["render_1024"]
+    assert r["vae_peaks"]["skipped"] == "--skip-vae"
     assert r["llm"]["source"] == "standin" and r["llm"]["tensors"] == 5 + 9 * 8
     check_swaps(r["llm"])
 
@@ -104,3 +106,22 @@ def test_without_cuda_exits_2_and_says_why(tmp_path: Path) -> None:
     assert "bench/gpu.py needs a CUDA GPU; " in proc.stderr
     assert "--dry-run" in proc.stderr
     assert not out.exists()
+
+
+def test_vae_peaks_run_each_vae_and_allocator_setting_in_a_fresh_process(tmp_path: Path) -> None:
+    out = tmp_path / "vae.json"
+    proc = run_bench("--dry-run", "--quick", "--only-vae", "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert "sdxl" not in r and "llm" not in r  # --only-vae
+    runs = r["vae_peaks"]["runs"]
+    assert set(runs) == {"stock/default", "stock/expandable", "fp16/default", "fp16/expandable"}
+    for name, run in runs.items():
+        kind, alloc = name.split("/")
+        assert "error" not in run, run
+        assert run["vae_upcast_fp32"] is (kind == "stock")
+        assert run["alloc_conf"] == f"expandable_segments:{alloc == 'expandable'}"
+        # The child saw the setting in its own environment (the JSON it wrote says so).
+        child = json.loads((tmp_path / f"vae.vae-{kind}-{alloc}.json").read_text())["render_1024"]
+        assert child["alloc_conf"] == run["alloc_conf"]
+        assert run["render_s"] > 0 and run["clair_prior_gib"] > 0

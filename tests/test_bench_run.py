@@ -35,3 +35,36 @@ def test_bench_run_smoke(tmp_path):
     assert data["policies"]["exclusive"]["scenarios"]["mixed"]["swaps"] >= 1
     assert data["policies"]["budget"]["scenarios"]["mixed_nofit"]["swaps"] >= 1
     assert Path(data["timeline_png"]).stat().st_size > 10_000
+
+
+# Runs bench/run.py as if matplotlib were not installed (requirements.txt alone): `import matplotlib` fails.
+WITHOUT_MATPLOTLIB = "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; " \
+    "runpy.run_path(sys.argv[0], run_name='__main__')"  # fmt: skip
+
+
+@pytest.mark.slow
+def test_seed_card_without_matplotlib(tmp_path):
+    """The seed card: on 20 GB with an 8B model of 6.5 GB loaded, 1024² renders leave the model alone with the
+    fp16-safe VAE and evict it with the stock one. And the bench runs without matplotlib, saying so."""
+    out = tmp_path / "bench.json"
+    args = ["--rounds", "1", "--policies", "budget", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_MATPLOTLIB, "bench/run.py", *args,
+         "--scenarios", "mixed,mixed_nofit,seed_card,seed_card_stock"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "matplotlib is not installed" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["timeline_png"] is None and not out.with_suffix(".png").exists()
+    runs = data["policies"]["budget"]["scenarios"]
+    fp16, stock = runs["seed_card"], runs["seed_card_stock"]
+    for run in (fp16, stock):
+        assert run["errors"] == [] and run["chats"] == 3 and run["renders"] == 1
+        assert run["ollama_loaded_gb"] == pytest.approx(6.5e9 / 2**30, abs=0.01)  # the bench's table, via /api/ps
+        assert run["budget_exceeded"] == 0
+    assert fp16["vae"] == "fp16-fix" and fp16["declared_render_gb"] < 12
+    assert fp16["swaps"] == 0 and fp16["ollama_loads"] == 1 and fp16["ollama_unloads"] == 0
+    assert stock["vae"] == "stock" and stock["declared_render_gb"] > 15.5
+    assert stock["swaps"] >= 1 and stock["ollama_unloads"] >= 1
+    assert data["goals"]["seed_card_fp16_vae_no_eviction_no_reload"] is True

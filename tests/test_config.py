@@ -101,7 +101,11 @@ def test_demo_keeps_explicitly_given_models() -> None:
         ({"CLAIR_SESSION_HOURS": "0"}, "CLAIR_SESSION_HOURS", "positive"),
         ({"CLAIR_TLS_CERT": "/nonexistent.pem"}, "CLAIR_TLS_KEY", "both"),
         ({"CLAIR_MAX_CONNECTIONS": "2"}, "CLAIR_MAX_CONNECTIONS", "at least 8"),
-        ({"CLAIR_QUEUE_SLOTS": "0"}, "CLAIR_QUEUE_SLOTS", "at least 1"),
+        ({"CLAIR_MAX_QUEUE": "0"}, "CLAIR_MAX_QUEUE", "at least 1"),
+        ({"CLAIR_MAX_QUEUE": "500"}, "CLAIR_MAX_QUEUE", "thread"),
+        ({"CLAIR_MAX_SIDE": "1001"}, "CLAIR_MAX_SIDE", "multiple of 8"),
+        ({"CLAIR_MAX_GUIDANCE": "-1"}, "CLAIR_MIN_GUIDANCE", "min <= max"),
+        ({"CLAIR_MAX_PROMPT_CHARS": "0"}, "CLAIR_MAX_PROMPT_CHARS", "at least 1"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], name: str, detail: str) -> None:
@@ -296,7 +300,7 @@ def test_tls_needs_both_files(tmp_path: Path) -> None:
         ("CLAIR_GALLERY_SIZE", "-3"),
         ("CLAIR_STALL_S", "-1"),
         ("CLAIR_STALL_S", "nan"),
-        ("CLAIR_QUEUE_SLOTS", "100000"),
+        ("CLAIR_MAX_STEPS", "100000"),
     ],
 )
 def test_numbers_out_of_range_are_refused_at_start_up(name: str, raw: str) -> None:

@@ -189,11 +189,13 @@ def test_starts_without_ollama_or_checkpoint_says_why_and_recovers(tmp_path):
 
 
 def test_budget_policy_evicts_only_what_does_not_fit(tmp_path):
-    """CLAIR_VRAM_BUDGET_GB=20: the ledger uses Ollama's reported sizes and SDXL's prior per resolution."""
+    """CLAIR_VRAM_BUDGET_GB=20: the ledger uses Ollama's reported sizes and SDXL's prior per resolution.
+
+    With the stock VAE (fp32 decode); the fp16-safe VAE's smaller renders are in test_e2e_vae.py."""
     standin = OllamaStandin({MODEL: 4.9}, unload_delay=0.3).start()
     a = App(
         tmp_path,
-        {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_VRAM_BUDGET_GB": "20"},
+        {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_VRAM_BUDGET_GB": "20", "CLAIR_VAE": "stock"},
     )
     try:
         a.client.predict("load it", [], api_name="/chat")

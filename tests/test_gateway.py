@@ -370,25 +370,18 @@ def test_many_clients_at_once_never_reach_ollama_while_a_render_holds_the_gpu(ga
 
 
 def test_ollama_port_requests_count_against_the_per_user_caps(gateway, standin, studio):
-    """The same hook on the Ollama port: an anonymous loopback client counts by its address."""
-    from contextlib import contextmanager
+    """The same caps on the Ollama port: an anonymous loopback client counts by its address."""
+    from clair.limits import JobCounter
 
-    from clair.errors import GpuBusy
-
-    seen: list[str] = []
-
-    class Refuse:
-        @contextmanager
-        def slot(self, who):
-            seen.append(who)
-            raise GpuBusy(f"Busy: {who} is over its limit.")
-            yield
-
-    studio.jobs = Refuse()
+    studio.jobs = JobCounter(max_per_user=1, max_total=16)
+    assert studio.jobs.try_take("address:127.0.0.1") is None  # e.g. a render from a browser on this machine
     with pytest.raises(ollama.ResponseError) as err:
         ollama.Client(host=gateway.url).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
-    assert err.value.status_code == 429 and "address:127.0.0.1 is over its limit" in err.value.error
-    assert seen == ["address:127.0.0.1"] and not real_chats(standin)
+    assert err.value.status_code == 429 and "CLAIR_MAX_JOBS_PER_USER" in err.value.error
+    assert not real_chats(standin)
+    studio.jobs.give_back("address:127.0.0.1")
+    assert ollama.Client(host=gateway.url).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert studio.jobs.snapshot()["total"] == 0
 
 
 def test_with_preemption_a_chat_pauses_the_render_like_a_chat_tab_message(standin, tmp_path):

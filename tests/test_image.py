@@ -35,7 +35,9 @@ def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _engine(model: str | Path, out: Path) -> ImageEngine:
-    return ImageEngine(dataclasses.replace(Config(), image_model=str(model), output_dir=str(out)))
+    # The checkpoint's own VAE: these tests must not depend on what this machine's Hugging Face cache holds
+    # (CLAIR_VAE's choices are tested in test_vae.py).
+    return ImageEngine(dataclasses.replace(Config(), image_model=str(model), output_dir=str(out), vae="stock"))
 
 
 @pytest.fixture
@@ -100,6 +102,7 @@ def test_loads_a_local_folder_through_from_pretrained_and_saves_a_png(
         "height": 64,
         "seed": 1234,
         "model": str(sdxl_dir),
+        "vae": "checkpoint",
     }
     with Image.open(path) as png:
         assert png.format == "PNG" and png.size == (64, 64)

@@ -180,7 +180,7 @@ def test_a_finished_or_failing_handler_is_not_closed_twice() -> None:
 
 
 def test_chats_and_renders_have_their_own_gradio_slots(tmp_path) -> None:
-    studio = _studio(tmp_path, queue_slots=8)
+    studio = _studio(tmp_path, max_queue=8)  # Gradio slots: the house cap + 4 refusal slots
     demo = ui.build(studio)
     ids: dict[str, set] = {}
     for fn in demo.fns.values():
@@ -189,7 +189,7 @@ def test_chats_and_renders_have_their_own_gradio_slots(tmp_path) -> None:
             ids.setdefault(name, set()).add((fn.concurrency_id, fn.concurrency_limit))
             if name != "render":
                 assert hasattr(fn.fn, "__wrapped__"), name  # closed off the event loop
-    assert ids == {"chat_ui": {("chat", 8)}, "chat_api": {("chat", 8)}, "render": {("render", 8)}}
+    assert ids == {"chat_ui": {("chat", 12)}, "chat_api": {("chat", 12)}, "render": {("render", 12)}}
     # Gradio runs at most max_threads jobs over all ids: full render slots must leave room for every chat.
-    assert demo.max_threads >= 8 + 8 + 8
+    assert demo.max_threads >= 12 + 12 + 8
     assert demo._queue.max_thread_count == demo.max_threads

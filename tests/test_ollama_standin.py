@@ -1,6 +1,6 @@
 """Tests for the Ollama stand-in, driven through the official ``ollama`` client where possible.
 
-They pin the behaviour Clair depends on (shared/reference/ollama.md): streaming format, load/unload
+They pin the behaviour Clair depends on (docs/facts.md, "Ollama"): streaming format, load/unload
 answers, the unload that answers before the memory is free, keep_alive parsing and error shapes.
 Orderings are checked through the stand-in's event and request logs and gates, never with sleeps.
 """
@@ -187,7 +187,7 @@ def test_num_ctx_sets_context_length_and_memory(standin: OllamaStandin, client: 
     client.chat(BIG, messages=HELLO, options={"num_ctx": 32768})
     entry = ps_entry(client, BIG)
     assert entry.context_length == 32768
-    # ~4 GiB of KV cache at 32k for an 8B model (shared/reference/ollama.md).
+    # ~4 GiB of KV cache at 32k for an 8B model (docs/facts.md, "Ollama").
     kv = entry.size - loaded_size_bytes(int(4.9 * GB), 0)
     assert kv == pytest.approx(4 * 1024**3, rel=0.01)
 
@@ -243,7 +243,7 @@ def test_unload_answers_before_the_model_leaves_ps(standin: OllamaStandin, clien
     answered = standin.requests_to("/api/chat")[-1].finished
     assert answered is not None
 
-    # The answer is not the memory coming back: the model is still listed (shared/reference/ollama.md).
+    # The answer is not the memory coming back: the model is still listed (docs/facts.md, "Ollama").
     assert BIG in {m.model for m in client.ps().models}
     assert standin.state(BIG) == "unloading"
 
@@ -385,7 +385,7 @@ def test_keep_alive_sets_expires_at(client: ollama.Client, keep_alive: float | s
     assert expires_at is not None
     if math.isinf(seconds):
         # Negative = forever: Ollama shows now + math.MaxInt64 ns (~292 years), i.e. the year 2318 for
-        # anything before September 2026 (shared/reference/ollama.md), 2319 after.
+        # anything before September 2026 (docs/facts.md, "Ollama"), 2319 after.
         forever = datetime.now(UTC) + timedelta(seconds=GO_MAX_DURATION_S)
         assert abs((forever - expires_at).total_seconds()) < 5
         assert expires_at.year in (2318, 2319)

@@ -173,8 +173,7 @@ def test_studio_failure_releases_the_lease_and_is_counted(tmp_path) -> None:
 def test_the_summary_under_the_image_names_the_fallback(tmp_path) -> None:
     from clair import ui
 
-    demo = ui.build(_studio(tmp_path))
-    (summary,) = {fn.fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "render_summary"}
+    summary = ui.summary_text
     info = {"seed": 1, "width": 64, "height": 64, "steps": 2, "wait_s": 0, "render_s": 1, "path": "/x/a.png"}
     assert "ran out of memory" not in summary({**info, "fallback": None})
     assert "rendered again with **VAE tiling**" in summary({**info, "fallback": "vae-tiling"})

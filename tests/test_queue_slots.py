@@ -16,12 +16,12 @@ def test_a_chat_is_not_queued_behind_renders_in_gradios_slots(tmp_path):
     standin = OllamaStandin({MODEL: 4.9}, unload_delay=0.2).start()
     app = App(
         tmp_path,
-        {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_QUEUE_SLOTS": "1", "CLAIR_WARMUP": "0"},
+        {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_MAX_QUEUE": "3", "CLAIR_MAX_JOBS_PER_USER": "3", "CLAIR_WARMUP": "0"},
     )
     try:
         first = app.client.submit("one", "", 30, 5.0, 1024, 1024, 1, api_name="/render")  # several seconds
         wait_until(lambda: (app.status()["holder"] or {}).get("kind") == "render", timeout=30)
-        second = app.client.submit("two", "", 30, 5.0, 1024, 1024, 2, api_name="/render")  # Gradio's render slot is full
+        second = app.client.submit("two", "", 30, 5.0, 1024, 1024, 2, api_name="/render")  # queued behind the first
         chat = app.client.submit("are you there?", [], api_name="/chat")
         # The chat reaches the arbiter while the first render runs (CLAIR_CHAT_PRIORITY=next: it goes next).
         waiting = wait_until(lambda: app.status()["waiting"], timeout=10)

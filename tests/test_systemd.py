@@ -4,7 +4,7 @@ Three groups:
 
 * ``systemd-analyze verify`` on both units, in a throw-away ``--root`` (see
   ``verify_root``). verify exits 0 even for unknown keys and out-of-range values and
-  only prints them (docs: shared/reference/systemd.md), so any output is a failure.
+  only prints them (docs/facts.md, "Gradio and systemd details"), so any output is a failure.
 * The properties Clair relies on, read from the unit files, so an edit that drops one
   fails here even though the unit would still be valid.
 * clair.sdnotify against real AF_UNIX datagram sockets (a path and an abstract name).
@@ -38,7 +38,7 @@ OLLAMA_DROPIN = ROOT / "systemd" / "ollama.service.d" / "override.conf"
 PRIVATE_PORT_DROPIN = ROOT / "systemd" / "ollama.service.d" / "private-port.conf"
 
 # What Ollama's Linux installer writes to /etc/systemd/system/ollama.service (reduced to
-# what matters: docs: shared/reference/ollama.md, "Host and environment"). Ollama is not
+# what matters: see docs/facts.md, "Ollama"). Ollama is not
 # installed on test machines, so the test provides it for the drop-in to apply to.
 OLLAMA_UNIT = """\
 [Unit]
