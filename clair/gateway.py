@@ -24,6 +24,9 @@ their requests go through the same arbiter as Clair's own tabs:
   the `ollama` command on the host.
 * `/v1/...` are Clair's OpenAI-compatible endpoints (clair/openai_api.py), as on Ollama's own port.
 
+Every GPU request counts against the UI's caps (`job_slot`: CLAIR_MAX_JOBS_PER_USER per key's user, or
+per address without a key; CLAIR_MAX_QUEUE for the house); past one it is answered 429.
+
 Who may use it: the port is bound like Clair (loopback unless --listen). A request from another
 machine needs a key (`Authorization: Bearer`, `python app.py addkey NAME`) whenever Clair has users.
 One from this machine needs none: Ollama itself, on its private loopback port, answers anyone here

@@ -16,7 +16,7 @@
   which serves only the PNGs /v1 rendered, to the user (key) that asked for them, from Clair's output
   folder by exact name, until Clair restarts.
 
-Errors are OpenAI-shaped: `{"error": {"message", "type", "code"}}`, 400 for a bad request, 401/429 for
+Each request counts against the UI's caps (clair.gateway.job_slot; 429 past one). Errors are OpenAI-shaped: `{"error": {"message", "type", "code"}}`, 400 for a bad request, 401/429 for
 keys (clair/web.py), 503 when the engine or the GPU cannot serve. Who may call: clair/keys.py.
 """
 
