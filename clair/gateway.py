@@ -112,8 +112,9 @@ class Exchange(Response):
     sent (a request held for a render), so the wait ends and the lease goes back.
     """
 
-    def __init__(self, work: Callable[[Send, Gone], Awaitable[None]]):
+    def __init__(self, work: Callable[[Send, Gone], Awaitable[None]], shape: Callable[[str], dict] | None = None):
         self.work = work
+        self.shape = shape or (lambda message: {"error": message})  # an error body, as this API shapes them
         self.background = None
         self.status_code = 200
         self.raw_headers = []
@@ -128,9 +129,13 @@ class Exchange(Response):
                     gone.set()
                     return
 
+        started = False
+
         async def guarded_send(message: dict) -> None:
+            nonlocal started
             if gone.is_set():
                 raise OSError("the client went away")
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
         async with anyio.create_task_group() as tg:
@@ -139,6 +144,12 @@ class Exchange(Response):
                 await self.work(guarded_send, gone)
             except OSError:
                 gone.set()
+            except Exception as exc:  # a bug: logged with an id; the client gets the id, not the exception
+                from clair.limits import unexpected
+
+                text = unexpected(log, exc, "an API request")
+                if not started and not gone.is_set():
+                    await send_json(send, 500, self.shape(text))
             finally:
                 tg.cancel_scope.cancel()
 

@@ -55,6 +55,10 @@ def error(status: int, message: str, code: str = "", kind: str = "") -> JSONResp
     return JSONResponse({"error": {"message": message, "type": kind, "code": code or None}}, status_code=status)
 
 
+def openai_shape(message: str) -> dict:
+    return {"error": {"message": message, "type": "server_error", "code": "internal_error"}}
+
+
 def clair_error(exc: ClairError) -> tuple[int, dict]:
     """A ClairError as (status, OpenAI error object)."""
     if isinstance(exc, BadRequest):
@@ -166,7 +170,7 @@ def router(studio) -> APIRouter:
                     return
                 await _chat(send, gone, text[0]["content"], history, model, name, cid, created, stream, client)
 
-        return Exchange(work)
+        return Exchange(work, openai_shape)
 
     async def _chat(send, gone: Gone, message, history, model, name, cid, created, stream, client) -> None:
         t0 = time.monotonic()
@@ -312,7 +316,7 @@ def router(studio) -> APIRouter:
             log.info("api images n=%d client=%s s=%.3f", n, client, time.monotonic() - t0)
             await send_json(send, 200, {"created": int(time.time()), "data": data})
 
-        return Exchange(work)
+        return Exchange(work, openai_shape)
 
     @r.get("/files/{name}")
     def files(name: str, request: Request) -> Response:

@@ -413,3 +413,15 @@ def test_with_preemption_a_chat_pauses_the_render_like_a_chat_tab_message(standi
     assert answered < result["info"]["gpu_finished_at"]  # it did not wait for the whole render
     (sent,) = real_chats(standin)
     assert sent.arrived > result["info"]["gpu_started_at"]
+
+
+def test_a_bug_reaches_an_ollama_client_as_an_error_id(gateway, standin, studio, monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(studio, "ollama_lease", broken)
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=gateway.url).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 500 and "error id" in err.value.error and "secret" not in err.value.error
+    assert studio.jobs.snapshot()["total"] == 0
+    assert ollama.Client(host=gateway.url).list().models  # still serving

@@ -311,3 +311,17 @@ def test_an_image_url_serves_only_the_user_who_asked_for_it(lan):
     # An image saved by someone else (the Image tab) is not served under its exact name either.
     (studio.image.output_dir / "tab.png").write_bytes((studio.image.output_dir / name).read_bytes())
     assert httpx.get(served.url + "/v1/files/tab.png", headers={"Authorization": f"Bearer {key}"}).status_code == 404
+
+
+def test_a_bug_reaches_the_client_as_an_error_id_and_the_server_goes_on(v1, studio, monkeypatch, caplog):
+    def broken(*a, **kw):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(studio, "render", broken)
+    with pytest.raises(openai.InternalServerError) as err:
+        client(v1).images.generate(prompt="x", size="64x64", response_format="b64_json", extra_body={"steps": 1})
+    message = err.value.body["message"]
+    assert "error id" in message and "secret" not in message
+    assert "secret internals" in caplog.text  # the details are in the log
+    assert MODEL in [m.id for m in client(v1).models.list()]  # still serving
+    assert studio.jobs.snapshot()["total"] == 0  # the slot came back
