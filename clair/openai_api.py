@@ -9,7 +9,7 @@
   prompt unless the messages carry one. Sampling fields (temperature, top_p, max_tokens, stop, seed,
   tools ...) are not passed on.
 * `POST /v1/images/generations`: `Studio.render` (a render lease; the image is saved with its parameters
-  in PNG text chunks, as from the Image tab). `size` is "WIDTHxHEIGHT" (multiples of 8, 64 to 2048;
+  in PNG text chunks, as from the Image tab). `size` is "WIDTHxHEIGHT" (multiples of 8, 64 to CLAIR_MAX_SIDE;
   default 1024x1024); extra body fields, Clair's own: `steps` (default 30), `seed` (-1: random),
   `negative_prompt`, `guidance` (default 7). `n` is 1 to 4 (seeds seed, seed+1, ...). `response_format`
   `b64_json` returns the PNG itself; `url` (the default, as OpenAI's) a link to `/v1/files/<name>`,
