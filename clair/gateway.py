@@ -513,7 +513,12 @@ class GatewayGuard:
             await refuse(413, f"Request too large: Clair takes at most {MAX_BODY // 2**20} MB.", "too_large")
             return
         if not is_loopback_client(address):
-            verdict = web.api_key_check(headers, address)
+            try:
+                verdict = web.api_key_check(headers, address)
+            except Exception:  # the users file cannot be read: refuse, as the web port does
+                log.exception("the users file cannot be read")
+                await refuse(503, "Clair's users file cannot be read: tell whoever runs Clair.", "server_error")
+                return
             if verdict.status:
                 await refuse(verdict.status, verdict.message, verdict.code, verdict.headers)
                 return

@@ -399,6 +399,7 @@ class Studio:
                 yield None
             finally:
                 self._sync_ollama()
+                self._ollama_seen = None  # /status reads /api/ps afresh
             return
         self._sync_ollama()
         need, idle = self.ollama.footprint(model)
@@ -409,6 +410,7 @@ class Studio:
         finally:
             lease.release()
             self._sync_ollama()
+            self._ollama_seen = None  # /status reads /api/ps afresh
 
     def ollama_seen(self) -> list[dict]:
         """What Ollama holds now by /api/ps, Clair's requests or not, and the ledger told so (for /status).

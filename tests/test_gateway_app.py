@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.ollama_standin import OllamaStandin
-from tests.support import App, free_port
+from tests.support import App, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def test_keys_commands_and_both_apis_on_a_lan_app(tmp_path: Path) -> None:
             assert "".join(parts) == "You said: yo"
             assert [m.model for m in local.ps().models] == [MODEL]
             # /status shows what Ollama holds.
-            assert [m["model"] for m in app.status()["ollama_models"]] == [MODEL]
+            wait_until(lambda: [m["model"] for m in app.status()["ollama_models"]] == [MODEL], timeout=5)
             # Revoked: refused from now on, no restart.
             assert app_py("delkey", "alice", "--users-file", str(users_file)).returncode == 0
             with pytest.raises(openai.AuthenticationError):
