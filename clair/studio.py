@@ -378,7 +378,7 @@ class Studio:
         with self._cancel_lock:
             return sum(len(v) for v in self._cancel.values())
 
-    # -- the gateway (issue 10): clair/gateway.py and clair/openai_api.py call only these two --------
+    # -- the gateway (issue 10): what clair/gateway.py needs beyond chat() and render() ------------
     @contextmanager
     def ollama_lease(
         self, model: str, label: str, gpu: bool = True, cancelled: Callable[[], bool] = lambda: False
@@ -434,7 +434,7 @@ class Studio:
         self._ollama_seen = (now, models)
         return models
 
-    # -- cancel, status (continued) ------------------------------------------------------------------
+    # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict:
         ollama_models = self.ollama_seen()  # the gateway (issue 10): models loaded behind Clair's back too
         st = self.arbiter.status()
