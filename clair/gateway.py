@@ -43,6 +43,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -64,13 +65,14 @@ MANAGE = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "
 
 # --- running blocking work without starving the server ---------------------------------------------
 
-_limiters: dict[int, anyio.CapacityLimiter] = {}
+_limiters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def limiter() -> anyio.CapacityLimiter:
     """Worker threads for requests that wait for the GPU, apart from the server's (and Gradio's) own pool:
-    a queue of held API requests must not take every thread the UI needs. One per event loop."""
-    loop = id(asyncio.get_running_loop())
+    a queue of held API requests must not take every thread the UI needs (CLAIR_MAX_QUEUE bounds how many
+    wait at once). One per event loop."""
+    loop = asyncio.get_running_loop()
     lim = _limiters.get(loop)
     if lim is None:
         lim = _limiters[loop] = anyio.CapacityLimiter(256)
@@ -284,11 +286,11 @@ class Gateway:
         self.web = web  # clair.web.Web: hosts, users, keys, the failed-key back-off
         self.url = self.cfg.ollama_url.rstrip("/")
         self.timeout = httpx.Timeout(self.cfg.ollama_timeout_s, connect=5.0)
-        self._clients: dict[int, httpx.AsyncClient] = {}
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def client(self) -> httpx.AsyncClient:
         """One connection pool per event loop (making a client costs ~20 ms: it builds an SSL context)."""
-        loop = id(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         c = self._clients.get(loop)
         if c is None:
             c = self._clients[loop] = httpx.AsyncClient(timeout=self.timeout, headers={"accept-encoding": "identity"})
