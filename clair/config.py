@@ -125,6 +125,13 @@ class Config:
         "Clair never evicts it and never holds chats back for a render.",
         choices=("auto", "yes", "no"),
     )
+    ollama_port: int = setting(
+        0,
+        "Serve an Ollama-compatible API on this port, through Clair's GPU arbiter, for other programs "
+        "(bound like Clair). 0 = off. 11434 once Ollama itself moved to a private port (docs/gateway.md).",
+        min=0,
+        max=65535,
+    )
     ollama_timeout_s: float = setting(
         120.0, "Longest silence tolerated from Ollama while it loads or streams, in seconds.",
         min=1, max=86_400,
@@ -398,7 +405,8 @@ def parser() -> argparse.ArgumentParser:
         prog="app.py",
         description="Clair: chat and image generation sharing one GPU. Every option can also be set "
         "through its environment variable (shown in brackets). Accounts: `app.py adduser NAME` (asks for "
-        "the password; one line on standard input for scripts), `app.py deluser NAME`, `app.py users`.",
+        "the password; one line on standard input for scripts), `app.py deluser NAME`, `app.py users`. API keys: "
+        "`app.py addkey NAME` (prints a new key once), `app.py delkey NAME`, `app.py keys`.",
     )
     env_only = [f for f in fields() if not f.metadata["flag"]]
     p.epilog = "settings read from the environment only:\n" + "\n".join(
@@ -471,6 +479,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("CLAIR_MAX_CONNECTIONS must be at least 8 (a browser tab holds a few).")
     if not 1 <= cfg.port <= 65535:
         raise ConfigError(f"CLAIR_PORT={cfg.port} is not a TCP port.")
+    if cfg.ollama_port:
+        if not 1 <= cfg.ollama_port <= 65535 or cfg.ollama_port == cfg.port:
+            raise ConfigError(
+                f"CLAIR_OLLAMA_PORT={cfg.ollama_port} must be a free TCP port other than CLAIR_PORT ({cfg.port}), or 0 (off)."
+            )
+        target = cfg.ollama_url.split("://", 1)[1].split("/", 1)[0]
+        if cfg.ollama_on_this_gpu and target.rsplit(":", 1)[-1] == str(cfg.ollama_port):
+            raise ConfigError(
+                f"CLAIR_OLLAMA_PORT={cfg.ollama_port} is Ollama's own port (OLLAMA_HOST={cfg.ollama_host}): Clair would "
+                "forward to itself. Move Ollama to a private port first and point OLLAMA_HOST there (docs/gateway.md)."
+            )
     for name in ("max_prompt_chars", "max_message_chars", "max_history_messages", "max_history_chars", "max_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"CLAIR_{name.upper()} must be at least 1.")

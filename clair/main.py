@@ -25,6 +25,7 @@ from pathlib import Path
 from starlette.requests import Request  # module level: FastAPI resolves the routes' annotations here
 
 from clair import allocator, config, sdnotify
+from clair import keys as keys_mod
 from clair import users as users_mod
 from clair.errors import ConfigError
 
@@ -85,6 +86,11 @@ def make_app(studio, demo, users=None):
             status_code=405,
             headers={"Allow": "POST"},
         )
+
+    # The OpenAI-compatible API (clair/openai_api.py): before Gradio takes "/"; the guard checks its keys.
+    from clair.openai_api import router as openai_router
+
+    app.include_router(openai_router(studio))
 
     os.makedirs(studio.image.output_dir, exist_ok=True)
     demo.delete_cache = (900, 3600)  # every 15 min, drop Gradio's cached files older than an hour
@@ -209,6 +215,9 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
         if not thread.is_alive():
             raise SystemExit(f"Clair could not start serving on {cfg.host}:{cfg.port} (is the port in use?).")
         time.sleep(0.05)
+    gateway = None
+    if cfg.ollama_port:
+        gateway = serve_gateway(cfg, studio, app.state.web)
     scheme = "https" if cfg.tls_cert else "http"
     url = _url(scheme, cfg.host, cfg.port)
     log.info(
@@ -265,15 +274,52 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
         if watchdog is not None:
             watchdog.stop()
         server.should_exit = True
+        if gateway is not None:
+            gateway[0].should_exit = True
+            gateway[1].join(10)
         thread.join(10)
     return studio
+
+
+def serve_gateway(cfg: config.Config, studio, web):
+    """The Ollama-compatible API (clair/gateway.py) on CLAIR_OLLAMA_PORT, bound like Clair, plain HTTP
+    (as Ollama's clients expect). Returns (server, thread)."""
+    import uvicorn
+
+    from clair.gateway import Gateway
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            Gateway(studio, web).app(),
+            host=cfg.host,
+            port=cfg.ollama_port,
+            log_level="warning",
+            log_config=None,
+            timeout_graceful_shutdown=5,
+            limit_concurrency=cfg.max_connections,
+            server_header=False,
+        )
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn-ollama", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise SystemExit(
+                f"Clair could not serve its Ollama-compatible API on {cfg.host}:{cfg.ollama_port} (is the port in "
+                "use? Ollama itself may still listen there: docs/gateway.md)."
+            )
+        time.sleep(0.05)
+    print(f"  Ollama-compatible API: {_url('http', cfg.host, cfg.ollama_port)}  (OLLAMA_HOST for other programs)", flush=True)
+    if not cfg.loopback_only:
+        log.warning("the Ollama-compatible port is plain HTTP: API keys cross the LAN unencrypted")
+    return server, thread
 
 
 def main(argv: list[str] | None = None) -> int:
     # CUDA allocator (issue 11): before anything imports torch or touches CUDA; see clair/allocator.py.
     alloc_var, alloc_conf = allocator.apply()
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in users_mod.COMMANDS:
+    if argv and argv[0] in users_mod.COMMANDS + keys_mod.COMMANDS:
         return user_command(argv)
     try:
         cfg = config.load(argv)
@@ -303,15 +349,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def user_command(argv: list[str]) -> int:
-    """`adduser NAME`, `deluser NAME`, `users`; other flags (--users-file, --output-dir) as for serving."""
+    """`adduser NAME`, `deluser NAME`, `users`, `addkey NAME`, `delkey NAME`, `keys`; other flags (--users-file, --output-dir) as for serving."""
     import argparse
 
     p = argparse.ArgumentParser(prog=f"app.py {argv[0]}", add_help=True)
-    if argv[0] != "users":
+    if argv[0] not in ("users", "keys"):
         p.add_argument("name")
     args, rest = p.parse_known_args(argv[1:])
     try:
         cfg = config.load(rest)
+        if argv[0] in keys_mod.COMMANDS:
+            keys = keys_mod.Keys(keys_mod.keys_path(cfg.users_path))
+            return keys_mod.command([argv[0], *([args.name] if argv[0] != "keys" else [])], keys)
         users = users_mod.Users(cfg.users_path)
         return users_mod.command([argv[0], *([args.name] if argv[0] != "users" else [])], users)
     except (ConfigError, users_mod.UserError) as exc:

@@ -68,6 +68,9 @@ class Studio:
         self.ollama = OllamaChat(cfg, self.state)
         self.local = LocalChat(cfg)
         self.image = ImageEngine(cfg)
+        # Per-user and house caps on GPU jobs (CLAIR_MAX_JOBS_PER_USER, CLAIR_MAX_QUEUE), checked by the UI and
+        # the APIs (clair/ui.py, clair/gateway.py, clair/openai_api.py) before a request asks for a lease.
+        self.jobs = limits.JobCounter(cfg.max_jobs_per_user, cfg.max_queue, eta_s=self.arbiter.drain_eta_s)
         self.engines: list[Engine] = [self.ollama, self.local, self.image]
         for engine in self.engines:
             # An engine on another machine (Ollama elsewhere) holds none of our GPU: nothing to evict, no
@@ -128,8 +131,11 @@ class Studio:
         model: str | None = None,
         system: str | None = None,
         stop: threading.Event | None = None,
+        label: str | None = None,
     ) -> Iterator[Waiting | Token]:
-        """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses."""
+        """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses.
+
+        `label` names the request in the queue (default `chat:<model>`; the gateway's `api:<model> (<client>)`)."""
         # Limits first: a refused request makes no Ollama call and takes no lease (clair.limits).
         message, messages, system, model = limits.check_chat(self.cfg, message, history, system, model)
         system = self.cfg.system_prompt if system is None else system
@@ -152,7 +158,7 @@ class Studio:
             for text in backend.stream(model, messages, stop):
                 yield Token(text)
             return
-        lease = self._request(backend, "chat", backend.footprint(model), f"chat:{model}")
+        lease = self._request(backend, "chat", backend.footprint(model), label or f"chat:{model}")
         try:
             yield from self._wait(lease, stop.is_set)
             lease.progress()
@@ -387,8 +393,70 @@ class Studio:
         with self._cancel_lock:
             return sum(len(v) for v in self._cancel.values())
 
+    # -- the gateway (issue 10): what clair/gateway.py needs beyond chat() and render() ------------
+    @contextmanager
+    def ollama_lease(
+        self, model: str, label: str, gpu: bool = True, cancelled: Callable[[], bool] = lambda: False
+    ) -> Iterator[Lease | None]:
+        """Hold the GPU around one request another program sends to Ollama through Clair.
+
+        The protocol of `chat()`: the ledger is synced from /api/ps before and after; a chat lease on
+        Ollama's tenant, labelled `label` in the queue, is waited for (held during a render; GpuBusy after
+        CLAIR_QUEUE_TIMEOUT_S, Cancelled once `cancelled()` says so) before the block runs, and released
+        after it, whatever happens. `gpu=False` (an unload) takes no lease and only syncs the ledger after
+        the block. With Ollama on another machine nothing is held. Yields the granted lease, or None.
+        """
+        if not self.ollama_local:
+            yield None
+            return
+        if not gpu:
+            try:
+                yield None
+            finally:
+                self.ollama.sync(self.arbiter)
+                self._ollama_seen = None  # /status reads /api/ps afresh
+            return
+        lease = self._request(self.ollama, "chat", self.ollama.footprint(model), label)
+        try:
+            for _ in lease.waiting(self.cfg.queue_timeout_s, cancelled):
+                pass
+            lease.progress()
+            self.ollama.after_grant(lease, model)
+            yield lease
+        finally:
+            self._release(lease)
+            self._ollama_seen = None  # /status reads /api/ps afresh
+
+    def ollama_seen(self) -> list[dict]:
+        """What Ollama holds now by /api/ps, Clair's requests or not, and the ledger told so (for /status).
+
+        A model another program loaded straight on Ollama shows here, counts in the ledger, and is evicted
+        before a render like Clair's own. Read at most every 2 s (the UI polls /status). A failed reading
+        shows the last known models and keeps the ledger as it was (unknown is never empty).
+        """
+        if not self.ollama_local:
+            return []
+        now = time.monotonic()
+        seen = getattr(self, "_ollama_seen", None)
+        if seen is not None and now - seen[0] < 2.0:
+            return seen[1]
+        read_at = time.monotonic()
+        found = self.ollama.read()
+        if found is None:
+            return seen[1] if seen is not None else []
+        self.arbiter.set_resident(self.ollama.tenant, sum(vram for _, _, vram, _ in found), read_at=read_at)
+        models = [
+            {"model": name, "gb": round(size / GiB, 2), "vram_gb": round(vram / GiB, 2)}
+            for name, size, vram, _ in found
+        ]
+        self._ollama_seen = (now, models)
+        return models
+
+    # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict:
+        ollama_models = self.ollama_seen()  # the gateway (issue 10): models loaded behind Clair's back too
         st = self.arbiter.status()
+        st["ollama_models"] = ollama_models
         backend, problem = self.chat_backend()
         st["chat"] = {"backend": backend.name, "model": self.default_chat_model(), "problem": problem}
         st["image"] = {"model": self.image.label, "problem": self.image.problem(), "vae": self.image.vae_status()}

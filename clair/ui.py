@@ -154,7 +154,7 @@ def summary_text(info: dict) -> str:
 
 def build(studio: Studio) -> gr.Blocks:
     cfg = studio.cfg
-    jobs = limits.JobCounter(cfg.max_jobs_per_user, cfg.max_queue, eta_s=studio.arbiter.drain_eta_s)
+    jobs = studio.jobs  # shared with the API (clair/gateway.py, clair/openai_api.py): the same caps
     last_render: OrderedDict[tuple[str, str], dict] = OrderedDict()  # (client, session) -> info, for the summary
     last_render_lock = threading.Lock()
 

@@ -15,6 +15,9 @@ app, decides before Gradio sees a request:
   `/healthz`) needs a session. Failed logins are logged (name and address, never the password) and
   back off per address: three free tries, then 2, 4, 8 ... up to 300 s of 429 + Retry-After. One check
   at a time per address, and two scrypt checks at a time overall, bound the memory scrypt takes.
+* API keys: `/v1` (clair/openai_api.py, for other programs) takes no session: with users, it needs an
+  `Authorization: Bearer` key (clair/keys.py); wrong keys back off like failed logins, and refusals are
+  shaped as OpenAI's errors. Host and origin checks apply to it as to everything else.
 * Sessions: Gradio keeps `token -> user` in `App.tokens` with no expiry. `Sessions` replaces that
   dict: it remembers when each token was issued and forgets it after CLAIR_SESSION_HOURS, or once its
   user is deleted. Logout is a POST that ends only the caller's session (Gradio's GET /logout ended
@@ -34,10 +37,14 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import cookie_parser
+
+from clair.keys import Keys, bearer, keys_path
+from clair.users import UserError
 
 log = logging.getLogger("clair.web")
 
@@ -380,6 +387,34 @@ async def _respond(send, status: int, text: str, headers: dict[str, str] | None 
     await send({"type": "http.response.body", "body": body})
 
 
+@dataclass
+class Verdict:
+    """What the key check says about one API request: refuse (status > 0) or go on as `user`."""
+
+    status: int = 0
+    message: str = ""
+    code: str = ""
+    headers: dict[str, str] | None = None
+    user: str | None = None
+
+
+def is_api_path(path: str) -> bool:
+    """Clair's OpenAI-compatible routes (clair/openai_api.py): keys, not browser sessions."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+async def respond_openai(send, status: int, text: str, code: str, headers: dict[str, str] | None = None) -> None:
+    """A refusal shaped as OpenAI's API shapes them, so its clients show the message."""
+    import json
+
+    kind = "rate_limit_error" if status == 429 else "invalid_request_error"
+    body = json.dumps({"error": {"message": text, "type": kind, "code": code}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in {**SECURITY_HEADERS, **(headers or {})}.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
 class Web:
     """Everything the guard needs, shared with the routes in clair/main.py."""
 
@@ -395,6 +430,39 @@ class Web:
         self._lock = threading.Lock()
         self.auth = None  # the auth callable given to Gradio
         self.open_allowed = cfg.loopback_only or cfg.insecure  # may serve with no users at all
+        self.keys = Keys(keys_path(cfg.users_path))  # API keys (clair/keys.py), beside the users
+
+    def api_key_check(self, headers: Headers, address: str) -> Verdict:
+        """The key an API request carries: needed whenever Clair has users (clair/keys.py).
+
+        Wrong keys back off per address like failed logins (the same counter); a missing key does not
+        count as a try.
+        """
+        if not self.sync_auth():
+            return Verdict()
+        wait = self.limiter.retry_after(address)
+        if wait > 0:
+            n = str(int(wait + 0.999))
+            return Verdict(429, f"Too many wrong keys or passwords from your address: try again in {n} s.", "rate_limited", {"retry-after": n})
+        key = bearer(headers.get("authorization"))
+        if key is None:
+            return Verdict(
+                401,
+                "Clair needs an API key here: send `Authorization: Bearer <key>` (OpenAI clients: api_key=...). "
+                "Whoever runs Clair makes one with `python app.py addkey NAME`.",
+                "missing_api_key",
+            )
+        try:
+            user = self.keys.verify(key)
+        except UserError:
+            log.exception("the keys file cannot be read")
+            return Verdict(503, "Clair's keys file cannot be read: tell whoever runs Clair.", "server_error")
+        if user is None:
+            delay = self.limiter.failure(address)
+            log.warning("api key refused addr=%s next_try_in_s=%.0f", address, delay, extra=ALWAYS)
+            return Verdict(401, "Incorrect API key: check it, or ask for a new one (`python app.py addkey NAME`).", "invalid_api_key")
+        self.limiter.success(address)
+        return Verdict(user=user)
 
     def sync_auth(self) -> bool:
         """Whether a login is needed now; Gradio's login switches on with the first user (no restart)."""
@@ -508,6 +576,14 @@ class Guard:
                     {"retry-after": str(int(wait + 0.999))},
                 )
                 return
+        elif is_api_path(path):
+            # /v1 (clair/openai_api.py): a key instead of a session; no cookie is ever accepted there.
+            verdict = web.api_key_check(headers, address) if users_required else Verdict()
+            if verdict.status:
+                await respond_openai(send, verdict.status, verdict.message, verdict.code, verdict.headers)
+                return
+            if verdict.user:
+                scope = {**scope, "clair_api_user": verdict.user}
         elif (
             users_required
             and not (path in PUBLIC_EXACT or path.startswith(PUBLIC_PREFIXES) or path in LOGOUT_PATHS)

@@ -34,6 +34,8 @@ from clair import sdnotify
 ROOT = Path(__file__).resolve().parent.parent
 CLAIR_UNIT = ROOT / "systemd" / "clair.service"
 OLLAMA_DROPIN = ROOT / "systemd" / "ollama.service.d" / "override.conf"
+# Optional: Ollama on a private port, Clair's Ollama-compatible API on 11434 (docs/gateway.md).
+PRIVATE_PORT_DROPIN = ROOT / "systemd" / "ollama.service.d" / "private-port.conf"
 
 # What Ollama's Linux installer writes to /etc/systemd/system/ollama.service (reduced to
 # what matters: see docs/facts.md, "Ollama"). Ollama is not
@@ -326,6 +328,28 @@ def test_clair_hardening_keeps_cuda_working(clair: Unit) -> None:
     assert not _is_yes(clair.get("Service", "PrivateDevices"))
     assert not _is_yes(clair.get("Service", "MemoryDenyWriteExecute"))
     assert clair.get("Service", "DevicePolicy") in {None, "auto"}
+
+
+def test_private_port_dropin_verifies_and_moves_ollama_off_11434(verify_root: Path) -> None:
+    dropins = verify_root / "etc/systemd/system/ollama.service.d"
+    shutil.copy(PRIVATE_PORT_DROPIN, dropins / PRIVATE_PORT_DROPIN.name)
+    result = run_verify(verify_root, "ollama.service")
+    assert _output(result) == "" and result.returncode == 0, _output(result)
+    # systemd applies drop-ins in file name order: the later OLLAMA_HOST wins.
+    env: dict[str, str] = {}
+    for path in sorted(dropins.iterdir()):
+        env.update(Unit(path).environment())
+    assert env["OLLAMA_HOST"] == "127.0.0.1:11435"
+    assert env["OLLAMA_MAX_LOADED_MODELS"] == "1"  # override.conf still applies
+    # What docs/gateway.md tells Clair, and what Clair accepts together.
+    from clair import config
+
+    doc = (ROOT / "docs" / "gateway.md").read_text()
+    assert "OLLAMA_HOST=127.0.0.1:11435" in doc and "CLAIR_OLLAMA_PORT=11434" in doc
+    cfg = config.load([], {"OLLAMA_HOST": env["OLLAMA_HOST"], "CLAIR_OLLAMA_PORT": "11434"})
+    assert cfg.ollama_url == "http://127.0.0.1:11435" and cfg.ollama_port == 11434
+    with pytest.raises(config.ConfigError, match="forward to itself"):
+        config.load([], {"OLLAMA_HOST": "127.0.0.1:11434", "CLAIR_OLLAMA_PORT": "11434"})
 
 
 def test_ollama_dropin(dropin: Unit) -> None:

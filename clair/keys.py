@@ -1,0 +1,174 @@
+"""API keys for the endpoints other programs use (/v1 and the Ollama-compatible port), and their commands.
+
+`python app.py addkey NAME` makes a key, prints it once and stores only its SHA-256 hash in `keys.json`
+beside the users file (CLAIR_USERS_FILE), written like the users file: a new file created with mode 0600,
+then renamed over the old one. NAME is whom the key acts for: a request made with it counts as that user's
+(in the logs, in the queue label, against per-user caps). `delkey NAME` revokes it, `keys` lists the names.
+
+Keys are not passwords: each is 256 random bits (`secrets.token_urlsafe(32)`), so nobody can guess one and
+a fast hash is enough (as for GitHub's or PyPI's tokens); a slow hash like the users' scrypt would cost
+32 MiB and ~70 ms for every API call. A presented key is hashed and compared with every stored hash with
+`hmac.compare_digest`, so the time taken does not depend on which key, or how much of one, matched.
+
+When a key is needed (clair/web.py for /v1, clair/gateway.py for the Ollama port): whenever Clair has
+users. Clair has no users only on loopback (or with --insecure, which opens everything), and then the
+`Authorization` header is ignored: OpenAI clients always send some key ("ollama", "x").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
+
+from clair.users import UserError, check_name
+
+PREFIX = "clair-"
+MAX_KEY = 256  # longer Authorization values are refused before hashing
+
+
+def keys_path(users_path: str | os.PathLike) -> Path:
+    """keys.json in the folder of the users file."""
+    return Path(users_path).with_name("keys.json")
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The key in an `Authorization: Bearer <key>` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value or len(value) > MAX_KEY:
+        return None
+    return value
+
+
+class Keys:
+    """The keys file, re-read whenever it changes on disk. Thread-safe."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple | None = None
+        self._keys: dict[str, dict] = {}
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._keys = None, {}
+            return self._keys
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                keys = data.get("keys", {}) if isinstance(data, dict) else {}
+                if not isinstance(keys, dict):
+                    raise ValueError("keys is not a mapping")
+            except (OSError, ValueError) as exc:
+                raise UserError(
+                    f"The keys file {self.path} cannot be read ({exc.__class__.__name__}): fix or remove it, "
+                    "then add keys again with `python app.py addkey NAME`."
+                ) from None
+            self._keys = {
+                k: v for k, v in keys.items() if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
+            }
+            self._stamp = stamp
+        return self._keys
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._load())
+
+    def entries(self) -> dict[str, dict]:
+        with self._lock:
+            return {name: dict(v) for name, v in self._load().items()}
+
+    def verify(self, key: str | None) -> str | None:
+        """The name a key belongs to, or None. Every stored hash is compared, each in constant time."""
+        if not isinstance(key, str) or not key or len(key) > MAX_KEY:
+            return None
+        digest = _digest(key)
+        with self._lock:
+            entries = list(self._load().items())
+        found = None
+        for name, entry in entries:
+            if hmac.compare_digest(entry["sha256"].encode("utf-8", "replace"), digest.encode()):
+                found = name
+        return found
+
+    def _write(self, keys: dict[str, dict]) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"version": 1, "keys": keys}, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def add(self, name: str) -> tuple[str, bool]:
+        """Make a new key for `name` (replacing its old one). Returns (key, whether the name is new)."""
+        check_name(name)
+        key = PREFIX + secrets.token_urlsafe(32)
+        with self._lock:
+            keys = dict(self._load())
+            new = name not in keys
+            keys[name] = {"sha256": _digest(key), "created": int(time.time()), "hint": key[: len(PREFIX) + 4]}
+            self._write(keys)
+        return key, new
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            keys = dict(self._load())
+            if name not in keys:
+                raise UserError(f"There is no key named {name!r} in {self.path}.")
+            del keys[name]
+            self._write(keys)
+
+
+COMMANDS = ("addkey", "delkey", "keys")
+
+
+def command(argv: list[str], keys: Keys, out=None) -> int:
+    """Run one key command; returns the exit status. The key is printed once, by addkey, and never logged."""
+    out = sys.stdout if out is None else out
+    cmd, args = argv[0], argv[1:]
+    if cmd == "keys":
+        if args:
+            raise UserError("`keys` takes no arguments: it lists the key names.")
+        entries = keys.entries()
+        for name in sorted(entries):
+            e = entries[name]
+            made = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.get("created", 0)))
+            print(f"{name}\t{e.get('hint', '?')}…\tcreated {made}", file=out)
+        if not entries:
+            print(f"No keys yet in {keys.path}: add one with `python app.py addkey NAME`.", file=sys.stderr)
+        return 0
+    if len(args) != 1:
+        raise UserError(f"Usage: python app.py {cmd} NAME")
+    name = check_name(args[0])
+    if cmd == "delkey":
+        keys.delete(name)
+        print(f"Deleted the key {name} from {keys.path}. Requests made with it are refused from now on.", file=out)
+        return 0
+    key, new = keys.add(name)
+    print(f"{'Added' if new else 'Replaced'} the key {name} in {keys.path}. It is shown only now; copy it:", file=out)
+    print(key, file=out)
+    print("Send it as `Authorization: Bearer <key>` (OpenAI clients: api_key=...).", file=out)
+    return 0
