@@ -18,6 +18,7 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 from clair import gpu, limits
 from clair.arbiter import Arbiter, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat
-from clair.config import Config
+from clair.config import Config, duration_s
 from clair.errors import BadRequest, ChatUnavailable, ClairError
 from clair.image import ImageEngine, RenderParams
 
@@ -73,6 +74,30 @@ class Studio:
         self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
         self.warmups = 0
         self.last_health_problem: str | None = None
+        # What happened, for the panel (recoveries, errors, loads) and clair.metrics (every event).
+        self.recent: deque[dict] = deque(maxlen=30)
+        self._listeners: list[Callable[[str, dict], None]] = []
+        self.image_keep_alive_s = duration_s(cfg.image_keep_alive)
+        self._keepalive: threading.Thread | None = None
+        self._keepalive_lock = threading.Lock()
+
+    # -- events (for clair.metrics and the panel) ---------------------------------------------------
+    def on_event(self, fn: Callable[[str, dict], None]) -> None:
+        """Subscribe to "chat", "render", "load", "restore", "recovery" and "error" events."""
+        self._listeners.append(fn)
+
+    def _note(self, event: str, keep: bool = False, **data) -> None:
+        data["at"] = time.time()
+        if keep:
+            self.recent.append({"event": event, **data})
+        for fn in list(self._listeners):
+            try:
+                fn(event, data)
+            except Exception:  # a broken listener must not break a chat or a render
+                log.exception("studio listener failed")
+
+    def _error(self, what: str, exc: BaseException) -> None:
+        self._note("error", keep=True, what=what, kind=type(exc).__name__, text=str(exc)[:300])
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat_backend(self, fresh: bool = False, model: str | None = None) -> tuple[ChatBackend, str | None]:
@@ -115,6 +140,13 @@ class Studio:
         stop: threading.Event | None = None,
     ) -> Iterator[Waiting | Token]:
         """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses."""
+        try:
+            yield from self._chat(message, history, model, system, stop)
+        except ClairError as exc:
+            self._error("chat", exc)
+            raise
+
+    def _chat(self, message, history, model, system, stop) -> Iterator[Waiting | Token]:
         # Limits first: a refused request makes no Ollama call and takes no lease (clair.limits).
         message, messages, system, model = limits.check_chat(self.cfg, message, history, system, model)
         system = self.cfg.system_prompt if system is None else system
@@ -136,22 +168,40 @@ class Studio:
             self.local.load()  # from disk to host memory, before taking the GPU
         stop = stop or threading.Event()
         if backend is self.ollama and not self.ollama_local:
+            t0, first, n = time.monotonic(), None, 0
             for text in backend.stream(model, messages, stop):
+                if text:
+                    first, n = first or time.monotonic(), n + 1
                 yield Token(text)
+            self._chat_done(backend.name, t0, first, n)
             return
         need, idle = backend.footprint(model)
         lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
+        t0, first, n = None, None, 0
         try:
             yield from self._wait(lease, stop.is_set)
-            lease.progress()
+            t0 = time.monotonic()
+            lease.progress(0)
             for text in backend.stream(model, messages, stop):
-                lease.progress()  # the watchdog's sign of life (see healthy()); "" is a heartbeat without text
+                if text:  # a chunk of the reply: counted as one token (Ollama streams about one per chunk)
+                    first, n = first or time.monotonic(), n + 1
+                    lease.progress(n)
+                else:
+                    lease.progress()  # the watchdog's sign of life (see healthy()); "" is a heartbeat
                 if text:
                     yield Token(text)
         finally:
             lease.release()
             if backend is self.ollama:
                 self._sync_ollama()
+        self._chat_done(backend.name, t0, first, n)
+
+    def _chat_done(self, backend: str, t0: float | None, first: float | None, n: int) -> None:
+        end = time.monotonic()
+        ttft = (first - t0) if first and t0 else None
+        # Tokens per second over the stream after the first token (the first one pays the prompt).
+        tps = (n - 1) / (end - first) if first and n > 1 and end > first else None
+        self._note("chat", backend=backend, ttft_s=ttft, tokens=n, tokens_per_s=tps)
 
     def _wait(self, lease: Lease, cancelled: Callable[[], bool]) -> Iterator[Waiting]:
         """Yield the lease's place in the queue whenever it changes, until the GPU is ours."""
@@ -181,17 +231,30 @@ class Studio:
 
         `owner` (the user, None without accounts) is recorded in the PNG for per-user galleries.
         """
+        try:
+            return self._render(params, on_progress, cancel, owner)
+        except ClairError as exc:
+            self._error("render", exc)
+            raise
+        finally:
+            self._start_keepalive()
+
+    def _render(self, params, on_progress, cancel, owner) -> tuple[str, dict]:
         params = params.validated(self.cfg)
         self.check_fits(params)  # limits first: before any load, lease or eviction
         cancel = cancel or threading.Event()
         t_request = time.time()
         # Load from disk (to host memory) before asking for the GPU: a slow or failing load must not
         # hold the GPU or evict anyone. Raises ImageModelUnavailable with what to do.
+        was_loaded = self.image._pipe is not None
+        t_load = time.monotonic()
         self.image.load()
+        if not was_loaded:
+            self._note("load", keep=True, model=self.image.label, s=time.monotonic() - t_load)
         self._sync_ollama()  # the ledger must see what Ollama holds before it plans
         need, idle = self.image.footprint(params.width, params.height)
         first = self.arbiter.request(
-            "render", self.image.tenant, need, idle, label=f"render {params.width}x{params.height}"
+            "render", self.image.tenant, need, idle, label=f"render {params.width}x{params.height}", steps=params.steps
         )
         lease = first  # the lease that holds the GPU now: a pause hands over to a continuation
         ollama_evicted = False
@@ -212,7 +275,8 @@ class Studio:
                 on_progress(f"Paused for a chat at step {step}/{total}: resumes in about {w.eta_s:.0f} s", step / total)
             # Ours again: whatever left for the chat (Ollama) left in the wait above; our weights come back
             # if the chat needed their room. The latents, scheduler and generator never left this call.
-            self.image.restore()
+            restored = self.image.restore()
+            self._note("restore", tenant=self.image.tenant, s=restored)
             paused_s += time.monotonic() - t0
             evict_s += lease.evict_s
             evicted.extend(n for n in lease.evicted if n not in evicted)
@@ -226,10 +290,10 @@ class Studio:
             evicted.extend(first.evicted)
             evict_s += first.evict_s
             on_progress("Rendering", 0.0)
-            lease.progress()
+            lease.progress(0, params.steps)
 
             def on_step(step: int, total: int) -> None:
-                lease.progress()  # the watchdog's sign of life (see healthy())
+                lease.progress(step, total)  # the watchdog's sign of life (see healthy()), and the pace
                 on_progress(f"Step {step}/{total}", step / total)
 
             def on_oom() -> None:
@@ -249,6 +313,12 @@ class Studio:
                 # Recovery: bring the chat model back in the background so the next message doesn't pay the load.
                 threading.Thread(target=self._warm, name="clair-warmup", daemon=True).start()
         path = self.image.save(image, params, owner=owner)
+        self._note("restore", tenant=self.image.tenant, s=facts.get("restore_s", 0.0))
+        if facts.get("fallback"):
+            self._note("recovery", keep=True, what="render", fallback=facts["fallback"], text=(
+                f"a {params.width}x{params.height} render ran out of GPU memory and recovered with {facts['fallback']}"
+            ))
+        self._note("render", render_s=facts["render_s"] - paused_s, steps=params.steps, preemptions=lease.pauses)
         info = {
             **asdict(params),
             "model": self.image.model_id,
@@ -281,6 +351,73 @@ class Studio:
             paused_s,
         )
         return str(path), info
+
+    # -- giving memory back: eject, the image keep-alive --------------------------------------------
+    def ejectable(self) -> dict[str, str]:
+        """Tenants an operator may unload by hand: tenant -> what to call it."""
+        out = {self.image.tenant: "image model", self.local.tenant: "in-process chat model"}
+        if self.ollama_local:
+            out = {self.ollama.tenant: "Ollama's models", **out}
+        return out
+
+    def eject(self, tenant: str) -> str:
+        """Unload an idle model from the GPU now. Returns what happened, in words (never raises for a busy one).
+
+        Goes through the arbiter (Arbiter.evict_idle_tenant): a busy tenant, or one a request waits for, is
+        left alone and the reason is returned; nothing can start on it while it leaves.
+        """
+        names = self.ejectable()
+        if tenant not in names:
+            raise BadRequest(f"Unknown model {tenant!r}: choose one of {', '.join(names)}.")
+        if tenant == self.ollama.tenant:
+            self._sync_ollama()
+        if not self.arbiter.resident_bytes(tenant):
+            return f"The {names[tenant]} is not on the GPU."
+        why = self.arbiter.evict_idle_tenant(tenant, why="eject")
+        if why:
+            return f"The {names[tenant]} stays: {why}."
+        if tenant == self.ollama.tenant:
+            self._sync_ollama()
+        self._note("eject", keep=True, tenant=tenant, text=f"{names[tenant]} unloaded by hand")
+        return f"The {names[tenant]} left the GPU."
+
+    def _start_keepalive(self) -> None:
+        """After a render: start the thread that unloads the image model once it has idled long enough."""
+        if self.image_keep_alive_s < 0:
+            return  # kept forever
+        with self._keepalive_lock:
+            if self._keepalive is not None:
+                return  # running (it clears itself under this lock before it ends)
+            self._keepalive = threading.Thread(target=self._keepalive_loop, name="clair-image-keepalive", daemon=True)
+            self._keepalive.start()
+
+    def _keepalive_loop(self) -> None:
+        """Unload the image model after CLAIR_IMAGE_KEEP_ALIVE without a render; exits once it is unloaded.
+
+        The check and the eviction are one arbiter call (evict_idle_tenant with idle_for_s): it evicts only
+        an image tenant that no request runs on or waits for, and that has been idle that long, so it cannot
+        race a render: a render that arrives meanwhile waits for the eviction, then brings the weights back.
+        """
+        keep = self.image_keep_alive_s
+        tick = min(5.0, max(0.05, keep / 4))
+        tenant = self.image.tenant
+        while True:
+            time.sleep(tick)
+            idle = self.arbiter.idle_s(tenant)
+            if idle is None:
+                with self._keepalive_lock:
+                    if not self.arbiter.resident_bytes(tenant):
+                        self._keepalive = None
+                        return  # not on the GPU: the next render starts a new timer
+                continue  # busy
+            if idle < keep:
+                continue
+            why = self.arbiter.evict_idle_tenant(tenant, idle_for_s=keep, why="keep-alive")
+            if not why:
+                self._note(
+                    "keep-alive", keep=True, tenant=tenant,
+                    text=f"image model unloaded after {keep:g} s without a render (CLAIR_IMAGE_KEEP_ALIVE)",
+                )
 
     def check_fits(self, params: RenderParams) -> None:
         """Refuse a render that could never fit the VRAM budget, even alone (0 = unknown: no refusal)."""
@@ -379,6 +516,7 @@ class Studio:
         st["image"] = {"model": self.image.label, "problem": self.image.problem(), "vae": self.image.vae_status()}
         st["stats"]["oom_recoveries"] = self.image.oom_recoveries
         st["stats"]["oom_failures"] = self.image.oom_failures
+        st["image_keep_alive_s"] = self.image_keep_alive_s
         st["cuda"] = gpu.cuda()
         st["demo"] = self.cfg.demo
         return st
