@@ -314,7 +314,9 @@ class Lease:
     total: int = 0
     unit_s: float = 0.0
     _unit_at: float | None = None
+    _unit_done: int = 0
     first_at: float | None = None  # time.monotonic() of the first step or token
+    owner: str | None = None  # the user it is for (None without accounts), for the panel
 
     @property
     def kind(self) -> Kind:
@@ -393,14 +395,15 @@ class Lease:
         if done is None:
             return
         if self._unit_at is None or done < self.done:
-            self._unit_at, self.done = now, int(done)  # the baseline: the pace is measured from here
+            # The baseline: the pace is the mean from here on (what came before, a load, the prompt's
+            # encoding, is not the pace of the steps or tokens still to come).
+            self._unit_at, self._unit_done, self.done = now, int(done), int(done)
             return
         if done > self.done:
             if self.first_at is None:
                 self.first_at = now
-            per = (now - self._unit_at) / (done - self.done)
-            self.unit_s = per if not self.unit_s else 0.7 * self.unit_s + 0.3 * per
-            self._unit_at, self.done = now, int(done)
+            self.unit_s = (now - self._unit_at) / (done - self._unit_done)
+            self.done = int(done)
 
     def __enter__(self) -> Lease:
         return self.wait(self.arbiter.queue_timeout_s)
@@ -770,6 +773,7 @@ class Arbiter:
             req = replace(lease.req, id=rid, order=(lease.req.order[0] if lease.req.order else lease.req.id, 1, rid))
             nxt = Lease(self, req, lease.label, requested_at=time.time(), pauses=lease.pauses + 1, paused=True)
             nxt.done, nxt.total, nxt.unit_s = lease.done, lease.total, lease.unit_s  # for the estimates
+            nxt.owner = lease.owner
             self._waiting[rid] = nxt
             self.stats["preemptions"] += 1
             self._release_locked(lease, final=False)
@@ -1003,6 +1007,7 @@ class Arbiter:
                     if ls.ready_at
                     else ("evicting" if ls._grant and ls._grant.evict else "starting"),
                     "held_s": round(now - (ls.granted_at or now), 2),
+                    "owner": ls.owner,
                     "since": ls.granted_at,
                     "done": ls.done,
                     "total": ls.total,
@@ -1022,6 +1027,7 @@ class Arbiter:
                         "kind": req.kind,
                         "label": lease.label + (" (paused for a chat)" if lease.paused else ""),
                         "paused": lease.paused,
+                        "owner": lease.owner,
                         "position": i + 1,
                         "eta_s": round(self._eta_locked(req, ahead), 1),
                         "waited_s": round(now - lease.requested_at, 2),

@@ -76,6 +76,7 @@ class Studio:
         self.last_health_problem: str | None = None
         # What happened, for the panel (recoveries, errors, loads) and clair.metrics (every event).
         self.recent: deque[dict] = deque(maxlen=30)
+        self.swaps: deque[dict] = deque(maxlen=20)  # model loads and weight restores with their seconds
         self._listeners: list[Callable[[str, dict], None]] = []
         self.image_keep_alive_s = duration_s(cfg.image_keep_alive)
         self._keepalive: threading.Thread | None = None
@@ -88,6 +89,8 @@ class Studio:
 
     def _note(self, event: str, keep: bool = False, **data) -> None:
         data["at"] = time.time()
+        if event in ("load", "restore") and data.get("s"):
+            self.swaps.append({"event": event, **data})
         if keep:
             self.recent.append({"event": event, **data})
         for fn in list(self._listeners):
@@ -138,15 +141,19 @@ class Studio:
         model: str | None = None,
         system: str | None = None,
         stop: threading.Event | None = None,
+        owner: str | None = None,
     ) -> Iterator[Waiting | Token]:
-        """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses."""
+        """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses.
+
+        `owner` (the user, None without accounts) is shown in the GPU panel's queue.
+        """
         try:
-            yield from self._chat(message, history, model, system, stop)
+            yield from self._chat(message, history, model, system, stop, owner)
         except ClairError as exc:
             self._error("chat", exc)
             raise
 
-    def _chat(self, message, history, model, system, stop) -> Iterator[Waiting | Token]:
+    def _chat(self, message, history, model, system, stop, owner=None) -> Iterator[Waiting | Token]:
         # Limits first: a refused request makes no Ollama call and takes no lease (clair.limits).
         message, messages, system, model = limits.check_chat(self.cfg, message, history, system, model)
         system = self.cfg.system_prompt if system is None else system
@@ -177,6 +184,7 @@ class Studio:
             return
         need, idle = backend.footprint(model)
         lease = self.arbiter.request("chat", backend.tenant, need, idle, label=f"chat:{model}")
+        lease.owner = owner
         t0, first, n = None, None, 0
         try:
             yield from self._wait(lease, stop.is_set)
@@ -256,6 +264,7 @@ class Studio:
         first = self.arbiter.request(
             "render", self.image.tenant, need, idle, label=f"render {params.width}x{params.height}", steps=params.steps
         )
+        first.owner = owner
         lease = first  # the lease that holds the GPU now: a pause hands over to a continuation
         ollama_evicted = False
         evicted: list[str] = []
@@ -290,7 +299,7 @@ class Studio:
             evicted.extend(first.evicted)
             evict_s += first.evict_s
             on_progress("Rendering", 0.0)
-            lease.progress(0, params.steps)
+            lease.progress(total=params.steps)  # the pace is measured from the first step on
 
             def on_step(step: int, total: int) -> None:
                 lease.progress(step, total)  # the watchdog's sign of life (see healthy()), and the pace
