@@ -172,3 +172,20 @@ def test_keep_alive_negative_keeps_the_model(standin, tmp_path):
     studio.render(RenderParams("x", steps=1, width=64, height=64, seed=1))
     time.sleep(0.3)
     assert studio.image._swap.on_gpu and studio._keepalive is None
+
+
+def test_keep_alive_never_unloads_the_model_under_a_running_render(standin, tmp_path):
+    """A keep-alive far shorter than the render: the weights stay on the device at every step."""
+    studio = make(standin, tmp_path, image_keep_alive="0.05")
+    params = RenderParams("x", steps=5, width=64, height=64, seed=2)
+    studio.render(params)  # starts the keep-alive timer
+    seen: list[bool] = []
+
+    def on_progress(text, frac):
+        if text.startswith("Step "):
+            seen.append(studio.image._swap.on_gpu)
+            time.sleep(0.12)  # longer than the keep-alive, at every step
+
+    studio.render(params, on_progress=on_progress)
+    assert seen == [True] * 5
+    wait_until(lambda: not studio.image._swap.on_gpu, 10)
