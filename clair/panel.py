@@ -290,7 +290,7 @@ def panel_html(d: dict) -> str:
             [_ago(e["at"], now), escape(f"{e.get('what') or e['event']}: {e.get('kind', '')} {e.get('text', '')}".strip())]
             for e in d["events"]
         ],
-        "No recoveries or errors.",
+        "No recoveries, errors or unloads.",
     )
     keep = d.get("image_keep_alive_s")
     keep_text = (
@@ -304,7 +304,7 @@ def panel_html(d: dict) -> str:
         f"<h3>Queue</h3>{queue}"
         f"<h3>GPU over the last {d['timeline']['window_s'] / 60:.0f} minutes</h3>{_timeline(d)}"
         f"<h3>Last hand-overs</h3>{swaps}"
-        f"<h3>Recoveries and errors</h3>{events}"
+        f"<h3>Recoveries, errors and unloads</h3>{events}"
         f"<p style='font-size:12px;opacity:.7'>Policy {escape(d['policy'])} · grants {stats.get('grants', 0)} · "
         f"swaps {stats.get('swaps', 0)} · preemptions {stats.get('preemptions', 0)} · "
         f"out-of-memory recoveries {stats.get('oom_recoveries', 0)} · budget breaches {stats.get('budget_exceeded', 0)}</p>"

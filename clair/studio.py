@@ -258,7 +258,7 @@ class Studio:
         t_load = time.monotonic()
         self.image.load()
         if not was_loaded:
-            self._note("load", keep=True, model=self.image.label, s=time.monotonic() - t_load)
+            self._note("load", model=self.image.label, s=time.monotonic() - t_load)
         self._sync_ollama()  # the ledger must see what Ollama holds before it plans
         need, idle = self.image.footprint(params.width, params.height)
         first = self.arbiter.request(
@@ -364,7 +364,7 @@ class Studio:
     # -- giving memory back: eject, the image keep-alive --------------------------------------------
     def ejectable(self) -> dict[str, str]:
         """Tenants an operator may unload by hand: tenant -> what to call it."""
-        out = {self.image.tenant: "image model", self.local.tenant: "in-process chat model"}
+        out = {self.image.tenant: "The image model", self.local.tenant: "The in-process chat model"}
         if self.ollama_local:
             out = {self.ollama.tenant: "Ollama's models", **out}
         return out
@@ -381,14 +381,14 @@ class Studio:
         if tenant == self.ollama.tenant:
             self._sync_ollama()
         if not self.arbiter.resident_bytes(tenant):
-            return f"The {names[tenant]} is not on the GPU."
+            return f"{names[tenant]}: not on the GPU."
         why = self.arbiter.evict_idle_tenant(tenant, why="eject")
         if why:
-            return f"The {names[tenant]} stays: {why}."
+            return f"{names[tenant]}: stays on the GPU, {why}."
         if tenant == self.ollama.tenant:
             self._sync_ollama()
-        self._note("eject", keep=True, tenant=tenant, text=f"{names[tenant]} unloaded by hand")
-        return f"The {names[tenant]} left the GPU."
+        self._note("eject", keep=True, tenant=tenant, text=f"{names[tenant]}: unloaded by hand")
+        return f"{names[tenant]}: left the GPU."
 
     def _start_keepalive(self) -> None:
         """After a render: start the thread that unloads the image model once it has idled long enough."""

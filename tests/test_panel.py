@@ -136,7 +136,7 @@ def test_eject_refuses_a_busy_tenant_and_unloads_an_idle_one(standin, tmp_path):
     try:
         assert at_step.wait(60)
         said = studio.eject("image")
-        assert "stays" in said and "busy" in said
+        assert "stays on the GPU" in said and "busy" in said
         assert studio.image._swap.on_gpu  # untouched
     finally:
         go.set()
