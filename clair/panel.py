@@ -87,13 +87,16 @@ def panel_data(studio, now: float | None = None) -> dict:
         swaps.append({"at": e["at"], "what": e["event"], "tenant": e.get("tenant") or "image", "for": e.get("model", ""), "s": e["s"]})
     swaps.sort(key=lambda x: x["at"], reverse=True)
 
+    # The timeline spans the last TIMELINE_S at most, and shrinks to what happened (at least a minute).
+    starts = [h["start"] for h in hist["holds"] if h["start"] is not None and h["start"] > now - TIMELINE_S]
+    window = min(TIMELINE_S, max(60.0, 1.1 * (now - min(starts)))) if starts else 60.0
     holds = []
     for h in hist["holds"]:
         end = h["end"] if h["end"] is not None else now
-        if end < now - TIMELINE_S or h["start"] is None:
+        if h["start"] is None or end < now - window:
             continue
         holds.append(
-            {"kind": h["kind"], "label": h["label"], "start_s": max(-TIMELINE_S, h["start"] - now), "end_s": end - now,
+            {"kind": h["kind"], "label": h["label"], "start_s": max(-window, h["start"] - now), "end_s": end - now,
              "running": h["end"] is None}
         )
 
@@ -123,7 +126,7 @@ def panel_data(studio, now: float | None = None) -> dict:
         "holders": holders,
         "queue": queue,
         "handovers": swaps[:8],
-        "timeline": {"window_s": TIMELINE_S, "holds": holds},
+        "timeline": {"window_s": window, "holds": holds},
         "events": events[:8],
         "ejectable": ejectable,
         "image_keep_alive_s": st.get("image_keep_alive_s"),
@@ -167,6 +170,7 @@ def _holder_text(h: dict) -> str:
 
 def _bar(d: dict, height: int = 18) -> str:
     v = d["vram"]
+    font = 11 if height >= 14 else 0  # a thin bar has no room for words: they are in its tooltips
     scale = max(1, v["scale"])
     parts = []
     for s in v["segments"]:
@@ -175,14 +179,14 @@ def _bar(d: dict, height: int = 18) -> str:
         title = escape(f"{s['name']}: {_gb(s['bytes'])}{state}")
         parts.append(
             f'<div title="{title}" style="width:{pct:.2f}%;background:{COLORS.get(s["tenant"], "#b07cd8")};'
-            f'{"opacity:.5;" if s["evicting"] else ""}overflow:hidden;white-space:nowrap;font-size:11px;color:#fff;'
+            f'{"opacity:.5;" if s["evicting"] else ""}overflow:hidden;white-space:nowrap;font-size:{font}px;color:#fff;'
             f'padding-left:3px">{escape(s["name"])} {_gb(s["bytes"])}</div>'
         )
     if v["others"]:
         pct = 100.0 * v["others"] / scale
         parts.append(
             f'<div title="other processes: {_gb(v["others"])}" style="width:{pct:.2f}%;background:{COLORS["other"]};'
-            f'font-size:11px;color:#fff;overflow:hidden;white-space:nowrap;padding-left:3px">others {_gb(v["others"])}</div>'
+            f'font-size:{font}px;color:#fff;overflow:hidden;white-space:nowrap;padding-left:3px">others {_gb(v["others"])}</div>'
         )
     return (
         f'<div class="clair-vram" style="display:flex;height:{height}px;border:1px solid #8884;border-radius:4px;'
@@ -239,12 +243,12 @@ def _timeline(d: dict, width: int = 600, height: int = 46) -> str:
         )
     return (
         f'<svg class="clair-timeline" viewBox="0 0 {width} {height}" width="100%" height="{height}" '
-        f'preserveAspectRatio="none" role="img" aria-label="GPU holders over the last {win / 60:.0f} minutes">'
+        f'preserveAspectRatio="none" role="img" aria-label="GPU holders over the last {win:.0f} s">'
         f'<text x="2" y="17" font-size="10" fill="currentColor" opacity=".6">render</text>'
         f'<text x="2" y="37" font-size="10" fill="currentColor" opacity=".6">chat</text>'
         f'{"".join(rects)}</svg>'
         f'<div style="display:flex;justify-content:space-between;font-size:11px;opacity:.6">'
-        f"<span>{win / 60:.0f} min ago</span><span>now</span></div>"
+        f"<span>{_ago(d['at'] - win, d['at'])}</span><span>now</span></div>"
     )
 
 
@@ -302,7 +306,7 @@ def panel_html(d: dict) -> str:
         f"<h3>VRAM</h3>{_bar(d, 22)}<p style='font-size:13px'>{escape(_vram_caption(d))}. Image model: {keep_text}.</p>"
         f"<h3>GPU holder</h3><p>{holder}</p>"
         f"<h3>Queue</h3>{queue}"
-        f"<h3>GPU over the last {d['timeline']['window_s'] / 60:.0f} minutes</h3>{_timeline(d)}"
+        f"<h3>Who held the GPU</h3>{_timeline(d)}"
         f"<h3>Last hand-overs</h3>{swaps}"
         f"<h3>Recoveries, errors and unloads</h3>{events}"
         f"<p style='font-size:12px;opacity:.7'>Policy {escape(d['policy'])} · grants {stats.get('grants', 0)} · "
