@@ -57,6 +57,9 @@ after every step of random runs):
    never across an eviction, a load, a render or any I/O. Methods suffixed `_locked` expect it held.
    Leases are not bound to threads (Gradio runs each step of a streaming handler on any worker
    thread), so no thread-owned lock is ever held for the length of a lease.
+9. Estimates only: a holder reports its progress (`Lease.progress(done, total)`: denoising steps or
+   tokens) without the lock, into fields of its own lease that only it writes; the estimates read them
+   under the lock and may see them a step stale. Nothing the policy decides depends on them.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -364,6 +368,15 @@ class Lease:
     _tenant_was_resident: bool = False
     progress_at: float | None = None  # time.monotonic() of the holder's last sign of life (see progress())
     _own_bytes: int = 0  # what its tenant held on the GPU when it was granted
+    # Measured progress (written by the holder only, see progress()): steps or tokens done, a render's total
+    # steps (known at request), and the measured seconds per step or per token (0 until measured).
+    done: int = 0
+    total: int = 0
+    unit_s: float = 0.0
+    _unit_at: float | None = None
+    _unit_done: int = 0
+    first_at: float | None = None  # time.monotonic() of the first step or token
+    owner: str | None = None  # the user it is for (None without accounts), for the panel
 
     @property
     def kind(self) -> Kind:
@@ -428,9 +441,29 @@ class Lease:
     def release(self) -> None:
         self.arbiter._release(self)
 
-    def progress(self) -> None:
-        """The holder is alive: a denoising step, a token. `Arbiter.stalled()` reports holders without it."""
-        self.progress_at = time.monotonic()
+    def progress(self, done: int | None = None, total: int | None = None) -> None:
+        """The holder is alive: a denoising step, a token. `Arbiter.stalled()` reports holders without it.
+
+        `done` (steps or tokens so far; 0 when the work begins) and `total` (a render's steps) feed the
+        estimates: the seconds per step or token are measured between calls, so a queued request's wait
+        is the running work's remaining units times its own measured pace (`Arbiter.remaining_s`).
+        """
+        now = time.monotonic()
+        self.progress_at = now
+        if total is not None:
+            self.total = int(total)
+        if done is None:
+            return
+        if self._unit_at is None or done < self.done:
+            # The baseline: the pace is the mean from here on (what came before, a load, the prompt's
+            # encoding, is not the pace of the steps or tokens still to come).
+            self._unit_at, self._unit_done, self.done = now, int(done), int(done)
+            return
+        if done > self.done:
+            if self.first_at is None:
+                self.first_at = now
+            self.unit_s = (now - self._unit_at) / (done - self._unit_done)
+            self.done = int(done)
 
     def __enter__(self) -> Lease:
         return self.wait(self.arbiter.queue_timeout_s)
@@ -474,7 +507,14 @@ class Arbiter:
         self._waiting: dict[int, Lease] = {}
         self._use_seq = itertools.count(1)
         self._hold_ema: dict[str, float] = {"chat": 5.0, "render": 15.0}
+        # Measured paces (seconds per step / per token) and reply length, from finished work: what a
+        # queued request that has not started yet is estimated at (the hold EMA until one is measured).
+        self._unit_ema: dict[str, float] = {"chat": 0.0, "render": 0.0}
+        self._reply_tokens_ema = 200.0
         self._last_handover: dict = {}
+        self.handovers: deque[dict] = deque(maxlen=20)  # the last hand-overs with evictions (for the panel)
+        self.holds: deque[dict] = deque(maxlen=200)  # finished holds: kind, label, start, end (time.time())
+        self.idle_evictions: deque[dict] = deque(maxlen=20)  # evict_idle_tenant(): tenant, why, s, at
         self.stats = {
             "grants": 0,
             "swaps": 0,
@@ -555,12 +595,17 @@ class Arbiter:
             return res.bytes if res else 0
 
     # -- leases ----------------------------------------------------------------------------------
-    def request(self, kind: Kind, tenant: str, need: int, idle: int | None = None, label: str = "") -> Lease:
-        """Queue a request for the GPU. Returns at once; `Lease.wait()`/`poll()` block until granted."""
+    def request(
+        self, kind: Kind, tenant: str, need: int, idle: int | None = None, label: str = "", steps: int = 0
+    ) -> Lease:
+        """Queue a request for the GPU. Returns at once; `Lease.wait()`/`poll()` block until granted.
+
+        `steps` (a render's denoising steps) lets the queue estimate it from the measured pace per step.
+        """
         with self._lock:
             rid = next(self._seq)
             req = Req(rid, kind, tenant, int(need), int(need if idle is None else idle), self._order_locked(kind, rid))
-            lease = Lease(self, req, label or kind, requested_at=time.time())
+            lease = Lease(self, req, label or kind, requested_at=time.time(), total=int(steps))
             self._waiting[rid] = lease
             self._schedule_locked()
             return lease
@@ -654,12 +699,14 @@ class Arbiter:
                 )
             return
         evicted: list[str] = []
+        each: dict[str, float] = {}
         try:
             for name in grant.evict:
                 tenant = self._tenants.get(name)
                 t0 = time.monotonic()
                 if tenant is not None:
                     tenant.evict()
+                each[name] = round(time.monotonic() - t0, 4)
                 with self._lock:
                     self._residents.pop(name, None)
                     self._changed[name] = time.monotonic()
@@ -699,11 +746,13 @@ class Arbiter:
             "reason": grant.reason,
             "wait_s": round(lease.wait_s, 4),
             "evict_s": round(lease.evict_s, 4),
+            "evict_each_s": each,
             "at": lease.ready_at,
         }
         with self._lock:
             if evicted:
                 self._last_handover = handover
+                self.handovers.append(handover)
         if evicted:
             log.info(
                 "handover to=%s evicted=%s wait_s=%.3f evict_s=%.3f",
@@ -712,7 +761,19 @@ class Arbiter:
                 lease.wait_s,
                 lease.evict_s,
             )
-        self._emit("start", {"id": lease.req.id, "kind": lease.kind, "label": lease.label, "at": lease.ready_at})
+        self._emit(
+            "start",
+            {
+                "id": lease.req.id,
+                "kind": lease.kind,
+                "label": lease.label,
+                "at": lease.ready_at,
+                "evicted": list(evicted),
+                "evict_s": handover["evict_s"],
+                "evict_each_s": each,
+                "wait_s": handover["wait_s"],
+            },
+        )
 
     def _release(self, lease: Lease) -> None:
         with self._lock:
@@ -751,10 +812,19 @@ class Arbiter:
             # Back to idle size, but never below what the tenant itself reported.
             size = max([lease.req.idle, res.measured] + [ls.req.need for ls in still_busy])
             self._residents[tenant] = Resident(tenant, size, next(self._use_seq), measured=res.measured)
+        if lease.ready_at is not None:
+            self.holds.append(
+                {"kind": lease.kind, "label": lease.label, "start": lease.ready_at, "end": lease.released_at}
+            )
         if lease.ready_at is not None and final:
             held = lease.released_at - lease.ready_at
             ema = self._hold_ema[lease.kind]
             self._hold_ema[lease.kind] = 0.7 * ema + 0.3 * held
+            if lease.unit_s:
+                u = self._unit_ema[lease.kind]
+                self._unit_ema[lease.kind] = lease.unit_s if not u else 0.7 * u + 0.3 * lease.unit_s
+            if lease.kind == "chat" and lease.done:
+                self._reply_tokens_ema = 0.7 * self._reply_tokens_ema + 0.3 * lease.done
         return True
 
     # -- preemption at step boundaries -------------------------------------------------------------
@@ -789,6 +859,10 @@ class Arbiter:
             rid = next(self._seq)
             req = replace(lease.req, id=rid, order=(lease.req.order[0] if lease.req.order else lease.req.id, 1, rid))
             nxt = Lease(self, req, lease.label, requested_at=time.time(), pauses=lease.pauses + 1, paused=True)
+            # The measured pace carries over: the holder goes on counting steps where it stopped.
+            nxt.done, nxt.total, nxt.unit_s, nxt.owner = lease.done, lease.total, lease.unit_s, lease.owner
+            nxt.done, nxt.total, nxt.unit_s = lease.done, lease.total, lease.unit_s  # for the estimates
+            nxt.owner = lease.owner
             self._waiting[rid] = nxt
             self.stats["preemptions"] += 1
             self._release_locked(lease, final=False)
@@ -850,6 +924,75 @@ class Arbiter:
             log.info("evicted for an out-of-memory retry tenants=%s for=%s", ",".join(evicted), lease.label)
         return tuple(evicted)
 
+    def evict_idle_tenant(self, tenant: str, idle_for_s: float = 0.0, why: str = "") -> str:
+        """Take an idle tenant off the GPU without a lease (an "eject" button, the image keep-alive).
+
+        Returns "" when it was evicted (or was not resident), else why not. Under the lock it checks that
+        no running request uses the tenant, none waits for it (a reserved tenant stays: its request would
+        only load it back), it is not already leaving, and it has been idle at least `idle_for_s` s; then
+        it marks it evicting, which makes any request for it wait (plan: "still leaving the GPU"), so
+        the eviction cannot race a render. The eviction itself runs outside the lock (invariant 8).
+        """
+        with self._lock:
+            res = self._residents.get(tenant)
+            if res is None:
+                return ""
+            if any(ls.req.tenant == tenant for ls in self._running.values()):
+                return f"{tenant} is busy: it is unloaded only when idle"
+            if any(ls.req.tenant == tenant for ls in self._waiting.values()):
+                return f"a request is waiting for {tenant}"
+            if res.evicting:
+                return f"{tenant} is already leaving the GPU"
+            if idle_for_s > 0 and time.monotonic() - self._changed.get(tenant, 0.0) < idle_for_s:
+                return f"{tenant} was used less than {idle_for_s:g} s ago"
+            self._residents[tenant] = replace(res, evicting=True)
+            self._changed[tenant] = time.monotonic()
+            evict = self._tenants.get(tenant)
+        t0 = time.monotonic()
+        try:
+            if evict is not None:
+                evict.evict()
+        except Exception as exc:
+            log.warning("idle eviction failed tenant=%s error=%s", tenant, exc)
+            with self._lock:
+                self.stats["evict_failures"] += 1
+                cur = self._residents.get(tenant)
+                if cur is not None:
+                    self._residents[tenant] = replace(cur, evicting=False)  # still counted: state unknown
+                self._schedule_locked()
+            return f"could not unload {tenant}: {exc}"
+        dt = time.monotonic() - t0
+        with self._lock:
+            self._residents.pop(tenant, None)
+            self._changed[tenant] = time.monotonic()
+            self.stats["swaps"] += 1
+            self.idle_evictions.append({"tenant": tenant, "why": why, "evict_s": round(dt, 4), "at": time.time()})
+            self._schedule_locked()
+        log.info("evicted idle tenant=%s why=%s evict_s=%.3f", tenant, why or "-", dt)
+        self._emit("evict", {"tenant": tenant, "why": why, "evict_s": dt, "at": time.time()})
+        return ""
+
+    def idle_s(self, tenant: str) -> float | None:
+        """Seconds since `tenant` was last granted, released or evicted; None when it is not resident or busy."""
+        with self._lock:
+            if tenant not in self._residents or any(ls.req.tenant == tenant for ls in self._running.values()):
+                return None
+            return time.monotonic() - self._changed.get(tenant, time.monotonic())
+
+    def history(self) -> dict:
+        """Copies of the recent hand-overs, holds (with the running ones open-ended) and idle evictions."""
+        with self._lock:
+            running = [
+                {"kind": ls.kind, "label": ls.label, "start": ls.ready_at or ls.granted_at, "end": None}
+                for ls in self._running.values()
+                if ls.ready_at or ls.granted_at
+            ]
+            return {
+                "handovers": [dict(h) for h in self.handovers],
+                "holds": [dict(h) for h in self.holds] + running,
+                "idle_evictions": [dict(e) for e in self.idle_evictions],
+            }
+
     def stalled(self, stall_s: float) -> list[dict]:
         """Running leases whose holder showed no sign of life for `stall_s` s (since its grant, the end of
         its evictions, or its last `progress()`, whichever is latest): a hung render or CUDA call."""
@@ -878,21 +1021,47 @@ class Arbiter:
                 "reason": blocked_reason(s, lease.req),
             }
 
+    def _remaining_locked(self, ls: Lease, now: float) -> float:
+        """About how long `ls` (running, or waiting: then its whole run) still holds the GPU.
+
+        From its own measured pace when it has one (a render: steps left x seconds per step; a chat:
+        the usual reply length's tokens left x seconds per token), else from the pace measured on
+        earlier work, else from the average hold (before anything was measured).
+        """
+        running = ls.req.id in self._running
+        unit = ls.unit_s or self._unit_ema[ls.kind]
+        if ls.kind == "render" and ls.total and unit:
+            return max(0, ls.total - ls.done) * unit
+        if ls.kind == "chat" and unit and (running or self._unit_ema["chat"]):
+            return max(self._reply_tokens_ema - ls.done, 0.1 * self._reply_tokens_ema) * unit
+        if not running:
+            return self._hold_ema[ls.kind]
+        started = ls.ready_at or ls.granted_at or now
+        return max(0.0, self._hold_ema[ls.kind] - (now - started))
+
+    def remaining_s(self, lease: Lease) -> float:
+        """The estimate above, for the panel."""
+        with self._lock:
+            return round(self._remaining_locked(lease, time.time()), 1)
+
     def _eta_locked(self, req: Req, ahead: list[Req]) -> float:
         now = time.time()
         eta = 0.0
         avail = available(self.budget, self._residents)
         for ls in self._running.values():
             if _conflict(req, ls.req, self.policy, avail, self._residents, self.preempt):
-                started = ls.ready_at or ls.granted_at or now
-                eta = max(eta, self._hold_ema[ls.kind] - (now - started))
-        # Chats ahead run together, so they cost one chat's time; renders ahead run one by one.
-        if any(r.kind == "chat" and _conflict(req, r, self.policy, avail, self._residents, self.preempt) for r in ahead):
-            eta += self._hold_ema["chat"]
-        eta += sum(
-            self._hold_ema["render"]
+                eta = max(eta, self._remaining_locked(ls, now))
+        # Chats ahead run together, so they cost the longest chat's time; renders ahead run one by one.
+        chats = [
+            self._remaining_locked(self._waiting[r.id], now)
             for r in ahead
-            if r.kind == "render" and _conflict(req, r, self.policy, avail, self._residents, self.preempt)
+            if r.kind == "chat" and r.id in self._waiting and _conflict(req, r, self.policy, avail, self._residents, self.preempt)
+        ]
+        eta += max(chats, default=0.0)
+        eta += sum(
+            self._remaining_locked(self._waiting[r.id], now)
+            for r in ahead
+            if r.kind == "render" and r.id in self._waiting and _conflict(req, r, self.policy, avail, self._residents, self.preempt)
         )
         return max(0.0, eta)
 
@@ -901,14 +1070,8 @@ class Arbiter:
         estimate, for "busy, try again in about N s")."""
         with self._lock:
             now = time.time()
-            running = max(
-                (
-                    max(0.0, self._hold_ema[ls.kind] - (now - (ls.ready_at or ls.granted_at or now)))
-                    for ls in self._running.values()
-                ),
-                default=0.0,
-            )
-            return running + sum(self._hold_ema[ls.kind] for ls in self._waiting.values())
+            running = max((self._remaining_locked(ls, now) for ls in self._running.values()), default=0.0)
+            return running + sum(self._remaining_locked(ls, now) for ls in self._waiting.values())
 
     def count(self, kind: Kind | None = None) -> int:
         """Requests of `kind` running or waiting."""
@@ -934,6 +1097,12 @@ class Arbiter:
                     if ls.ready_at
                     else ("evicting" if ls._grant and ls._grant.evict else "starting"),
                     "held_s": round(now - (ls.granted_at or now), 2),
+                    "owner": ls.owner,
+                    "since": ls.granted_at,
+                    "done": ls.done,
+                    "total": ls.total,
+                    "unit_s": round(ls.unit_s, 4),
+                    "remaining_s": round(self._remaining_locked(ls, now), 1),
                 }
                 for ls in running
             ]
@@ -948,6 +1117,7 @@ class Arbiter:
                         "kind": req.kind,
                         "label": lease.label + (" (paused for a chat)" if lease.paused else ""),
                         "paused": lease.paused,
+                        "owner": lease.owner,
                         "position": i + 1,
                         "eta_s": round(self._eta_locked(req, ahead), 1),
                         "waited_s": round(now - lease.requested_at, 2),
@@ -969,6 +1139,7 @@ class Arbiter:
                     {
                         "tenant": r.tenant,
                         "gb": round(r.bytes / GiB, 2),
+                        "bytes": r.bytes,
                         "busy": any(ls.req.tenant == r.tenant for ls in self._running.values()),
                         "evicting": r.evicting,
                         "other": r.fixed,  # held by other programs: never evicted

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -146,6 +147,12 @@ class Config:
     )
 
     # --- images --------------------------------------------------------------------------------
+    image_keep_alive: str = setting(
+        "10m",
+        "How long the image model stays on the GPU after a render (like Ollama's keep_alive): Go duration "
+        "(10m, 1h) or seconds; 0 unloads it right after each render, a negative value keeps it loaded. It "
+        "goes back to host memory, so the next render only pays the copy back.",
+    )
     image_model: str = setting(
         "SG161222/RealVisXL_V5.0",
         "SDXL checkpoint: hub id, local diffusers folder, or tiny (random weights).",
@@ -330,6 +337,27 @@ def parse_keep_alive(value: str) -> str | int:
     raise ConfigError(f"CLAIR_KEEP_ALIVE={value!r} is not a duration: use seconds (300) or a Go duration (30m, 1h).")
 
 
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_s(value: str, name: str = "CLAIR_IMAGE_KEEP_ALIVE") -> float:
+    """A Go duration (10m, 1h30m) or a number of seconds, in seconds; negative means forever."""
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(seconds):
+            return seconds
+        raise ConfigError(f"{name}={value!r} is not a duration: use seconds (600) or a Go duration (10m, 1h).")
+    if not _GO_DURATION.match(value):
+        raise ConfigError(f"{name}={value!r} is not a duration: use seconds (600) or a Go duration (10m, 1h).")
+    sign = -1.0 if value.startswith("-") else 1.0
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", value)
+    return sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
 def ollama_url(host: str) -> str:
     """OLLAMA_HOST as Ollama's tools read it: scheme optional (http), port 11434 unless given.
 
@@ -464,6 +492,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 def validate(cfg: Config) -> None:
     parse_keep_alive(cfg.keep_alive)
+    duration_s(cfg.image_keep_alive)
     if cfg.chat_num_ctx < 256:
         raise ConfigError(f"CLAIR_CHAT_NUM_CTX={cfg.chat_num_ctx} is too small: use at least 256 (4096 is typical).")
     if cfg.vram_budget_gb < 0:

@@ -34,7 +34,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def make_app(studio, demo, users=None):
-    """The whole web app: Gradio mounted at / behind clair.web's guard, with /healthz and POST /logout."""
+    """The whole web app: Gradio mounted at / behind clair.web's guard, with /healthz, /metrics and POST /logout."""
     import gradio as gr
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
@@ -64,6 +64,19 @@ def make_app(studio, demo, users=None):
             body["holder"] = studio.arbiter.status()["holder"] if ok else None
             body["problem"] = None if ok else studio.last_health_problem
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    from fastapi.responses import Response
+
+    from clair.metrics import Metrics
+
+    metrics = Metrics(studio)  # its own registry, per app
+    app.state.metrics = metrics
+
+    @app.get("/metrics")
+    def metrics_route():
+        """Prometheus text format. The guard lets loopback in without a login (clair.web.LOOPBACK_OPEN)."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.post("/logout")
     def logout(request: Request):

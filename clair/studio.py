@@ -18,6 +18,7 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 from clair import gpu, limits
 from clair.arbiter import Arbiter, Kind, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat
-from clair.config import Config
+from clair.config import Config, duration_s
 from clair.engines import Engine, StateFile
 from clair.errors import BadRequest, ChatUnavailable, ClairError
 from clair.image import ImageEngine, RenderParams
@@ -83,6 +84,33 @@ class Studio:
         self._cancel_lock = threading.Lock()
         self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
         self.last_health_problem: str | None = None
+        # What happened, for the panel (recoveries, errors, loads) and clair.metrics (every event).
+        self.recent: deque[dict] = deque(maxlen=30)
+        self.swaps: deque[dict] = deque(maxlen=20)  # model loads and weight restores with their seconds
+        self._listeners: list[Callable[[str, dict], None]] = []
+        self.image_keep_alive_s = duration_s(cfg.image_keep_alive)
+        self._keepalive: threading.Thread | None = None
+        self._keepalive_lock = threading.Lock()
+
+    # -- events (for clair.metrics and the panel) ---------------------------------------------------
+    def on_event(self, fn: Callable[[str, dict], None]) -> None:
+        """Subscribe to "chat", "render", "load", "restore", "recovery" and "error" events."""
+        self._listeners.append(fn)
+
+    def _note(self, event: str, keep: bool = False, **data) -> None:
+        data["at"] = time.time()
+        if event in ("load", "restore") and data.get("s"):
+            self.swaps.append({"event": event, **data})
+        if keep:
+            self.recent.append({"event": event, **data})
+        for fn in list(self._listeners):
+            try:
+                fn(event, data)
+            except Exception:  # a broken listener must not break a chat or a render
+                log.exception("studio listener failed")
+
+    def _error(self, what: str, exc: BaseException) -> None:
+        self._note("error", keep=True, what=what, kind=type(exc).__name__, text=str(exc)[:300])
 
     @property
     def ollama_local(self) -> bool:
@@ -132,10 +160,20 @@ class Studio:
         system: str | None = None,
         stop: threading.Event | None = None,
         label: str | None = None,
+        owner: str | None = None,
     ) -> Iterator[Waiting | Token]:
         """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses.
 
-        `label` names the request in the queue (default `chat:<model>`; the gateway's `api:<model> (<client>)`)."""
+        `label` names the request in the queue (default `chat:<model>`; the gateway's `api:<model> (<client>)`).
+        `owner` (the user, None without accounts) is shown in the GPU panel's queue.
+        """
+        try:
+            yield from self._chat(message, history, model, system, stop, owner, label)
+        except ClairError as exc:
+            self._error("chat", exc)
+            raise
+
+    def _chat(self, message, history, model, system, stop, owner=None, label=None) -> Iterator[Waiting | Token]:
         # Limits first: a refused request makes no Ollama call and takes no lease (clair.limits).
         message, messages, system, model = limits.check_chat(self.cfg, message, history, system, model)
         system = self.cfg.system_prompt if system is None else system
@@ -155,20 +193,39 @@ class Studio:
             backend.load()  # from disk to host memory, before taking the GPU
         stop = stop or threading.Event()
         if not backend.on_this_gpu:
+            t0, first, n = time.monotonic(), None, 0
             for text in backend.stream(model, messages, stop):
+                if text:
+                    first, n = first or time.monotonic(), n + 1
                 yield Token(text)
+            self._chat_done(backend.name, t0, first, n)
             return
         lease = self._request(backend, "chat", backend.footprint(model), label or f"chat:{model}")
+        lease.owner = owner
+        t0, first, n = None, None, 0
         try:
             yield from self._wait(lease, stop.is_set)
-            lease.progress()
+            t0 = time.monotonic()
+            lease.progress(0)
             backend.after_grant(lease, model)
             for text in backend.stream(model, messages, stop):
-                lease.progress()  # the watchdog's sign of life (see healthy()); "" is a heartbeat without text
+                if text:  # a chunk of the reply: counted as one token (Ollama streams about one per chunk)
+                    first, n = first or time.monotonic(), n + 1
+                    lease.progress(n)
+                else:
+                    lease.progress()  # the watchdog's sign of life (see healthy()); "" is a heartbeat
                 if text:
                     yield Token(text)
         finally:
             self._release(lease)
+        self._chat_done(backend.name, t0, first, n)
+
+    def _chat_done(self, backend: str, t0: float | None, first: float | None, n: int) -> None:
+        end = time.monotonic()
+        ttft = (first - t0) if first and t0 else None
+        # Tokens per second over the stream after the first token (the first one pays the prompt).
+        tps = (n - 1) / (end - first) if first and n > 1 and end > first else None
+        self._note("chat", backend=backend, ttft_s=ttft, tokens=n, tokens_per_s=tps)
 
     # -- leases: the same steps for every engine -------------------------------------------------------
     def sync(self) -> None:
@@ -191,10 +248,10 @@ class Studio:
         other = total - free - gpu.reserved_now() - ollama - CONTEXT_ALLOWANCE
         self.arbiter.set_other(max(0, other))
 
-    def _request(self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str) -> Lease:
+    def _request(self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0) -> Lease:
         self.sync()  # the ledger must see what is really on the GPU before it plans
         need, idle = footprint
-        return self.arbiter.request(kind, engine.tenant, need, idle, label=label)
+        return self.arbiter.request(kind, engine.tenant, need, idle, label=label, steps=steps)
 
     def _release(self, lease: Lease) -> None:
         lease.release()
@@ -225,15 +282,31 @@ class Studio:
 
         `owner` (the user, None without accounts) is recorded in the PNG for per-user galleries.
         """
+        try:
+            return self._render(params, on_progress, cancel, owner)
+        except ClairError as exc:
+            self._error("render", exc)
+            raise
+        finally:
+            self._start_keepalive()
+
+    def _render(self, params, on_progress, cancel, owner) -> tuple[str, dict]:
         params = params.validated(self.cfg)
         self.check_fits(params)  # limits first: before any load, lease or eviction
         cancel = cancel or threading.Event()
         t_request = time.time()
         # Load from disk (to host memory) before asking for the GPU: a slow or failing load must not
         # hold the GPU or evict anyone. Raises ImageModelUnavailable with what to do.
+        was_loaded = self.image._pipe is not None
+        t_load = time.monotonic()
         self.image.load()
+        if not was_loaded:
+            self._note("load", model=self.image.label, s=time.monotonic() - t_load)
         footprint = self.image.footprint(params.width, params.height)
-        first = self._request(self.image, "render", footprint, f"render {params.width}x{params.height}")
+        first = self._request(
+            self.image, "render", footprint, f"render {params.width}x{params.height}", steps=params.steps
+        )
+        first.owner = owner
         lease = first  # the lease that holds the GPU now: a pause hands over to a continuation
         evicted: list[str] = []
         evict_s = 0.0
@@ -252,7 +325,8 @@ class Studio:
                 on_progress(f"Paused for a chat at step {step}/{total}: resumes in about {w.eta_s:.0f} s", step / total)
             # Ours again: whatever left for the chat (Ollama) left in the wait above; our weights come back
             # if the chat needed their room. The latents, scheduler and generator never left this call.
-            self.image.restore()
+            restored = self.image.restore()
+            self._note("restore", tenant=self.image.tenant, s=restored)
             paused_s += time.monotonic() - t0
             evict_s += lease.evict_s
             evicted.extend(n for n in lease.evicted if n not in evicted)
@@ -267,10 +341,10 @@ class Studio:
             evict_s += first.evict_s
             self.image.after_grant(first)
             on_progress("Rendering", 0.0)
-            lease.progress()
+            lease.progress(total=params.steps)  # the pace is measured from the first step on
 
             def on_step(step: int, total: int) -> None:
-                lease.progress()  # the watchdog's sign of life (see healthy())
+                lease.progress(step, total)  # the watchdog's sign of life (see healthy()), and the pace
                 on_progress(f"Step {step}/{total}", step / total)
 
             def on_oom() -> None:
@@ -291,6 +365,12 @@ class Studio:
                 # grant did not evict it again: its recovery hook looks at the first lease.
                 self.ollama.after_release(first)
         path = self.image.save(image, params, owner=owner)
+        self._note("restore", tenant=self.image.tenant, s=facts.get("restore_s", 0.0))
+        if facts.get("fallback"):
+            self._note("recovery", keep=True, what="render", fallback=facts["fallback"], text=(
+                f"a {params.width}x{params.height} render ran out of GPU memory and recovered with {facts['fallback']}"
+            ))
+        self._note("render", render_s=facts["render_s"] - paused_s, steps=params.steps, preemptions=lease.pauses)
         info = {
             **asdict(params),
             "model": self.image.model_id,
@@ -323,6 +403,73 @@ class Studio:
             paused_s,
         )
         return str(path), info
+
+    # -- giving memory back: eject, the image keep-alive --------------------------------------------
+    def ejectable(self) -> dict[str, str]:
+        """Tenants an operator may unload by hand: tenant -> what to call it."""
+        out = {self.image.tenant: "The image model", self.local.tenant: "The in-process chat model"}
+        if self.ollama_local:
+            out = {self.ollama.tenant: "Ollama's models", **out}
+        return out
+
+    def eject(self, tenant: str) -> str:
+        """Unload an idle model from the GPU now. Returns what happened, in words (never raises for a busy one).
+
+        Goes through the arbiter (Arbiter.evict_idle_tenant): a busy tenant, or one a request waits for, is
+        left alone and the reason is returned; nothing can start on it while it leaves.
+        """
+        names = self.ejectable()
+        if tenant not in names:
+            raise BadRequest(f"Unknown model {tenant!r}: choose one of {', '.join(names)}.")
+        if tenant == self.ollama.tenant:
+            self.ollama.sync(self.arbiter)
+        if not self.arbiter.resident_bytes(tenant):
+            return f"{names[tenant]}: not on the GPU."
+        why = self.arbiter.evict_idle_tenant(tenant, why="eject")
+        if why:
+            return f"{names[tenant]}: stays on the GPU, {why}."
+        if tenant == self.ollama.tenant:
+            self.ollama.sync(self.arbiter)
+        self._note("eject", keep=True, tenant=tenant, text=f"{names[tenant]}: unloaded by hand")
+        return f"{names[tenant]}: left the GPU."
+
+    def _start_keepalive(self) -> None:
+        """After a render: start the thread that unloads the image model once it has idled long enough."""
+        if self.image_keep_alive_s < 0:
+            return  # kept forever
+        with self._keepalive_lock:
+            if self._keepalive is not None:
+                return  # running (it clears itself under this lock before it ends)
+            self._keepalive = threading.Thread(target=self._keepalive_loop, name="clair-image-keepalive", daemon=True)
+            self._keepalive.start()
+
+    def _keepalive_loop(self) -> None:
+        """Unload the image model after CLAIR_IMAGE_KEEP_ALIVE without a render; exits once it is unloaded.
+
+        The check and the eviction are one arbiter call (evict_idle_tenant with idle_for_s): it evicts only
+        an image tenant that no request runs on or waits for, and that has been idle that long, so it cannot
+        race a render: a render that arrives meanwhile waits for the eviction, then brings the weights back.
+        """
+        keep = self.image_keep_alive_s
+        tick = min(5.0, max(0.05, keep / 4))
+        tenant = self.image.tenant
+        while True:
+            time.sleep(tick)
+            idle = self.arbiter.idle_s(tenant)
+            if idle is None:
+                with self._keepalive_lock:
+                    if not self.arbiter.resident_bytes(tenant):
+                        self._keepalive = None
+                        return  # not on the GPU: the next render starts a new timer
+                continue  # busy
+            if idle < keep:
+                continue
+            why = self.arbiter.evict_idle_tenant(tenant, idle_for_s=keep, why="keep-alive")
+            if not why:
+                self._note(
+                    "keep-alive", keep=True, tenant=tenant,
+                    text=f"image model unloaded after {keep:g} s without a render (CLAIR_IMAGE_KEEP_ALIVE)",
+                )
 
     def check_fits(self, params: RenderParams) -> None:
         """Refuse a render that could never fit the VRAM budget, even alone (0 = unknown: no refusal)."""
@@ -465,6 +612,7 @@ class Studio:
         st["engines"] = [{"name": e.name, "tenant": e.tenant, "device": e.device} for e in self.engines]
         other = next((r for r in st["resident"] if r.get("other")), None)
         st["other_gb"] = other["gb"] if other else 0.0
+        st["image_keep_alive_s"] = self.image_keep_alive_s
         st["cuda"] = gpu.cuda()
         st["demo"] = self.cfg.demo
         return st

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from clair import limits
+from clair import limits, panel
 from clair.errors import ClairError, GpuBusy
 from clair.image import RenderParams
 from clair.studio import Studio, Token, Waiting
@@ -193,7 +193,9 @@ def build(studio: Studio) -> gr.Blocks:
                 reply = ""
                 try:
                     context = [m for m in past if not _is_notice(m)]
-                    for event in studio.chat(message, context, model=model, system=system, stop=stop):
+                    for event in studio.chat(
+                        message, context, model=model, system=system, stop=stop, owner=owner_of(request)
+                    ):
                         if isinstance(event, Waiting):
                             shown[-1] = {"role": "assistant", "content": _waiting_text(event)}
                         else:
@@ -340,24 +342,22 @@ def build(studio: Studio) -> gr.Blocks:
         st["jobs"] = {"total": jobs.total, "max_queue": jobs.max_total, "max_per_user": jobs.max_per_user}
         return st
 
+    # ---- GPU panel (issue 9; clair/panel.py): the line atop both tabs, the Status tab, eject ----
     @_guard
     def status_line() -> str:
-        st = studio.status()
-        names = {"ollama": "Ollama", "image": "image model", "local-chat": "chat model"}
-        h = st["holders"]
-        if not h:
-            gpu_text = "**GPU free**"
-        else:
-            doing = {"chat": "chatting", "render": "rendering"}
-            gpu_text = "**GPU: " + ", ".join(f"{doing[x['kind']]} ({x['held_s']:.0f} s)" for x in h) + "**"
-        if any(w.get("paused") for w in st["waiting"]):
-            gpu_text += " · a render is paused for a chat"
-        if st["waiting"]:
-            gpu_text += f" · {len(st['waiting'])} waiting"
-        loaded = ", ".join(f"{names.get(r['tenant'], r['tenant'])} ≈{r['gb']:.1f} GB" for r in st["resident"])
-        vram = f"VRAM budget {st['budget_gb']:g} GB" if st["budget_gb"] else "VRAM budget unknown: one model at a time"
-        where = "" if st["cuda"] else " (no CUDA: declared sizes)"
-        return f"{gpu_text} · loaded: {loaded or 'nothing'}{where} · {vram}"
+        return panel.compact_html(panel.panel_data(studio))
+
+    @_guard
+    def panel_full() -> str:
+        return panel.panel_html(panel.panel_data(studio))
+
+    @_guard
+    def eject(tenant: str | None) -> str:
+        """Unload an idle model by hand (any logged-in user may: one household). Busy ones stay."""
+        if not isinstance(tenant, str) or not tenant:
+            return "Choose a model to unload."
+        return studio.eject(tenant)
+    # ---- end GPU panel ----
 
     @_guard
     def chat_notice() -> str:
@@ -410,7 +410,7 @@ def build(studio: Studio) -> gr.Blocks:
                 logout.click(None, js=LOGOUT_JS)
         if cfg.demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
-        status_md = gr.Markdown(elem_id="gpu-status")
+        status_md = gr.HTML(elem_id="gpu-status")  # GPU panel: the compact line atop both tabs
 
         with gr.Tab("Chat", id="chat"):
             chat_notice_md = gr.Markdown(elem_id="chat-notice")
@@ -457,13 +457,29 @@ def build(studio: Studio) -> gr.Blocks:
                         info = gr.JSON(show_label=False)
             recent = gr.Gallery(label="Recent images", columns=6, height=260, fit_columns=False, object_fit="contain")
 
+        # ---- GPU panel: the Status tab ----
         with gr.Tab("Status", id="status"):
-            status_json = gr.JSON(label="Arbiter")
+            panel_view = gr.HTML(elem_id="gpu-panel")
+            with gr.Row():
+                eject_choice = gr.Dropdown(
+                    label="Unload a model from the GPU",
+                    choices=[(name, t) for t, name in studio.ejectable().items()],
+                    value=None,
+                    scale=3,
+                )
+                eject_btn = gr.Button("Unload", scale=1)
+            eject_msg = gr.Markdown(elem_id="eject-message")
+        # ---- end GPU panel ----
 
         # ------------------------------------------------------------ wiring
-        timer = gr.Timer(2.0)
+        # ---- GPU panel wiring ----
+        timer = gr.Timer(1.5)
         timer.tick(status_line, outputs=status_md, api_visibility="private", queue=False)
-        timer.tick(status, outputs=status_json, api_visibility="private", queue=False)
+        timer.tick(panel_full, outputs=panel_view, api_visibility="private", queue=False)
+        eject_btn.click(eject, inputs=eject_choice, outputs=eject_msg, api_visibility="private", queue=False).then(
+            panel_full, outputs=panel_view, api_visibility="private", queue=False
+        )
+        # ---- end GPU panel wiring ----
         slow = gr.Timer(10.0)
         slow.tick(chat_notice, outputs=chat_notice_md, api_visibility="private", queue=False)
         slow.tick(image_notice, outputs=image_notice_md, api_visibility="private", queue=False)
@@ -474,7 +490,7 @@ def build(studio: Studio) -> gr.Blocks:
         demo.load(chat_notice, outputs=chat_notice_md, api_visibility="private")
         demo.load(image_notice, outputs=image_notice_md, api_visibility="private", queue=False)
         demo.load(gallery, outputs=recent, api_visibility="private", queue=False)
-        demo.load(status, outputs=status_json, api_visibility="private", queue=False)
+        demo.load(panel_full, outputs=panel_view, api_visibility="private", queue=False)  # GPU panel
         refresh.click(model_choices, outputs=model, api_visibility="private").then(
             chat_notice, outputs=chat_notice_md, api_visibility="private"
         )

@@ -62,6 +62,10 @@ PUBLIC_EXACT = frozenset(
     {"/", "/healthz", "/theme.css", "/favicon.ico", "/pwa_icon", "/robots.txt", "/manifest.json", "/gradio_api/login_check"}
 )
 PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/")
+# Open without a login to this machine only (a local Prometheus): from any other address they need one.
+# A reverse proxy on this machine must send X-Forwarded-For (uvicorn trusts it from 127.0.0.1), or every
+# request it forwards looks local.
+LOOPBACK_OPEN = frozenset({"/metrics"})
 LOGIN_PATHS = frozenset({"/login", "/login/"})
 LOGOUT_PATHS = frozenset({"/logout", "/logout/"})  # Clair's own routes: POST ends this session, GET nothing
 
@@ -587,6 +591,7 @@ class Guard:
         elif (
             users_required
             and not (path in PUBLIC_EXACT or path.startswith(PUBLIC_PREFIXES) or path in LOGOUT_PATHS)
+            and not (path in LOOPBACK_OPEN and is_loopback_client(address))
             and web.user(headers) is None
         ):
             await refuse(401, "Not logged in: open Clair's page and log in.")

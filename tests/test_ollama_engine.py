@@ -114,7 +114,7 @@ def test_memory_held_by_other_programs_is_a_tenant_that_shrinks_the_budget(stand
     # 4 GiB used, none of it ours or Ollama's; 0.5 GiB is allowed for our own CUDA context.
     assert st["other_gb"] == 3.5
     assert [r for r in st["resident"] if r["other"]] == [
-        {"tenant": "other", "gb": 3.5, "busy": False, "evicting": False, "other": True, "unknown": False}
+        {"tenant": "other", "gb": 3.5, "bytes": int(3.5 * 2**30), "busy": False, "evicting": False, "other": True, "unknown": False}
     ]
     # A render of 15.5 GiB no longer fits beside a 6 GiB chat model (22 - 3.5 = 18.5 GiB left).
     studio.arbiter.set_resident("ollama", 6 * GiB)
