@@ -22,6 +22,9 @@ from typing import Any
 
 from clair.errors import ConfigError
 
+# Demo mode's output folder unless CLAIR_OUTPUT_DIR is set: noise images never mix with real ones.
+DEMO_OUTPUT_DIR = os.path.join("outputs", "demo")
+
 # Every GPU job waiting or running holds one of the web server's worker threads (40 by default).
 MAX_QUEUE_CEILING = 24
 
@@ -149,21 +152,26 @@ class Config:
         "be downloaded, else the checkpoint's own), fp16-fix, stock (the checkpoint's own, decoded in fp32: "
         "more VRAM), or a hub id or local folder holding an SDXL VAE. See docs/facts.md.",
     )
-    output_dir: str = setting("outputs", "Where rendered PNGs are saved (with their parameters).", flag="--output-dir")
+    output_dir: str = setting(
+        "outputs",
+        "Where rendered PNGs are saved (with their parameters). In demo mode, unless set: outputs/demo, so noise "
+        "images never mix with real ones.",
+        flag="--output-dir",
+    )
     gallery_size: int = setting(24, "How many recent images the gallery shows.", min=0, max=1000)
 
     # --- the GPU arbiter -----------------------------------------------------------------------
     gpu_policy: str = setting(
         "budget",
-        "budget: evict only what must go to stay under the VRAM budget. exclusive: evict the other "
-        "tenant before every hand-over (the seed's behaviour).",
+        "budget: unload only what must go to stay under the VRAM budget, so chat and images may share the GPU. "
+        "exclusive: the chat model and the image model never share the GPU (one is unloaded before the other runs).",
         flag="--gpu-policy",
         choices=("budget", "exclusive"),
     )
     vram_budget_gb: float = setting(
         0.0,
-        "VRAM ceiling Clair keeps to, in GB (GiB, as nvidia-smi counts). 0 = the device's total less vram_reserve_gb; without "
-        "CUDA, 0 means unknown, so nothing is assumed to fit beside a render.",
+        "VRAM ceiling Clair keeps to, in GB (GiB, as nvidia-smi counts). 0 = the card's total memory less the safety "
+        "margin (CLAIR_VRAM_RESERVE_GB); without CUDA, 0 means unknown, so nothing is assumed to fit beside a render.",
         flag="--vram-budget-gb",
         min=0,
         max=4096,
@@ -235,11 +243,25 @@ class Config:
 
     # ------------------------------------------------------------------------------------------
     @property
+    def state_dir(self) -> str:
+        """The folder beside the output folder that holds users.json and the saved conversations (the demo's
+        own output folder, outputs/demo, keeps the same one as outputs)."""
+        out = os.path.abspath(os.path.expanduser(self.output_dir))
+        if self.demo and out == os.path.abspath(DEMO_OUTPUT_DIR):
+            out = os.path.dirname(out)
+        return os.path.dirname(out)
+
+    @property
     def users_path(self) -> str:
         """The users file: CLAIR_USERS_FILE, else users.json beside the output folder."""
         if self.users_file:
             return os.path.abspath(os.path.expanduser(self.users_file))
-        return os.path.join(os.path.dirname(os.path.abspath(self.output_dir)), "users.json")
+        return os.path.join(self.state_dir, "users.json")
+
+    @property
+    def chats_dir(self) -> str:
+        """Saved conversations (clair/conversations.py): chats/ beside the output folder; chats-demo/ in demo mode."""
+        return os.path.join(self.state_dir, "chats-demo" if self.demo else "chats")
 
     @property
     def loopback_only(self) -> bool:
@@ -368,7 +390,9 @@ def parser() -> argparse.ArgumentParser:
         flag = f.metadata["flag"]
         if not flag:
             continue
-        help_text = f"{f.metadata['help']} [{env_name(f)}, default: {f.default}]"
+        shown = f.default if f.default != "" else "empty"
+        # argparse %-formats help strings: a literal % must be doubled.
+        help_text = f"{f.metadata['help']} [{env_name(f)}, default: {shown}]".replace("%", "%%")
         if f.type == "bool":
             p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
         else:
@@ -408,6 +432,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             demo_values["image_model"] = "tiny"
         if "local_chat_model" not in values:
             demo_values["local_chat_model"] = "tiny"
+        if "output_dir" not in values:
+            demo_values["output_dir"] = DEMO_OUTPUT_DIR
         cfg = dataclasses.replace(cfg, **demo_values)
     validate(cfg)
     return cfg
