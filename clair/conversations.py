@@ -112,10 +112,7 @@ class ConversationStore:
     def _prune(self, folder: Path) -> None:
         files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in files[self.max_per_owner :]:
-            try:
-                old.unlink()
-            except OSError:
-                pass
+            old.unlink(missing_ok=True)
 
     def _read(self, owner: str | None, conv_id: object) -> dict | None:
         cid = valid_id(conv_id)
