@@ -699,7 +699,7 @@ def build(studio: Studio) -> gr.Blocks:
                     past = gr.Dropdown(
                         label="Past conversations", choices=[], value=None, scale=3, min_width=160, elem_id="past"
                     )
-                    delete = gr.Button("🗑 Delete", size="sm", scale=0, min_width=90, elem_id="delete-chat")
+                    delete = gr.Button("Delete chat", size="sm", scale=0, min_width=90, elem_id="delete-chat")
                 with gr.Accordion("System prompt", open=False):
                     system = gr.Textbox(value=cfg.system_prompt, lines=2, show_label=False, max_length=cfg.max_message_chars)
                 chatbot = gr.Chatbot(label="Conversation", height=440, buttons=["copy"], elem_id="chatbot")
@@ -714,7 +714,7 @@ def build(studio: Studio) -> gr.Blocks:
                     new_chat = gr.Button("New chat", size="sm", min_width=90)
                     regenerate = gr.Button("↻ Regenerate", size="sm", min_width=110)
                     edit_last = gr.Button("✎ Edit last", size="sm", min_width=100)
-                    imagine = gr.Button("🎨 Imagine", size="sm", variant="secondary", min_width=100, elem_id="imagine")
+                    imagine = gr.Button("Imagine", size="sm", variant="secondary", min_width=100, elem_id="imagine")
                 imagine_note = gr.Markdown(
                     "**Imagine** turns the idea (the message box, or the conversation's last message) into an image "
                     "prompt with the chat model.",
@@ -758,7 +758,7 @@ def build(studio: Studio) -> gr.Blocks:
                         with gr.Row(equal_height=True):
                             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed", scale=3)
                             reuse = gr.Button("♻ Reuse seed", size="sm", scale=1, min_width=110, elem_id="reuse-seed")
-                            fresh_seed = gr.Button("🎲 Random", size="sm", scale=1, min_width=90)
+                            fresh_seed = gr.Button("Random seed", size="sm", scale=1, min_width=90)
                         with gr.Row():
                             generate = gr.Button("Generate", variant="primary")
                             cancel = gr.Button("Cancel", interactive=False)

@@ -302,7 +302,7 @@ def test_imagine_gallery_settings_png_drop_and_a_phone(app, app_dir, standin, br
         page.locator("#past input").click()
         expect(page.get_by_role("option", name=re.compile("a lighthouse, please"))).to_be_visible()
         page.keyboard.press("Escape")
-        page.get_by_role("button", name="🎨 Imagine").click()
+        page.get_by_role("button", name="Imagine", exact=True).click()
         prompt_box = page.get_by_label("Imagined prompt")
         expect(prompt_box).to_have_value(IMAGINED[0], timeout=30_000)
         expect(page.get_by_label("Imagined negative prompt")).to_have_value(IMAGINED[1])
@@ -390,7 +390,7 @@ def test_imagine_gallery_settings_png_drop_and_a_phone(app, app_dir, standin, br
     try:
         phone.goto(app.url)
         expect(phone.locator("#gpu-status")).to_contain_text("GPU", timeout=20_000)
-        for tab, controls in (("Chat", ("Send", "🎨 Imagine")), ("Image", ("Generate", "Cancel"))):
+        for tab, controls in (("Chat", ("Send", "Imagine")), ("Image", ("Generate", "Cancel"))):
             phone.get_by_role("tab", name=tab).click()
             for name in controls:
                 box = phone.get_by_role("button", name=name).bounding_box()
