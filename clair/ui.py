@@ -388,8 +388,8 @@ def build(studio: Studio) -> gr.Blocks:
         except ClairError as exc:
             problem = str(exc)
             at = next((i for i, name in _FIELDS if name in problem.lower()), 6)
-            if at in (2, 3, 4, 5) or "render needs about" in problem:
-                at = 6  # on the seed box below the sliders: a message on a slider hides the slider itself
+            if "render needs about" in problem:
+                at = 4  # the size (assets/clair.css keeps a message on a slider off its number box)
         except Exception as exc:
             problem, at = limits.unexpected(log, exc, "render check"), 0
         return [gr.validate(problem is None or i != at, problem or "") for i in range(7)]

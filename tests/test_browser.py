@@ -302,6 +302,19 @@ def test_imagine_gallery_settings_png_drop_and_a_phone(app, app_dir, standin, br
         page.locator("#past input").click()
         expect(page.get_by_role("option", name=re.compile("a lighthouse, please"))).to_be_visible()
         page.keyboard.press("Escape")
+
+        # Regenerate sends the last message again in place; Edit last takes it back into the box.
+        asked = len([r for r in standin.requests_to("/api/chat") if r.messages])
+        page.get_by_role("button", name="↻ Regenerate").click()
+        wait_until(lambda: len([r for r in standin.requests_to("/api/chat") if r.messages]) == asked + 1)
+        idle(page)
+        expect(page.get_by_test_id("bot")).to_have_count(1)
+        expect(page.get_by_test_id("bot").last).to_have_text("You said: a lighthouse, please")
+        again = [r for r in standin.requests_to("/api/chat") if r.messages][-1]
+        assert [m["content"] for m in again.messages if m["role"] == "user"] == ["a lighthouse, please"]
+        page.get_by_role("button", name="✎ Edit last").click()
+        expect(page.get_by_placeholder("Message… (Enter to send)")).to_have_value("a lighthouse, please")
+        expect(page.get_by_test_id("bot")).to_have_count(0)
         page.get_by_role("button", name="Imagine", exact=True).click()
         prompt_box = page.get_by_label("Imagined prompt")
         expect(prompt_box).to_have_value(IMAGINED[0], timeout=30_000)
