@@ -439,6 +439,11 @@ class Studio:
             ev.set()
         return bool(jobs)
 
+    def running(self, key: str) -> bool:
+        """Whether a job runs under `key` now (e.g. "render:<session>": the UI lights its Cancel button)."""
+        with self._cancel_lock:
+            return bool(self._cancel.get(key))
+
     def cancel_jobs(self) -> int:
         """How many jobs can be cancelled now (for tests and /status)."""
         with self._cancel_lock:

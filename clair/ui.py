@@ -395,6 +395,11 @@ def build(studio: Studio) -> gr.Blocks:
         return [gr.validate(problem is None or i != at, problem or "") for i in range(7)]
 
     @_guard
+    def render_running(request: gr.Request):
+        """Cancel is lit only while this page has a render waiting or running."""
+        return gr.Button(interactive=studio.running(f"render:{request.session_hash}"))
+
+    @_guard
     def cancel_render(request: gr.Request):
         if studio.cancel(f"render:{request.session_hash}"):
             log.info("render cancel asked client=%s", client_id(request))
@@ -861,8 +866,10 @@ def build(studio: Studio) -> gr.Blocks:
         )
         for trigger in (generate.click, render_it.click):
             trigger(lit(True), outputs=cancel, api_visibility="private", queue=False)
+        # Cancel is dark again once this page's render has ended: checked on the server every second (a
+        # `.then` after an event with a validator runs once the validator passes, not when the render ends).
+        gr.Timer(1.0).tick(render_running, outputs=cancel, api_visibility="private", queue=False)
         for ev in (rendered, from_chat):
-            ev.then(lit(False), outputs=cancel, api_visibility="private", queue=False)
             ev.then(render_summary, outputs=summary, api_visibility="private")
             ev.then(gallery, outputs=[recent, listed], api_visibility="private").then(
                 image_notice, outputs=image_notice_md, api_visibility="private"

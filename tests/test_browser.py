@@ -222,8 +222,15 @@ def test_cancel_stops_a_render_and_frees_the_gpu(browser, app):
         page.get_by_label("Prompt", exact=True).fill("a very slow render")
         page.get_by_role("button", name="Generate").click()
         expect(page.locator("#gpu-status")).to_contain_text("rendering", timeout=30_000)
+        expect(page.get_by_role("button", name="Cancel")).to_be_enabled()  # lit while the render runs
         page.get_by_role("button", name="Cancel").click()
         expect(page.locator("#gpu-status")).to_contain_text("GPU free", timeout=30_000)
+        # Said in words, not a red "Error" badge; the button goes dark; the log records it.
+        expect(page.locator("#render-summary")).to_contain_text("Cancelled", timeout=10_000)
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+        expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+        log_text = app.log.read_text()
+        assert "render cancel asked" in log_text and "render cancelled" in log_text
         st = app.status()
         assert st["holder"] is None and st["waiting"] == []
         # The next render goes through at once: nothing stayed locked.
