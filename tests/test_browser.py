@@ -400,6 +400,9 @@ def test_imagine_gallery_settings_png_drop_and_a_phone(app, app_dir, standin, br
         expect(page.locator("#render-summary")).to_contain_text("Seed 77 · 384×256 · 7 steps", timeout=60_000)
         idle(page)
         no_traceback(page)
+
+        # The scripting API's /imagine: idea -> [prompt, negative prompt].
+        assert app.client.predict("a lighthouse", [], api_name="/imagine") == list(IMAGINED)
     finally:
         standin.reply_fn = None
         page.close()

@@ -172,3 +172,24 @@ def test_imagine_falls_back_to_whatever_came_back(standin, tmp_path):
     assert prompt.startswith("You said: The idea: stormy sea") and negative == DEFAULT_NEGATIVE
     with pytest.raises(Exception, match="Describe the image first"):
         studio.imagine_prompt("   ")
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("PROMPT: a cat on a roof\nNEGATIVE: dogs", ("a cat on a roof", "dogs")),
+        ("Sure!\n**Prompt:** a cat, *soft light*\n\n**Negative prompt:**\nugly, text\n", ("a cat, *soft light*", "ugly, text")),
+        ("- prompt = \"a cat\"\n- negative_prompt: 'blur'", ("a cat", "blur")),
+        ("Prompt:\n  a cat\n  on a roof\nNegative:", ("a cat on a roof", None)),
+        ("just some words here", ("just some words here", None)),
+        ("", ("the idea", None)),
+        ("negative: only this", ("the idea", "only this")),
+    ],
+)
+def test_parse_imagined_reads_what_models_write(reply, expected):
+    from clair.studio import DEFAULT_NEGATIVE, parse_imagined
+
+    prompt, negative = parse_imagined(reply, "the idea")
+    assert prompt == expected[0]
+    assert negative == (expected[1] or DEFAULT_NEGATIVE)
+    assert parse_imagined("PROMPT: " + "x" * 50, limit=10)[0] == "x" * 10
