@@ -252,7 +252,7 @@ def build(studio: Studio) -> gr.Blocks:
                 except Exception as exc:
                     shown[-1] = {"role": "assistant", "content": f"⚠️ {limits.unexpected(log, exc, 'chat')}"}
                     yield shown, "", gr.skip()
-            yield gr.skip(), gr.skip(), gr.Button(interactive=False)
+            yield shown, "", gr.Button(interactive=False)  # the whole conversation last: the final answer holds it
         finally:
             jobs.give_back(who)
 
