@@ -423,3 +423,37 @@ def test_imagine_gallery_settings_png_drop_and_a_phone(app, app_dir, standin, br
             screenshot(phone, tmp_path, f"phone-{tab.lower()}", readme=True)
     finally:
         phone.close()
+
+
+def test_a_size_message_leaves_the_width_box_visible(browser, tmp_path):
+    """A render too large for the VRAM budget is refused on the Width field; the message must not hide the
+    box the person is about to correct (Gradio puts it at the block's top right, over the number box)."""
+    app = App(tmp_path, {"CLAIR_CHAT_BACKEND": "local", "CLAIR_VRAM_BUDGET_GB": "8", "CLAIR_PRELOAD": "0"}, args=("--demo",))
+    page = None
+    try:
+        page = open_page(browser, app.url)
+        page.get_by_role("tab", name="Image").click()
+        for name, value in (("Width", "2048"), ("Height", "2048")):
+            set_number(page, name, value)
+        page.get_by_label("Prompt", exact=True).fill("too large")
+        page.get_by_role("button", name="Generate").click()
+        message = page.locator("#width .validation-error")
+        expect(message).to_contain_text("render needs about", timeout=15_000)
+        settle(message)
+        expect(message).to_be_visible()
+        shown = message.bounding_box()
+        assert shown and shown["height"] > 10 and shown["width"] > 100, shown
+        for name in ("Width", "Height"):
+            box = page.get_by_label(f"number input for {name}")
+            hidden = box.evaluate(
+                "el => { const r = el.getBoundingClientRect();"
+                " const top = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);"
+                " return !(top === el || el.contains(top)); }"
+            )
+            assert not hidden, f"the message covers the {name} box"
+        page.screenshot(path=str(tmp_path / "image-size-refused.png"))  # not full_page: a resize clears the message
+        no_traceback(page)
+    finally:
+        if page is not None:
+            page.close()
+        app.stop()
