@@ -437,20 +437,25 @@ def test_a_size_message_leaves_the_width_box_visible(browser, tmp_path):
             set_number(page, name, value)
         page.get_by_label("Prompt", exact=True).fill("too large")
         page.get_by_role("button", name="Generate").click()
-        message = page.locator("#width .validation-error")
-        expect(message).to_contain_text("render needs about", timeout=15_000)
-        settle(message)
-        expect(message).to_be_visible()
-        shown = message.bounding_box()
-        assert shown and shown["height"] > 10 and shown["width"] > 100, shown
-        for name in ("Width", "Height"):
-            box = page.get_by_label(f"number input for {name}")
-            hidden = box.evaluate(
-                "el => { const r = el.getBoundingClientRect();"
-                " const top = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);"
-                " return !(top === el || el.contains(top)); }"
-            )
-            assert not hidden, f"the message covers the {name} box"
+        # Read at once when it shows (Gradio clears such messages again after a moment): its size, and whether
+        # the Width and Height boxes are still on top where they are.
+        seen = page.wait_for_function(
+            """() => {
+                const m = document.querySelector('#width .validation-error');
+                if (!m || !m.textContent.includes('render needs about')) return null;
+                const r = m.getBoundingClientRect();
+                if (r.height < 10 || r.width < 100) return null;
+                const covered = ['#width', '#height'].filter(id => {
+                    const box = document.querySelector(id + ' input[type=number]');
+                    const b = box.getBoundingClientRect();
+                    const top = document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2);
+                    return !(top === box || box.contains(top));
+                });
+                return {covered};
+            }""",
+            timeout=15_000,
+        ).json_value()
+        assert seen["covered"] == [], f"the message covers {seen['covered']}"
         page.screenshot(path=str(tmp_path / "image-size-refused.png"))  # not full_page: a resize clears the message
         no_traceback(page)
     finally:
