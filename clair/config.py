@@ -23,6 +23,9 @@ from typing import Any
 
 from clair.errors import ConfigError
 
+# Demo mode's output folder unless CLAIR_OUTPUT_DIR is set: noise images never mix with real ones.
+DEMO_OUTPUT_DIR = os.path.join("outputs", "demo")
+
 # Every GPU job waiting or running holds one of the web server's worker threads (40 by default).
 MAX_QUEUE_CEILING = 24
 
@@ -164,26 +167,32 @@ class Config:
         "be downloaded, else the checkpoint's own), fp16-fix, stock (the checkpoint's own, decoded in fp32: "
         "more VRAM), or a hub id or local folder holding an SDXL VAE. See docs/facts.md.",
     )
-    output_dir: str = setting("outputs", "Where rendered PNGs are saved (with their parameters).", flag="--output-dir")
+    output_dir: str = setting(
+        "outputs",
+        "Where rendered PNGs are saved (with their parameters). In demo mode, unless set: outputs/demo, so noise "
+        "images never mix with real ones.",
+        flag="--output-dir",
+    )
     state_dir: str = setting(
         "",
-        "Where Clair keeps what it measured across restarts (clair-state.json: Ollama's loaded model sizes). "
-        "Empty: the folder that holds the output folder (never inside it: the outputs are served).",
+        "Where Clair keeps its state across restarts: users.json, saved conversations, clair-state.json "
+        "(Ollama's measured model sizes). Empty: the folder that holds the output folder (never inside it: "
+        "the outputs are served).",
     )
     gallery_size: int = setting(24, "How many recent images the gallery shows.", min=0, max=1000)
 
     # --- the GPU arbiter -----------------------------------------------------------------------
     gpu_policy: str = setting(
         "budget",
-        "budget: evict only what must go to stay under the VRAM budget. exclusive: evict the other "
-        "tenant before every hand-over (the seed's behaviour).",
+        "budget: unload only what must go to stay under the VRAM budget, so chat and images may share the GPU. "
+        "exclusive: the chat model and the image model never share the GPU (one is unloaded before the other runs).",
         flag="--gpu-policy",
         choices=("budget", "exclusive"),
     )
     vram_budget_gb: float = setting(
         0.0,
-        "VRAM ceiling Clair keeps to, in GB (GiB, as nvidia-smi counts). 0 = the device's total less vram_reserve_gb; without "
-        "CUDA, 0 means unknown, so nothing is assumed to fit beside a render.",
+        "VRAM ceiling Clair keeps to, in GB (GiB, as nvidia-smi counts). 0 = the card's total memory less the safety "
+        "margin (CLAIR_VRAM_RESERVE_GB); without CUDA, 0 means unknown, so nothing is assumed to fit beside a render.",
         flag="--vram-budget-gb",
         min=0,
         max=4096,
@@ -255,11 +264,27 @@ class Config:
 
     # ------------------------------------------------------------------------------------------
     @property
+    def state_folder(self) -> str:
+        """CLAIR_STATE_DIR, else the folder beside the output folder: users.json, the saved conversations and
+        clair-state.json live there (the demo's own output folder, outputs/demo, keeps the same one)."""
+        if self.state_dir:
+            return os.path.abspath(os.path.expanduser(self.state_dir))
+        out = os.path.abspath(os.path.expanduser(self.output_dir))
+        if self.demo and out == os.path.abspath(DEMO_OUTPUT_DIR):
+            out = os.path.dirname(out)
+        return os.path.dirname(out)
+
+    @property
     def users_path(self) -> str:
         """The users file: CLAIR_USERS_FILE, else users.json beside the output folder."""
         if self.users_file:
             return os.path.abspath(os.path.expanduser(self.users_file))
-        return os.path.join(os.path.dirname(os.path.abspath(self.output_dir)), "users.json")
+        return os.path.join(self.state_folder, "users.json")
+
+    @property
+    def chats_dir(self) -> str:
+        """Saved conversations (clair/conversations.py): chats/ beside the output folder; chats-demo/ in demo mode."""
+        return os.path.join(self.state_folder, "chats-demo" if self.demo else "chats")
 
     @property
     def loopback_only(self) -> bool:
@@ -276,8 +301,7 @@ class Config:
 
     @property
     def state_path(self) -> str:
-        base = self.state_dir or os.path.dirname(os.path.abspath(os.path.expanduser(self.output_dir)))
-        return os.path.join(os.path.expanduser(base), "clair-state.json")
+        return os.path.join(self.state_folder, "clair-state.json")
 
     @property
     def ollama_on_this_gpu(self) -> bool:
@@ -445,7 +469,9 @@ def parser() -> argparse.ArgumentParser:
         flag = f.metadata["flag"]
         if not flag:
             continue
-        help_text = f"{f.metadata['help']} [{env_name(f)}, default: {f.default}]"
+        shown = f.default if f.default != "" else "empty"
+        # argparse %-formats help strings: a literal % must be doubled.
+        help_text = f"{f.metadata['help']} [{env_name(f)}, default: {shown}]".replace("%", "%%")
         if f.type == "bool":
             p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
         else:
@@ -485,6 +511,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             demo_values["image_model"] = "tiny"
         if "local_chat_model" not in values:
             demo_values["local_chat_model"] = "tiny"
+        if "output_dir" not in values:
+            demo_values["output_dir"] = DEMO_OUTPUT_DIR
         cfg = dataclasses.replace(cfg, **demo_values)
     validate(cfg)
     return cfg

@@ -41,6 +41,7 @@ def make_app(studio, demo, users=None):
     from starlette.middleware.cors import CORSMiddleware
     from starlette.routing import Mount
 
+    from clair import ui
     from clair.users import Users
     from clair.web import Guard, Web, is_loopback_client, make_auth
 
@@ -121,6 +122,8 @@ def make_app(studio, demo, users=None):
         ssr_mode=False,
         favicon_path=str(ASSETS / "favicon.svg"),
         css_paths=[ASSETS / "clair.css"],
+        theme=ui.theme(),
+        head=ui.HEAD,  # the browser-side PNG drop reader (assets/drop.js): nothing is uploaded
     )
     mounted = [r for r in app.routes if isinstance(r, Mount)]
     web.gradio = mounted[-1].app

@@ -52,6 +52,54 @@ class Token:
     text: str
 
 
+# Imagine's fixed instruction: the chat model turns the conversation's idea into an SDXL prompt.
+IMAGINE_SYSTEM = (
+    "You write prompts for the Stable Diffusion XL image model. From the idea you are given (and the "
+    "conversation before it), write one image prompt: a comma-separated list of the subject, setting, style, "
+    "lighting, camera and quality words, under 60 words. Then write a negative prompt: what the image must not "
+    "show. Answer with exactly two lines and nothing else:\n"
+    "PROMPT: <the prompt>\n"
+    "NEGATIVE: <the negative prompt>"
+)
+DEFAULT_NEGATIVE = "blurry, low quality, deformed, watermark, text"
+_LABEL = re.compile(
+    r"^[\s>*_#`\-]*(?P<key>negative(?:[ _-]*prompt)?|prompt|positive(?:[ _-]*prompt)?)[\s*_`]*[:=\-]\s*(?P<rest>.*)$",
+    re.IGNORECASE,
+)
+
+
+def _clean(text: str) -> str:
+    text = " ".join(text.replace("**", "").replace("`", "").split())
+    return text.strip(" \"'“”‘’")
+
+
+def parse_imagined(reply: str, idea: str = "", limit: int = 2000) -> tuple[str, str]:
+    """(prompt, negative prompt) from the chat model's answer to IMAGINE_SYSTEM.
+
+    Robust to what models do: labels in any case, in bold or a list, on their own line with the text below,
+    extra chatter around them. With no PROMPT label, the whole reply (less a NEGATIVE part) is the prompt; an
+    empty reply falls back to the idea itself. The negative prompt defaults to DEFAULT_NEGATIVE. Both are
+    plain text, cut to `limit` characters (CLAIR_MAX_PROMPT_CHARS).
+    """
+    found: dict[str, list[str]] = {}
+    current: str | None = None
+    loose: list[str] = []
+    for line in (reply or "").splitlines():
+        m = _LABEL.match(line)
+        if m:
+            current = "negative" if m["key"].lower().startswith("negative") else "prompt"
+            found.setdefault(current, [])
+            if m["rest"].strip():
+                found[current].append(m["rest"])
+        elif current is not None and line.strip():
+            found[current].append(line)
+        elif current is None:
+            loose.append(line)
+    prompt = _clean(" ".join(found.get("prompt", []))) or _clean(" ".join(loose)) or _clean(idea)
+    negative = _clean(" ".join(found.get("negative", []))) or DEFAULT_NEGATIVE
+    return prompt[:limit], negative[:limit]
+
+
 class Studio:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -260,6 +308,30 @@ class Studio:
                 engine.after_release(lease)
             except Exception:  # a hook must not turn a finished request into a failure
                 log.exception("after_release hook failed engine=%s", engine.name)
+
+    def imagine(
+        self,
+        idea: str,
+        history: list | None = None,
+        model: str | None = None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[Waiting | Token]:
+        """Imagine: the chat model turns `idea` (with the conversation before it) into an SDXL prompt.
+
+        A chat like any other (limits, the arbiter's lease, Waiting events), with IMAGINE_SYSTEM as its
+        system prompt. Stream it, join the tokens, and read them with parse_imagined().
+        """
+        idea = limits.check_message(idea, self.cfg, "idea")
+        if not idea.strip():
+            raise BadRequest("Describe the image first: type the idea, or chat about it and then press Imagine.")
+        past = [m for m in limits.plain_history(history, self.cfg) if m["role"] != "system"]
+        message = f"The idea: {idea.strip()}\n\nWrite the PROMPT and NEGATIVE lines now."
+        yield from self.chat(message, past, model=model, system=IMAGINE_SYSTEM, stop=stop)
+
+    def imagine_prompt(self, idea: str, history: list | None = None, model: str | None = None) -> tuple[str, str]:
+        """(prompt, negative prompt) for `idea`: imagine() run to the end and parsed."""
+        reply = "".join(e.text for e in self.imagine(idea, history, model) if isinstance(e, Token))
+        return parse_imagined(reply, idea, self.cfg.max_prompt_chars)
 
     def _wait(self, lease: Lease, cancelled: Callable[[], bool]) -> Iterator[Waiting]:
         """Yield the lease's place in the queue whenever it changes, until the GPU is ours."""
@@ -534,6 +606,11 @@ class Studio:
         for ev in jobs:
             ev.set()
         return bool(jobs)
+
+    def running(self, key: str) -> bool:
+        """Whether a job runs under `key` now (e.g. "render:<session>": the UI lights its Cancel button)."""
+        with self._cancel_lock:
+            return bool(self._cancel.get(key))
 
     def cancel_jobs(self) -> int:
         """How many jobs can be cancelled now (for tests and /status)."""

@@ -4,8 +4,9 @@ What this is
     ``build_tiny_sdxl`` returns a genuine ``diffusers.StableDiffusionXLPipeline`` (dual CLIP text encoders,
     a ``text_time`` UNet, an 8x AutoencoderKL, SDXL's Euler scheduler settings) whose networks have only a
     handful of channels and random weights. ``build_tiny_chat`` returns a two-layer ``LlamaForCausalLM`` with a
-    byte-level tokenizer and a Jinja chat template. The weights are random: **images are coloured noise and
-    text is gibberish bytes**. Only the plumbing is real: shapes, call signatures, callbacks, schedulers,
+    byte-level BPE tokenizer whose merges spell a small English word list (any text still round-trips) and a
+    Jinja chat template. The weights are random: **images are coloured noise and text is readable gibberish**
+    (the output layer favours the word tokens, so replies stream word by word). Only the plumbing is real: shapes, call signatures, callbacks, schedulers,
     ``save_pretrained``/``from_pretrained``, ``generate`` and streaming all behave like the full-size models.
 
 Why
@@ -236,11 +237,47 @@ CHAT_TEMPLATE = (
 )
 
 
+# The demo's vocabulary: replies are random strings of these words (readable gibberish, streamed word by word).
+_WORD_LIST = """the a an of and to in on at by with from for as is was are be it this that there here light sea sky
+    river stone tree forest mountain city street house window door garden road bridge tower lighthouse cloud
+    rain snow wind sun moon star night morning evening dusk dawn fire water glass paper book song story dream
+    colour red blue green gold silver white black grey warm cold quiet bright soft old new small large long
+    slow fast gentle strange little great deep high far near open every some many one two three I you we
+    they she he see hear make take find keep walk wait watch think know remember paint draw write sing
+    follow carry turn begin end again always never perhaps maybe yes no because while after before under
+    over between beyond through around inside outside today tomorrow yesterday time moment place way thing
+    picture image colours shadows lamps boats birds cats dogs horses people friends voices hands eyes"""
+WORDS = tuple(_WORD_LIST.split())
+_WORD_SCALE = 0.5  # the random part of the words' output rows: the spread of the choice among them
+_CONSTANT = 0.1  # every embedding's dimension 0
+_LEAD = 1.5  # the words' output weight on dimension 0: their lead over the other tokens, in logits per unit
+
+
+def _word_merges(word: str) -> list[tuple[str, str]]:
+    """The BPE merges that build `word` (in byte-level characters) one character at a time."""
+    return [(word[:i], word[i]) for i in range(1, len(word))]
+
+
 def _chat_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE with no merges: one token per byte, plus bos/eos/pad."""
+    """Byte-level BPE: every byte is a token (so any text round-trips), and merges spell each of WORDS, with
+    and without its leading space, as a token of its own: what the model writes (plus bos/eos/pad)."""
     specials = [_BOS, _EOS, _PAD]
-    vocab = {tok: i for i, tok in enumerate([*specials, *_byte_chars()])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokens = [*specials, *_byte_chars()]
+    merges: list[tuple[str, str]] = []
+    seen_merges: set[tuple[str, str]] = set()
+    known = set(tokens)
+    for word in WORDS:
+        for spelled in ("\u0120" + word, word):  # Ġ: the byte-level stand-in for a space
+            for pair in _word_merges(spelled):
+                if pair not in seen_merges:
+                    seen_merges.add(pair)
+                    merges.append(pair)
+                joined = pair[0] + pair[1]
+                if joined not in known:
+                    known.add(joined)
+                    tokens.append(joined)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(specials)
@@ -256,8 +293,16 @@ def _chat_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def word_token_ids(tokenizer) -> list[int]:
+    """The ids a tiny chat model's replies are made of: each word with its leading space, "." and ","."""
+    vocab = tokenizer.get_vocab()
+    return [vocab["\u0120" + w] for w in WORDS] + [vocab["."], vocab[","]]
+
+
 def build_tiny_chat(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A two-layer random-weight ``LlamaForCausalLM`` and its byte-level tokenizer (with a chat template)."""
+    """A two-layer random-weight ``LlamaForCausalLM`` and its byte-level word tokenizer (with a chat template).
+
+    Sampled (as Clair's LocalChat does), it writes readable gibberish: random words from WORDS."""
     tokenizer = _chat_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -274,6 +319,20 @@ def build_tiny_chat(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizer
     )
     with _seeded(seed):
         model = LlamaForCausalLM(config)
+        # Random weights give random tokens. Two weights are shaped so that sampled replies are words: every
+        # token's embedding gets the same value in dimension 0, so the final hidden state always has a large
+        # component there, and the output rows of the words (with "." "," and eos, to end a reply now and then)
+        # turn it into a shared lead of a few logits over every other token; their other columns stay random
+        # (the choice among words). Saved and loaded like any weight.
+        favoured = [*word_token_ids(tokenizer), tokenizer.eos_token_id]
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, 0] = _CONSTANT
+            head = model.lm_head.weight
+            rows = torch.randn(len(favoured), head.shape[1]) * _WORD_SCALE
+            rows[:, 0] = _LEAD
+            rows[-1, 0] += 0.35  # eos: a reply of some 40 words on average, not hundreds
+            head.zero_()
+            head[favoured] = rows
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +25,10 @@ from pathlib import Path
 import gradio as gr
 
 from clair import limits, panel
-from clair.errors import ClairError, GpuBusy
-from clair.image import RenderParams
-from clair.studio import Studio, Token, Waiting
+from clair.conversations import ConversationStore, valid_id
+from clair.errors import Cancelled, ClairError, GpuBusy
+from clair.image import RenderParams, read_metadata
+from clair.studio import Studio, Token, Waiting, parse_imagined
 from clair.web import LOGOUT_JS, has_users, lan_note, lan_qr
 
 log = logging.getLogger("clair.ui")
@@ -72,9 +74,52 @@ def _close(gen) -> None:
 DEMO_BANNER = (
     "**Demo mode:** the models here are tiny and have random weights, so images are noise and replies "
     "are gibberish. That is expected: everything else (the GPU traffic cop, queueing, saving) is real. "
+    "Memory figures are SDXL's *declared* sizes (what a real card would hold), as there is no GPU to measure. "
     "For real models run `python app.py` with Ollama installed (`ollama pull llama3.1:8b`) and a GPU; "
     "the first render downloads RealVisXL (~7 GB)."
 )
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+# SDXL's trained resolutions (about one megapixel each), as Fooocus and AUTOMATIC1111 offer them.
+ASPECTS: dict[str, tuple[int, int]] = {
+    "1:1 square · 1024×1024": (1024, 1024),
+    "9:7 · 1152×896": (1152, 896),
+    "7:9 · 896×1152": (896, 1152),
+    "3:2 landscape · 1216×832": (1216, 832),
+    "2:3 portrait · 832×1216": (832, 1216),
+    "16:9 wide · 1344×768": (1344, 768),
+    "9:16 tall · 768×1344": (768, 1344),
+    "21:9 cinema · 1536×640": (1536, 640),
+    "9:21 · 640×1536": (640, 1536),
+}
+CUSTOM = "Custom"
+# What the A1111 `parameters` chunk and Clair's `clair` chunk hold, read in the browser when a PNG is dropped on
+# the Image tab (Clair takes no uploads: the file never leaves the browser).
+DROP_JS = (ASSETS / "drop.js").read_text(encoding="utf-8") if (ASSETS / "drop.js").is_file() else ""
+HEAD = f"<script>{DROP_JS}</script>" if DROP_JS else ""
+
+
+def theme() -> gr.themes.Base:
+    """Clair's colours: a deep blue primary (the logo's), warm amber for what needs attention."""
+    blue = gr.themes.Color(
+        c50="#eef3fc", c100="#d9e4f8", c200="#b5c9f0", c300="#86a6e5", c400="#5a82d6",
+        c500="#2b59c3", c600="#2449a3", c700="#1e3c86", c800="#19316b", c900="#142756", c950="#0c1836",
+    )
+    return gr.themes.Soft(primary_hue=blue, secondary_hue="amber", neutral_hue="slate", radius_size="md").set(
+        button_primary_background_fill="*primary_500",
+        button_primary_background_fill_hover="*primary_600",
+        button_primary_text_color="white",
+    )
+
+
+def logo_html() -> str:
+    """The header: the logo (Clair's own file, inlined) and the name."""
+    svg = (ASSETS / "logo.svg").read_text(encoding="utf-8") if (ASSETS / "logo.svg").is_file() else ""
+    return (
+        f'<div id="clair-header">{svg}<div><h1>Clair</h1>'
+        "<p>Chat and images on one GPU, without running out of memory.</p></div></div>"
+    )
 
 
 def _waiting_text(w: Waiting) -> str:
@@ -157,6 +202,7 @@ def build(studio: Studio) -> gr.Blocks:
     jobs = studio.jobs  # shared with the API (clair/gateway.py, clair/openai_api.py): the same caps
     last_render: OrderedDict[tuple[str, str], dict] = OrderedDict()  # (client, session) -> info, for the summary
     last_render_lock = threading.Lock()
+    conversations = ConversationStore(cfg)
 
     def served(path: str | Path) -> str:
         """A path Clair built itself, inside the output folder: the only files a handler hands back."""
@@ -176,7 +222,7 @@ def build(studio: Studio) -> gr.Blocks:
         is refused (gr.Error) and nothing is returned.
         """
         if isinstance(message, str) and not message.strip():
-            yield gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip()
             return
         try:
             message, past, system, model = limits.check_chat(cfg, message, history, system, model)
@@ -188,7 +234,7 @@ def build(studio: Studio) -> gr.Blocks:
             raise gr.Error(jobs.busy_message(which), print_exception=False)
         try:
             shown = [*past, {"role": "user", "content": message}, {"role": "assistant", "content": "…"}]
-            yield shown, ""
+            yield shown, "", gr.Button(interactive=True)  # Stop is lit while the reply runs
             with studio.cancel_scope(f"chat:{request.session_hash}") as stop:
                 reply = ""
                 try:
@@ -201,13 +247,14 @@ def build(studio: Studio) -> gr.Blocks:
                         else:
                             reply += event.text
                             shown[-1] = {"role": "assistant", "content": reply}
-                        yield shown, ""
+                        yield shown, "", gr.skip()
                 except ClairError as exc:
                     shown[-1] = {"role": "assistant", "content": (reply + "\n\n" if reply else "") + f"⚠️ {exc}"}
-                    yield shown, ""
+                    yield shown, "", gr.skip()
                 except Exception as exc:
                     shown[-1] = {"role": "assistant", "content": f"⚠️ {limits.unexpected(log, exc, 'chat')}"}
-                    yield shown, ""
+                    yield shown, "", gr.skip()
+            yield shown, "", gr.Button(interactive=False)  # the whole conversation last: the final answer holds it
         finally:
             jobs.give_back(who)
 
@@ -241,7 +288,7 @@ def build(studio: Studio) -> gr.Blocks:
     def fresh_chat(request: gr.Request):
         """An empty conversation (a past one may have grown past the history limits); stops a reply."""
         studio.cancel(f"chat:{request.session_hash}")
-        return [], ""
+        return [], "", gr.Button(interactive=False)
 
     def validate_chat(message, history, model, system, request: gr.Request):
         """The UI chat's limits and caps, checked when it is queued: a refused message never enters Gradio's
@@ -292,6 +339,13 @@ def build(studio: Studio) -> gr.Blocks:
                 )
             path = served(path)
             info = json.loads(json.dumps(info))  # plain JSON, built here
+        except Cancelled:
+            # Not an error: the person asked for it. The result and its info stay as they were.
+            log.info("render cancelled client=%s", who)
+            with last_render_lock:
+                last_render[(who, session)] = {"cancelled": True}
+            gr.Info("Cancelled.")
+            return gr.skip(), gr.skip()
         except ClairError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         except Exception as exc:
@@ -307,7 +361,19 @@ def build(studio: Studio) -> gr.Blocks:
         """The last render's summary for this client and page, from the server's own record."""
         with last_render_lock:
             info = last_render.get((client_id(request), request.session_hash))
+        if info and info.get("cancelled"):
+            return "**Cancelled.** Nothing was saved; the GPU is free for the next render."
         return summary_text(info) if info else ""
+
+    @_guard
+    def last_seed(request: gr.Request):
+        """"Reuse seed": the seed of this page's last render, from the server's own record."""
+        with last_render_lock:
+            info = last_render.get((client_id(request), request.session_hash))
+        if not info or "seed" not in info:
+            gr.Info("Render an image first: its seed is then reused.")
+            return gr.skip()
+        return int(info["seed"])
 
     _FIELDS = [(1, "negative prompt"), (0, "prompt"), (2, "steps"), (3, "guidance"), (4, "width"), (5, "height")]
 
@@ -325,15 +391,24 @@ def build(studio: Studio) -> gr.Blocks:
             problem = str(exc)
             at = next((i for i, name in _FIELDS if name in problem.lower()), 6)
             if "render needs about" in problem:
-                at = 4
+                at = 4  # the size (assets/clair.css keeps a message on a slider off its number box)
         except Exception as exc:
             problem, at = limits.unexpected(log, exc, "render check"), 0
         return [gr.validate(problem is None or i != at, problem or "") for i in range(7)]
 
     @_guard
+    def render_running(request: gr.Request):
+        """Cancel is lit only while this page has a render waiting or running."""
+        return gr.Button(interactive=studio.running(f"render:{request.session_hash}"))
+
+    @_guard
     def cancel_render(request: gr.Request):
         if studio.cancel(f"render:{request.session_hash}"):
-            gr.Info("Cancelling the render…")
+            log.info("render cancel asked client=%s", client_id(request))
+            gr.Info("Cancelling: the render stops at its next step.")
+        else:
+            gr.Info("Nothing is rendering.")
+        return gr.Button(interactive=False)
 
     @_guard
     def status() -> dict:
@@ -365,6 +440,11 @@ def build(studio: Studio) -> gr.Blocks:
         if problem:
             return f"⚠️ {problem}"
         if backend is studio.local:
+            if cfg.demo and studio.local.model_id == "tiny":
+                return (
+                    "Chat engine: the demo's tiny in-process model (random weights over a small word list: its "
+                    "replies are readable gibberish)."
+                )
             note = " Ollama is not reachable, so chat uses the in-process model." if cfg.chat_backend == "auto" else ""
             return f"Chat engine: in-process model {studio.local.label}.{note}"
         return f"Chat engine: Ollama at `{studio.ollama.url}`."
@@ -372,11 +452,21 @@ def build(studio: Studio) -> gr.Blocks:
     @_guard
     def image_notice() -> str:
         problem = studio.image.problem()
-        return (
-            f"⚠️ {problem}"
-            if problem
-            else f"Image model: {studio.image.label}. {studio.image.vae_line()} Images are saved in {studio.image.output_dir}."
+        if problem:
+            return f"⚠️ {problem}"
+        text = (
+            f"Image model: {studio.image.label}. {studio.image.vae_line()} Images are saved in "
+            f"{studio.image.output_dir}. Drop a Clair PNG here to read its settings back."
         )
+        if not studio.status()["cuda"]:
+            gib = 1024**3
+            idle = studio.image.footprint(1024, 1024)[1] / gib
+            at = ", ".join(f"{w}² {studio.image.footprint(w, w)[0] / gib:.1f} GB" for w in (512, 1024, 2048))
+            text += (
+                f" No CUDA here, so memory figures are SDXL's declared sizes, not measured: {idle:.1f} GB of "
+                f"weights while loaded, and while rendering more, growing with the image ({at})."
+            )
+        return text
 
     @_guard
     def model_choices():
@@ -388,17 +478,209 @@ def build(studio: Studio) -> gr.Blocks:
 
     @_guard
     def gallery(request: gr.Request):
-        """The newest images from the server's own listing: the user's own, unless shared or no accounts."""
+        """The newest images from the server's own listing: the user's own, unless shared or no accounts.
+        The list also goes into the page's server-side state: a selection is an index into it, never a path."""
         owner = None if cfg.shared_gallery else owner_of(request)
-        return [served(p) for p in studio.image.recent(cfg.gallery_size, owner=owner)]
+        paths = [served(p) for p in studio.image.recent(cfg.gallery_size, owner=owner)]
+        return paths, paths
+
+    def _settings_of(listed: list, index) -> dict | None:
+        """The parameters in the `clair` chunk of the image at `index` of the server's own list."""
+        if not isinstance(index, int) or isinstance(index, bool) or not isinstance(listed, list):
+            return None
+        if not 0 <= index < len(listed):
+            return None
+        try:
+            meta = read_metadata(served(listed[index]))
+            params = RenderParams(
+                str(meta.get("prompt", "")),
+                str(meta.get("negative_prompt", "")),
+                int(meta.get("steps", 30)),
+                float(meta.get("guidance", 7.0)),
+                int(meta.get("width", 1024)),
+                int(meta.get("height", 1024)),
+                int(meta.get("seed", -1)),
+            )
+        except Exception as exc:
+            log.info("no settings in a listed image index=%s error=%s", index, exc)
+            return None
+        out = {k: getattr(params, k) for k in ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "seed")}
+        out["model"] = str(meta.get("model", ""))[:200]
+        return out
+
+    @_guard
+    def gallery_select(listed: list, evt: gr.SelectData):
+        """Show the selected image's parameters (read by the server from its own file)."""
+        settings = _settings_of(listed, evt.index if evt is not None else None)
+        if settings is None:
+            return "This image holds no Clair settings.", None, gr.Row(visible=False)
+        neg = f"  \n**Negative:** {settings['negative_prompt']}" if settings["negative_prompt"] else ""
+        text = (
+            f"**Prompt:** {settings['prompt']}{neg}  \n"
+            f"Seed **{settings['seed']}** · {settings['width']}×{settings['height']} · {settings['steps']} steps · "
+            f"guidance {settings['guidance']:g}" + (f" · {settings['model']}" if settings["model"] else "")
+        )
+        return text, settings, gr.Row(visible=True)
+
+    @_guard
+    def use_settings(settings):
+        """Fill the fields from the selected image's settings (kept server-side in the page's state)."""
+        if not isinstance(settings, dict):
+            return [gr.skip()] * 8
+        return (
+            settings["prompt"], settings["negative_prompt"], settings["steps"], settings["guidance"],
+            settings["width"], settings["height"], settings["seed"], _aspect_of(settings["width"], settings["height"]),
+        )
+
+    @_guard
+    def use_seed(settings):
+        return settings["seed"] if isinstance(settings, dict) else gr.skip()
+
+    def _aspect_of(w: int, h: int) -> str:
+        return next((name for name, size in ASPECTS.items() if size == (w, h)), CUSTOM)
+
+    @_guard
+    def pick_aspect(choice):
+        """An aspect preset sets width and height (a name from Clair's own table; anything else changes nothing)."""
+        size = ASPECTS.get(choice) if isinstance(choice, str) else None
+        if size is None:
+            return gr.skip(), gr.skip()
+        return min(size[0], cfg.max_side), min(size[1], cfg.max_side)
+
+    @_guard
+    def size_moved(w, h):
+        """Free width and height: the preset follows them (a preset size, else Custom)."""
+        try:
+            return _aspect_of(int(w), int(h))
+        except (TypeError, ValueError):
+            return CUSTOM
+
+    # ---------------------------------------------------------------- conversations
+    def _past_choices(request: gr.Request) -> list[tuple[str, str]]:
+        when = lambda t: time.strftime("%d %b %H:%M", time.localtime(t))  # noqa: E731
+        return [(f"{s.title} · {when(s.updated)}", s.id) for s in conversations.list(owner_of(request))]
+
+    @_guard
+    def past_list(request: gr.Request):
+        return gr.Dropdown(choices=_past_choices(request), value=None)
+
+    @_guard
+    def save_conversation(history, conv_id, request: gr.Request):
+        """Keep this conversation (plain text only, Clair's notices left out) under the page's id."""
+        try:
+            new_id = conversations.save(owner_of(request), valid_id(conv_id), history)
+        except ClairError:
+            return gr.skip(), gr.skip()
+        return new_id, gr.Dropdown(choices=_past_choices(request), value=new_id)
+
+    @_guard
+    def open_conversation(conv_id, request: gr.Request):
+        """A past conversation of this user's, rebuilt from its file as plain text."""
+        if not conv_id:
+            return gr.skip(), gr.skip()
+        messages = conversations.load(owner_of(request), conv_id)
+        if messages is None:
+            raise gr.Error("That conversation is gone (or is not yours): pick another one.", print_exception=False)
+        studio.cancel(f"chat:{request.session_hash}")
+        return messages, valid_id(conv_id)
+
+    @_guard
+    def delete_conversation(conv_id, request: gr.Request):
+        if valid_id(conv_id) and conversations.delete(owner_of(request), conv_id):
+            gr.Info("Conversation deleted.")
+        return [], None, gr.Dropdown(choices=_past_choices(request), value=None)
+
+    @_guard
+    def take_back_last(history):
+        """Regenerate / edit: the conversation without its last exchange, and that last message in the box."""
+        past = [m for m in limits.plain_history(history, cfg) if m["role"] != "system"]
+        while past and past[-1]["role"] == "assistant":
+            past.pop()
+        if not past:
+            raise gr.Error("There is no message to send again yet.", print_exception=False)
+        last = past.pop()
+        return past, last["content"]
+
+    # ---------------------------------------------------------------- imagine
+    def _idea(message, history) -> str:
+        """The idea to imagine: the message box if something is typed, else the conversation's last user turn."""
+        if isinstance(message, str) and message.strip():
+            return message
+        past = limits.plain_history(history, cfg)
+        return next((m["content"] for m in reversed(past) if m["role"] == "user"), "")
+
+    @close_off_loop
+    def imagine_ui(message, history, model, request: gr.Request):
+        """Imagine, in the Chat tab: the chat model writes an SDXL prompt and a negative prompt from the idea.
+        Streams its progress; ends with both fields filled (with whatever came back) for the user to edit."""
+        try:
+            message = limits.check_message(message, cfg)
+            past = limits.plain_history(history, cfg)
+            idea = _idea(message, past)
+            model = limits.check_model_name(model)
+            if not idea.strip():
+                raise ClairError("Describe the image first: type the idea, or chat about it and then press Imagine.")
+        except ClairError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        who = client_id(request)
+        which = jobs.try_take(who)
+        if which is not None:
+            raise gr.Error(jobs.busy_message(which), print_exception=False)
+        reply = ""
+        try:
+            yield "⏳ Imagining…", gr.skip(), gr.skip(), gr.Group(visible=True), gr.Button(interactive=True)
+            with studio.cancel_scope(f"chat:{request.session_hash}") as stop:
+                context = [m for m in past if not _is_notice(m)]
+                if context and context[-1]["role"] == "user" and context[-1]["content"] == idea:
+                    context = context[:-1]
+                for event in studio.imagine(idea, context, model=model, stop=stop):
+                    if isinstance(event, Waiting):
+                        yield _waiting_text(event), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    else:
+                        reply += event.text
+                        yield f"✍️ {reply[-300:]}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            prompt_text, negative_text = parse_imagined(reply, idea, cfg.max_prompt_chars)
+            yield (
+                "Edit the prompt if you like, then **Render it** (the Image tab opens).",
+                prompt_text, negative_text, gr.skip(), gr.Button(interactive=False),
+            )
+        except ClairError as exc:
+            yield f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.Button(interactive=False)
+        except Exception as exc:
+            yield f"⚠️ {limits.unexpected(log, exc, 'imagine')}", gr.skip(), gr.skip(), gr.skip(), gr.Button(interactive=False)
+        finally:
+            jobs.give_back(who)
+
+    @_guard
+    def imagine_api(idea: str, history: list[dict] | None = None, request: gr.Request = None) -> tuple[str, str]:  # type: ignore[assignment]
+        """Turn an idea (and an optional chat history) into an SDXL prompt and negative prompt, with the chat model."""
+        who = client_id(request)
+        past = limits.plain_history(history, cfg)
+        limits.check_message(idea, cfg, "idea")
+        which = jobs.try_take(who)
+        if which is not None:
+            raise GpuBusy(jobs.busy_message(which))
+        try:
+            prompt_text, negative_text = studio.imagine_prompt(idea, past)
+        finally:
+            jobs.give_back(who)
+        return prompt_text, negative_text
+
+    @_guard
+    def to_image_tab(prompt_text, negative_text):
+        """Render it: the imagined prompt goes into the Image tab's fields (checked plain text), which opens."""
+        p = limits.check_prompt(prompt_text, cfg)
+        n = limits.check_prompt(negative_text or "", cfg, "negative prompt")
+        return p, n, gr.Tabs(selected="image")
 
     # ---------------------------------------------------------------- layout
     gpu_slots = cfg.max_queue + REFUSAL_SLOTS
     with gr.Blocks(title="Clair") as demo:
         # The scripting API first, so these names are theirs (later events get suffixed names).
         gr.api(chat_api, api_name="chat", concurrency_id=CHAT, concurrency_limit=gpu_slots)
+        gr.api(imagine_api, api_name="imagine", concurrency_id=CHAT, concurrency_limit=gpu_slots)
         gr.api(status, api_name="status", queue=False)
-        gr.Markdown("# Clair\nChat and images on one GPU, without running out of memory.")
+        gr.HTML(logo_html(), elem_id="clair-header-block")
         lan, users_exist = lan_note(cfg), has_users(cfg)
         if lan or users_exist:
             with gr.Row():
@@ -412,64 +694,107 @@ def build(studio: Studio) -> gr.Blocks:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
         status_md = gr.HTML(elem_id="gpu-status")  # GPU panel: the compact line atop both tabs
 
-        with gr.Tab("Chat", id="chat"):
-            chat_notice_md = gr.Markdown(elem_id="chat-notice")
-            with gr.Row():
-                model = gr.Dropdown(label="Model", choices=[], allow_custom_value=True, scale=3)
-                refresh = gr.Button("↻", size="sm", scale=0, min_width=48)
-            with gr.Accordion("System prompt", open=False):
-                system = gr.Textbox(value=cfg.system_prompt, lines=2, show_label=False, max_length=cfg.max_message_chars)
-            chatbot = gr.Chatbot(label="Conversation", height=480, buttons=["copy"])
-            with gr.Row():
-                message = gr.Textbox(
-                    placeholder="Message… (Enter to send)", show_label=False, scale=6, max_length=cfg.max_message_chars
+        with gr.Tabs(selected="chat") as tabs:
+            with gr.Tab("Chat", id="chat", elem_id="chat-tab"):
+                chat_notice_md = gr.Markdown(elem_id="chat-notice")
+                conv_id = gr.State(None)  # server-side: this page's conversation id
+                with gr.Row(elem_id="chat-top"):
+                    model = gr.Dropdown(label="Model", choices=[], allow_custom_value=True, scale=3, min_width=160)
+                    refresh = gr.Button("↻ Models", size="sm", scale=0, min_width=96, elem_id="refresh-models")
+                    past = gr.Dropdown(
+                        label="Past conversations", choices=[], value=None, scale=3, min_width=160, elem_id="past"
+                    )
+                    delete = gr.Button("Delete chat", size="sm", scale=0, min_width=90, elem_id="delete-chat")
+                with gr.Accordion("System prompt", open=False):
+                    system = gr.Textbox(value=cfg.system_prompt, lines=2, show_label=False, max_length=cfg.max_message_chars)
+                chatbot = gr.Chatbot(label="Conversation", height=440, buttons=["copy"], elem_id="chatbot")
+                with gr.Row(elem_id="chat-input"):
+                    message = gr.Textbox(
+                        placeholder="Message… (Enter to send)", show_label=False, scale=6, min_width=200,
+                        max_length=cfg.max_message_chars,
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=70)
+                    stop = gr.Button("Stop", variant="stop", scale=1, min_width=70, interactive=False)
+                with gr.Row(elem_id="chat-actions"):
+                    new_chat = gr.Button("New chat", size="sm", min_width=90)
+                    regenerate = gr.Button("↻ Regenerate", size="sm", min_width=110)
+                    edit_last = gr.Button("✎ Edit last", size="sm", min_width=100)
+                    imagine = gr.Button("Imagine", size="sm", variant="secondary", min_width=100, elem_id="imagine")
+                imagine_note = gr.Markdown(
+                    "**Imagine** turns the idea (the message box, or the conversation's last message) into an image "
+                    "prompt with the chat model.",
+                    elem_id="imagine-note",
                 )
-                send = gr.Button("Send", variant="primary", scale=1)
-                stop = gr.Button("Stop", variant="stop", scale=1)
-                new_chat = gr.Button("New chat", scale=1)
+                with gr.Group(visible=False, elem_id="imagine-box") as imagine_box:
+                    im_prompt = gr.Textbox(label="Imagined prompt", lines=2, max_length=cfg.max_prompt_chars)
+                    im_negative = gr.Textbox(label="Imagined negative prompt", lines=1, max_length=cfg.max_prompt_chars)
+                    render_it = gr.Button("Render it in the Image tab", variant="primary", elem_id="render-it")
 
-        with gr.Tab("Image", id="image"):
-            image_notice_md = gr.Markdown(elem_id="image-notice")
-            with gr.Row():
-                with gr.Column(scale=2):
-                    prompt = gr.Textbox(label="Prompt", lines=3, max_length=cfg.max_prompt_chars)
-                    negative = gr.Textbox(label="Negative prompt", lines=2, max_length=cfg.max_prompt_chars)
-                    with gr.Row():
-                        steps = gr.Slider(1, cfg.max_steps, value=min(8 if cfg.demo else 30, cfg.max_steps), step=1, label="Steps")
-                        guidance = gr.Slider(
-                            cfg.min_guidance,
-                            cfg.max_guidance,
-                            value=min(max(7.0, cfg.min_guidance), cfg.max_guidance),
-                            step=0.5,
-                            label="Guidance",
+            with gr.Tab("Image", id="image", elem_id="image-tab"):
+                image_notice_md = gr.Markdown(elem_id="image-notice")
+                with gr.Row(elem_id="image-row"):
+                    with gr.Column(scale=2, min_width=300):
+                        prompt = gr.Textbox(label="Prompt", lines=3, max_length=cfg.max_prompt_chars, elem_id="prompt")
+                        negative = gr.Textbox(
+                            label="Negative prompt", lines=2, max_length=cfg.max_prompt_chars, elem_id="negative"
                         )
-                    with gr.Row():
-                        width = gr.Slider(64, cfg.max_side, value=min(1024, cfg.max_side), step=8, label="Width")
-                        height = gr.Slider(64, cfg.max_side, value=min(1024, cfg.max_side), step=8, label="Height")
-                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1)
-                    with gr.Row():
-                        generate = gr.Button("Generate", variant="primary")
-                        cancel = gr.Button("Cancel")
-                with gr.Column(scale=3):
-                    result = gr.Image(label="Result", format="png", type="filepath", interactive=False, height=560)
-                    summary = gr.Markdown(elem_id="render-summary")
-                    with gr.Accordion("Parameters and timings", open=False):
-                        info = gr.JSON(show_label=False)
-            recent = gr.Gallery(label="Recent images", columns=6, height=260, fit_columns=False, object_fit="contain")
-
-        # ---- GPU panel: the Status tab ----
-        with gr.Tab("Status", id="status"):
-            panel_view = gr.HTML(elem_id="gpu-panel")
-            with gr.Row():
-                eject_choice = gr.Dropdown(
-                    label="Unload a model from the GPU",
-                    choices=[(name, t) for t, name in studio.ejectable().items()],
-                    value=None,
-                    scale=3,
+                        with gr.Row():
+                            steps = gr.Slider(
+                                1, cfg.max_steps, value=min(8 if cfg.demo else 30, cfg.max_steps), step=1,
+                                label="Steps", elem_id="steps", min_width=140,
+                            )
+                            guidance = gr.Slider(
+                                cfg.min_guidance,
+                                cfg.max_guidance,
+                                value=min(max(7.0, cfg.min_guidance), cfg.max_guidance),
+                                step=0.5,
+                                label="Guidance",
+                                elem_id="guidance",
+                                min_width=140,
+                            )
+                        size0 = min(1024, cfg.max_side)
+                        aspect = gr.Dropdown(
+                            label="Aspect (SDXL sizes)", choices=[*ASPECTS, CUSTOM],
+                            value=_aspect_of(size0, size0), elem_id="aspect",
+                        )
+                        with gr.Row():
+                            width = gr.Slider(64, cfg.max_side, value=size0, step=8, label="Width", elem_id="width", min_width=140)
+                            height = gr.Slider(64, cfg.max_side, value=size0, step=8, label="Height", elem_id="height", min_width=140)
+                        with gr.Row(equal_height=True):
+                            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed", scale=3)
+                            reuse = gr.Button("♻ Reuse seed", size="sm", scale=1, min_width=110, elem_id="reuse-seed")
+                            fresh_seed = gr.Button("Random seed", size="sm", scale=1, min_width=90)
+                        with gr.Row():
+                            generate = gr.Button("Generate", variant="primary")
+                            cancel = gr.Button("Cancel", interactive=False)
+                    with gr.Column(scale=3, min_width=300):
+                        result = gr.Image(label="Result", format="png", type="filepath", interactive=False, height=520)
+                        summary = gr.Markdown(elem_id="render-summary")
+                        with gr.Accordion("Parameters and timings", open=False):
+                            info = gr.JSON(label="Render info", show_label=False)
+                listed = gr.State([])  # server-side: the paths the gallery shows, in order
+                chosen = gr.State(None)  # server-side: the selected image's settings
+                recent = gr.Gallery(
+                    label="Recent images", columns=6, height=260, fit_columns=False, object_fit="contain", elem_id="gallery"
                 )
-                eject_btn = gr.Button("Unload", scale=1)
-            eject_msg = gr.Markdown(elem_id="eject-message")
-        # ---- end GPU panel ----
+                picked = gr.Markdown("Select an image to see its settings.", elem_id="picked")
+                with gr.Row(visible=False) as picked_actions:
+                    use = gr.Button("Use these settings", size="sm", elem_id="use-settings")
+                    use_its_seed = gr.Button("Use its seed", size="sm")
+
+            # ---- GPU panel: the Status tab ----
+            with gr.Tab("Status", id="status"):
+                panel_view = gr.HTML(elem_id="gpu-panel")
+                with gr.Row():
+                    eject_choice = gr.Dropdown(
+                        label="Unload a model from the GPU",
+                        choices=[(name, t) for t, name in studio.ejectable().items()],
+                        value=None,
+                        scale=3,
+                    )
+                    eject_btn = gr.Button("Unload", scale=1)
+                eject_msg = gr.Markdown(elem_id="eject-message")
+            # ---- end GPU panel ----
 
         # ------------------------------------------------------------ wiring
         # ---- GPU panel wiring ----
@@ -489,45 +814,95 @@ def build(studio: Studio) -> gr.Blocks:
         demo.load(status_line, outputs=status_md, api_visibility="private", queue=False)
         demo.load(chat_notice, outputs=chat_notice_md, api_visibility="private")
         demo.load(image_notice, outputs=image_notice_md, api_visibility="private", queue=False)
-        demo.load(gallery, outputs=recent, api_visibility="private", queue=False)
+        demo.load(gallery, outputs=[recent, listed], api_visibility="private", queue=False)
+        demo.load(past_list, outputs=past, api_visibility="private", queue=False)
         demo.load(panel_full, outputs=panel_view, api_visibility="private", queue=False)  # GPU panel
         refresh.click(model_choices, outputs=model, api_visibility="private").then(
             chat_notice, outputs=chat_notice_md, api_visibility="private"
         )
 
+        def lit(on: bool):
+            return lambda: gr.Button(interactive=on)
+
         chat_inputs = dict(
             fn=chat_ui,
             inputs=[message, chatbot, model, system],
-            outputs=[chatbot, message],
+            outputs=[chatbot, message, stop],
             api_visibility="private",
             concurrency_id=CHAT,
             concurrency_limit=gpu_slots,
             validator=validate_chat,
         )
         sent = [message.submit(**chat_inputs), send.click(**chat_inputs)]
+        regen = regenerate.click(
+            take_back_last, inputs=chatbot, outputs=[chatbot, message], api_visibility="private", queue=False
+        ).success(**chat_inputs)
+        sent.append(regen)
+        edit_last.click(take_back_last, inputs=chatbot, outputs=[chatbot, message], api_visibility="private", queue=False)
+        imagined = imagine.click(
+            imagine_ui,
+            inputs=[message, chatbot, model],
+            outputs=[imagine_note, im_prompt, im_negative, imagine_box, stop],
+            api_visibility="private",
+            concurrency_id=CHAT,
+            concurrency_limit=gpu_slots,
+        )
         # The flag stops a reply that is streaming or waiting for the GPU; `cancels` also drops one still
         # in Gradio's own queue.
-        stop.click(stop_chat, api_visibility="private", queue=False, cancels=sent)
-        new_chat.click(fresh_chat, outputs=[chatbot, message], api_visibility="private", queue=False, cancels=sent)
+        stop.click(stop_chat, api_visibility="private", queue=False, cancels=[*sent, imagined]).then(
+            lit(False), outputs=stop, api_visibility="private", queue=False
+        )
+        new_chat.click(
+            fresh_chat, outputs=[chatbot, message, stop], api_visibility="private", queue=False, cancels=[*sent, imagined]
+        ).then(lambda: (None, gr.Dropdown(value=None)), outputs=[conv_id, past], api_visibility="private", queue=False)
         for ev in sent:
             ev.then(chat_notice, outputs=chat_notice_md, api_visibility="private")
+            ev.then(save_conversation, inputs=[chatbot, conv_id], outputs=[conv_id, past], api_visibility="private", queue=False)
+        past.input(open_conversation, inputs=past, outputs=[chatbot, conv_id], api_visibility="private", queue=False)
+        delete.click(delete_conversation, inputs=conv_id, outputs=[chatbot, conv_id, past], api_visibility="private", queue=False)
 
         _bounds_checked_by_clair(steps, guidance, width, height, seed)
+        render_inputs = [prompt, negative, steps, guidance, width, height, seed]
         rendered = generate.click(
             render,
-            inputs=[prompt, negative, steps, guidance, width, height, seed],
+            inputs=render_inputs,
             outputs=[result, info],
             api_name="render",
             validator=validate_render,
             concurrency_id=RENDER,
             concurrency_limit=gpu_slots,
         )
-        rendered.then(render_summary, outputs=summary, api_visibility="private")
-        rendered.then(gallery, outputs=recent, api_visibility="private").then(
-            image_notice, outputs=image_notice_md, api_visibility="private"
+        # Imagine's second half: the fields filled, the Image tab opened, the render started (one click).
+        from_chat = render_it.click(
+            to_image_tab, inputs=[im_prompt, im_negative], outputs=[prompt, negative, tabs], api_visibility="private",
+            queue=False,
+        ).success(
+            render, inputs=render_inputs, outputs=[result, info], api_visibility="private",
+            concurrency_id=RENDER, concurrency_limit=gpu_slots,
         )
-        # A render is a plain function: Gradio cannot interrupt it, so the flag is checked at every step.
-        cancel.click(cancel_render, api_visibility="private", queue=False, cancels=[rendered])
+        for trigger in (generate.click, render_it.click):
+            trigger(lit(True), outputs=cancel, api_visibility="private", queue=False)
+        # Cancel is dark again once this page's render has ended: checked on the server every second (a
+        # `.then` after an event with a validator runs once the validator passes, not when the render ends).
+        gr.Timer(1.0).tick(render_running, outputs=cancel, api_visibility="private", queue=False)
+        for ev in (rendered, from_chat):
+            ev.then(render_summary, outputs=summary, api_visibility="private")
+            ev.then(gallery, outputs=[recent, listed], api_visibility="private").then(
+                image_notice, outputs=image_notice_md, api_visibility="private"
+            )
+        # A render is a plain function: it stops at the next step when the flag is set, and ends as "Cancelled"
+        # (no `cancels=` here: Gradio would end it as an error with no words).
+        cancel.click(cancel_render, outputs=cancel, api_visibility="private", queue=False)
+        reuse.click(last_seed, outputs=seed, api_visibility="private", queue=False)
+        fresh_seed.click(lambda: -1, outputs=seed, api_visibility="private", queue=False)
+        aspect.input(pick_aspect, inputs=aspect, outputs=[width, height], api_visibility="private", queue=False)
+        for side in (width, height):
+            side.release(size_moved, inputs=[width, height], outputs=aspect, api_visibility="private", queue=False)
+        recent.select(gallery_select, inputs=listed, outputs=[picked, chosen, picked_actions], api_visibility="private", queue=False)
+        use.click(
+            use_settings, inputs=chosen, outputs=[*render_inputs, aspect], api_visibility="private", queue=False
+        )
+        use_its_seed.click(use_seed, inputs=chosen, outputs=seed, api_visibility="private", queue=False)
 
     # Gradio runs at most `max_threads` jobs at once over all concurrency ids (Queue.active_jobs) and in as
     # many worker threads: room for every chat and render slot plus the small events, or chats would queue

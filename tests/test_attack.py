@@ -81,6 +81,8 @@ def payloads(kind: str, ref: str) -> list:
         "image": [fd(ref), fd(ref, url=f"/gradio_api/file={ref}"), ref, {"url": f"/gradio_api/file={ref}"}],
         "gallery": [[{"image": fd(ref), "caption": None}], [fd(ref)], [[fd(ref), "c"]], [ref]],
         "file": [fd(ref), [fd(ref)], ref],
+        # gr.State lives on the server: whatever a client sends in its place must be ignored.
+        "state": generic(ref) + histories(ref)[:3] + [[ref], [{"path": ref}]],
     }
     assert kind in table, f"no attack payloads for input type {kind!r}: add them to tests/test_attack.py"
     return table[kind]

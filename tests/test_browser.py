@@ -7,6 +7,10 @@ saved in the test's tmp dir and copied to /tmp/clair-screens/ for a human to loo
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -14,12 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.ollama_standin import OllamaStandin
-from tests.support import App, free_port
+from tests.support import App, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENS = Path("/tmp/clair-screens")
+# The README's screenshots: written there when CLAIR_UPDATE_SCREENSHOTS=1 (then committed).
+README_SCREENS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -73,11 +79,14 @@ def open_page(browser, url: str):
     return page
 
 
-def screenshot(page, tmp_path: Path, name: str) -> None:
+def screenshot(page, tmp_path: Path, name: str, readme: bool = False) -> None:
     path = tmp_path / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     SCREENS.mkdir(parents=True, exist_ok=True)
     shutil.copy(path, SCREENS / path.name)
+    if readme and os.environ.get("CLAIR_UPDATE_SCREENSHOTS") == "1":
+        README_SCREENS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, README_SCREENS / path.name)
 
 
 def send_chat(page, text: str):
@@ -132,7 +141,7 @@ def test_page_chat_and_image_with_the_ollama_standin(app, app_dir, standin, brow
         idle(page)
         expect(page.locator("#gpu-status")).to_contain_text("GPU free", timeout=10_000)
         no_traceback(page)
-        screenshot(page, tmp_path, "chat")
+        screenshot(page, tmp_path, "chat", readme=True)
 
         # 3. Image: a small render shows up in Result, its parameters in the JSON, on disk and in the gallery.
         page.get_by_role("tab", name="Image").click()
@@ -160,7 +169,7 @@ def test_page_chat_and_image_with_the_ollama_standin(app, app_dir, standin, brow
         expect(gallery.locator("img").first).to_be_visible(timeout=10_000)
         expect(page.locator("#gpu-status")).to_contain_text("GPU free", timeout=15_000)
         idle(page)
-        screenshot(page, tmp_path, "image")
+        screenshot(page, tmp_path, "image", readme=True)
 
         # 4. Bad input: a readable error toast, no stack trace.
         page.get_by_label("Prompt", exact=True).fill("")
@@ -182,8 +191,9 @@ def test_without_ollama_chat_falls_back_to_the_in_process_model(browser, tmp_pat
     page = None
     try:
         page = open_page(browser, app.url)
-        expect(page.locator("#chat-notice")).to_contain_text("in-process model")
-        expect(page.locator("#chat-notice")).to_contain_text("Ollama is not reachable")
+        # In demo mode the notice names the demo's model; "Ollama is not reachable" would only alarm.
+        expect(page.locator("#chat-notice")).to_contain_text("tiny in-process model")
+        expect(page.locator("#chat-notice")).not_to_contain_text("Ollama is not reachable")
         reply = send_chat(page, "anyone home?")
         # Random weights: some text, whatever it is, once the "…" placeholder and any wait notice are gone.
         # (The first reply loads the in-process model: several seconds of "…".)
@@ -212,8 +222,15 @@ def test_cancel_stops_a_render_and_frees_the_gpu(browser, app):
         page.get_by_label("Prompt", exact=True).fill("a very slow render")
         page.get_by_role("button", name="Generate").click()
         expect(page.locator("#gpu-status")).to_contain_text("rendering", timeout=30_000)
+        expect(page.get_by_role("button", name="Cancel")).to_be_enabled()  # lit while the render runs
         page.get_by_role("button", name="Cancel").click()
         expect(page.locator("#gpu-status")).to_contain_text("GPU free", timeout=30_000)
+        # Said in words, not a red "Error" badge; the button goes dark; the log records it.
+        expect(page.locator("#render-summary")).to_contain_text("Cancelled", timeout=10_000)
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+        expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+        log_text = app.log.read_text()
+        assert "render cancel asked" in log_text and "render cancelled" in log_text
         st = app.status()
         assert st["holder"] is None and st["waiting"] == []
         # The next render goes through at once: nothing stayed locked.
@@ -222,3 +239,226 @@ def test_cancel_stops_a_render_and_frees_the_gpu(browser, app):
         no_traceback(page)
     finally:
         page.close()
+
+
+IMAGINED = ("a red lighthouse on a cliff at dusk, oil painting, warm light", "blurry, people, text")
+
+
+def png_with_settings(chunks: dict[str, str]) -> bytes:
+    """A small PNG holding the given text chunks, as Clair or AUTOMATIC1111 write them."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, value, zip=key == "parameters")  # the A1111 line compressed: an iTXt/zTXt path too
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (40, 90, 200)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def drop_file(page, target: str, name: str, data: bytes) -> None:
+    """A synthetic drag-and-drop of a file onto `target`, as the browser delivers a real one."""
+    page.evaluate(
+        """([sel, name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, {type: "image/png"}));
+            const el = document.querySelector(sel);
+            el.dispatchEvent(new DragEvent("dragover", {dataTransfer: dt, bubbles: true, cancelable: true}));
+            el.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""",
+        [target, name, base64.b64encode(data).decode()],
+    )
+
+
+def set_number(page, name: str, value: str) -> None:
+    field = page.get_by_label(f"number input for {name}")
+    field.fill(value)
+    field.press("Tab")
+
+
+def test_imagine_gallery_settings_png_drop_and_a_phone(app, app_dir, standin, browser, tmp_path):
+    """Imagine fills an SDXL prompt from the chat model and renders it in the Image tab with one click; the
+    gallery's "Use these settings" and a dropped PNG fill the fields; both tabs fit a 390 px phone."""
+    from clair.studio import IMAGINE_SYSTEM
+
+    def answer(body):
+        system = next((m["content"] for m in body.get("messages", []) if m["role"] == "system"), "")
+        if system == IMAGINE_SYSTEM:
+            return f"Sure!\nPROMPT: {IMAGINED[0]}\nNEGATIVE: {IMAGINED[1]}"
+        last = [m["content"] for m in body.get("messages", []) if m["role"] == "user"][-1]
+        return f"You said: {last}"
+
+    standin.reply_fn = answer
+    page = open_page(browser, app.url)
+    try:
+        # Small renders: the fields keep their values across the tabs.
+        page.get_by_role("tab", name="Image").click()
+        for name, value in (("Width", "256"), ("Height", "192"), ("Steps", "3")):
+            set_number(page, name, value)
+        expect(page.locator("#aspect input")).to_have_value("Custom")
+        page.get_by_role("tab", name="Chat").click()
+
+        # 1. Imagine: the chat model's answer, parsed into two editable fields.
+        expect(send_chat(page, "a lighthouse, please")).to_have_text("You said: a lighthouse, please", timeout=30_000)
+        idle(page)
+        expect(page.get_by_role("button", name="Stop")).to_be_disabled()  # lit only while something runs
+        # The conversation is kept on the server (plain text), listed under "Past conversations".
+        wait_until(lambda: any("a lighthouse, please" in p.read_text() for p in (app_dir / "chats-demo").rglob("*.json")))
+        page.locator("#past input").click()
+        expect(page.get_by_role("option", name=re.compile("a lighthouse, please"))).to_be_visible()
+        page.keyboard.press("Escape")
+
+        # Regenerate sends the last message again in place; Edit last takes it back into the box.
+        asked = len([r for r in standin.requests_to("/api/chat") if r.messages])
+        page.get_by_role("button", name="↻ Regenerate").click()
+        wait_until(lambda: len([r for r in standin.requests_to("/api/chat") if r.messages]) == asked + 1)
+        idle(page)
+        expect(page.get_by_test_id("bot")).to_have_count(1)
+        expect(page.get_by_test_id("bot").last).to_have_text("You said: a lighthouse, please")
+        again = [r for r in standin.requests_to("/api/chat") if r.messages][-1]
+        assert [m["content"] for m in again.messages if m["role"] == "user"] == ["a lighthouse, please"]
+        page.get_by_role("button", name="✎ Edit last").click()
+        expect(page.get_by_placeholder("Message… (Enter to send)")).to_have_value("a lighthouse, please")
+        expect(page.get_by_test_id("bot")).to_have_count(0)
+        page.get_by_role("button", name="Imagine", exact=True).click()
+        prompt_box = page.get_by_label("Imagined prompt")
+        expect(prompt_box).to_have_value(IMAGINED[0], timeout=30_000)
+        expect(page.get_by_label("Imagined negative prompt")).to_have_value(IMAGINED[1])
+        sent = [r for r in standin.requests_to("/api/chat") if r.messages][-1]
+        assert sent.messages[0] == {"role": "system", "content": IMAGINE_SYSTEM}
+        assert "a lighthouse, please" in sent.messages[-1]["content"]
+        idle(page)
+        screenshot(page, tmp_path, "imagine", readme=True)
+
+        # The user edits the prompt, then one click renders it in the Image tab.
+        edited = IMAGINED[0] + ", seagulls"
+        prompt_box.fill(edited)
+        page.get_by_role("button", name="Render it in the Image tab").click()
+        expect(page.get_by_role("tab", name="Image")).to_have_attribute("aria-selected", "true")
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value(edited)
+        result = page.locator(".block", has=page.get_by_text("Result", exact=True))
+        expect(result.locator("img")).to_be_visible(timeout=60_000)
+        expect(page.locator("#render-summary")).to_contain_text("256×192 · 3 steps", timeout=15_000)
+        expect(page.get_by_role("button", name="Cancel")).to_be_disabled(timeout=10_000)
+        newest = max((app_dir / "outputs").glob("*.png"), key=lambda p: p.stat().st_mtime)
+        from clair.image import read_metadata
+
+        meta = read_metadata(newest)
+        assert (meta["prompt"], meta["negative_prompt"]) == (edited, IMAGINED[1])
+        idle(page)
+
+        # 2. The gallery: select the newest image, see its settings, "Use these settings" fills the fields.
+        page.get_by_label("Prompt", exact=True).fill("something else")
+        page.get_by_label("Seed (-1 = random)").fill("5")
+        gallery = page.locator("#gallery")
+        gallery.locator("button.thumbnail-item, .thumbnail-item").first.click()
+        picked = page.locator("#picked")
+        expect(picked).to_contain_text(f"Seed {meta['seed']}", timeout=10_000)
+        expect(picked).to_contain_text("seagulls")
+        page.get_by_role("button", name="Use these settings").click()
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value(edited)
+        expect(page.get_by_label("Negative prompt", exact=True)).to_have_value(IMAGINED[1])
+        expect(page.get_by_label("Seed (-1 = random)")).to_have_value(str(meta["seed"]))
+        expect(page.get_by_label("number input for Width")).to_have_value("256")
+        settle(picked)
+        screenshot(page, tmp_path, "gallery", readme=True)
+
+        # "Reuse seed": the last render's seed, from the server's record.
+        page.get_by_label("Seed (-1 = random)").fill("-1")
+        page.get_by_role("button", name="♻ Reuse seed").click()
+        expect(page.get_by_label("Seed (-1 = random)")).to_have_value(str(meta["seed"]))
+
+        # An aspect preset sets width and height.
+        page.locator("#aspect input").click()
+        page.get_by_role("option", name="16:9 wide · 1344×768").click()
+        expect(page.get_by_label("number input for Width")).to_have_value("1344")
+        expect(page.get_by_label("number input for Height")).to_have_value("768")
+
+        # 3. Drop a Clair PNG on the Image tab: read in the browser (no upload), the fields filled.
+        uploads = []
+        page.on("request", lambda r: uploads.append(r.url) if "upload" in r.url else None)
+        clair = {"prompt": "dropped prompt", "negative_prompt": "no rain", "steps": 5, "guidance": 4.5,
+                 "width": 320, "height": 448, "seed": 4242, "model": "tiny"}
+        drop_file(page, "#image-tab", "clair.png", png_with_settings({"clair": json.dumps(clair)}))
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value("dropped prompt")
+        expect(page.get_by_label("Negative prompt", exact=True)).to_have_value("no rain")
+        expect(page.get_by_label("Seed (-1 = random)")).to_have_value("4242")
+        for name, value in (("Width", "320"), ("Height", "448"), ("Steps", "5"), ("Guidance", "4.5")):
+            expect(page.get_by_label(f"number input for {name}")).to_have_value(value)
+        expect(page.locator("#drop-note")).to_contain_text("seed 4242")
+        # An AUTOMATIC1111 PNG (its `parameters` line only, compressed) works too.
+        a1111 = "a fox in snow\nNegative prompt: cartoon\nSteps: 7, Sampler: Euler, CFG scale: 6, Seed: 77, Size: 384x256"
+        drop_file(page, "#image-tab", "a1111.png", png_with_settings({"parameters": a1111}))
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value("a fox in snow")
+        expect(page.get_by_label("Seed (-1 = random)")).to_have_value("77")
+        expect(page.get_by_label("number input for Width")).to_have_value("384")
+        assert not uploads, uploads
+        # The dropped settings render as they are.
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("#render-summary")).to_contain_text("Seed 77 · 384×256 · 7 steps", timeout=60_000)
+        idle(page)
+        no_traceback(page)
+
+        # The scripting API's /imagine: idea -> [prompt, negative prompt].
+        assert app.client.predict("a lighthouse", [], api_name="/imagine") == list(IMAGINED)
+    finally:
+        standin.reply_fn = None
+        page.close()
+
+    # 4. A phone: 390 px wide. Nothing scrolls sideways; both tabs' controls are on screen.
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True)
+    phone.set_default_timeout(15_000)
+    try:
+        phone.goto(app.url)
+        expect(phone.locator("#gpu-status")).to_contain_text("GPU", timeout=20_000)
+        for tab, controls in (("Chat", ("Send", "Imagine")), ("Image", ("Generate", "Cancel"))):
+            phone.get_by_role("tab", name=tab).click()
+            for name in controls:
+                box = phone.get_by_role("button", name=name).bounding_box()
+                assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390 + 1, (name, box)
+            wide = phone.evaluate("document.documentElement.scrollWidth")
+            assert wide <= 391, f"the {tab} tab scrolls sideways on a phone ({wide} px)"
+            screenshot(phone, tmp_path, f"phone-{tab.lower()}", readme=True)
+    finally:
+        phone.close()
+
+
+def test_a_size_message_leaves_the_width_box_visible(browser, tmp_path):
+    """A render too large for the VRAM budget is refused on the Width field; the message must not hide the
+    box the person is about to correct (Gradio puts it at the block's top right, over the number box)."""
+    app = App(tmp_path, {"CLAIR_CHAT_BACKEND": "local", "CLAIR_VRAM_BUDGET_GB": "8", "CLAIR_PRELOAD": "0"}, args=("--demo",))
+    page = None
+    try:
+        page = open_page(browser, app.url)
+        page.get_by_role("tab", name="Image").click()
+        for name, value in (("Width", "2048"), ("Height", "2048")):
+            set_number(page, name, value)
+        page.get_by_label("Prompt", exact=True).fill("too large")
+        page.get_by_role("button", name="Generate").click()
+        # Read at once when it shows (Gradio clears such messages again after a moment): its size, and whether
+        # the Width and Height boxes are still on top where they are.
+        seen = page.wait_for_function(
+            """() => {
+                const m = document.querySelector('#width .validation-error');
+                if (!m || !m.textContent.includes('render needs about')) return null;
+                const r = m.getBoundingClientRect();
+                if (r.height < 10 || r.width < 100) return null;
+                const covered = ['#width', '#height'].filter(id => {
+                    const box = document.querySelector(id + ' input[type=number]');
+                    const b = box.getBoundingClientRect();
+                    const top = document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2);
+                    return !(top === box || box.contains(top));
+                });
+                return {covered};
+            }""",
+            timeout=15_000,
+        ).json_value()
+        assert seen["covered"] == [], f"the message covers {seen['covered']}"
+        page.screenshot(path=str(tmp_path / "image-size-refused.png"))  # not full_page: a resize clears the message
+        no_traceback(page)
+    finally:
+        if page is not None:
+            page.close()
+        app.stop()

@@ -326,3 +326,21 @@ def test_stall_must_outlast_a_healthy_eviction_and_ollama_silence() -> None:
     assert load([], environ={"CLAIR_STALL_S": "0"}).stall_s == 0  # off
     cfg = load([], environ={"CLAIR_STALL_S": "90", "CLAIR_EVICT_TIMEOUT_S": "20", "CLAIR_OLLAMA_TIMEOUT_S": "60"})
     assert cfg.stall_s == 90
+
+
+def test_demo_mode_saves_into_a_folder_of_its_own() -> None:
+    demo = load(["--demo"], environ={})
+    assert demo.output_dir == os.path.join("outputs", "demo")
+    real = load([], environ={})
+    # The users file stays where it always was; the demo's conversations are kept apart from real ones.
+    assert demo.users_path == real.users_path
+    assert demo.chats_dir != real.chats_dir and os.path.dirname(demo.chats_dir) == os.path.dirname(real.chats_dir)
+    assert load(["--demo"], environ={"CLAIR_OUTPUT_DIR": "/srv/pics"}).output_dir == "/srv/pics"
+    assert load(["--demo", "--output-dir", "mine"], environ={}).output_dir == "mine"
+
+
+def test_help_speaks_plainly() -> None:
+    text = config.parser().format_help() + "\n".join(f.metadata["help"] for f in config.fields())
+    assert "default: ]" not in text and "default: )" not in text
+    assert "seed's behaviour" not in text
+    assert "vram_reserve_gb" not in text  # users know the variable, CLAIR_VRAM_RESERVE_GB

@@ -114,3 +114,83 @@ def test_closing_a_held_chat_releases_its_place(standin, tmp_path):
     assert studio.arbiter.status()["waiting"] == []
     render.release()
     assert studio.arbiter.is_idle()
+
+
+def test_imagine_makes_a_prompt_and_the_render_reaches_the_gpu_only_after_the_chat_lets_go(tmp_path):
+    """Imagine asks the chat model with its fixed instruction, reads the stand-in's scripted answer, and the
+    render that follows (asked for while the reply still streams) takes the GPU only after the chat let go."""
+    from clair.studio import IMAGINE_SYSTEM
+
+    seen = []
+
+    def answer(body):
+        seen.append(body)
+        return "Here you go:\n**Prompt:** a red lighthouse at dusk, oil painting\nNegative: blurry, people\n"
+
+    standin = OllamaStandin({MODEL: 4.9}, unload_delay=0.2, token_delay=0.05, reply=answer).start()
+    try:
+        studio = make(standin, tmp_path, warmup=False)
+        history = [{"role": "user", "content": "I'd like a lighthouse"}, {"role": "assistant", "content": "Nice!"}]
+        stream = studio.imagine("a lighthouse, but red and at dusk", history)
+        first = next(e for e in stream if isinstance(e, Token))
+        # The reply is streaming: the render is asked for now, from another thread.
+        result = {}
+        t = threading.Thread(
+            target=lambda: result.update(info=studio.render(RenderParams("x", steps=2, width=64, height=64))[1])
+        )
+        t.start()
+        reply = first.text + "".join(e.text for e in stream if isinstance(e, Token))
+        from clair.studio import parse_imagined
+
+        prompt, negative = parse_imagined(reply)
+        assert (prompt, negative) == ("a red lighthouse at dusk, oil painting", "blurry, people")
+        t.join(30)
+        [body] = seen
+        assert body["messages"][0] == {"role": "system", "content": IMAGINE_SYSTEM}
+        assert body["messages"][1:3] == history
+        assert "a lighthouse, but red and at dusk" in body["messages"][-1]["content"]
+        [chat] = [r for r in standin.requests_to("/api/chat") if r.messages]
+        info = result["info"]
+        assert chat.finished is not None and info["gpu_started_at"] >= chat.finished
+        assert "ollama" in info["evicted"]  # the arbiter handed the GPU over: the chat model left for the render
+
+        # The one-call form, then the render of what it made.
+        assert studio.imagine_prompt("a lighthouse") == ("a red lighthouse at dusk, oil painting", "blurry, people")
+        _, info = studio.render(RenderParams(prompt, negative, steps=2, width=64, height=64, seed=7))
+        assert info["prompt"] == prompt and info["negative_prompt"] == negative
+        last_chat = [r for r in standin.requests_to("/api/chat") if r.messages][-1]
+        assert info["gpu_started_at"] >= last_chat.finished
+    finally:
+        standin.stop()
+
+
+def test_imagine_falls_back_to_whatever_came_back(standin, tmp_path):
+    """A model that ignores the instruction (the demo's tiny one) still fills the fields."""
+    from clair.studio import DEFAULT_NEGATIVE
+
+    studio = make(standin, tmp_path)
+    prompt, negative = studio.imagine_prompt("stormy sea")  # the stand-in answers "You said: ..."
+    assert prompt.startswith("You said: The idea: stormy sea") and negative == DEFAULT_NEGATIVE
+    with pytest.raises(Exception, match="Describe the image first"):
+        studio.imagine_prompt("   ")
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("PROMPT: a cat on a roof\nNEGATIVE: dogs", ("a cat on a roof", "dogs")),
+        ("Sure!\n**Prompt:** a cat, *soft light*\n\n**Negative prompt:**\nugly, text\n", ("a cat, *soft light*", "ugly, text")),
+        ("- prompt = \"a cat\"\n- negative_prompt: 'blur'", ("a cat", "blur")),
+        ("Prompt:\n  a cat\n  on a roof\nNegative:", ("a cat on a roof", None)),
+        ("just some words here", ("just some words here", None)),
+        ("", ("the idea", None)),
+        ("negative: only this", ("the idea", "only this")),
+    ],
+)
+def test_parse_imagined_reads_what_models_write(reply, expected):
+    from clair.studio import DEFAULT_NEGATIVE, parse_imagined
+
+    prompt, negative = parse_imagined(reply, "the idea")
+    assert prompt == expected[0]
+    assert negative == (expected[1] or DEFAULT_NEGATIVE)
+    assert parse_imagined("PROMPT: " + "x" * 50, limit=10)[0] == "x" * 10

@@ -143,10 +143,29 @@ def test_chat_template_renders_roles_and_generation_prompt(chat) -> None:
 
 def test_chat_tokenizer_is_byte_level_and_lossless(chat) -> None:
     _, tokenizer = chat
-    text = "Grüße, 世界! 🙂\n\ttabs"
+    text = "Grüße, 世界! 🙂\n\ttabs xq"
     ids = tokenizer(text)["input_ids"]
-    assert len(ids) == len(text.encode("utf-8"))  # one token per byte, no merges
     assert tokenizer.decode(ids) == text
+    assert len(ids) <= len(text.encode("utf-8"))  # bytes at most; merges join some
+    assert all(tokenizer.decode([i]) for i in ids)
+
+
+def test_chat_replies_are_readable_words_that_stream_word_by_word(chat) -> None:
+    """Sampled as Clair's LocalChat does, the random model writes words of its vocabulary, not byte noise."""
+    from clair.tiny import WORDS, word_token_ids
+
+    model, tokenizer = chat
+    words = set(word_token_ids(tokenizer))
+    assert len(words) == len(WORDS) + 2
+    assert all(tokenizer.decode([i]).strip() in (*WORDS, ".", ",") for i in words)
+    inputs = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    torch.manual_seed(0)
+    out = model.generate(**inputs, max_new_tokens=40, do_sample=True, temperature=0.8)
+    new = [i for i in out[0, inputs["input_ids"].shape[1] :].tolist() if i != tokenizer.eos_token_id]
+    assert len(new) >= 5
+    assert sum(i in words for i in new) >= 0.9 * len(new), tokenizer.decode(new)
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    assert "\ufffd" not in text and len(set(text.split())) >= 3, text
 
 
 def test_chat_generate_produces_new_tokens(chat) -> None:
