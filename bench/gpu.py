@@ -678,6 +678,7 @@ def render(b: Bench, comps: dict[str, torch.nn.Module], sdxl_info: dict[str, Any
     except Exception as exc:  # clair.image needs Pillow; the prior is a comparison, not a measurement
         out["clair_prior_gib"] = None
         out["clair_prior_error"] = f"{type(exc).__name__}: {exc}"
+    out["pause_resume"] = pause_resume(b, unet, randn, cond, steps, lat)
     header()
     row(f"render {size}px, {steps} steps", out["render_s"], out["render_s_min"])
     row("  of which UNet", out["unet_s"], out["unet_s_min"])
@@ -685,6 +686,56 @@ def render(b: Bench, comps: dict[str, torch.nn.Module], sdxl_info: dict[str, Any
     print(
         f"   peak allocated {out['peak_allocated_gib']:.2f} GiB, reserved {out['peak_reserved_gib']:.2f} GiB "
         f"(weights {out['weights_allocated_gib']:.2f}); Clair's prior {fmt(out['clair_prior_gib'], '.2f', ' GiB')}"
+    )
+    return out
+
+
+def pause_resume(b: Bench, unet: torch.nn.Module, randn, cond: dict, steps: int, lat: int) -> dict[str, Any]:
+    """One pause and resume of the denoising loop at half-way, as Clair preempts a render for a chat
+    (docs/design.md, "Preemption at step boundaries"): the UNet's weights leave the device through Clair's
+    own WeightSwap (a pointer swap to the pinned host copy) and the cache is emptied, then they come back and
+    the loop carries on. Reports the time to yield and to resume, and whether the final latents are
+    bit-identical to the same loop without a pause (the image is their decode)."""
+    from clair.gpu import WeightSwap
+
+    def loop(pause_at: int | None, swap: WeightSwap | None) -> tuple[torch.Tensor, float, float]:
+        gen_state = torch.Generator(b.device).manual_seed(1)
+        latents = torch.randn(1, 4, lat, lat, generator=gen_state, device=b.device, dtype=next(unet.parameters()).dtype)
+        yield_s = resume_s = 0.0
+        with torch.no_grad():
+            for i, t in enumerate(torch.linspace(999, 0, steps).round().long().tolist()):
+                if i == pause_at and swap is not None:
+                    b.sync()
+                    t0 = time.perf_counter()
+                    swap.evict()
+                    b.free_memory()
+                    b.sync()
+                    yield_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    swap.restore()
+                    b.sync()
+                    resume_s = time.perf_counter() - t0
+                noise = unet(torch.cat([latents] * 2), t, **cond).sample
+                uncond, text = noise.chunk(2)
+                latents = latents - (uncond + 7.0 * (text - uncond)) / steps
+        b.sync()
+        return latents, yield_s, resume_s
+
+    swap = WeightSwap([unet], pinned_mode="on" if b.cuda else "off", device=b.device if b.cuda else "cpu")
+    swap.on_gpu = True  # the UNet is on the device now (on CPU: the "device copy" is a second host tensor)
+    swap.prepare()
+    alone, _, _ = loop(None, None)
+    paused, yield_s, resume_s = loop(max(1, steps // 2), swap)
+    out = {
+        "paused_at_step": max(1, steps // 2),
+        "yield_s": yield_s,
+        "resume_s": resume_s,
+        "latents_identical": bool(torch.equal(alone, paused)),
+        "pinned": swap.pinned,
+    }
+    print(
+        f"   pause at step {out['paused_at_step']}: yield {fmt_s(yield_s)}, resume {fmt_s(resume_s)}, "
+        f"latents identical: {out['latents_identical']}"
     )
     return out
 

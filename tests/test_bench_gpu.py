@@ -68,6 +68,9 @@ def test_dry_run_exercises_every_section(tmp_path: Path) -> None:
 
     render = r["render_1024"]
     assert render["render_s"] > 0 and render["unet_s"] > 0 and render["vae_decode_s"] > 0
+    # One pause and resume through Clair's WeightSwap (a second host copy on CPU): the same latents.
+    assert render["pause_resume"]["latents_identical"] is True
+    assert render["pause_resume"]["yield_s"] > 0 and render["pause_resume"]["resume_s"] > 0
     for key in ("peak_allocated_gib", "peak_reserved_gib", "steps", "clair_prior_gib"):
         assert key in render
 
