@@ -243,7 +243,8 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
     stats = studio.arbiter.status()["stats"]
     loads = sum(1 for e in standin.events_for(MODEL) if e.kind == "loaded")
     unloads = sum(1 for e in standin.events_for(MODEL) if e.kind == "unloaded")
-    ollama_gb = max((m["size_vram"] for m in standin.ps()), default=0) / GiB
+    # What Ollama reported for the chat model at its num_ctx (the engine keeps it from /api/ps readings).
+    ollama_gb = (studio.ollama.measured(MODEL) or 0) / GiB
     standin.stop()
     return {
         "chat_ttft_p50_s": _r(percentile(ttft, 50)),

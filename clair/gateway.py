@@ -214,6 +214,33 @@ def keep_alive_seconds(value: Any) -> float | None:
     return float("inf") if sign < 0 and total > 0 else total  # "-0s" is 0 (unload), not forever
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def over_limits(body: dict, cfg) -> str:
+    """Clair's text limits (clair/limits.py), for the Ollama-compatible API: what is wrong, or "".
+
+    The conversation's text in all (CLAIR_MAX_HISTORY_CHARS plus one CLAIR_MAX_MESSAGE_CHARS) and its
+    messages (CLAIR_MAX_HISTORY_MESSAGES plus the new one), or a prompt (CLAIR_MAX_MESSAGE_CHARS); refused
+    before any GPU work, like the UI's and /v1's requests. Other fields are forwarded as sent."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > cfg.max_history_messages + 2:  # the history, a system prompt, the new message
+            return f"too many messages ({len(messages)}): Clair takes at most {cfg.max_history_messages + 2} (CLAIR_MAX_HISTORY_MESSAGES)"
+        chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+        if chars > cfg.max_history_chars + cfg.max_message_chars:
+            return (
+                f"the conversation is too long ({chars} characters): Clair takes at most "
+                f"{cfg.max_history_chars + cfg.max_message_chars} (CLAIR_MAX_HISTORY_CHARS + CLAIR_MAX_MESSAGE_CHARS)"
+            )
+    for key in ("prompt", "system"):
+        text = body.get(key)
+        if isinstance(text, str) and len(text) > cfg.max_message_chars:
+            return f"`{key}` is too long ({len(text)} characters): Clair takes at most {cfg.max_message_chars} (CLAIR_MAX_MESSAGE_CHARS)"
+    return ""
+
+
 def decide(body: dict, cfg, client: str, cap_only: bool = False) -> dict:
     """The body Clair forwards: keep_alive and options.num_ctx decided for the GPU (module docstring).
 
@@ -336,7 +363,8 @@ class Gateway:
         if not raw.strip():
             return ollama_error(400, "missing request body")
         try:
-            body = json.loads(raw)
+            # NaN and Infinity are not JSON (Go's decoder, so Ollama, refuses them): refused here too.
+            body = json.loads(raw, parse_constant=_no_constant)
         except ValueError as exc:
             return ollama_error(400, f"invalid JSON: {exc}")
         if not isinstance(body, dict):
@@ -348,6 +376,9 @@ class Gateway:
             keep = keep_alive_seconds(body.get("keep_alive"))
         except ValueError as exc:
             return ollama_error(400, str(exc))
+        too_long = over_limits(body, self.cfg)
+        if too_long:
+            return ollama_error(400, too_long)
         client = self.client_name(request)
         if path in ("/api/chat", "/api/generate"):
             empty = not body.get("messages") if path == "/api/chat" else not body.get("prompt")

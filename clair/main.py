@@ -374,11 +374,20 @@ def user_command(argv: list[str]) -> int:
     args, rest = p.parse_known_args(argv[1:])
     try:
         cfg = config.load(rest)
-        if argv[0] in keys_mod.COMMANDS:
-            keys = keys_mod.Keys(keys_mod.keys_path(cfg.users_path))
-            return keys_mod.command([argv[0], *([args.name] if argv[0] != "keys" else [])], keys)
+        keys = keys_mod.Keys(keys_mod.keys_path(cfg.users_path))
         users = users_mod.Users(cfg.users_path)
-        return users_mod.command([argv[0], *([args.name] if argv[0] != "users" else [])], users)
+        if argv[0] == "addkey" and users.names() and args.name not in users.names():
+            raise users_mod.UserError(
+                f"There is no user {args.name!r}: a key acts for a user (their caps, their images). Add the user "
+                f"first (`python app.py adduser {args.name}`), or name an existing one: {', '.join(users.names())}."
+            )
+        if argv[0] in keys_mod.COMMANDS:
+            return keys_mod.command([argv[0], *([args.name] if argv[0] != "keys" else [])], keys)
+        rc = users_mod.command([argv[0], *([args.name] if argv[0] != "users" else [])], users)
+        if rc == 0 and argv[0] == "deluser" and args.name in keys.names():
+            keys.delete(args.name)  # their API key goes with them, as their sessions do
+            print(f"Removed {args.name}'s API key too.")
+        return rc
     except (ConfigError, users_mod.UserError) as exc:
         print(f"clair: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -360,7 +361,12 @@ def image_request(body: dict, cfg) -> tuple[RenderParams, int, str]:
         value = body.get(key, default)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and int(value) != value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or (kind is int and int(value) != value)
+        ):
             raise BadRequest(f"`{key}` must be a{'n integer' if kind is int else ' number'} (got {value!r}).")
         return kind(value)
 

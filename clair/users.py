@@ -126,6 +126,13 @@ class Users:
     def __bool__(self) -> bool:
         return bool(self.names())
 
+    def stamp(self, name: str) -> str | None:
+        """What a session remembers of its user: the current password hash (None: no such user). A new
+        password, or deleting the user, changes it, and the sessions opened before end (clair/web.py)."""
+        with self._lock:
+            entry = self._load().get(name) if isinstance(name, str) else None
+        return str(entry.get("hash")) if entry is not None else None
+
     def verify(self, name: str, password: str) -> bool:
         """True when `password` is `name`'s. Unknown names cost as much as known ones."""
         with self._lock:

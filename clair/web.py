@@ -196,9 +196,9 @@ class Hosts:
 
     def _refresh(self) -> None:
         names = set(self.LOOPBACK) | self.extra
+        if self.bind_host not in ("0.0.0.0", "::", ""):
+            names.add(self.bind_host.strip("[]").lower())  # the address Clair prints, loopback ones too (127.0.0.2)
         if self.lan:
-            if self.bind_host not in ("0.0.0.0", "::"):
-                names.add(self.bind_host)
             try:
                 names.update(addr.lower() for _n, addr in interface_addresses())
             except Exception:
@@ -238,29 +238,36 @@ class Sessions(dict):
     """Gradio's `App.tokens` (token -> user name) with an issue time per token and an expiry.
 
     Gradio writes `tokens[token] = user` at login and reads `tokens.get(token)` to find the user of a
-    request (gr.Request.username comes from there), so a token that is too old, or whose user was
-    deleted, reads as absent: the request is anonymous and the login page comes back.
+    request (gr.Request.username comes from there), so a token that is too old, whose user was deleted,
+    or whose user's password changed since the login (`user_stamp`), reads as absent: the request is
+    anonymous and the login page comes back.
     """
 
-    def __init__(self, max_age_s: float, user_exists=lambda name: True, clock=time.time):
+    def __init__(self, max_age_s: float, user_stamp=lambda name: "", clock=time.time):
         super().__init__()
         self.max_age_s = max_age_s
-        self.user_exists = user_exists
+        self.user_stamp = user_stamp  # name -> something that changes with the password; None: no such user
         self.clock = clock
         self.issued: dict[str, float] = {}
+        self.stamps: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
     def __setitem__(self, token, user) -> None:
+        stamp = self.user_stamp(user)
         with self._lock:
             super().__setitem__(token, user)
             self.issued[token] = self.clock()
+            self.stamps[token] = stamp
         self.sweep()
 
     def _valid(self, token) -> bool:
         if not dict.__contains__(self, token):
             return False
-        if self.clock() - self.issued.get(token, 0.0) > self.max_age_s or not self.user_exists(
-            dict.__getitem__(self, token)
+        stamp = self.user_stamp(dict.__getitem__(self, token))
+        if (
+            self.clock() - self.issued.get(token, 0.0) > self.max_age_s
+            or stamp is None
+            or stamp != self.stamps.get(token)
         ):
             self.drop(token)
             return False
@@ -281,6 +288,7 @@ class Sessions(dict):
         with self._lock:
             self.pop(token, None)
             self.issued.pop(token, None)
+            self.stamps.pop(token, None)
 
     def sweep(self) -> None:
         now = self.clock()
@@ -427,7 +435,7 @@ class Web:
         self.users = users
         self.hosts = Hosts(cfg.host, cfg.allowed_hosts)
         self.limiter = LoginLimiter()
-        self.sessions = Sessions(cfg.session_hours * 3600.0, user_exists=lambda name: name in users.names())
+        self.sessions = Sessions(cfg.session_hours * 3600.0, user_stamp=users.stamp)
         self.gradio = None  # the mounted gradio App, set once mounted
         self.per_address = max(8, cfg.max_connections // 4)
         self._open: dict[str, int] = {}
@@ -461,6 +469,9 @@ class Web:
         except UserError:
             log.exception("the keys file cannot be read")
             return Verdict(503, "Clair's keys file cannot be read: tell whoever runs Clair.", "server_error")
+        if user is not None and user not in self.users.names():
+            log.warning("api key of a user who no longer exists refused name=%s addr=%s", user, address, extra=ALWAYS)
+            user = None  # a deleted user's keys end with their sessions
         if user is None:
             delay = self.limiter.failure(address)
             log.warning("api key refused addr=%s next_try_in_s=%.0f", address, delay, extra=ALWAYS)

@@ -105,6 +105,26 @@ def test_a_chat_sent_during_a_render_is_held_until_the_render_ends(gateway, stan
     standin.wait_until(studio.arbiter.is_idle)
 
 
+def test_nan_and_over_long_requests_are_refused_before_the_gpu(gateway, standin, studio):
+    import httpx
+
+    grants = studio.arbiter.stats["grants"]
+    standin.reset_logs()
+    url = gateway.url + "/api/chat"
+    nan = b'{"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": NaN}}'
+    r = httpx.post(url, content=nan, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and "NaN is not a JSON number" in r.json()["error"]
+    long = "x" * (studio.cfg.max_history_chars + studio.cfg.max_message_chars + 1)
+    client = ollama.Client(host=gateway.url)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model=MODEL, messages=[{"role": "user", "content": long}])
+    assert err.value.status_code == 400 and "CLAIR_MAX_HISTORY_CHARS" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model=MODEL, prompt="y" * (studio.cfg.max_message_chars + 1))
+    assert err.value.status_code == 400 and "CLAIR_MAX_MESSAGE_CHARS" in err.value.error
+    assert studio.arbiter.stats["grants"] == grants and not real_chats(standin)
+
+
 def test_tags_ps_show_and_version_answer_as_ollama_does(gateway, standin):
     through, direct = ollama.Client(host=gateway.url), ollama.Client(host=standin.url)
     assert through.list() == direct.list()

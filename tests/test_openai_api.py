@@ -184,6 +184,11 @@ def test_bad_image_requests_are_refused_before_the_gpu(v1, studio):
     ):
         with pytest.raises(openai.BadRequestError):
             c.images.generate(prompt="x", **kw)
+    import httpx  # the official client refuses to send NaN; other clients (and Python's json) do
+
+    for raw in (b'{"prompt": "x", "steps": NaN}', b'{"prompt": "x", "seed": Infinity}'):
+        r = httpx.post(str(c.base_url) + "images/generations", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["message"], r.text
     assert studio.arbiter.stats["grants"] == 0
 
 
@@ -298,6 +303,9 @@ def test_api_requests_count_against_the_per_user_caps(lan):
 
 def test_an_image_url_serves_only_the_user_who_asked_for_it(lan):
     served, key, studio = lan
+    from clair.users import Users
+
+    Users(studio.cfg.users_path).set_password("bob", "bobpass000")  # a key acts for an existing user
     other, _ = Keys(keys_path(studio.cfg.users_path)).add("bob")
     url = client(served, key).images.generate(prompt="mine", size="64x64", extra_body={"steps": 1}).data[0].url
     name = url.rsplit("/", 1)[1]

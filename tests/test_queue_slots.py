@@ -16,7 +16,8 @@ def test_a_chat_is_not_queued_behind_renders_in_gradios_slots(tmp_path):
     standin = OllamaStandin({MODEL: 4.9}, unload_delay=0.2).start()
     app = App(
         tmp_path,
-        {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_MAX_QUEUE": "3", "CLAIR_MAX_JOBS_PER_USER": "3", "CLAIR_WARMUP": "0"},
+        {"OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_MAX_QUEUE": "3", "CLAIR_MAX_JOBS_PER_USER": "3", "CLAIR_WARMUP": "0",
+         "CLAIR_PREEMPT": "off"},
     )
     try:
         first = app.client.submit("one", "", 30, 5.0, 1024, 1024, 1, api_name="/render")  # several seconds
@@ -24,8 +25,9 @@ def test_a_chat_is_not_queued_behind_renders_in_gradios_slots(tmp_path):
         second = app.client.submit("two", "", 30, 5.0, 1024, 1024, 2, api_name="/render")  # queued behind the first
         chat = app.client.submit("are you there?", [], api_name="/chat")
         # The chat reaches the arbiter while the first render runs (CLAIR_CHAT_PRIORITY=next: it goes next).
-        waiting = wait_until(lambda: app.status()["waiting"], timeout=10)
-        assert [w["kind"] for w in waiting] == ["chat"]
+        # Both reach the arbiter (Gradio's slots exceed the caps), and the chat is first in line.
+        waiting = wait_until(lambda: len(app.status()["waiting"]) == 2 and app.status()["waiting"], timeout=10)
+        assert [w["kind"] for w in waiting] == ["chat", "render"]
         assert chat.result(timeout=120) == "You said: are you there?"
         _, info_first = first.result(timeout=120)
         _, info_second = second.result(timeout=120)

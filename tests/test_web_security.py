@@ -83,8 +83,8 @@ def test_one_login_check_at_a_time_per_address() -> None:
 
 def test_sessions_expire_and_end_with_their_user() -> None:
     clock = Clock()
-    alive = {"alice", "bob"}
-    s = Sessions(3600, user_exists=lambda n: n in alive, clock=clock)
+    alive = {"alice": "h1", "bob": "h2"}  # name -> what changes with the password
+    s = Sessions(3600, user_stamp=alive.get, clock=clock)
     s["t1"] = "alice"
     clock.now += 1800
     s["t2"] = "bob"
@@ -95,9 +95,38 @@ def test_sessions_expire_and_end_with_their_user() -> None:
     with pytest.raises(KeyError):
         s["t1"]
     assert s.get("t2") == "bob"
-    alive.discard("bob")  # deluser ends the sessions at once
+    alive.pop("bob")  # deluser ends the sessions at once
     assert s.get("t2") is None
     assert dict(s) == {} and s.issued == {}
+    s["t3"] = "alice"
+    assert s.get("t3") == "alice"
+    alive["alice"] = "h1-new"  # adduser alice again: a new password ends the sessions opened before it
+    assert s.get("t3") is None
+    s["t4"] = "alice"  # a login with the new password works
+    assert s.get("t4") == "alice"
+
+
+def test_a_new_password_ends_the_old_sessions_and_a_deleted_users_key_stops(tmp_path) -> None:
+    """Through the real users and keys files, as `adduser` and `deluser` change them."""
+    from clair.config import Config
+    from clair.users import Users
+    from clair.web import Web
+
+    users = Users(tmp_path / "users.json")
+    users.set_password("carol", "carolpass99")
+    cfg = Config(users_file=str(tmp_path / "users.json"))
+    web = Web(cfg, users)
+    web.sessions["tok"] = "carol"
+    assert web.sessions.get("tok") == "carol"
+    users.set_password("carol", "carolpass11")
+    assert web.sessions.get("tok") is None
+    key, _ = web.keys.add("carol")
+    from starlette.datastructures import Headers
+
+    assert web.api_key_check(Headers({"authorization": f"Bearer {key}"}), "10.0.0.9").user == "carol"
+    users.set_password("dave", "davepass000")  # someone stays, so keys are still needed
+    users.delete("carol")
+    assert web.api_key_check(Headers({"authorization": f"Bearer {key}"}), "10.0.0.9").user is None
 
 
 def test_hosts_allowlist() -> None:
