@@ -203,7 +203,7 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     from clair.studio import Studio
     from clair.ui import build
     from clair.users import Users
-    from clair.web import install_log_filter, lan_urls
+    from clair.web import guarded_protocol, install_log_filter, lan_urls
 
     users = Users(cfg.users_path)
     check_exposure(cfg, users)
@@ -221,6 +221,7 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
             log_config=None,  # uvicorn's records go through Clair's handlers (and their flood filter)
             timeout_graceful_shutdown=5,
             limit_concurrency=cfg.max_connections,
+            http=guarded_protocol(cfg.max_connections),  # per-address connections, time to send headers
             server_header=False,
             **tls,
         )
@@ -303,6 +304,7 @@ def serve_gateway(cfg: config.Config, studio, web):
     import uvicorn
 
     from clair.gateway import Gateway
+    from clair.web import guarded_protocol
 
     server = uvicorn.Server(
         uvicorn.Config(
@@ -313,6 +315,7 @@ def serve_gateway(cfg: config.Config, studio, web):
             log_config=None,
             timeout_graceful_shutdown=5,
             limit_concurrency=cfg.max_connections,
+            http=guarded_protocol(cfg.max_connections),
             server_header=False,
         )
     )

@@ -727,3 +727,75 @@ def install_log_filter() -> None:
     for handler in root.handlers:
         if not any(isinstance(f, RepeatFilter) for f in handler.filters):
             handler.addFilter(RepeatFilter())
+
+
+# --- connections: per address, and the time to send a request ---------------------------------------
+
+HEADER_TIMEOUT_S = 10.0  # a client has this long to send a request's headers, on a new or a kept-alive connection
+
+
+def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIMEOUT_S) -> type:
+    """uvicorn's h11 protocol with two limits that its own `limit_concurrency` lacks.
+
+    uvicorn counts every open connection against `limit_concurrency` from the moment it is accepted, before
+    any request exists, and gives a client unlimited time to send its headers: a few hundred half-open
+    connections from one machine (a "slowloris") made it answer 503 to everyone, the watchdog's /healthz
+    included, without a login. So, per connection:
+
+    * one address may hold a quarter of `max_connections` (127.0.0.1 and ::1 are exempt: a reverse proxy
+      on this machine carries every client from there); past it the new connection is closed at once;
+    * a request's headers must arrive within `header_timeout_s` of the connection opening, or of the
+      previous response ending on a kept-alive one; otherwise the connection is closed.
+
+    The guard middleware (`Guard`) still caps requests per address once they are parsed.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    per_address = max(8, max_connections // 4)
+    live: dict[str, set] = {}  # address -> open transports (only touched on the server's event loop)
+
+    class GuardedH11Protocol(H11Protocol):
+        _clair_timer = None
+        _clair_host = ""
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            host = self.client[0] if self.client else ""
+            self._clair_host = host
+            if host not in ("127.0.0.1", "::1"):  # where a reverse proxy on this machine connects from
+                mine = live.setdefault(host, set())
+                mine.difference_update([t for t in mine if t.is_closing()])
+                if len(mine) >= per_address:
+                    log.warning("connection refused: %s holds %d connections already", host, len(mine))
+                    transport.close()
+                    return
+                mine.add(transport)
+            self._clair_arm()
+
+        def _clair_arm(self) -> None:
+            if self._clair_timer is not None:
+                self._clair_timer.cancel()
+            self._clair_timer = self.loop.call_later(header_timeout_s, self._clair_expire, self.cycle)
+
+        def _clair_expire(self, cycle) -> None:
+            # Still no new request since the timer was armed (none at all, or the last one answered).
+            if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                log.info("connection closed: %s sent no request within %.0f s", self._clair_host, header_timeout_s)
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._clair_arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._clair_timer is not None:
+                self._clair_timer.cancel()
+            mine = live.get(self._clair_host)
+            if mine is not None:
+                mine.discard(self.transport)
+                if not mine:
+                    live.pop(self._clair_host, None)
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
