@@ -62,7 +62,7 @@ def closed_by_server(s: socket.socket, within: float) -> bool:
     s.settimeout(within)
     try:
         return s.recv(1) == b""
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
     except ConnectionResetError:
         return True
