@@ -331,12 +331,14 @@ def build(studio: Studio) -> gr.Blocks:
             params = RenderParams(prompt, negative_prompt, steps, guidance, width, height, seed).validated(cfg)
             studio.check_fits(params)
             with jobs.slot(who), studio.cancel_scope(f"render:{session}") as cancel:
-                path, info = studio.render(
-                    params,
-                    on_progress=lambda text, frac: progress(frac, desc=text),
-                    cancel=cancel,
-                    owner=owner_of(request),
-                )
+
+                def on_progress(text: str, frac: float) -> None:
+                    progress(frac, desc=text)
+                    if request is not None and client_gone(request.session_hash):
+                        log.info("render cancelled: the client went away client=%s", who)
+                        cancel.set()  # a closed tab or a dropped script frees the GPU at the next step
+
+                path, info = studio.render(params, on_progress=on_progress, cancel=cancel, owner=owner_of(request))
             path = served(path)
             info = json.loads(json.dumps(info))  # plain JSON, built here
         except Cancelled:
@@ -355,6 +357,19 @@ def build(studio: Studio) -> gr.Blocks:
             while len(last_render) > 256:
                 last_render.popitem(last=False)
         return path, info
+
+    def client_gone(session_hash: str | None) -> bool:
+        """Has Gradio seen this page's event stream close? (It marks the session's running jobs not alive:
+        gradio/queueing.py `Queue.clean_events`, called by the SSE route on disconnect.) A plain function
+        cannot be interrupted by Gradio, so the render checks this at every step."""
+        queue = getattr(demo, "_queue", None)
+        if queue is None or not session_hash:
+            return False
+        for job_set in list(getattr(queue, "active_jobs", None) or []):
+            for job in list(job_set or []):
+                if getattr(job, "session_hash", None) == session_hash and not getattr(job, "alive", True):
+                    return True
+        return False
 
     @_guard
     def render_summary(request: gr.Request) -> str:

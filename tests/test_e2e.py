@@ -222,3 +222,30 @@ def test_budget_policy_evicts_only_what_does_not_fit(tmp_path):
     finally:
         a.stop()
         standin.stop()
+
+
+def test_a_render_whose_client_went_away_stops_and_frees_the_gpu(app, standin):
+    """A closed tab or a dropped script: Gradio marks the session's jobs gone; the render stops at its next
+    step instead of holding the GPU for nobody (found by a review: a 150-step render ran to its end)."""
+    import json
+    import uuid
+
+    from tests.support import Raw
+
+    raw = Raw(app.url)
+    dep = raw.dep("render")
+    session = uuid.uuid4().hex[:12]
+    body = {"data": ["gone", "", 150, 5.0, 1024, 1024, 1], "fn_index": dep["id"], "trigger_id": None, "session_hash": session}
+    assert raw.http.post("/gradio_api/queue/join", json=body).status_code == 200
+    progress = 0
+    with raw.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:]).get("msg") == "progress":
+                progress += 1
+                if progress >= 3:
+                    break  # the client hangs up mid-render
+    t0 = time.monotonic()
+    wait_until(lambda: app.status()["holder"] is None and not app.status()["waiting"], timeout=30)
+    assert time.monotonic() - t0 < 15, "the render went on for nobody"
+    assert "the client went away" in app.log.read_text()
+    assert app.client.predict("still here?", [], api_name="/chat") == "You said: still here?"
