@@ -171,6 +171,15 @@ def test_page_chat_and_image_with_the_ollama_standin(app, app_dir, standin, brow
         idle(page)
         screenshot(page, tmp_path, "image", readme=True)
 
+        # The GPU panel: the Status tab shows the ledger, the last hand-over and the eject control.
+        page.get_by_role("tab", name="Status").click()
+        panel = page.locator("#gpu-panel")
+        expect(panel).to_contain_text("image", timeout=15_000)
+        expect(page.get_by_role("button", name="Unload")).to_be_visible()
+        idle(page)
+        screenshot(page, tmp_path, "status", readme=True)
+        page.get_by_role("tab", name="Image").click()
+
         # 4. Bad input: a readable error toast, no stack trace.
         page.get_by_label("Prompt", exact=True).fill("")
         page.get_by_role("button", name="Generate").click()
