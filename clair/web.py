@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+import json
 import logging
 import re
+import secrets
 import socket
 import threading
 import time
@@ -631,12 +633,43 @@ class Guard:
                     return {"type": "http.disconnect"}
             return message
 
+        # Gradio checks an event's inputs against their components before Clair's handlers run, and answers
+        # a mismatch with 400 and its own text (pydantic's errors, server paths it could not copy). Clients
+        # get Clair's words instead; the details go to the log under an id.
+        rewrite = method == "POST" and (path == "/gradio_api/queue/join" or path.startswith("/gradio_api/run/"))
+        held: dict = {"start": None, "body": b""}
+
         async def secured_send(message):
             if message["type"] == "http.response.start":
                 h = MutableHeaders(scope=message)
                 for name, value in SECURITY_HEADERS.items():
                     if name not in h:
                         h[name] = value
+                if rewrite and message.get("status") == 400:
+                    held["start"] = message
+                    return
+            elif held["start"] is not None and message["type"] == "http.response.body":
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                ident = secrets.token_hex(3)
+                log.warning(
+                    "request refused before Clair's checks id=%s addr=%s path=%s detail=%r",
+                    ident, address, path[:100], held["body"][:600].decode("utf-8", "replace"),
+                )
+                body = json.dumps(
+                    {
+                        "detail": "Clair could not read this request: an input is not what this event takes (a chat "
+                        f"history must be plain text; numbers must be numbers). (error id {ident})"
+                    }
+                ).encode()
+                start = held["start"]
+                h = MutableHeaders(scope=start)
+                h["content-type"] = "application/json"
+                h["content-length"] = str(len(body))
+                await send(start)
+                await send({"type": "http.response.body", "body": body})
+                return
             await send(message)
 
         outgoing = secured_send

@@ -293,3 +293,20 @@ def test_file_routes_serve_only_outputs(target):
     for url in (f"{app.url}/config", f"http://localhost:{app.port}/config"):
         r = http.get("/gradio_api/file=" + url)
         assert r.status_code != 200 and "dependencies" not in r.text, url
+
+
+def test_inputs_gradio_refuses_get_clairs_words_not_gradios(target):
+    """Gradio checks inputs against their components before Clair's handlers run; its own 400 text (pydantic's
+    errors, server paths) must not reach the client: Clair's message with an error id does, the log has the rest."""
+    app, secret, _ = target
+    config = httpx.get(app.url + "/config", timeout=10).json()
+    chat = next(d for d in config["dependencies"] if d.get("api_name") == "chat_ui")  # the Chatbot's own event
+    bad_history = [{"role": "robot", "content": {"path": str(secret), "mime": 5}, "x": [1]}] * 50
+    body = {"data": ["hi", bad_history, "", ""], "fn_index": chat["id"], "trigger_id": None, "session_hash": "attack400"}
+    r = httpx.post(app.url + "/gradio_api/queue/join", json=body, timeout=30)
+    assert r.status_code == 400, r.text  # Gradio's own check of the Chatbot's value, before Clair's handler
+    text = r.text
+    assert "Clair could not read this request" in text and "error id" in text
+    assert "pydantic" not in text and str(secret.parent) not in text and "validation error" not in text
+    assert secret.read_text() not in text
+    assert "request refused before Clair's checks" in app.log.read_text()  # the details are in the log
