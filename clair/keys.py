@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import sys
@@ -27,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from clair.users import UserError, check_name
+from clair.users import SecretsFile, UserError, check_name
 
 PREFIX = "clair-"
 MAX_KEY = 256  # longer Authorization values are refused before hashing
@@ -59,32 +58,10 @@ class Keys:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._stamp: tuple | None = None
-        self._keys: dict[str, dict] = {}
+        self._file = SecretsFile(self.path, "keys", "addkey", keep=lambda entry: isinstance(entry.get("sha256"), str))
 
     def _load(self) -> dict[str, dict]:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            self._stamp, self._keys = None, {}
-            return self._keys
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp != self._stamp:
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                keys = data.get("keys", {}) if isinstance(data, dict) else {}
-                if not isinstance(keys, dict):
-                    raise ValueError("keys is not a mapping")
-            except (OSError, ValueError) as exc:
-                raise UserError(
-                    f"The keys file {self.path} cannot be read ({exc.__class__.__name__}): fix or remove it, "
-                    "then add keys again with `python app.py addkey NAME`."
-                ) from None
-            self._keys = {
-                k: v for k, v in keys.items() if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
-            }
-            self._stamp = stamp
-        return self._keys
+        return self._file.load()
 
     def names(self) -> list[str]:
         with self._lock:
@@ -108,19 +85,7 @@ class Keys:
         return found
 
     def _write(self, keys: dict[str, dict]) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"version": 1, "keys": keys}, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self._file.write(keys)
 
     def add(self, name: str) -> tuple[str, bool]:
         """Make a new key for `name` (replacing its old one). Returns (key, whether the name is new)."""

@@ -86,38 +86,73 @@ def check_password(password: str) -> str:
     return password
 
 
+
+class SecretsFile:
+    """A small JSON file of hashes, `{"version": 1, <section>: {name: entry}}`: the users file and the keys
+    file (clair/keys.py). Re-read whenever it changes on disk, so the running server sees `adduser` and
+    `addkey` without a restart; written atomically with mode 0600 (created so, never chmod-ed after), in a
+    folder made 0700. The caller holds its own lock around `load()` and `write()`."""
+
+    def __init__(self, path: Path, section: str, command: str, keep=lambda entry: True):
+        self.path = path
+        self.section = section  # "users" or "keys"
+        self.command = command  # what re-creates an entry, for the error message
+        self.keep = keep  # entries that fail it are ignored
+        self._stamp: tuple | None = None
+        self._entries: dict[str, dict] = {}
+
+    def load(self) -> dict[str, dict]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._entries = None, {}
+            return self._entries
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                entries = data.get(self.section, {}) if isinstance(data, dict) else {}
+                if not isinstance(entries, dict):
+                    raise ValueError(f"{self.section} is not a mapping")
+            except (OSError, ValueError) as exc:
+                raise UserError(
+                    f"The {self.section} file {self.path} cannot be read ({exc.__class__.__name__}): fix or remove "
+                    f"it, then add {self.section} again with `python app.py {self.command} NAME`."
+                ) from None
+            self._entries = {
+                k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, dict) and self.keep(v)
+            }
+            self._stamp = stamp
+        return self._entries
+
+    def write(self, entries: dict[str, dict]) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"version": 1, self.section: entries}, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 class Users:
     """The users file, re-read whenever it changes on disk. Thread-safe."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._stamp: tuple | None = None
-        self._users: dict[str, dict] = {}
+        self._file = SecretsFile(self.path, "users", "adduser")
         self._dummy: dict | None = None
 
     # --- reading -------------------------------------------------------------------------------
     def _load(self) -> dict[str, dict]:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            self._stamp, self._users = None, {}
-            return self._users
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp != self._stamp:
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                users = data.get("users", {}) if isinstance(data, dict) else {}
-                if not isinstance(users, dict):
-                    raise ValueError("users is not a mapping")
-            except (OSError, ValueError) as exc:
-                raise UserError(
-                    f"The users file {self.path} cannot be read ({exc.__class__.__name__}): fix or remove it, "
-                    "then add users again with `python app.py adduser NAME`."
-                ) from None
-            self._users = {k: v for k, v in users.items() if isinstance(k, str) and isinstance(v, dict)}
-            self._stamp = stamp
-        return self._users
+        return self._file.load()
 
     def names(self) -> list[str]:
         with self._lock:
@@ -147,19 +182,7 @@ class Users:
 
     # --- writing -------------------------------------------------------------------------------
     def _write(self, users: dict[str, dict]) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"version": 1, "users": users}, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self._file.write(users)
 
     def set_password(self, name: str, password: str) -> bool:
         """Create or change a user. Returns True when the user is new."""
