@@ -707,11 +707,7 @@ class Arbiter:
                 if tenant is not None:
                     tenant.evict()
                 each[name] = round(time.monotonic() - t0, 4)
-                with self._lock:
-                    self._residents.pop(name, None)
-                    self._changed[name] = time.monotonic()
-                    self.stats["swaps"] += 1
-                    self._schedule_locked()  # requests waiting for this memory may go now
+                self._evicted(name)
                 evicted.append(name)
                 log.info(
                     "evicted tenant=%s for=%s evict_s=%.3f reason=%r",
@@ -906,23 +902,33 @@ class Arbiter:
                     tenant.evict()
             except Exception as exc:
                 log.warning("out-of-memory eviction failed tenant=%s error=%s", name, exc)
-                with self._lock:
-                    self.stats["evict_failures"] += 1
-                    res = self._residents.get(name)
-                    if res is not None:
-                        self._residents[name] = replace(res, evicting=False)
-                    self._schedule_locked()
+                self._evict_failed(name)
                 continue
-            with self._lock:
-                self._residents.pop(name, None)
-                self._changed[name] = time.monotonic()
-                self.stats["swaps"] += 1
-                self._schedule_locked()
+            self._evicted(name)
             evicted.append(name)
         lease.progress()
         if evicted:
             log.info("evicted for an out-of-memory retry tenants=%s for=%s", ",".join(evicted), lease.label)
         return tuple(evicted)
+
+    def _evicted(self, name: str, idle_note: dict | None = None) -> None:
+        """`name`'s evict() returned: it is off the GPU, and requests waiting for that memory may go."""
+        with self._lock:
+            self._residents.pop(name, None)
+            self._changed[name] = time.monotonic()
+            self.stats["swaps"] += 1
+            if idle_note is not None:
+                self.idle_evictions.append(idle_note)
+            self._schedule_locked()
+
+    def _evict_failed(self, name: str) -> None:
+        """`name`'s evict() raised: it stays in the ledger (its state is unknown), no longer marked leaving."""
+        with self._lock:
+            self.stats["evict_failures"] += 1
+            res = self._residents.get(name)
+            if res is not None:
+                self._residents[name] = replace(res, evicting=False)
+            self._schedule_locked()
 
     def evict_idle_tenant(self, tenant: str, idle_for_s: float = 0.0, why: str = "") -> str:
         """Take an idle tenant off the GPU without a lease (an "eject" button, the image keep-alive).
@@ -954,20 +960,10 @@ class Arbiter:
                 evict.evict()
         except Exception as exc:
             log.warning("idle eviction failed tenant=%s error=%s", tenant, exc)
-            with self._lock:
-                self.stats["evict_failures"] += 1
-                cur = self._residents.get(tenant)
-                if cur is not None:
-                    self._residents[tenant] = replace(cur, evicting=False)  # still counted: state unknown
-                self._schedule_locked()
+            self._evict_failed(tenant)
             return f"could not unload {tenant}: {exc}"
         dt = time.monotonic() - t0
-        with self._lock:
-            self._residents.pop(tenant, None)
-            self._changed[tenant] = time.monotonic()
-            self.stats["swaps"] += 1
-            self.idle_evictions.append({"tenant": tenant, "why": why, "evict_s": round(dt, 4), "at": time.time()})
-            self._schedule_locked()
+        self._evicted(tenant, {"tenant": tenant, "why": why, "evict_s": round(dt, 4), "at": time.time()})
         log.info("evicted idle tenant=%s why=%s evict_s=%.3f", tenant, why or "-", dt)
         self._emit("evict", {"tenant": tenant, "why": why, "evict_s": dt, "at": time.time()})
         return ""
