@@ -259,16 +259,19 @@ class OllamaChat(ChatBackend):
         # No /api/tags request here: the server just failed to answer one; what was listed before will do.
         return max([seen, self._model_bytes(self.cfg.chat_model, refresh=False), *known])
 
-    def sync(self, arbiter: Arbiter) -> None:
-        """Tell the ledger what Ollama really holds (size_vram from /api/ps); a failed reading keeps it."""
+    def sync(self, arbiter: Arbiter) -> list[tuple[str, int, int, int]] | None:
+        """Tell the ledger what Ollama really holds (size_vram from /api/ps); a failed reading keeps it.
+
+        Returns the reading (see `read`), None when it failed or Ollama is elsewhere."""
         if not self.on_this_gpu:
-            return
+            return None
         read_at = time.monotonic()
         found = self.read()
         if found is None:
             arbiter.set_resident(self.tenant, self.worst_bytes(), read_at=read_at, at_least=True)
         else:
             arbiter.set_resident(self.tenant, sum(v for _, _, v, _ in found), read_at=read_at)
+        return found
 
     # -- sizes -----------------------------------------------------------------------------------
     def measured(self, model: str) -> int | None:

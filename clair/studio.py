@@ -656,7 +656,7 @@ class Studio:
 
         A model another program loaded straight on Ollama shows here, counts in the ledger, and is evicted
         before a render like Clair's own. Read at most every 2 s (the UI polls /status). A failed reading
-        shows the last known models and keeps the ledger as it was (unknown is never empty).
+        shows the last known models, and the ledger assumes the worst (unknown is never empty).
         """
         if not self.ollama_local:
             return []
@@ -664,11 +664,9 @@ class Studio:
         seen = getattr(self, "_ollama_seen", None)
         if seen is not None and now - seen[0] < 2.0:
             return seen[1]
-        read_at = time.monotonic()
-        found = self.ollama.read()
+        found = self.ollama.sync(self.arbiter)  # the ledger too (a failed reading: the worst known size)
         if found is None:
             return seen[1] if seen is not None else []
-        self.arbiter.set_resident(self.ollama.tenant, sum(vram for _, _, vram, _ in found), read_at=read_at)
         models = [
             {"model": name, "gb": round(size / GiB, 2), "vram_gb": round(vram / GiB, 2)}
             for name, size, vram, _ in found
