@@ -97,17 +97,23 @@ def plain_history(history: Sequence[Any] | None, cfg: Config) -> list[dict[str, 
     return out
 
 
-def check_message(message: Any, cfg: Config, what: str = "message") -> str:
-    if message is None:
-        message = ""
-    if not isinstance(message, str):
+def _check_text(value: Any, what: str, limit: int, setting: str, advice: str) -> str:
+    """A text field from the client: a string (None is empty) of at most `limit` characters, or BadRequest."""
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
         raise BadRequest(f"The {what} must be text.")
-    if len(message) > cfg.max_message_chars:
+    if len(value) > limit:
         raise BadRequest(
-            f"The {what} is too long ({len(message)} characters; the limit is {cfg.max_message_chars}, "
-            "CLAIR_MAX_MESSAGE_CHARS). Shorten it, or split it over several messages."
+            f"The {what} is too long ({len(value)} characters; the limit is {limit}, {setting}). {advice}"
         )
-    return message
+    return value
+
+
+def check_message(message: Any, cfg: Config, what: str = "message") -> str:
+    return _check_text(
+        message, what, cfg.max_message_chars, "CLAIR_MAX_MESSAGE_CHARS", "Shorten it, or split it over several messages."
+    )
 
 
 def check_model_name(model: Any) -> str | None:
@@ -132,16 +138,13 @@ def check_chat(
 
 
 def check_prompt(prompt: Any, cfg: Config, what: str = "prompt") -> str:
-    if prompt is None:
-        prompt = ""
-    if not isinstance(prompt, str):
-        raise BadRequest(f"The {what} must be text.")
-    if len(prompt) > cfg.max_prompt_chars:
-        raise BadRequest(
-            f"The {what} is too long ({len(prompt)} characters; the limit is {cfg.max_prompt_chars}, "
-            "CLAIR_MAX_PROMPT_CHARS). Shorten it: SDXL reads only about the first 77 tokens anyway."
-        )
-    return prompt
+    return _check_text(
+        prompt,
+        what,
+        cfg.max_prompt_chars,
+        "CLAIR_MAX_PROMPT_CHARS",
+        "Shorten it: SDXL reads only about the first 77 tokens anyway.",
+    )
 
 
 def number(value: Any, name: str) -> float:
