@@ -20,7 +20,7 @@ import ollama
 
 from clair.config import Config, ollama_locality
 from clair.engines import LOCAL_GPU, REMOTE, Engine, StateFile
-from clair.errors import Cancelled, ChatUnavailable, EvictionFailed, expected_load_failure, load_failure
+from clair.errors import Cancelled, ChatUnavailable, EvictionFailed, load_failure
 from clair.loadgate import LoadGate, source_fingerprint
 
 if TYPE_CHECKING:
@@ -593,12 +593,7 @@ class LocalChat(ChatBackend):
         except Exception as exc:
             problem = load_failure("in-process chat model", self.model_id, exc, "CLAIR_LOCAL_CHAT_MODEL")
             problem += " Or start Ollama: chat uses it whenever it answers."
-            self.gate.failed(problem)
-            if expected_load_failure(exc):  # offline, a missing folder: the reason is enough, the trace is noise
-                log.warning("in-process chat model unavailable model=%s: %s", self.model_id, problem)
-                log.debug("in-process chat model load failed model=%s", self.model_id, exc_info=True)
-            else:
-                log.exception("in-process chat model load failed model=%s", self.model_id)
+            self.gate.failed_loading(problem, exc, "in-process chat model", self.model_id, log)
             raise ChatUnavailable(problem) from None
         model.eval()
         self._swap = gpu.WeightSwap([model], self.cfg.pinned_offload)

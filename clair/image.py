@@ -34,7 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from clair import gpu
 from clair.config import Config
 from clair.engines import Engine
-from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, expected_load_failure, load_failure
+from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, load_failure
 from clair.loadgate import LoadGate, source_fingerprint
 
 log = logging.getLogger("clair.image")
@@ -230,12 +230,7 @@ class ImageEngine(Engine):
                 problem = str(exc)
             else:
                 problem = load_failure("image model", self.model_id, exc, "CLAIR_IMAGE_MODEL")
-            self.gate.failed(problem)
-            if expected_load_failure(exc):  # offline, a missing folder: the reason is enough, the trace is noise
-                log.warning("image model unavailable model=%s: %s", self.model_id, problem)
-                log.debug("image model load failed model=%s", self.model_id, exc_info=True)
-            else:
-                log.exception("image model load failed model=%s", self.model_id)
+            self.gate.failed_loading(problem, exc, "image model", self.model_id, log)
             raise ImageModelUnavailable(problem) from None
         pipe.set_progress_bar_config(disable=True)
         modules = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]

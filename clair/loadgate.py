@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from clair.errors import expected_load_failure
+
 log = logging.getLogger("clair.loadgate")
 
 FIRST_RETRY_S = 30.0
@@ -118,6 +120,16 @@ class LoadGate:
             else:
                 self._delay = self.first_s
             self.retry_at = self._clock() + self._delay
+
+    def failed_loading(self, problem: str, exc: BaseException, what: str, model: str, logger: logging.Logger) -> None:
+        """`failed(problem)`, logged: one WARNING line for an expected condition (offline, a missing folder),
+        with the trace at DEBUG, since the reason says it all; the whole trace otherwise."""
+        self.failed(problem)
+        if expected_load_failure(exc):
+            logger.warning("%s unavailable model=%s: %s", what, model, problem)
+            logger.debug("%s load failed model=%s", what, model, exc_info=exc)
+        else:
+            logger.error("%s load failed model=%s", what, model, exc_info=exc)
 
     def succeeded(self) -> None:
         with self._lock:
