@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from clair.base import go_duration_s
 from clair.errors import ConfigError
 
 # Demo mode's output folder unless CLAIR_OUTPUT_DIR is set: noise images never mix with real ones.
@@ -349,19 +350,15 @@ def fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(Config)
 
 
-_GO_DURATION = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
-
-
 def parse_keep_alive(value: str) -> str | int:
     value = value.strip()
     if re.fullmatch(r"-?\d+", value):
         return int(value)
-    if value == "0" or _GO_DURATION.match(value):
-        return value
-    raise ConfigError(f"CLAIR_KEEP_ALIVE={value!r} is not a duration: use seconds (300) or a Go duration (30m, 1h).")
-
-
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        go_duration_s(value)
+    except ValueError:
+        raise ConfigError(f"CLAIR_KEEP_ALIVE={value!r} is not a duration: use seconds (300) or a Go duration (30m, 1h).") from None
+    return value
 
 
 def duration_s(value: str, name: str = "CLAIR_IMAGE_KEEP_ALIVE") -> float:
@@ -375,11 +372,10 @@ def duration_s(value: str, name: str = "CLAIR_IMAGE_KEEP_ALIVE") -> float:
         if math.isfinite(seconds):
             return seconds
         raise ConfigError(f"{name}={value!r} is not a duration: use seconds (600) or a Go duration (10m, 1h).")
-    if not _GO_DURATION.match(value):
-        raise ConfigError(f"{name}={value!r} is not a duration: use seconds (600) or a Go duration (10m, 1h).")
-    sign = -1.0 if value.startswith("-") else 1.0
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", value)
-    return sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
+    try:
+        return go_duration_s(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a duration: use seconds (600) or a Go duration (10m, 1h).") from None
 
 
 def ollama_url(host: str) -> str:

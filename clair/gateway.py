@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import threading
 import time
 import weakref
@@ -53,6 +52,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from clair.base import go_duration_s
 from clair.errors import Cancelled, ClairError, GpuBusy
 
 log = logging.getLogger("clair.gateway")
@@ -178,16 +178,12 @@ async def send_json(send: Send, status: int, obj: Any, headers: dict[str, str] |
 
 # --- keep_alive and num_ctx --------------------------------------------------------------------------
 
-_GO_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_GO_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")  # ASCII digits only, as Go
-
-
 def keep_alive_seconds(value: Any) -> float | None:
     """A keep_alive as Ollama reads it: None when absent; seconds (inf for a negative one).
 
-    JSON numbers are seconds; strings are Go durations ("5m", "1h30m", "-1s"); Ollama rejects anything else
-    with 400 before it loads anything (Ollama's docs/api.md, "keep_alive"), and so does Clair. Raises
-    ValueError with Go's message.
+    JSON numbers are seconds; strings are Go durations ("5m", "1h30m", "-1s"; clair.base.go_duration_s);
+    Ollama rejects anything else with 400 before it loads anything (Ollama's docs/api.md, "keep_alive"),
+    and so does Clair. Raises ValueError with Go's message.
     """
     if value is None:
         return None
@@ -195,23 +191,8 @@ def keep_alive_seconds(value: Any) -> float | None:
         raise ValueError(f"Unsupported type: '{type(value).__name__}'")
     if isinstance(value, int | float):
         return float("inf") if value < 0 else float(int(value))
-    text = value.strip()
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text[1:] if text[:1] in ("+", "-") else text  # one sign at most, as Go's time.ParseDuration
-    if body == "0":
-        return 0.0
-    if re.fullmatch(r"[0-9]+(\.[0-9]*)?", body):
-        raise ValueError(f'time: missing unit in duration "{value}"')
-    pos, total = 0, 0.0
-    while pos < len(body):
-        m = _GO_PART.match(body, pos)
-        if not m:
-            raise ValueError(f'time: invalid duration "{value}"')
-        total += float(m.group(1)) * _GO_UNIT[m.group(2)]
-        pos = m.end()
-    if not body:
-        raise ValueError(f'time: invalid duration "{value}"')
-    return float("inf") if sign < 0 and total > 0 else total  # "-0s" is 0 (unload), not forever
+    total = go_duration_s(value)
+    return float("inf") if total < 0 else abs(total)  # "-0s" is 0 (unload), not forever
 
 
 def _no_constant(name: str):

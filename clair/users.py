@@ -30,6 +30,8 @@ import sys
 import threading
 from pathlib import Path
 
+from clair.base import write_private
+
 SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 DKLEN = 32
 MIN_PASSWORD = 8
@@ -126,19 +128,8 @@ class SecretsFile:
         return self._entries
 
     def write(self, entries: dict[str, dict]) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"version": 1, self.section: entries}, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        text = json.dumps({"version": 1, self.section: entries}, indent=1, sort_keys=True) + "\n"
+        write_private(self.path, text)
 
 
 class Users:
