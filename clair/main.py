@@ -377,8 +377,8 @@ def user_command(argv: list[str]) -> int:
     args, rest = p.parse_known_args(argv[1:])
     try:
         cfg = config.load(rest)
-        keys = keys_mod.Keys(keys_mod.keys_path(cfg.users_path))
         users = users_mod.Users(cfg.users_path)
+        keys = keys_mod.Keys(keys_mod.keys_path(cfg.users_path), users)  # bound to the user's entry
         if argv[0] == "addkey" and users.names() and args.name not in users.names():
             raise users_mod.UserError(
                 f"There is no user {args.name!r}: a key acts for a user (their caps, their images). Add the user "

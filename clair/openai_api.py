@@ -16,7 +16,7 @@
   which serves only the PNGs /v1 rendered, to the user (key) that asked for them, from Clair's output
   folder by exact name, until Clair restarts.
 
-Each request counts against the UI's caps (clair.gateway.job_slot; 429 past one). Errors are OpenAI-shaped: `{"error": {"message", "type", "code"}}`, 400 for a bad request, 401/429 for
+Each request counts against the UI's caps (clair.edge.job_slot; 429 past one). Errors are OpenAI-shaped: `{"error": {"message", "type", "code"}}`, 400 for a bad request, 401/429 for
 keys (clair/web.py), 503 when the engine or the GPU cannot serve. Who may call: clair/keys.py.
 """
 
@@ -40,8 +40,20 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from clair.chat import flatten_history
+from clair.edge import (
+    OPENAI,
+    BadJson,
+    Exchange,
+    Gone,
+    Send,
+    closing_send,
+    error_body,
+    in_thread,
+    job_slot,
+    json_of,
+    send_json,
+)
 from clair.errors import BadRequest, Cancelled, ChatUnavailable, ClairError, GpuBusy
-from clair.gateway import Exchange, Gone, Send, closing_send, in_thread, job_slot, send_json
 from clair.image import RenderParams
 from clair.studio import Token, Waiting
 
@@ -51,26 +63,21 @@ MAX_IMAGES = 4
 MAX_ISSUED = 4096  # image URLs remembered for /v1/files
 
 
-def error(status: int, message: str, code: str = "", kind: str = "") -> JSONResponse:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code or None}}, status_code=status)
-
-
-def openai_shape(message: str) -> dict:
-    return {"error": {"message": message, "type": "server_error", "code": "internal_error"}}
+def error(status: int, message: str, code: str = "") -> JSONResponse:
+    return JSONResponse(error_body(OPENAI, status, message, code), status_code=status)
 
 
 def clair_error(exc: ClairError) -> tuple[int, dict]:
     """A ClairError as (status, OpenAI error object)."""
     if isinstance(exc, BadRequest):
-        status, kind, code = 400, "invalid_request_error", "bad_request"
+        status, code = 400, "bad_request"
     elif isinstance(exc, GpuBusy):
-        status, kind, code = 503, "server_error", "gpu_busy"
+        status, code = 503, "gpu_busy"
     elif isinstance(exc, ChatUnavailable):
-        status, kind, code = 503, "server_error", "model_unavailable"
+        status, code = 503, "model_unavailable"
     else:
-        status, kind, code = 503, "server_error", type(exc).__name__
-    return status, {"error": {"message": str(exc), "type": kind, "code": code}}
+        status, code = 503, type(exc).__name__
+    return status, error_body(OPENAI, status, str(exc), code)
 
 
 def client_name(request: Request) -> str:
@@ -81,8 +88,8 @@ def client_name(request: Request) -> str:
 
 async def json_body(request: Request) -> dict | JSONResponse:
     try:
-        body = json.loads(await request.body() or b"null")
-    except ValueError as exc:
+        body = await json_of(request)  # the guard's reading: within its cap, parsed off the event loop
+    except BadJson as exc:
         return error(400, f"The body is not valid JSON: {exc}", "invalid_json")
     if not isinstance(body, dict):
         return error(400, "The body must be a JSON object.", "invalid_json")
@@ -97,12 +104,11 @@ def router(studio) -> APIRouter:
     issued_lock = threading.Lock()
 
     async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str) -> bool:
-        """Count the request against its user's cap (clair.gateway.job_slot); False (429 sent) past it."""
+        """Count the request against its user's cap (clair.edge.job_slot); False (429 sent) past it."""
         try:
             stack.enter_context(job_slot(studio, user, address))
         except GpuBusy as exc:
-            obj = {"error": {"message": str(exc), "type": "rate_limit_error", "code": "too_many_jobs"}}
-            await send_json(send, 429, obj, {"retry-after": "5"})
+            await send_json(send, 429, error_body(OPENAI, 429, str(exc), "too_many_jobs"), {"retry-after": "5"})
             return False
         return True
 
@@ -171,7 +177,7 @@ def router(studio) -> APIRouter:
                     return
                 await _chat(send, gone, text[0]["content"], history, model, name, cid, created, stream, client)
 
-        return Exchange(work, openai_shape)
+        return Exchange(work, OPENAI)
 
     async def _chat(send, gone: Gone, message, history, model, name, cid, created, stream, client) -> None:
         t0 = time.monotonic()
@@ -317,7 +323,7 @@ def router(studio) -> APIRouter:
             log.info("api images n=%d client=%s s=%.3f", n, client, time.monotonic() - t0)
             await send_json(send, 200, {"created": int(time.time()), "data": data})
 
-        return Exchange(work, openai_shape)
+        return Exchange(work, OPENAI)
 
     @r.get("/files/{name}")
     def files(name: str, request: Request) -> Response:

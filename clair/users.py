@@ -239,4 +239,16 @@ def command(argv: list[str], users: Users, out=None, stdin=None, prompt=getpass.
     password = check_password(read_password(stdin, prompt))
     new = users.set_password(name, password)
     print(f"{'Added' if new else 'Changed the password of'} user {name} in {users.path}.", file=out)
+    from clair.keys import Keys, keys_path  # keys build on users, not the other way round
+
+    keys = Keys(keys_path(users.path))
+    if name in keys.names():
+        keys.delete(name)  # bound to the old entry, it no longer works anyway: the listing says so too
+        print(
+            f"Revoked {name}'s API key: it belonged to the {'earlier user of that name' if new else 'old password'}. "
+            f"Make a new one with `python app.py addkey {name}`.",
+            file=out,
+        )
+    if not new:
+        print("Their open sessions end at once.", file=out)
     return 0

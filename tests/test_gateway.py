@@ -231,7 +231,7 @@ def test_from_another_machine_the_ollama_port_needs_a_key(standin, tmp_path):
 
     studio = make_studio(standin, tmp_path, host="0.0.0.0")
     Users(studio.cfg.users_path).set_password("alice", "correct horse battery")
-    key, _ = Keys(keys_path(studio.cfg.users_path)).add("alice")
+    key, _ = Keys(keys_path(studio.cfg.users_path), Users(studio.cfg.users_path)).add("alice")
     app = gateway_app(studio)
 
     def lan_client(**kw) -> ollama.AsyncClient:

@@ -197,7 +197,7 @@ def lan(standin, tmp_path):
     """Clair as it serves the LAN: every interface, with a user and a key (tested on loopback)."""
     studio = make_studio(standin, tmp_path, host="0.0.0.0", preempt="off")
     Users(studio.cfg.users_path).set_password("alice", "correct horse battery")
-    key, _ = Keys(keys_path(studio.cfg.users_path)).add("alice")
+    key, _ = Keys(keys_path(studio.cfg.users_path), Users(studio.cfg.users_path)).add("alice")
     served = Served(v1_app(studio))
     yield served, key, studio
     served.stop()
@@ -306,7 +306,7 @@ def test_an_image_url_serves_only_the_user_who_asked_for_it(lan):
     from clair.users import Users
 
     Users(studio.cfg.users_path).set_password("bob", "bobpass000")  # a key acts for an existing user
-    other, _ = Keys(keys_path(studio.cfg.users_path)).add("bob")
+    other, _ = Keys(keys_path(studio.cfg.users_path), Users(studio.cfg.users_path)).add("bob")
     url = client(served, key).images.generate(prompt="mine", size="64x64", extra_body={"steps": 1}).data[0].url
     name = url.rsplit("/", 1)[1]
     assert (studio.image.output_dir / name).is_file()
