@@ -76,6 +76,11 @@ class Config:
         "Extra host names clients may use to reach Clair (comma-separated), e.g. a reverse proxy's name. "
         "Loopback, this machine's name and its addresses are always allowed.",
     )
+    trusted_proxies: str = setting(
+        "",
+        "Addresses of reverse proxies (comma-separated, e.g. 127.0.0.1) whose X-Forwarded-For names the client. "
+        "Empty: nobody's is believed, so no client can pick its own address.",
+    )
     session_hours: float = setting(
         12.0, "A login lasts this many hours; then the browser asks again.", min=0.0005, max=24 * 365
     )

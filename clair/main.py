@@ -203,7 +203,7 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     from clair.studio import Studio
     from clair.ui import build
     from clair.users import Users
-    from clair.web import guarded_protocol, install_log_filter, lan_urls
+    from clair.web import install_log_filter, lan_urls, server_limits
 
     users = Users(cfg.users_path)
     check_exposure(cfg, users)
@@ -220,8 +220,7 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
             log_level="warning",
             log_config=None,  # uvicorn's records go through Clair's handlers (and their flood filter)
             timeout_graceful_shutdown=5,
-            limit_concurrency=cfg.max_connections,
-            http=guarded_protocol(cfg.max_connections),  # per-address connections, time to send headers
+            **server_limits(cfg),  # connections per machine, kept for loopback, X-Forwarded-For from proxies only
             server_header=False,
             **tls,
         )
@@ -304,7 +303,7 @@ def serve_gateway(cfg: config.Config, studio, web):
     import uvicorn
 
     from clair.gateway import Gateway
-    from clair.web import guarded_protocol
+    from clair.web import server_limits
 
     server = uvicorn.Server(
         uvicorn.Config(
@@ -314,8 +313,7 @@ def serve_gateway(cfg: config.Config, studio, web):
             log_level="warning",
             log_config=None,
             timeout_graceful_shutdown=5,
-            limit_concurrency=cfg.max_connections,
-            http=guarded_protocol(cfg.max_connections),
+            **server_limits(cfg),
             server_header=False,
         )
     )

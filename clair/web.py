@@ -905,44 +905,76 @@ def install_log_filter() -> None:
 # --- connections: per address, and the time to send a request ---------------------------------------
 
 HEADER_TIMEOUT_S = 10.0  # a client has this long to send a request's headers, on a new or a kept-alive connection
+RESERVED_FOR_LOOPBACK = 4  # connections past CLAIR_MAX_CONNECTIONS only this machine may open (the watchdog's /healthz)
 
 
-def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIMEOUT_S) -> type:
-    """uvicorn's h11 protocol with two limits that its own `limit_concurrency` lacks.
+def machine(address: str) -> str:
+    """The unit of the connection caps: one IPv4 address, one IPv6 /64, and this machine for loopback."""
+    return "loopback" if is_loopback_client(address) else client_key(address)
+
+
+def trusted_proxies(cfg) -> list[str]:
+    """CLAIR_TRUSTED_PROXIES as a list: the only addresses whose X-Forwarded-For is believed (none by default)."""
+    return [p.strip() for p in (getattr(cfg, "trusted_proxies", "") or "").split(",") if p.strip()]
+
+
+def server_limits(cfg) -> dict:
+    """uvicorn.Config arguments for a port of Clair's: the connection guard below, and X-Forwarded-For
+    trusted from CLAIR_TRUSTED_PROXIES only (uvicorn trusts 127.0.0.1 by default, which let anything local
+    pick its own address and dodge the login back-off)."""
+    proxies = trusted_proxies(cfg)
+    return {
+        # Past CLAIR_MAX_CONNECTIONS the guarded protocol refuses connections itself; uvicorn's own limit
+        # (a 503 to every request, /healthz too) is set above what the guard lets in.
+        "limit_concurrency": cfg.max_connections + RESERVED_FOR_LOOPBACK + 1,
+        "http": guarded_protocol(cfg.max_connections, trusted=proxies),
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or "",
+    }
+
+
+def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIMEOUT_S, trusted=()) -> type:
+    """uvicorn's h11 protocol with the connection limits its own `limit_concurrency` lacks.
 
     uvicorn counts every open connection against `limit_concurrency` from the moment it is accepted, before
-    any request exists, and gives a client unlimited time to send its headers: a few hundred half-open
-    connections from one machine (a "slowloris") made it answer 503 to everyone, the watchdog's /healthz
-    included, without a login. So, per connection:
+    any request exists, gives a client unlimited time to send its headers, and past the limit answers 503 to
+    every request: a few hundred half-open connections (a "slowloris") made it answer 503 to everyone, the
+    watchdog's /healthz included, and under systemd that is a restart loop. So, per connection:
 
-    * one address may hold a quarter of `max_connections` (127.0.0.1 and ::1 are exempt: a reverse proxy
-      on this machine carries every client from there); past it the new connection is closed at once;
+    * one machine (`machine`: an IPv4 address, an IPv6 /64, loopback as one) may hold a quarter of
+      `max_connections`; past it the new connection is closed at once. A trusted proxy (`trusted`,
+      CLAIR_TRUSTED_PROXIES) is exempt: it carries many clients, whom the guard tells apart per request;
+    * all machines but this one together may hold `max_connections`; RESERVED_FOR_LOOPBACK more are
+      kept for loopback, so a full house never looks like a hung GPU to the watchdog;
     * a request's headers must arrive within `header_timeout_s` of the connection opening, or of the
-      previous response ending on a kept-alive one; otherwise the connection is closed.
-
-    The guard middleware (`Guard`) still caps requests per address once they are parsed.
+      previous response ending on a kept-alive one; otherwise the connection is closed. (A body must keep
+      moving too: the guard middleware reads it, clair.edge.read_body.)
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    per_address = max(8, max_connections // 4)
-    live: dict[str, set] = {}  # address -> open transports (only touched on the server's event loop)
+    per_machine = max(8, max_connections // 4)
+    exempt = frozenset(trusted)
+    live: dict[str, set] = {}  # machine -> open transports (only touched on the server's event loop)
+
+    def total() -> int:
+        return sum(len(v) for v in live.values())
 
     class GuardedH11Protocol(H11Protocol):
         _clair_timer = None
-        _clair_host = ""
+        _clair_machine = ""
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             host = self.client[0] if self.client else ""
-            self._clair_host = host
-            if host not in ("127.0.0.1", "::1"):  # where a reverse proxy on this machine connects from
-                mine = live.setdefault(host, set())
-                mine.difference_update([t for t in mine if t.is_closing()])
-                if len(mine) >= per_address:
-                    log.warning("connection refused: %s holds %d connections already", host, len(mine))
-                    transport.close()
-                    return
-                mine.add(transport)
+            key = self._clair_machine = machine(host)
+            mine = live.setdefault(key, set())
+            mine.difference_update([t for t in mine if t.is_closing()])
+            room = max_connections + (RESERVED_FOR_LOOPBACK if key == "loopback" else 0)
+            if (len(mine) >= per_machine and host not in exempt) or total() >= room:
+                log.warning("connection refused: %s holds %d connections, all hold %d", key, len(mine), total())
+                transport.close()
+                return
+            mine.add(transport)
             self._clair_arm()
 
         def _clair_arm(self) -> None:
@@ -953,7 +985,7 @@ def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIME
         def _clair_expire(self, cycle) -> None:
             # Still no new request since the timer was armed (none at all, or the last one answered).
             if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
-                log.info("connection closed: %s sent no request within %.0f s", self._clair_host, header_timeout_s)
+                log.info("connection closed: %s sent no request within %.0f s", self._clair_machine, header_timeout_s)
                 self.transport.close()
 
         def on_response_complete(self) -> None:
@@ -964,11 +996,11 @@ def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIME
         def connection_lost(self, exc) -> None:
             if self._clair_timer is not None:
                 self._clair_timer.cancel()
-            mine = live.get(self._clair_host)
+            mine = live.get(self._clair_machine)
             if mine is not None:
                 mine.discard(self.transport)
                 if not mine:
-                    live.pop(self._clair_host, None)
+                    live.pop(self._clair_machine, None)
             super().connection_lost(exc)
 
     return GuardedH11Protocol
