@@ -5,11 +5,13 @@ HTML): the VRAM bar's segments, who holds the GPU and for what, the queue with e
 running work's measured pace, see `Arbiter._remaining_locked`), the last hand-overs with their evict,
 restore and load seconds, the holds of the last minutes for a timeline, recent recoveries and errors, and
 the models that may be unloaded by hand. `panel_html()` and `compact_html()` draw it; every text that
-came from outside (model names are the client's) is escaped.
+came from outside (model names are the client's) is escaped. Other users' jobs show without their name or
+address (`panel_data(viewer=...)`): only the viewer's own carry them.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from html import escape
 
@@ -26,8 +28,22 @@ def _name(tenant: str) -> str:
     return NAMES.get(tenant, tenant)
 
 
-def panel_data(studio, now: float | None = None) -> dict:
-    """The panel's state, as plain values (times are seconds; sizes are bytes)."""
+def _shown(label: str) -> str:
+    """A job's label without whom it is for: `api:<model> (<user>@<address>)` becomes `api:<model>`."""
+    return re.sub(r"\s*\([^()]*\)\s*$", "", str(label)) or "a job"
+
+
+def _private(entry: dict, viewer: str | None) -> dict:
+    """`entry` (a holder or a waiting job) as `viewer` may see it: whole when it is theirs, else without
+    the user's name or address (the kind and the model stay: they explain the wait)."""
+    if viewer is not None and entry.get("owner") == viewer:
+        return entry
+    return {**entry, "label": _shown(entry["label"]), "owner": None}
+
+
+def panel_data(studio, now: float | None = None, viewer: str | None = None) -> dict:
+    """The panel's state, as plain values (times are seconds; sizes are bytes), as `viewer` (the logged-in
+    user; None: nobody's in particular) may see it: other people's jobs carry no name or address."""
     now = time.time() if now is None else now
     st = studio.status()
     hist = studio.arbiter.history()
@@ -63,6 +79,7 @@ def panel_data(studio, now: float | None = None) -> dict:
         }
         for h in st["holders"]
     ]
+    holders = [_private(h, viewer) for h in holders]
     queue = [
         {
             "kind": w["kind"],
@@ -75,12 +92,13 @@ def panel_data(studio, now: float | None = None) -> dict:
         }
         for w in st["waiting"]
     ]
+    queue = [_private(w, viewer) for w in queue]
 
     # Hand-overs: evictions for a request, idle evictions, loads and restores, newest first.
     swaps = []
     for h in hist["handovers"]:
         for tenant, s in (h.get("evict_each_s") or {t: None for t in h["evicted"]}).items():
-            swaps.append({"at": h["at"], "what": "evict", "tenant": tenant, "for": h["to"], "s": s, "wait_s": h["wait_s"]})
+            swaps.append({"at": h["at"], "what": "evict", "tenant": tenant, "for": _shown(h["to"]), "s": s, "wait_s": h["wait_s"]})
     for e in hist["idle_evictions"]:
         swaps.append({"at": e["at"], "what": "evict", "tenant": e["tenant"], "for": e["why"] or "idle", "s": e["evict_s"]})
     for e in list(studio.swaps):
@@ -96,7 +114,7 @@ def panel_data(studio, now: float | None = None) -> dict:
         if h["start"] is None or end < now - window:
             continue
         holds.append(
-            {"kind": h["kind"], "label": h["label"], "start_s": max(-window, h["start"] - now), "end_s": end - now,
+            {"kind": h["kind"], "label": _shown(h["label"]), "start_s": max(-window, h["start"] - now), "end_s": end - now,
              "running": h["end"] is None}
         )
 

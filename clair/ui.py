@@ -434,12 +434,12 @@ def build(studio: Studio) -> gr.Blocks:
 
     # ---- GPU panel (issue 9; clair/panel.py): the line atop both tabs, the Status tab, eject ----
     @_guard
-    def status_line() -> str:
-        return panel.compact_html(panel.panel_data(studio))
+    def status_line(request: gr.Request) -> str:
+        return panel.compact_html(panel.panel_data(studio, viewer=owner_of(request)))  # others' jobs: no names
 
     @_guard
-    def panel_full() -> str:
-        return panel.panel_html(panel.panel_data(studio))
+    def panel_full(request: gr.Request) -> str:
+        return panel.panel_html(panel.panel_data(studio, viewer=owner_of(request)))
 
     @_guard
     def eject(tenant: str | None) -> str:
