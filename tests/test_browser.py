@@ -471,3 +471,39 @@ def test_a_size_message_leaves_the_width_box_visible(browser, tmp_path):
         if page is not None:
             page.close()
         app.stop()
+
+
+def zlib_bomb_png(keyword: str, inflated: int) -> bytes:
+    """A small PNG with one zTXt chunk that inflates to `inflated` bytes of zeros (a decompression bomb)."""
+    import struct
+    import zlib
+
+    z = zlib.compressobj(9)
+    block = b"\0" * (1 << 20)
+    stream = b"".join(z.compress(block) for _ in range(inflated >> 20)) + z.flush()
+    data = keyword.encode("latin-1") + b"\0\0" + stream
+    chunk = struct.pack(">I", len(data)) + b"zTXt" + data + struct.pack(">I", zlib.crc32(b"zTXt" + data))
+    png = png_with_settings({"parameters": "a kept prompt\nSteps: 5, Seed: 7, Size: 64x64"})
+    return png[:-12] + chunk + png[-12:]  # before IEND
+
+
+def test_png_reader_inflates_text_chunks_within_a_limit(browser):
+    """assets/drop.js reads dropped PNGs in the browser: a 256 MiB zTXt bomb (a 256 KB file) is skipped,
+    the other chunks are still read."""
+    png = zlib_bomb_png("bomb", 256 << 20)
+    assert len(png) < 1 << 20
+    page = browser.new_page()
+    try:
+        page.set_content("<html><body></body></html>")
+        page.add_script_tag(path=str(Path(__file__).resolve().parent.parent / "assets" / "drop.js"))
+        found = page.evaluate(
+            """async (b64) => {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                const chunks = await window.__clairPngText(bytes.buffer);
+                return Object.fromEntries(Object.entries(chunks).map(([k, v]) => [k, v.length]));
+            }""",
+            base64.b64encode(png).decode("ascii"),
+        )
+    finally:
+        page.close()
+    assert "bomb" not in found and found.get("parameters", 0) > 10, found
