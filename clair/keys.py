@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from clair.users import SecretsFile, UserError, check_name
+from clair.users import KEYS_FILE, SecretsFile, UserError, check_name
 
 log = logging.getLogger("clair.keys")
 PREFIX = "clair-"
@@ -39,7 +39,7 @@ MAX_KEY = 256  # longer Authorization values are refused before hashing
 
 def keys_path(users_path: str | os.PathLike) -> Path:
     """keys.json in the folder of the users file."""
-    return Path(users_path).with_name("keys.json")
+    return Path(users_path).with_name(KEYS_FILE)
 
 
 def _digest(key: str) -> str:

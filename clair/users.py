@@ -196,6 +196,23 @@ class Users:
             self._write(users)
 
 
+KEYS_FILE = "keys.json"  # clair/keys.py's file, beside the users file
+
+
+def revoke_key(users: Users, name: str) -> bool:
+    """Remove `name`'s API key (clair/keys.py) from the keys file beside the users file; True if it had one.
+    A key is bound to its user's entry, so after a new password it works for nobody: this keeps the
+    `keys` listing honest. (Users cannot import clair.keys: keys build on users.)"""
+    keys = SecretsFile(users.path.with_name(KEYS_FILE), "keys", "addkey")
+    with users._lock:
+        entries = dict(keys.load())
+        if name not in entries:
+            return False
+        del entries[name]
+        keys.write(entries)
+    return True
+
+
 # --- the commands (python app.py adduser / deluser / users) --------------------------------------
 
 
@@ -239,11 +256,7 @@ def command(argv: list[str], users: Users, out=None, stdin=None, prompt=getpass.
     password = check_password(read_password(stdin, prompt))
     new = users.set_password(name, password)
     print(f"{'Added' if new else 'Changed the password of'} user {name} in {users.path}.", file=out)
-    from clair.keys import Keys, keys_path  # keys build on users, not the other way round
-
-    keys = Keys(keys_path(users.path))
-    if name in keys.names():
-        keys.delete(name)  # bound to the old entry, it no longer works anyway: the listing says so too
+    if revoke_key(users, name):
         print(
             f"Revoked {name}'s API key: it belonged to the {'earlier user of that name' if new else 'old password'}. "
             f"Make a new one with `python app.py addkey {name}`.",
