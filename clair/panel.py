@@ -41,6 +41,17 @@ def _private(entry: dict, viewer: str | None) -> dict:
     return {**entry, "label": _shown(entry["label"]), "owner": None}
 
 
+def private_status(st: dict, viewer: str | None) -> dict:
+    """`Studio.status()` as `viewer` may see it (the Status endpoint): the same rule as the panel."""
+    out = dict(st)
+    out["holders"] = [_private(h, viewer) for h in st.get("holders") or []]
+    out["waiting"] = [_private(w, viewer) for w in st.get("waiting") or []]
+    out["holder"] = out["holders"][0] if out["holders"] else None
+    if isinstance(st.get("last_handover"), dict) and "to" in st["last_handover"]:
+        out["last_handover"] = {**st["last_handover"], "to": _shown(st["last_handover"]["to"])}
+    return out
+
+
 def panel_data(studio, now: float | None = None, viewer: str | None = None) -> dict:
     """The panel's state, as plain values (times are seconds; sizes are bytes), as `viewer` (the logged-in
     user; None: nobody's in particular) may see it: other people's jobs carry no name or address."""

@@ -426,9 +426,10 @@ def build(studio: Studio) -> gr.Blocks:
         return gr.Button(interactive=False)
 
     @_guard
-    def status() -> dict:
-        """The arbiter's state: holder, waiting, residents and the VRAM ledger, last hand-over timings."""
-        st = studio.status()
+    def status(request: gr.Request) -> dict:
+        """The arbiter's state: holder, waiting, residents and the VRAM ledger, last hand-over timings
+        (other users' jobs without their name or address, clair.panel.private_status)."""
+        st = panel.private_status(studio.status(), owner_of(request))
         st["jobs"] = {"total": jobs.total, "max_queue": jobs.max_total, "max_per_user": jobs.max_per_user}
         return st
 

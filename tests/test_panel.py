@@ -203,3 +203,15 @@ def test_other_users_api_jobs_show_without_name_or_address():
     assert shown["label"] == "api:llama3.1:8b" and shown["owner"] is None
     assert panel._private({**entry, "owner": "alice"}, "alice")["label"] == entry["label"]
     assert panel._private({**entry, "owner": "alice"}, None)["owner"] is None
+
+
+def test_the_status_endpoint_hides_other_users_jobs_too():
+    st = {
+        "holder": {"kind": "render", "label": "render 64x64", "owner": "alice"},
+        "holders": [{"kind": "render", "label": "render 64x64", "owner": "alice"}],
+        "waiting": [{"kind": "chat", "label": "api:m (bob@10.0.0.5)", "owner": None}],
+        "last_handover": {"to": "api:m (bob@10.0.0.5)", "wait_s": 1.0},
+    }
+    seen = panel.private_status(st, "carol")
+    assert "alice" not in str(seen) and "bob" not in str(seen) and "10.0.0.5" not in str(seen)
+    assert panel.private_status(st, "alice")["holder"]["owner"] == "alice"
