@@ -15,6 +15,7 @@ and the attacker connects from 10.99.0.2-6, other machines as far as Clair can t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -84,8 +85,9 @@ def chunked(source: str, port: int, path: str, mib: int, headers: str = "", dest
 
 def post(source: str, port: int, path: str, body: bytes, headers: str = "") -> str:
     s = connect(source, port)
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {SERVER}:{port}\r\nContent-Type: application/json\r\n{headers}"
-              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)  # fmt: skip
+    with contextlib.suppress(OSError):  # refused before the whole body was read: the answer is waiting
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {SERVER}:{port}\r\nContent-Type: application/json\r\n{headers}"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)  # fmt: skip
     answer = b""
     try:
         while part := s.recv(65536):
@@ -172,6 +174,40 @@ def main() -> None:
             t.join()
         print(f"quiet: median {statistics.median(quiet):.1f}, max {max(quiet):.1f}")
         print(f"during: median {statistics.median(busy):.1f}, max {max(busy):.1f} ({len(statuses)} bodies: {sorted(set(statuses))})")
+
+        print("## /healthz for another machine while 8 MB bodies go to Gradio's queue/join, logged in (ms)")
+        s = connect("10.99.0.4", port)
+        form = f"username=alice&password={PASSWORD.replace(' ', '+')}".encode()
+        s.sendall(f"POST /login HTTP/1.1\r\nHost: {SERVER}:{port}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                  f"Content-Length: {len(form)}\r\nConnection: close\r\n\r\n".encode() + form)  # fmt: skip
+        head = b""
+        while part := s.recv(65536):
+            head += part
+        s.close()
+        cookies = "; ".join(
+            line.split(":", 1)[1].split(";", 1)[0].strip()
+            for line in head.decode("latin-1").split("\r\n")
+            if line.lower().startswith("set-cookie:")
+        )
+        for size in (8 * 2**20, 1_300_000):  # 8 MB, and just under the cap of Gradio's routes (1.3 MB by default)
+            join = json.dumps({"data": ["y" * (size - 200), []], "fn_index": 0, "session_hash": f"bench{size}"}).encode()
+            stop.clear()
+            statuses.clear()
+
+            def gradio_flood(join=join) -> None:
+                while not stop.is_set():
+                    statuses.append(post("10.99.0.4", port, "/gradio_api/queue/join", join, f"Cookie: {cookies}\r\n"))
+
+            threads = [threading.Thread(target=gradio_flood) for _ in range(2)]
+            for t in threads:
+                t.start()
+            time.sleep(1)
+            busy = [healthz_ms("10.99.0.3", port) for _ in range(20)]
+            stop.set()
+            for t in threads:
+                t.join()
+            print(f"{size / 1e6:.1f} MB bodies: median {statistics.median(busy):.1f}, max {max(busy):.1f} "
+                  f"({len(statuses)} bodies: {sorted(set(statuses))})")  # fmt: skip
 
         print("## bad JSON")
         deep = b'{"model": "m", "messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"

@@ -83,12 +83,19 @@ async def read_body(receive, limit: int, idle_s: float = BODY_IDLE_S, total_s: f
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise BodyRefused(413, f"Request too large: Clair takes at most {limit // 2**20} MB here.")
+                raise BodyRefused(413, too_large(limit))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
     assert whole.cancelled_caught
     raise BodyRefused(408, f"The request body took too long: Clair reads one for at most {total_s:.0f} s.")
+
+
+def too_large(limit: int) -> str:
+    mib = limit / 2**20
+    return f"Request too large: Clair takes at most {mib:.0f} MB here." if mib >= 10 or mib == int(mib) else (
+        f"Request too large: Clair takes at most {mib:.1f} MB here."
+    )
 
 
 def replay(body: bytes, receive):

@@ -58,6 +58,7 @@ from clair.edge import (
     parse_json_async,
     read_body,
     replay,
+    too_large,
 )
 from clair.keys import Keys, bearer, keys_path
 from clair.users import UserError
@@ -421,6 +422,15 @@ def is_api_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
+def gradio_max_body(cfg) -> int:
+    """The largest body a Gradio event takes: its texts at Clair's limits (a history, a message, a system
+    prompt, two image prompts) at 16 bytes a character (JSON's \\u escapes take 6 to 12), plus 256 KiB for
+    the rest. Gradio parses and checks a body on the event loop: an 8 MB one held every other client for
+    seconds, so its routes take no more than this (about 1.3 MB with the defaults)."""
+    chars = cfg.max_history_chars + 2 * cfg.max_message_chars + 2 * cfg.max_prompt_chars
+    return min(MAX_BODY, 16 * chars + 256 * 1024)
+
+
 class Web:
     """Everything the guard needs, shared with the routes in clair/main.py."""
 
@@ -438,6 +448,7 @@ class Web:
         self.open_allowed = cfg.loopback_only or cfg.insecure  # may serve with no users at all
         self.keys = Keys(keys_path(cfg.users_path), users)  # API keys (clair/keys.py), beside the users
         self.users_required_cached = False  # sync_auth's last answer
+        self.gradio_max_body = gradio_max_body(cfg)
         self.session_owners = SessionOwners()
         self.output_dir = os.path.realpath(os.path.expanduser(cfg.output_dir))
 
@@ -645,7 +656,7 @@ class Guard:
             return Refusal(403, "Clair takes no uploads."), scope
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.cap(path)):
-            return Refusal(413, f"Request too large: Clair takes at most {self.cap(path) // 2**20} MB here.", "too_large"), scope
+            return Refusal(413, too_large(self.cap(path)), "too_large"), scope
         if web_port and method == "POST" and path in LOGIN_PATHS:
             wait = web.limiter.retry_after(address)
             if wait > 0:
@@ -669,7 +680,11 @@ class Guard:
         return None, scope
 
     def cap(self, path: str) -> int:
-        return MAX_BODY if is_api_path(path) else self.max_body
+        if is_api_path(path):
+            return MAX_BODY
+        if self.port == WEB_PORT and path.startswith("/gradio_api/"):
+            return self.web.gradio_max_body
+        return self.max_body
 
     def reads_json(self, headers: Headers, path: str) -> bool:
         if is_api_path(path) or self.port == OLLAMA_PORT:

@@ -356,3 +356,27 @@ def test_the_ollama_port_guard_is_the_web_guard():
 
     assert not hasattr(gateway, "GatewayGuard")
     assert OLLAMA_PORT == "ollama"
+
+
+def test_gradio_routes_take_bodies_no_larger_than_their_texts_need(lan_web):
+    """Gradio parses and checks a body on the event loop (an 8 MB one held other clients for seconds): its
+    routes take what Clair's text limits allow, chunked or not."""
+    from clair.web import gradio_max_body
+
+    cap = gradio_max_body(lan_web.cfg)
+    assert 1_000_000 < cap < 2_000_000  # the defaults: a 48 000-character history fits, 8 MB does not
+
+    async def chunks(n: int):
+        for _ in range(n // 65536 + 1):
+            yield b" " * 65536
+
+    async def go():
+        async with _as(lan_web, "alice") as alice:
+            over = await alice.post("/gradio_api/queue/join", content=chunks(cap), headers={"content-type": "application/json"})
+            history = [{"role": "user", "content": "é" * 1000}] * 48
+            fits = await alice.post("/gradio_api/queue/join", json={"data": ["hi", history], "fn_index": 0, "session_hash": "h1"})
+            return over, fits
+
+    over, fits = _run(go())
+    assert over.status_code == 413 and "MB" in over.json()["detail"]
+    assert fits.status_code == 200
