@@ -358,5 +358,5 @@ class Gateway:
         app.include_router(router(self.studio))
         from clair.web import Guard
 
-        app.add_middleware(Guard, web=self.web, port=OLLAMA)  # the web port's guard, with this port's rules
+        app.add_middleware(Guard, web=self.web, port=OLLAMA, max_body=MAX_BODY)  # the web port's guard, this port's rules
         return app

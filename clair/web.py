@@ -422,11 +422,12 @@ def is_api_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
-def gradio_max_body(cfg) -> int:
-    """The largest body a Gradio event takes: its texts at Clair's limits (a history, a message, a system
-    prompt, two image prompts) at 16 bytes a character (JSON's \\u escapes take 6 to 12), plus 256 KiB for
-    the rest. Gradio parses and checks a body on the event loop: an 8 MB one held every other client for
-    seconds, so its routes take no more than this (about 1.3 MB with the defaults)."""
+def text_max_body(cfg) -> int:
+    """The largest body of a request that carries text only (Gradio's events, /v1): its texts at Clair's
+    limits (a history, a message, a system prompt, two image prompts) at 16 bytes a character (JSON's \\u
+    escapes take 6 to 12), plus 256 KiB for the rest; about 1.3 MB with the defaults. Parsing JSON holds
+    the interpreter (Gradio even parses on the event loop): an 8 MB body held every other client for
+    seconds, so these routes take no more than their texts need."""
     chars = cfg.max_history_chars + 2 * cfg.max_message_chars + 2 * cfg.max_prompt_chars
     return min(MAX_BODY, 16 * chars + 256 * 1024)
 
@@ -448,7 +449,7 @@ class Web:
         self.open_allowed = cfg.loopback_only or cfg.insecure  # may serve with no users at all
         self.keys = Keys(keys_path(cfg.users_path), users)  # API keys (clair/keys.py), beside the users
         self.users_required_cached = False  # sync_auth's last answer
-        self.gradio_max_body = gradio_max_body(cfg)
+        self.text_max_body = text_max_body(cfg)
         self.session_owners = SessionOwners()
         self.output_dir = os.path.realpath(os.path.expanduser(cfg.output_dir))
 
@@ -622,7 +623,7 @@ class Guard:
         self.app = app
         self.web = web
         self.port = port
-        self.max_body = max_body  # /v1 always takes at most MAX_BODY: it takes text only
+        self.max_body = max_body  # /v1 and Gradio's events take text only: at most web.text_max_body
 
     def protocol(self, path: str) -> str:
         return OPENAI if is_api_path(path) else (OLLAMA if self.port == OLLAMA_PORT else WEB)
@@ -680,10 +681,8 @@ class Guard:
         return None, scope
 
     def cap(self, path: str) -> int:
-        if is_api_path(path):
-            return MAX_BODY
-        if self.port == WEB_PORT and path.startswith("/gradio_api/"):
-            return self.web.gradio_max_body
+        if is_api_path(path) or (self.port == WEB_PORT and path.startswith("/gradio_api/")):
+            return self.web.text_max_body  # text only: what Clair's text limits allow
         return self.max_body
 
     def reads_json(self, headers: Headers, path: str) -> bool:

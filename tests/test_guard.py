@@ -105,7 +105,7 @@ def test_bad_and_deeply_nested_json_get_400_never_500(studio):
         deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
         bad = b'{"model": "m", "messages": [}'
         for url in (web_v1.url + "/v1/chat/completions", ollama.url + "/v1/chat/completions", ollama.url + "/api/chat"):
-            for body in (deep, bad, b"[" * 5_000_000):
+            for body in (deep, bad, b"[" * 1_000_000):
                 r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
                 assert r.status_code == 400, (url, r.status_code, r.text[:200])
                 err = r.json()["error"]
@@ -116,13 +116,18 @@ def test_bad_and_deeply_nested_json_get_400_never_500(studio):
         ollama.stop()
 
 
-def test_json_depth_check_counts_only_structure():
+def test_json_nesting_and_size_limits():
     doc = b'{"a": "[[[[[[[[[[[[[[[[[[[[[", "b": [[1], {"c": [2]}]}'  # four levels: { [ { [
-    assert not edge.too_deep(doc, limit=4) and edge.too_deep(doc, limit=3)
-    assert edge.too_deep(b"[[[[1]]]]", limit=3)
-    assert not edge.too_deep(b"[[[1]]]", limit=3)
-    assert not edge.too_deep(b'"\\"[[[[[["', limit=1)
-    assert edge.too_deep(b"[[1]", limit=8)  # unpaired: refused (json would refuse it too)
+    assert edge.nesting(edge.parse_json(doc, limit=4)) == 4
+    with pytest.raises(edge.BadJson, match="deeper than 3"):
+        edge.parse_json(doc, limit=3)
+    with pytest.raises(edge.BadJson, match="deeper"):
+        edge.parse_json(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(edge.BadJson, match="values"):
+        edge.parse_json(json.dumps([[1, 2]] * (edge.MAX_VALUES // 2 + 1)).encode())
+    with pytest.raises(edge.BadJson, match="NaN"):
+        edge.parse_json(b'{"x": NaN}')
+    assert edge.nesting(7) == 0 and edge.nesting([]) == 1
 
 
 def test_json_is_parsed_off_the_event_loop_so_healthz_answers_meanwhile(studio, monkeypatch):
@@ -144,7 +149,7 @@ def test_json_is_parsed_off_the_event_loop_so_healthz_answers_meanwhile(studio, 
     app.add_middleware(Guard, web=Web(studio.cfg, Users(studio.cfg.users_path)))
     served = Served(app)
     try:
-        big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * (7 * 2**20)}]})
+        big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 1_000_000}]})
         result: dict = {}
         t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(served.url + "/v1/chat/completions", content=big, timeout=60)))
         t.start()
@@ -361,9 +366,9 @@ def test_the_ollama_port_guard_is_the_web_guard():
 def test_gradio_routes_take_bodies_no_larger_than_their_texts_need(lan_web):
     """Gradio parses and checks a body on the event loop (an 8 MB one held other clients for seconds): its
     routes take what Clair's text limits allow, chunked or not."""
-    from clair.web import gradio_max_body
+    from clair.web import text_max_body
 
-    cap = gradio_max_body(lan_web.cfg)
+    cap = text_max_body(lan_web.cfg)
     assert 1_000_000 < cap < 2_000_000  # the defaults: a 48 000-character history fits, 8 MB does not
 
     async def chunks(n: int):
