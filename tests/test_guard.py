@@ -385,3 +385,22 @@ def test_gradio_routes_take_bodies_no_larger_than_their_texts_need(lan_web):
     over, fits = _run(go())
     assert over.status_code == 413 and "MB" in over.json()["detail"]
     assert fits.status_code == 200
+
+
+def test_a_body_must_keep_moving():
+    """A slowloris body (one part, then nothing) is refused with 408, not held open."""
+
+    async def go():
+        parts = [{"type": "http.request", "body": b"{", "more_body": True}]
+        never = asyncio.Event()
+
+        async def receive():
+            if parts:
+                return parts.pop()
+            await never.wait()
+
+        with pytest.raises(edge.BodyRefused) as refused:
+            await edge.read_body(receive, 1 << 20, idle_s=0.05)
+        return refused.value.status
+
+    assert _run(go()) == 408
