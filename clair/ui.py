@@ -426,7 +426,7 @@ def build(studio: Studio) -> gr.Blocks:
         return gr.Button(interactive=False)
 
     @_guard
-    def status(request: gr.Request) -> dict:
+    def status(request: gr.Request = None) -> dict:  # type: ignore[assignment]
         """The arbiter's state: holder, waiting, residents and the VRAM ledger, last hand-over timings
         (other users' jobs without their name or address, clair.panel.private_status)."""
         st = panel.private_status(studio.status(), owner_of(request))
@@ -435,11 +435,11 @@ def build(studio: Studio) -> gr.Blocks:
 
     # ---- GPU panel (issue 9; clair/panel.py): the line atop both tabs, the Status tab, eject ----
     @_guard
-    def status_line(request: gr.Request) -> str:
+    def status_line(request: gr.Request = None) -> str:  # type: ignore[assignment]
         return panel.compact_html(panel.panel_data(studio, viewer=owner_of(request)))  # others' jobs: no names
 
     @_guard
-    def panel_full(request: gr.Request) -> str:
+    def panel_full(request: gr.Request = None) -> str:  # type: ignore[assignment]
         return panel.panel_html(panel.panel_data(studio, viewer=owner_of(request)))
 
     @_guard
