@@ -61,8 +61,14 @@ def make_app(studio, demo, users=None):
         ok = studio.healthy()
         body: dict = {"ok": ok}
         client = request.client.host if request.client else ""
-        if is_loopback_client(client) or web.user(request.headers) is not None:
-            body["holder"] = studio.arbiter.status()["holder"] if ok else None
+        viewer = web.user(request.headers)
+        if is_loopback_client(client) or viewer is not None:
+            st = studio.arbiter.status()
+            if not is_loopback_client(client):
+                from clair.panel import private_status  # another user's job: no name or address
+
+                st = private_status(st, viewer)
+            body["holder"] = st["holder"] if ok else None
             body["problem"] = None if ok else studio.last_health_problem
         return JSONResponse(body, status_code=200 if ok else 503)
 
