@@ -483,6 +483,9 @@ def test_insecure_lan_over_tls_then_first_user_then_session_expiry(tmp_path: Pat
         assert httpx.get(app.url + "/config", verify=False).status_code == 401  # no restart needed
         c = _login(app.url, verify=False)
         assert any(k.startswith("access-token-") for k in c.cookies)
+        login = httpx.post(app.url + "/login", data={"username": "alice", "password": PASSWORD}, verify=False)
+        set_cookies = login.headers.get_list("set-cookie")
+        assert len(set_cookies) >= 2 and all("secure" in v.lower().split("; ") for v in set_cookies), set_cookies
         assert c.get("/config").status_code == 200
         wait_until(lambda: c.get("/config").status_code == 401, timeout=15, interval=0.5)
         assert Users(users_file).names() == ["alice"]
