@@ -870,6 +870,12 @@ def build(studio: Studio) -> gr.Blocks:
         new_chat.click(
             fresh_chat, outputs=[chatbot, message, stop], api_visibility="private", queue=False, cancels=[*sent, imagined]
         ).then(lambda: (None, gr.Dropdown(value=None)), outputs=[conv_id, past], api_visibility="private", queue=False)
+        # Gradio's own trash icon on the conversation empties it in the browser; without this the page's id
+        # stayed, and the next message saved the new conversation over the old one (issue 17). Clearing is a
+        # new chat: the saved one stays under Past conversations.
+        chatbot.clear(
+            fresh_chat, outputs=[chatbot, message, stop], api_visibility="private", queue=False, cancels=[*sent, imagined]
+        ).then(lambda: (None, gr.Dropdown(value=None)), outputs=[conv_id, past], api_visibility="private", queue=False)
         for ev in sent:
             ev.then(chat_notice, outputs=chat_notice_md, api_visibility="private")
             ev.then(save_conversation, inputs=[chatbot, conv_id], outputs=[conv_id, past], api_visibility="private", queue=False)

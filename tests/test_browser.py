@@ -471,3 +471,44 @@ def test_a_size_message_leaves_the_width_box_visible(browser, tmp_path):
         if page is not None:
             page.close()
         app.stop()
+
+
+def test_clearing_the_chat_starts_a_new_conversation_and_keeps_the_saved_one(app, app_dir, browser):
+    """Gradio's trash icon on the conversation: the next message starts a new saved conversation; the one
+    before stays under Past conversations, whole (it was overwritten before)."""
+    page = open_page(browser, app.url)
+    chats = app_dir / "chats-demo"
+
+    def saved() -> dict[str, list[str]]:
+        out = {}
+        for path in chats.rglob("*.json"):
+            try:
+                record = json.loads(path.read_text())
+            except ValueError:  # being replaced this instant
+                continue
+            out[path.stem] = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        return out
+
+    try:
+        expect(send_chat(page, "the first conversation")).to_have_text(
+            "You said: the first conversation", timeout=30_000
+        )
+        idle(page)
+        wait_until(lambda: any(v == ["the first conversation"] for v in saved().values()))
+        first = next(k for k, v in saved().items() if v == ["the first conversation"])
+
+        page.locator("#chatbot").get_by_role("button", name="Clear").click()
+        expect(page.get_by_test_id("bot")).to_have_count(0)
+        expect(send_chat(page, "a fresh start")).to_have_text("You said: a fresh start", timeout=30_000)
+        idle(page)
+        wait_until(lambda: any(v == ["a fresh start"] for v in saved().values()))
+        kept = saved()
+        assert kept[first] == ["the first conversation"], kept  # not overwritten
+        assert sum(v == ["a fresh start"] for v in kept.values()) == 1, kept
+        page.locator("#past input").click()
+        for title in ("the first conversation", "a fresh start"):
+            expect(page.get_by_role("option", name=re.compile(title))).to_be_visible()
+        page.keyboard.press("Escape")
+        no_traceback(page)
+    finally:
+        page.close()
