@@ -425,6 +425,31 @@ RETIRED = {
 }
 
 
+# CLAIR_ names that are not settings: the browser test's switch for rewriting the README's screenshots.
+NOT_SETTINGS = frozenset({"CLAIR_UPDATE_SCREENSHOTS"})
+
+
+def check_names(environ: Mapping[str, str]) -> None:
+    """Refuse a CLAIR_ variable that is no setting, with the nearest real name: a misspelled name would
+    otherwise be ignored silently and Clair would run with the default the person meant to change."""
+    import difflib
+
+    known = {env_name(f) for f in fields()}
+    for name in sorted(environ):
+        if not name.startswith("CLAIR_") or name in known or name in NOT_SETTINGS or name == "CLAIR_AUTH":
+            continue
+        if name[len("CLAIR_") :] in known:  # CLAIR_OLLAMA_HOST: a variable Clair reads under its own name
+            guess = name[len("CLAIR_") :]
+        else:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+            guess = close[0] if close else ""
+        hint = f" Did you mean {guess}?" if guess else ""
+        raise ConfigError(
+            f"{name} is not one of Clair's settings.{hint} `clair --help` (or `python app.py --help`) lists "
+            "them all; an unknown name is refused so that a typo cannot pass unnoticed."
+        )
+
+
 def _convert(f: dataclasses.Field, raw: str) -> Any:
     name = env_name(f)
     kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -486,6 +511,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = list(argv) if argv is not None else []
     if environ.get("CLAIR_AUTH") or any(a == "--auth" or a.startswith("--auth=") for a in argv):
         raise ConfigError(RETIRED["auth"])
+    check_names(environ)
     values: dict[str, Any] = {}
     for f in fields():
         raw = environ.get(env_name(f))

@@ -147,6 +147,43 @@ def check_exposure(cfg: config.Config, users) -> None:
     )
 
 
+def check_port(host: str, port: int, setting: str = "--port") -> None:
+    """Refuse a port that is taken before torch and Gradio load (tens of seconds), with what to do instead."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no owner
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"Port {port} on {host} is in use: another Clair, or another program (`ss -ltnp 'sport = :{port}'` "
+                    f"names it). Stop it, or pick another port: {setting} {port + 1 if port < 65535 else 8000}."
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise ConfigError(
+                    f"Port {port} needs root privileges (ports below 1024 do): pick one above 1023 with {setting}."
+                ) from None
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
+                raise ConfigError(
+                    f"CLAIR_HOST={host} is not an address of this machine: use 127.0.0.1 (this machine only) or "
+                    "--listen (every interface)."
+                ) from None
+            raise ConfigError(f"Clair cannot serve on {host}:{port}: {exc.strerror or exc}.") from None
+
+
+def preflight(cfg: config.Config) -> None:
+    """What can be checked without torch or Gradio, checked first, so a mistake is answered in a moment:
+    users for a LAN address, and the ports."""
+    check_exposure(cfg, users_mod.Users(cfg.users_path))
+    check_port(cfg.host, cfg.port)
+    if cfg.ollama_port:
+        check_port(cfg.host, cfg.ollama_port, "CLAIR_OLLAMA_PORT=")
+
+
 def _url(scheme: str, host: str, port: int) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
@@ -230,7 +267,9 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     thread.start()
     while not server.started:
         if not thread.is_alive():
-            raise SystemExit(f"Clair could not start serving on {cfg.host}:{cfg.port} (is the port in use?).")
+            raise SystemExit(
+                f"Clair could not start serving on {cfg.host}:{cfg.port} (is the port in use? --port picks another)."
+            )
         time.sleep(0.05)
     gateway = None
     if cfg.ollama_port:
@@ -342,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         return user_command(argv)
     try:
         cfg = config.load(argv)
-    except ConfigError as exc:
+        preflight(cfg)
+    except (ConfigError, users_mod.UserError) as exc:
         print(f"clair: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
