@@ -479,7 +479,7 @@ def _convert(f: dataclasses.Field, raw: str) -> Any:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="app.py",
+        prog="clair" if os.path.basename(sys.argv[0]) == "clair" else "app.py",  # the installed command, or the checkout's
         description="Clair: chat and image generation sharing one GPU. Every option can also be set "
         "through its environment variable (shown in brackets). Accounts: `app.py adduser NAME` (asks for "
         "the password; one line on standard input for scripts), `app.py deluser NAME`, `app.py users`. API keys: "

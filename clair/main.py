@@ -20,7 +20,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from starlette.requests import Request  # module level: FastAPI resolves the routes' annotations here
 
@@ -30,7 +29,6 @@ from clair import users as users_mod
 from clair.errors import ConfigError
 
 log = logging.getLogger("clair")
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def make_app(studio, demo, users=None):
@@ -120,8 +118,8 @@ def make_app(studio, demo, users=None):
         max_file_size="1kb",  # Clair takes no uploads; the guard refuses /gradio_api/upload as well
         footer_links=["api", "settings"],
         ssr_mode=False,
-        favicon_path=str(ASSETS / "favicon.svg"),
-        css_paths=[ASSETS / "clair.css"],
+        favicon_path=str(ui.ASSETS / "favicon.svg"),
+        css_paths=[ui.ASSETS / "clair.css"],
         theme=ui.theme(),
         head=ui.HEAD,  # the browser-side PNG drop reader (assets/drop.js): nothing is uploaded
     )

@@ -79,7 +79,28 @@ DEMO_BANNER = (
     "the first render downloads RealVisXL (~7 GB)."
 )
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def _assets() -> Path:
+    """The checkout's assets/ beside the package; once installed (`pip install .`), <prefix>/share/clair/assets
+    (pyproject.toml's data-files)."""
+    import sys
+    import sysconfig
+
+    for folder in (
+        Path(__file__).resolve().parent.parent / "assets",
+        Path(sysconfig.get_path("data")) / "share" / "clair" / "assets",
+        Path(sys.prefix) / "share" / "clair" / "assets",
+    ):
+        if (folder / "clair.css").is_file():
+            return folder
+    raise RuntimeError(
+        "Clair's page assets (clair.css, drop.js, logo.svg, favicon.svg) are missing: run Clair from its checkout "
+        "(`python app.py`) or install it with `pip install .`, which copies them to <prefix>/share/clair/assets."
+    )
+
+
+ASSETS = _assets()
 
 # SDXL's trained resolutions (about one megapixel each), as Fooocus and AUTOMATIC1111 offer them.
 ASPECTS: dict[str, tuple[int, int]] = {

@@ -56,3 +56,68 @@ def test_a_misspelled_setting_is_refused_at_once_with_a_guess(tmp_path: Path) ->
     result, err = start(["--demo"], {"CLAIR_MAX_JOB_PER_USER": "8"}, tmp_path)
     assert result == {"rc": 2, "heavy": []}, err
     assert "CLAIR_MAX_JOB_PER_USER is not one of Clair's settings. Did you mean CLAIR_MAX_JOBS_PER_USER?" in err
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_pip_install_gives_a_clair_command_that_serves_the_demo(tmp_path: Path) -> None:
+    """`pip install .` into a fresh venv: the `clair` command, its --help, and `clair --demo` serving the page
+    with its assets. The venv borrows this interpreter's packages through a .pth file (torch and Gradio are
+    gigabytes; what is tested is Clair's own packaging), and the build uses no network (--no-build-isolation)."""
+    import shutil
+    import urllib.request
+
+    from tests.support import free_port, wait_until
+
+    src = tmp_path / "src"  # a copy: the build writes build/ beside pyproject.toml
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "requirements.txt"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("clair", "assets"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    import site as site_mod
+
+    (site / "borrowed.pth").write_text("\n".join(site_mod.getsitepackages()) + "\n")
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps"]
+    proc = subprocess.run([*pip, "--no-build-isolation", str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    clair = venv / "bin" / "clair"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAIR_")}
+    proc = subprocess.run([str(clair), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: clair") and "--demo" in proc.stdout and "CLAIR_MAX_QUEUE" in proc.stdout
+    # The installed package is what runs, not this checkout.
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import clair.ui as u; print(u.__file__); print(u.ASSETS)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    ).stdout.split()
+    assert where[0].startswith(str(venv)) and where[1] == str(venv / "share" / "clair" / "assets"), where
+
+    port = free_port()
+    env |= {"CLAIR_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    log = (tmp_path / "clair.log").open("w")
+    server = subprocess.Popen([str(clair), "--demo"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: server.poll() is not None or _http_ok(f"http://127.0.0.1:{port}/healthz"), timeout=120)
+        assert server.poll() is None, (tmp_path / "clair.log").read_text()[-3000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as r:
+            config = json.loads(r.read())
+        page = json.dumps(config)
+        assert "#clair-header" in page and "pngText" in page, "the page lacks Clair's CSS or drop.js"
+        assert (tmp_path / "outputs" / "demo").is_dir()  # the demo's folder, under the working directory
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
