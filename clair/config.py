@@ -2,7 +2,7 @@
 
 Every field of `Config` is one setting. Its environment variable is `CLAIR_<FIELD>` (except where
 `env=` says otherwise, e.g. Ollama's own `OLLAMA_HOST`), and common ones also get a command-line
-flag. The README's configuration table and `systemd/clair.env.example` are generated from this table
+flag. The configuration table (docs/configuration.md) and `systemd/clair.env.example` are generated from this table
 (`python -m clair.config --markdown` / `--env`), so they cannot drift from the code.
 
 This module owns parsing and validation only; it must not import torch, gradio or the network.

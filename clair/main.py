@@ -286,7 +286,7 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     if not cfg.loopback_only and not cfg.tls_cert:
         log.warning(
             "passwords cross the LAN unencrypted: set CLAIR_TLS_CERT and CLAIR_TLS_KEY, or serve Clair "
-            "behind a TLS reverse proxy (README)"
+            "behind a TLS reverse proxy (docs/install.md)"
         )
     _warn_without_cuda(cfg)
     if cfg.preload:

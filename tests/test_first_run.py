@@ -121,3 +121,51 @@ def test_pip_install_gives_a_clair_command_that_serves_the_demo(tmp_path: Path) 
         server.terminate()
         server.wait(30)
         log.close()
+
+
+def readme_snippet() -> str:
+    """The README's scripting example: its first Python block, as a newcomer copies it."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "the README has no Python example"
+    return blocks[0]
+
+
+def test_the_readme_fits_one_screen_and_says_what_a_newcomer_needs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 60, "the README's first screen grew: move details into docs/"
+    for needed in (
+        "clair --demo",  # the demo command
+        "download.pytorch.org/whl/cpu",  # the CPU-torch hint beside it
+        "What you will see",
+        "https://ollama.com/download",  # how to get Ollama
+        "pip install -r requirements-dev.txt && .venv/bin/python -m pytest",  # the test command
+    ):
+        assert needed in readme, needed
+    for page in ("install", "tour", "scripting", "clients", "configuration"):
+        assert f"(docs/{page}.md)" in readme and (ROOT / "docs" / f"{page}.md").is_file(), page
+
+
+def test_the_readme_scripting_example_runs_against_the_demo_as_written(tmp_path: Path) -> None:
+    from tests.support import App, free_port
+
+    snippet = readme_snippet()
+    assert "http://127.0.0.1:7860" in snippet
+    app = App(tmp_path, {"OLLAMA_HOST": f"127.0.0.1:{free_port()}"}, args=("--demo",))  # no Ollama: the demo's own
+    try:
+        script = tmp_path / "snippet.py"
+        script.write_text(snippet.replace("http://127.0.0.1:7860", app.url))  # only the port differs
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr + app.log.read_text()[-2000:]
+        lines = proc.stdout.strip().splitlines()
+        assert lines[0].strip(), "no reply printed"
+        path, seed, seconds = lines[-1].rsplit(" ", 2)
+        png = Path(path)
+        # What the README promises: the PNG's path in the output folder (outputs/demo/ unless set).
+        assert png.parent == (tmp_path / "outputs").resolve() and png.suffix == ".png", path
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert int(seed) >= 0 and float(seconds) > 0
+    finally:
+        app.stop()
