@@ -182,6 +182,77 @@ def preflight(cfg: config.Config) -> None:
         check_port(cfg.host, cfg.ollama_port, "CLAIR_OLLAMA_PORT=")
 
 
+HUB = "https://huggingface.co"
+HUB_PROBE_S = 2.0  # how long start-up waits to learn whether the hub answers (only when a model comes from it)
+
+
+def _hub_models(cfg: config.Config) -> list[tuple[str, str, str]]:
+    """(hub id, a file every copy of it has, what Clair uses it for) for the models that would come from the
+    Hugging Face hub: not `tiny`, not a local folder."""
+    wanted = [(cfg.image_model, "model_index.json", "the image model (--image-model)")]
+    if cfg.chat_backend != "ollama":
+        use = "the in-process chat model (--local-chat-model)" + (
+            ", used when Ollama does not answer" if cfg.chat_backend == "auto" else ""
+        )
+        wanted.append((cfg.local_chat_model, "config.json", use))
+    if cfg.vae.lower() == "fp16-fix":
+        wanted.append(("madebyollin/sdxl-vae-fp16-fix", "config.json", "the fp16-safe VAE (CLAIR_VAE=fp16-fix)"))
+    return [(m, f, use) for m, f, use in wanted if m != "tiny" and "/" in m and not os.path.exists(os.path.expanduser(m))]
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_S) -> bool:
+    """Can a TCP connection to the hub be opened within `timeout`? (Name lookup included: run in a thread, as
+    a resolver may stall offline.)"""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    done: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                done.append(True)
+        except OSError:
+            done.append(False)
+
+    t = threading.Thread(target=probe, name="clair-hub-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(done and done[0])
+
+
+def go_offline_if_the_hub_is_unreachable(cfg: config.Config, environ=os.environ) -> str | None:
+    """Without a network the Hugging Face client retries every file for 20-80 s before it falls back to its
+    cache, and logs each retry. When a model would come from the hub and the hub does not answer, Clair sets
+    HF_HUB_OFFLINE=1 before the client is imported (it reads it once), so loads use the cache at once, and
+    says once what is missing from the cache and how to get it. Returns that message (None: nothing to say)."""
+    if cfg.demo or environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    models = _hub_models(cfg)
+    if not models:
+        return None
+    endpoint = environ.get("HF_ENDPOINT", "").strip() or HUB
+    if hub_reachable(endpoint):
+        return None
+    environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import try_to_load_from_cache  # after the variable is set: it is read at import
+
+    missing = [(m, use) for m, marker, use in models if not isinstance(try_to_load_from_cache(m, marker), str)]
+    text = f"{endpoint} cannot be reached, so Clair loads models from the Hugging Face cache only (HF_HUB_OFFLINE=1)."
+    if not missing:
+        return text + " Everything it needs is there."
+    names = "; ".join(f"{m} ({use})" for m, use in missing)
+    return (
+        f"{text} Missing there: {names}. Requests that need them are refused at once with this reason. To get them: "
+        f"connect this machine and restart Clair, or run `huggingface-cli download NAME` on a connected machine and "
+        "copy its ~/.cache/huggingface here, or point the setting at a local folder. For chat, Ollama needs no "
+        "download from Hugging Face (https://ollama.com/download, then `ollama pull llama3.1:8b`). Or try "
+        "`clair --demo`."
+    )
+
+
 def _url(scheme: str, host: str, port: int) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
@@ -395,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         # explains the failure once (clair/loadgate.py).
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    offline = go_offline_if_the_hub_is_unreachable(cfg)  # before anything imports the Hugging Face client
+    if offline:
+        log.warning("%s", offline)
     faulthandler.enable()  # a watchdog abort prints every thread's stack to the journal
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "gradio", "diffusers", "transformers", "uvicorn")
 
@@ -167,5 +169,42 @@ def test_the_readme_scripting_example_runs_against_the_demo_as_written(tmp_path:
         assert png.parent == (tmp_path / "outputs").resolve() and png.suffix == ".png", path
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert int(seed) >= 0 and float(seconds) > 0
+    finally:
+        app.stop()
+
+
+def test_offline_without_a_model_clair_says_once_what_is_missing_and_a_chat_fails_at_once(tmp_path: Path) -> None:
+    """No --demo, no network (the hub's address refuses connections), nothing in the Hugging Face cache, no
+    Ollama: start-up says once what is missing and how to get it; a chat is refused with that reason without
+    the hub client's retries (20-80 s of them, logged one by one, before this)."""
+    import time
+
+    from gradio_client.exceptions import AppError
+
+    from tests.support import App, free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: as offline as it gets, without waiting
+    env = {
+        "HF_ENDPOINT": closed, "HF_HOME": str(tmp_path / "hf"), "OLLAMA_HOST": f"127.0.0.1:{free_port()}",
+        "CLAIR_IMAGE_MODEL": "SG161222/RealVisXL_V5.0", "CLAIR_LOCAL_CHAT_MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
+    }
+    env["HF_HUB_OFFLINE"] = ""  # not told it is offline (the tests' App says so by default)
+    env["CLAIR_LOG_LEVEL"] = "DEBUG"  # the hub client's own retry messages stay in (Clair hides them otherwise)
+    app = App(tmp_path, env)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AppError) as err:
+            app.client.predict("hello?", [], api_name="/chat")
+        took = time.monotonic() - t0
+        assert "Qwen/Qwen2.5-0.5B-Instruct" in str(err.value), err.value
+        log = app.log.read_text()
+        said = [ln for ln in log.splitlines() if "cannot be reached, so Clair loads models from the Hugging Face" in ln]
+        assert len(said) == 1, log[-3000:]
+        assert "Qwen/Qwen2.5-0.5B-Instruct" in said[0] and "SG161222/RealVisXL_V5.0" in said[0]
+        assert "huggingface-cli download" in said[0] and "ollama.com/download" in said[0]
+        assert "Retrying in" not in log, log[-3000:]  # not one retry of the hub
+        loud = [ln for ln in log.splitlines() if " WARNING " in ln or " ERROR " in ln]
+        assert len(loud) <= 4, "\n".join(loud)  # the missing models once, the chat refused, no CUDA: not 160 lines
+        print(f"chat refused in {took:.2f} s")  # a figure, not a limit (this machine is shared)
     finally:
         app.stop()
