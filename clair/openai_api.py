@@ -1,6 +1,7 @@
 """OpenAI-compatible endpoints under /v1, on Clair's web port (and on its Ollama port), through the arbiter.
 
-* `GET /v1/models`: the chat models (Ollama's, or the in-process one) and the image model.
+* `GET /v1/models`: the chat models (Ollama's, or the in-process one) and the image model, apart (its id is
+  `sdxl:<model>`, owned_by `clair-image`; a chat asking for it is refused with a message).
 * `POST /v1/chat/completions`: `Studio.chat` (so the Chat tab's protocol: a chat lease, held during a
   render, listed in the queue as `api:<model> (<client>)`). `stream: true` answers Server-Sent Events:
   `chat.completion.chunk` objects, then `data: [DONE]`; while the request waits for the GPU, SSE comment
@@ -73,6 +74,15 @@ def clair_error(exc: ClairError) -> tuple[int, dict]:
     return status, {"error": {"message": str(exc), "type": kind, "code": code}}
 
 
+# The image model's id in /v1/models lives in its own namespace, so it never equals a chat model's id (in demo
+# mode both models are "tiny") and a client's model picker can tell the two kinds apart.
+IMAGE_ID_PREFIX = "sdxl:"
+
+
+def image_model_id(studio) -> str:
+    return IMAGE_ID_PREFIX + studio.image.model_id
+
+
 def client_name(request: Request) -> str:
     user = request.scope.get("clair_api_user")
     addr = request.client.host if request.client else "?"
@@ -110,11 +120,13 @@ def router(studio) -> APIRouter:
     def models() -> Response:
         created = int(time.time())
         backend, _ = studio.chat_backend()
+        image_id = image_model_id(studio)
         data = [
             {"id": m, "object": "model", "created": created, "owned_by": backend.name}
             for m in studio.chat_models()
+            if m != image_id
         ]
-        data.append({"id": studio.image.label, "object": "model", "created": created, "owned_by": "clair-image"})
+        data.append({"id": image_id, "object": "model", "created": created, "owned_by": "clair-image"})
         return JSONResponse({"object": "list", "data": data})
 
     # -- chat ---------------------------------------------------------------------------------------
@@ -132,6 +144,13 @@ def router(studio) -> APIRouter:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             return error(400, "`model` must be a string.", "invalid_model")
+        if model == image_model_id(studio):
+            return error(
+                400,
+                f"{model} is Clair's image model: it makes pictures (POST /v1/images/generations) and does not chat. "
+                "Pick a chat model from GET /v1/models (those not owned by clair-image).",
+                "model_not_for_chat",
+            )
         # OpenAI's newer name for the system role; tool calls are not supported (Clair passes no tools).
         messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
         if any(m.get("role") not in ("system", "user", "assistant") for m in messages):

@@ -48,9 +48,17 @@ def client(served, key="no key needed on loopback", **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0, **kw)
 
 
-def test_models_lists_the_chat_and_image_models(v1, studio):
-    ids = [m.id for m in client(v1).models.list()]
-    assert ids == [MODEL, studio.image.label]
+def test_models_lists_the_chat_and_image_models_apart(v1, studio):
+    models = client(v1).models.list().data
+    assert [(m.id, m.owned_by) for m in models] == [(MODEL, "ollama"), ("sdxl:" + studio.image.model_id, "clair-image")]
+
+
+def test_a_chat_with_the_image_model_is_refused_with_what_to_pick(v1, standin):
+    image_id = [m.id for m in client(v1).models.list()][-1]
+    with pytest.raises(openai.BadRequestError) as err:
+        client(v1).chat.completions.create(model=image_id, messages=[{"role": "user", "content": "hi"}])
+    assert "is Clair's image model" in str(err.value) and "/v1/models" in str(err.value)
+    assert not [r for r in standin.requests_to("/api/chat") if r.messages]  # nothing reached the chat engine
 
 
 def test_chat_streams_through_the_arbiter(v1, standin, studio):
