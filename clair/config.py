@@ -258,6 +258,13 @@ class Config:
         "when there are no users. Past it, requests are refused with a retry time.", min=1, max=1000)
     max_queue: int = setting(
         16, "GPU jobs (chats and renders, waiting or running) the whole house may have at once; past it, refused.", min=1, max=24)
+    forwarded_users_from: str = setting(
+        "",
+        "API clients trusted to say which of their people a request is for, so each person gets their own "
+        "CLAIR_MAX_JOBS_PER_USER: key names (comma-separated), or without users client addresses (e.g. 127.0.0.1). "
+        "They name the person with Open WebUI's X-OpenWebUI-User-Id header (its ENABLE_FORWARD_USER_INFO_HEADERS"
+        "=true); from anyone else the header is ignored. Empty: nobody (each key or address counts as one person).",
+    )
     shared_gallery: bool = setting(
         False, "With user accounts, show everyone's images in every gallery (without users, all images are shown)."
     )

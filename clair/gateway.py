@@ -296,12 +296,26 @@ def ollama_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def job_slot(studio, user: str | None, address: str):
+@contextlib.contextmanager
+def job_slot(studio, user: str | None, address: str, headers=None):
     """Count one GPU request against its user's cap for the block (`studio.jobs`, clair/limits.py: the
     caps the UI uses, CLAIR_MAX_JOBS_PER_USER and CLAIR_MAX_QUEUE). A key's requests count as its name's
-    (`user:NAME`, as a logged-in browser's), anonymous loopback ones by address. Raises GpuBusy past a cap.
+    (`user:NAME`, as a logged-in browser's), anonymous loopback ones by address; a client trusted to name its
+    people counts each apart (clair/forwarded.py, given the request's `headers`). Raises GpuBusy past a cap,
+    saying whose requests were counted.
     """
-    return studio.jobs.slot(f"user:{user}" if user else f"address:{address}")
+    from clair.forwarded import busy_note, counted_as
+
+    who, counted = counted_as(studio.cfg, user, address, headers)
+    slot = studio.jobs.slot(who)
+    try:
+        slot.__enter__()
+    except GpuBusy as exc:
+        raise GpuBusy(busy_note(str(exc), counted)) from None
+    try:
+        yield
+    finally:
+        slot.__exit__(None, None, None)
 
 
 class Gateway:
@@ -393,7 +407,8 @@ class Gateway:
 
         async def work(send: Send, gone: Gone) -> None:
             await self.relay(
-                send, gone, path, model, forward, label, gpu=not unload, what=what, user=user, address=address
+                send, gone, path, model, forward, label, gpu=not unload, what=what, user=user, address=address,
+                headers=request.headers,
             )
 
         return Exchange(work)
@@ -410,6 +425,7 @@ class Gateway:
         what: str,
         user: str | None,
         address: str,
+        headers: Headers | None = None,
     ) -> None:
         """Wait for the GPU (unless `gpu` is False), forward `body`, relay Ollama's answer as it comes.
 
@@ -421,7 +437,7 @@ class Gateway:
         send = closing_send(send, stack)
         try:
             try:
-                stack.enter_context(job_slot(self.studio, user, address))
+                stack.enter_context(job_slot(self.studio, user, address, headers))
             except GpuBusy as exc:  # a per-user cap, not the GPU's queue
                 await send_json(send, 429, {"error": str(exc)}, {"retry-after": "5"})
                 return

@@ -106,10 +106,10 @@ def router(studio) -> APIRouter:
     issued: OrderedDict[str, str | None] = OrderedDict()
     issued_lock = threading.Lock()
 
-    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str) -> bool:
+    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str, headers=None) -> bool:
         """Count the request against its user's cap (clair.gateway.job_slot); False (429 sent) past it."""
         try:
-            stack.enter_context(job_slot(studio, user, address))
+            stack.enter_context(job_slot(studio, user, address, headers))
         except GpuBusy as exc:
             obj = {"error": {"message": str(exc), "type": "rate_limit_error", "code": "too_many_jobs"}}
             await send_json(send, 429, obj, {"retry-after": "5"})
@@ -186,7 +186,7 @@ def router(studio) -> APIRouter:
         async def work(send: Send, gone: Gone) -> None:
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                if not await take_slot(stack, send, user, address):
+                if not await take_slot(stack, send, user, address, request.headers):
                     return
                 await _chat(send, gone, text[0]["content"], history, model, name, cid, created, stream, client)
 
@@ -307,7 +307,7 @@ def router(studio) -> APIRouter:
             t0 = time.monotonic()
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                if not await take_slot(stack, send, user, address):
+                if not await take_slot(stack, send, user, address, request.headers):
                     return
                 for i in range(n):
                     p = params if params.seed < 0 else RenderParams(**{**params.__dict__, "seed": params.seed + i})

@@ -341,3 +341,55 @@ def test_a_bug_reaches_the_client_as_an_error_id_and_the_server_goes_on(v1, stud
     assert "secret internals" in caplog.text  # the details are in the log
     assert MODEL in [m.id for m in client(v1).models.list()]  # still serving
     assert studio.jobs.snapshot()["total"] == 0  # the slot came back
+
+
+def _ask(served, person: str, out: dict) -> None:
+    out[person] = httpx.post(
+        served.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-OpenWebUI-User-Id": person, "Authorization": "Bearer any"},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_people_behind_one_client_are_counted_apart_only_when_it_is_trusted_to_name_them(standin, tmp_path, trusted):
+    """Open WebUI's users all arrive from one address (or with one key). With CLAIR_FORWARDED_USERS_FROM naming
+    it, each person named by X-OpenWebUI-User-Id gets the per-person cap; without, the header is ignored and
+    they share one. Either way the 429 says whose requests were counted."""
+    studio = make_studio(
+        standin, tmp_path, preempt="off", max_jobs_per_user=1, forwarded_users_from="127.0.0.1" if trusted else ""
+    )
+    served = Served(v1_app(studio))
+    _, leave, render, _ = hold_render(studio)  # chats wait for the GPU, each holding its cap's slot
+    answers: dict = {}
+    waiting = []
+    try:
+        waiting.append(threading.Thread(target=_ask, args=(served, "alice-uuid", answers)))
+        waiting[-1].start()
+        wait_until(lambda: studio.jobs.snapshot()["total"] == 1)
+        if trusted:  # bob is someone else: he waits too, and alice's second request is hers alone to refuse
+            waiting.append(threading.Thread(target=_ask, args=(served, "bob-uuid", answers)))
+            waiting[-1].start()
+            wait_until(lambda: studio.jobs.snapshot()["total"] == 2)
+            _ask(served, "alice-uuid", answers)
+            refused = answers["alice-uuid"]
+        else:  # one person for Clair: bob is refused for alice's request
+            _ask(served, "bob-uuid", answers)
+            refused = answers["bob-uuid"]
+        assert refused.status_code == 429
+        message = refused.json()["error"]["message"]
+        assert "CLAIR_MAX_JOBS_PER_USER" in message and "Counted:" in message
+        if trusted:
+            assert "the one person (Open WebUI's X-OpenWebUI-User-Id) behind 127.0.0.1" in message
+        else:
+            assert "all of its people together" in message and "CLAIR_FORWARDED_USERS_FROM" in message
+        assert "alice" not in message and "bob" not in message  # the client's strings are not handed back
+    finally:
+        leave.set()
+        render.join(30)
+        for t in waiting:
+            t.join(60)
+        served.stop()
+    assert all(r.status_code == 200 for p, r in answers.items() if r is not refused), answers
+    assert studio.jobs.snapshot()["total"] == 0

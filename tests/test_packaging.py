@@ -71,6 +71,8 @@ def test_open_webui_is_under_a_profile_and_goes_through_clair(compose: dict) -> 
     assert env["ENABLE_OLLAMA_API"] == "false"  # not straight to Ollama: around the traffic cop
     assert env["IMAGE_GENERATION_ENGINE"] == "openai" and env["ENABLE_IMAGE_GENERATION"] == "true"
     assert env["ENABLE_FORWARD_USER_INFO_HEADERS"] == "true"
+    # ... and Clair believes those headers from Open WebUI's key only (clair/forwarded.py).
+    assert compose["services"]["clair"]["environment"]["CLAIR_FORWARDED_USERS_FROM"] == "webui"
     # Clair answers only to its own names: the one Open WebUI uses must be allowed.
     assert "clair" in compose["services"]["clair"]["environment"]["CLAIR_ALLOWED_HOSTS"].split(",")
 
