@@ -432,13 +432,14 @@ class Gateway:
         The job slot and the lease go back before the client sees the end of the answer, so a client
         that sends its next request at once is not refused for the one it has finished."""
         t0 = time.monotonic()
-        waited, status = 0.0, 0
+        waited, status, left = 0.0, 0, False
         stack = contextlib.ExitStack()  # the job slot, then the lease; closed once, in a worker thread
         send = closing_send(send, stack)
         try:
             try:
                 stack.enter_context(job_slot(self.studio, user, address, headers))
             except GpuBusy as exc:  # a per-user cap, not the GPU's queue
+                status = 429
                 await send_json(send, 429, {"error": str(exc)}, {"retry-after": "5"})
                 return
             held = self.studio.ollama_lease(model, label, gpu=gpu, cancelled=gone.is_set)
@@ -448,10 +449,13 @@ class Gateway:
                 log.info("gateway %s model=%r (%r) gave up waiting for the GPU", what, model[:80], label)
                 return
             except ClairError as exc:  # GpuBusy after CLAIR_QUEUE_TIMEOUT_S, an eviction that failed ...
+                status = 503
                 await send_json(send, 503, {"error": str(exc)})
                 return
             waited = time.monotonic() - t0
             status = await self._forward(send, gone, path, body)
+            # Read now: once the answer is complete the client closes, and `gone` is set for that too.
+            left = gone.is_set()
         finally:
             with anyio.CancelScope(shield=True):
                 await in_thread(stack.close)
@@ -463,7 +467,7 @@ class Gateway:
                 status or "-",
                 waited,
                 time.monotonic() - t0,
-                " (client gone)" if gone.is_set() else "",
+                " (client gone)" if left or (not status and gone.is_set()) else "",
             )
 
     async def _forward(self, send: Send, gone: Gone, path: str, body: dict) -> int:

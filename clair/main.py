@@ -51,7 +51,10 @@ def make_app(studio, demo, users=None):
     # No origin is granted anything. A CORSMiddleware on the parent also makes Gradio's own CORS
     # middleware stand aside (gradio/route_utils.py CustomCORSMiddleware.parent_configures_cors).
     app.add_middleware(CORSMiddleware, allow_origins=[], allow_credentials=False)
-    app.add_middleware(Guard, web=web)  # added last, so it runs first
+    app.add_middleware(Guard, web=web)
+    from clair.access import AccessLog
+
+    app.add_middleware(AccessLog, web=web, port="web")  # added last, so it runs first: refusals are logged too
     app.state.web = web
 
     @app.get("/healthz")
@@ -411,12 +414,13 @@ def serve_gateway(cfg: config.Config, studio, web):
     (as Ollama's clients expect). Returns (server, thread)."""
     import uvicorn
 
+    from clair.access import AccessLog
     from clair.gateway import Gateway
     from clair.web import guarded_protocol
 
     server = uvicorn.Server(
         uvicorn.Config(
-            Gateway(studio, web).app(),
+            AccessLog(Gateway(studio, web).app(), web, "ollama"),  # one line per request (clair/access.py)
             host=cfg.host,
             port=cfg.ollama_port,
             log_level="warning",
