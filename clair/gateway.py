@@ -218,6 +218,11 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def openai_error(status: int, message: str, code: str) -> JSONResponse:
+    """An error on Ollama's /v1, shaped as OpenAI's (and Ollama's /v1) errors are."""
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}}, status_code=status)
+
+
 def over_limits(body: dict, cfg) -> str:
     """Clair's text limits (clair/limits.py), for the Ollama-compatible API: what is wrong, or "".
 
@@ -413,6 +418,40 @@ class Gateway:
 
         return Exchange(work)
 
+    async def ollama_v1(self, request: Request) -> Response:
+        """A POST to Ollama's /v1, forwarded as sent (`tools`, `stream`, `stream_options` and all) once the GPU
+        is granted; Ollama's answer (its `usage` included) is relayed as it comes. Clair cannot pin num_ctx or
+        keep_alive here (Ollama's /v1 takes neither): Ollama's own OLLAMA_CONTEXT_LENGTH and OLLAMA_KEEP_ALIVE
+        apply (docs/gateway.md)."""
+        path = request.url.path
+        raw = await read_capped(request)
+        if raw is None:
+            return openai_error(413, f"Request too large: Clair takes at most {MAX_BODY // 2**20} MB.", "too_large")
+        try:
+            body = json.loads(raw or b"null", parse_constant=_no_constant)
+        except ValueError as exc:
+            return openai_error(400, f"The body is not valid JSON: {exc}", "invalid_json")
+        if not isinstance(body, dict):
+            return openai_error(400, "The body must be a JSON object.", "invalid_json")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            return openai_error(400, "`model` is required.", "invalid_model")
+        too_long = over_limits(body, self.cfg)
+        if too_long:
+            return openai_error(400, too_long[0].upper() + too_long[1:] + ".", "too_long")
+        client = self.client_name(request)
+        label = f"api:{model[:80]} ({client})"
+        user = request.scope.get("clair_api_user")
+        address = request.client.host if request.client else "?"
+
+        async def work(send: Send, gone: Gone) -> None:
+            await self.relay(
+                send, gone, path, model, body, label, gpu=True, what="v1" + path[3:], user=user, address=address,
+                headers=request.headers,
+            )
+
+        return Exchange(work)
+
     async def relay(
         self,
         send: Send,
@@ -498,8 +537,6 @@ class Gateway:
     def app(self):
         from fastapi import FastAPI
 
-        from clair.openai_api import router
-
         app = FastAPI(title="Clair (Ollama-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
         for path in PASS_GET:
             app.add_api_route(path, self.passthrough, methods=["GET", "HEAD"], include_in_schema=False)
@@ -509,7 +546,11 @@ class Gateway:
         for path in MANAGE:
             app.add_api_route(path, self.refuse_management, methods=["POST", "DELETE", "HEAD"], include_in_schema=False)
         app.add_api_route("/api/blobs/{digest}", self.refuse_management, methods=["POST", "HEAD"], include_in_schema=False)
-        app.include_router(router(self.studio))
+        # /v1 here is Ollama's own OpenAI-compatible API, as a client of Ollama's port expects (the same models
+        # as /api/tags): GETs pass through, POSTs (chat, completions, embeddings) wait for the GPU like /api/chat.
+        # Clair's own /v1 (its image model included) is on the web port.
+        app.add_api_route("/v1/{rest:path}", self.passthrough, methods=["GET", "HEAD"], include_in_schema=False)
+        app.add_api_route("/v1/{rest:path}", self.ollama_v1, methods=["POST"], include_in_schema=False)
         app.add_middleware(GatewayGuard, web=self.web)
         return app
 
