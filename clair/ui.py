@@ -827,8 +827,17 @@ def build(studio: Studio) -> gr.Blocks:
                             value=_aspect_of(size0, size0), elem_id="aspect",
                         )
                         with gr.Row():
-                            width = gr.Slider(64, cfg.max_side, value=size0, step=8, label="Width", elem_id="width", min_width=140)
-                            height = gr.Slider(64, cfg.max_side, value=size0, step=8, label="Height", elem_id="height", min_width=140)
+                            # Both boxes bring a typed value into range the same way (on leaving the box); the
+                            # range is written under them, so a 4096 that becomes 2048 is no surprise.
+                            side_info = f"64 to {cfg.max_side}, in steps of 8"
+                            width = gr.Slider(
+                                64, cfg.max_side, value=size0, step=8, label="Width", elem_id="width", min_width=140,
+                                info=side_info,
+                            )
+                            height = gr.Slider(
+                                64, cfg.max_side, value=size0, step=8, label="Height", elem_id="height", min_width=140,
+                                info=side_info,
+                            )
                         with gr.Row(equal_height=True):
                             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed", scale=3)
                             reuse = gr.Button("♻ Reuse seed", size="sm", scale=1, min_width=110, elem_id="reuse-seed")

@@ -552,7 +552,8 @@ def test_watchdog_stop_is_immediate_and_final(
     assert recv(notify_socket) == "WATCHDOG=1"  # the first round runs at once
     began = time.monotonic()
     dog.stop()
-    assert time.monotonic() - began < 1.0, "stop() must not wait for the interval"
+    # Far below the 30 s interval, with room for a loaded machine (it once took over 1 s there).
+    assert time.monotonic() - began < 10.0, "stop() must not wait for the interval"
     assert not dog.running
     assert_silent(notify_socket, 0.05)
 
