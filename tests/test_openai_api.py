@@ -393,3 +393,39 @@ def test_people_behind_one_client_are_counted_apart_only_when_it_is_trusted_to_n
         served.stop()
     assert all(r.status_code == 200 for p, r in answers.items() if r is not refused), answers
     assert studio.jobs.snapshot()["total"] == 0
+
+
+def test_an_open_webui_household_each_person_sending_a_message_is_not_refused(standin, tmp_path):
+    """What Open WebUI does for one message: the reply, a title, tags and follow-ups, four chats at once. Three
+    people at once while a render holds the GPU: twelve requests, each person within their own cap of four
+    (CLAIR_MAX_JOBS_PER_USER's default), none refused, all answered once the render ends."""
+    studio = make_studio(standin, tmp_path, preempt="off", forwarded_users_from="127.0.0.1")
+    assert studio.cfg.max_jobs_per_user == 4
+    served = Served(v1_app(studio))
+    _, leave, render, _ = hold_render(studio)
+    answers: list = []
+    lock = threading.Lock()
+
+    def ask(person: str) -> None:
+        r = httpx.post(
+            served.url + "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": f"from {person}"}]},
+            headers={"X-OpenWebUI-User-Id": person, "X-OpenWebUI-User-Name": person.title()},
+            timeout=120,
+        )
+        with lock:
+            answers.append((person, r.status_code, r.text[:300]))
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in ("ann", "ben", "cy") for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: studio.jobs.snapshot()["total"] == 12 or len(answers) > 0, timeout=30)
+        assert not answers, answers  # nobody refused while they wait for the render
+    finally:
+        leave.set()
+        render.join(30)
+        for t in threads:
+            t.join(120)
+        served.stop()
+    assert sorted(code for _, code, _ in answers) == [200] * 12, answers
