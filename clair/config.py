@@ -2,7 +2,7 @@
 
 Every field of `Config` is one setting. Its environment variable is `CLAIR_<FIELD>` (except where
 `env=` says otherwise, e.g. Ollama's own `OLLAMA_HOST`), and common ones also get a command-line
-flag. The README's configuration table and `systemd/clair.env.example` are generated from this table
+flag. The configuration table (docs/configuration.md) and `systemd/clair.env.example` are generated from this table
 (`python -m clair.config --markdown` / `--env`), so they cannot drift from the code.
 
 This module owns parsing and validation only; it must not import torch, gradio or the network.
@@ -264,6 +264,13 @@ class Config:
         "when there are no users. Past it, requests are refused with a retry time.", min=1, max=1000)
     max_queue: int = setting(
         16, "GPU jobs (chats and renders, waiting or running) the whole house may have at once; past it, refused.", min=1, max=24)
+    forwarded_users_from: str = setting(
+        "",
+        "API clients trusted to say which of their people a request is for, so each person gets their own "
+        "CLAIR_MAX_JOBS_PER_USER: key names (comma-separated), or without users client addresses (e.g. 127.0.0.1). "
+        "They name the person with Open WebUI's X-OpenWebUI-User-Id header (its ENABLE_FORWARD_USER_INFO_HEADERS"
+        "=true); from anyone else the header is ignored. Empty: nobody (each key or address counts as one person).",
+    )
     shared_gallery: bool = setting(
         False, "With user accounts, show everyone's images in every gallery (without users, all images are shown)."
     )
@@ -426,6 +433,31 @@ RETIRED = {
 }
 
 
+# CLAIR_ names that are not settings: the browser test's switch for rewriting the README's screenshots.
+NOT_SETTINGS = frozenset({"CLAIR_UPDATE_SCREENSHOTS"})
+
+
+def check_names(environ: Mapping[str, str]) -> None:
+    """Refuse a CLAIR_ variable that is no setting, with the nearest real name: a misspelled name would
+    otherwise be ignored silently and Clair would run with the default the person meant to change."""
+    import difflib
+
+    known = {env_name(f) for f in fields()}
+    for name in sorted(environ):
+        if not name.startswith("CLAIR_") or name in known or name in NOT_SETTINGS or name == "CLAIR_AUTH":
+            continue
+        if name[len("CLAIR_") :] in known:  # CLAIR_OLLAMA_HOST: a variable Clair reads under its own name
+            guess = name[len("CLAIR_") :]
+        else:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+            guess = close[0] if close else ""
+        hint = f" Did you mean {guess}?" if guess else ""
+        raise ConfigError(
+            f"{name} is not one of Clair's settings.{hint} `clair --help` (or `python app.py --help`) lists "
+            "them all; an unknown name is refused so that a typo cannot pass unnoticed."
+        )
+
+
 def _convert(f: dataclasses.Field, raw: str) -> Any:
     name = env_name(f)
     kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -455,7 +487,7 @@ def _convert(f: dataclasses.Field, raw: str) -> Any:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="app.py",
+        prog="clair" if os.path.basename(sys.argv[0]) == "clair" else "app.py",  # the installed command, or the checkout's
         description="Clair: chat and image generation sharing one GPU. Every option can also be set "
         "through its environment variable (shown in brackets). Accounts: `app.py adduser NAME` (asks for "
         "the password; one line on standard input for scripts), `app.py deluser NAME`, `app.py users`. API keys: "
@@ -487,6 +519,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = list(argv) if argv is not None else []
     if environ.get("CLAIR_AUTH") or any(a == "--auth" or a.startswith("--auth=") for a in argv):
         raise ConfigError(RETIRED["auth"])
+    check_names(environ)
     values: dict[str, Any] = {}
     for f in fields():
         raw = environ.get(env_name(f))

@@ -25,6 +25,9 @@ from typing import Any
 import anyio
 from starlette.responses import Response
 
+from clair.errors import GpuBusy
+from clair.forwarded import busy_note, counted_as
+
 log = logging.getLogger("clair.edge")
 
 OPENAI, OLLAMA, WEB = "openai", "ollama", "web"  # the error shapes
@@ -285,9 +288,21 @@ def closing_send(send: Send, stack: contextlib.ExitStack) -> Send:
     return wrapped
 
 
-def job_slot(studio, user: str | None, address: str):
+@contextlib.contextmanager
+def job_slot(studio, user: str | None, address: str, headers=None):
     """Count one GPU request against its user's cap for the block (`studio.jobs`, clair/limits.py: the
     caps the UI uses, CLAIR_MAX_JOBS_PER_USER and CLAIR_MAX_QUEUE). A key's requests count as its name's
-    (`user:NAME`, as a logged-in browser's), anonymous loopback ones by address. Raises GpuBusy past a cap.
+    (`user:NAME`, as a logged-in browser's), anonymous loopback ones by address; a client trusted to name its
+    people counts each apart (clair/forwarded.py, given the request's `headers`). Raises GpuBusy past a cap,
+    saying whose requests were counted.
     """
-    return studio.jobs.slot(f"user:{user}" if user else f"address:{address}")
+    who, counted = counted_as(studio.cfg, user, address, headers)
+    slot = studio.jobs.slot(who)
+    try:
+        slot.__enter__()
+    except GpuBusy as exc:
+        raise GpuBusy(busy_note(str(exc), counted)) from None
+    try:
+        yield
+    finally:
+        slot.__exit__(None, None, None)

@@ -46,12 +46,14 @@ from typing import Any
 
 import anyio
 import httpx
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from clair.base import go_duration_s
 from clair.edge import (
     OLLAMA,
+    OPENAI,
     BadJson,
     Exchange,
     Gone,
@@ -102,6 +104,11 @@ def text_chars(value: Any) -> int:
     if isinstance(value, dict):
         return sum(text_chars(v) for k, v in value.items() if k not in ("type", "image_url", "images"))
     return 0
+
+
+def openai_error(status: int, message: str, code: str) -> JSONResponse:
+    """An error on Ollama's /v1, shaped as OpenAI's (and Ollama's /v1) errors are."""
+    return JSONResponse(error_body(OPENAI, status, message, code), status_code=status)
 
 
 def over_limits(body: dict, cfg) -> str:
@@ -259,10 +266,42 @@ class Gateway:
 
         async def work(send: Send, gone: Gone) -> None:
             await self.relay(
-                send, gone, path, model, forward, label, gpu=not unload, what=what, user=user, address=address
+                send, gone, path, model, forward, label, gpu=not unload, what=what, user=user, address=address,
+                headers=request.headers,
             )
 
         return Exchange(work)
+
+    async def ollama_v1(self, request: Request) -> Response:
+        """A POST to Ollama's /v1, forwarded as sent (`tools`, `stream`, `stream_options` and all) once the GPU
+        is granted; Ollama's answer (its `usage` included) is relayed as it comes. Clair cannot pin num_ctx or
+        keep_alive here (Ollama's /v1 takes neither): Ollama's own OLLAMA_CONTEXT_LENGTH and OLLAMA_KEEP_ALIVE
+        apply (docs/gateway.md)."""
+        path = request.url.path
+        try:
+            body = await json_of(request)  # the guard's reading: within its cap, parsed off the event loop
+        except BadJson as exc:
+            return openai_error(400, f"The body is not valid JSON: {exc}", "invalid_json")
+        if not isinstance(body, dict):
+            return openai_error(400, "The body must be a JSON object.", "invalid_json")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            return openai_error(400, "`model` is required.", "invalid_model")
+        too_long = over_limits(body, self.cfg)
+        if too_long:
+            return openai_error(400, too_long[0].upper() + too_long[1:] + ".", "too_long")
+        client = self.client_name(request)
+        label = f"api:{model[:80]} ({client})"
+        user = request.scope.get("clair_api_user")
+        address = request.client.host if request.client else "?"
+
+        async def work(send: Send, gone: Gone) -> None:
+            await self.relay(
+                send, gone, path, model, body, label, gpu=True, what="v1" + path[3:], user=user, address=address,
+                headers=request.headers,
+            )
+
+        return Exchange(work, OPENAI)
 
     async def relay(
         self,
@@ -276,19 +315,21 @@ class Gateway:
         what: str,
         user: str | None,
         address: str,
+        headers: Headers | None = None,
     ) -> None:
         """Wait for the GPU (unless `gpu` is False), forward `body`, relay Ollama's answer as it comes.
 
         The job slot and the lease go back before the client sees the end of the answer, so a client
         that sends its next request at once is not refused for the one it has finished."""
         t0 = time.monotonic()
-        waited, status = 0.0, 0
+        waited, status, left = 0.0, 0, False
         stack = contextlib.ExitStack()  # the job slot, then the lease; closed once, in a worker thread
         send = closing_send(send, stack)
         try:
             try:
-                stack.enter_context(job_slot(self.studio, user, address))
+                stack.enter_context(job_slot(self.studio, user, address, headers))
             except GpuBusy as exc:  # a per-user cap, not the GPU's queue
+                status = 429
                 await send_json(send, 429, error_body(OLLAMA, 429, str(exc)), {"retry-after": "5"})
                 return
             held = self.studio.ollama_lease(model, label, gpu=gpu, cancelled=gone.is_set)
@@ -298,10 +339,13 @@ class Gateway:
                 log.info("gateway %s model=%r (%r) gave up waiting for the GPU", what, model[:80], label)
                 return
             except ClairError as exc:  # GpuBusy after CLAIR_QUEUE_TIMEOUT_S, an eviction that failed ...
+                status = 503
                 await send_json(send, 503, error_body(OLLAMA, 503, str(exc)))
                 return
             waited = time.monotonic() - t0
             status = await self._forward(send, gone, path, body)
+            # Read now: once the answer is complete the client closes, and `gone` is set for that too.
+            left = gone.is_set()
         finally:
             with anyio.CancelScope(shield=True):
                 await in_thread(stack.close)
@@ -313,7 +357,7 @@ class Gateway:
                 status or "-",
                 waited,
                 time.monotonic() - t0,
-                " (client gone)" if gone.is_set() else "",
+                " (client gone)" if left or (not status and gone.is_set()) else "",
             )
 
     async def _forward(self, send: Send, gone: Gone, path: str, body: dict) -> int:
@@ -344,8 +388,6 @@ class Gateway:
     def app(self):
         from fastapi import FastAPI
 
-        from clair.openai_api import router
-
         app = FastAPI(title="Clair (Ollama-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
         for path in PASS_GET:
             app.add_api_route(path, self.passthrough, methods=["GET", "HEAD"], include_in_schema=False)
@@ -355,7 +397,11 @@ class Gateway:
         for path in MANAGE:
             app.add_api_route(path, self.refuse_management, methods=["POST", "DELETE", "HEAD"], include_in_schema=False)
         app.add_api_route("/api/blobs/{digest}", self.refuse_management, methods=["POST", "HEAD"], include_in_schema=False)
-        app.include_router(router(self.studio))
+        # /v1 here is Ollama's own OpenAI-compatible API, as a client of Ollama's port expects (the same models
+        # as /api/tags): GETs pass through, POSTs (chat, completions, embeddings) wait for the GPU like /api/chat.
+        # Clair's own /v1 (its image model included) is on the web port.
+        app.add_api_route("/v1/{rest:path}", self.passthrough, methods=["GET", "HEAD"], include_in_schema=False)
+        app.add_api_route("/v1/{rest:path}", self.ollama_v1, methods=["POST"], include_in_schema=False)
         from clair.web import Guard
 
         app.add_middleware(Guard, web=self.web, port=OLLAMA, max_body=MAX_BODY)  # the web port's guard, this port's rules

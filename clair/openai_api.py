@@ -1,6 +1,7 @@
 """OpenAI-compatible endpoints under /v1, on Clair's web port (and on its Ollama port), through the arbiter.
 
-* `GET /v1/models`: the chat models (Ollama's, or the in-process one) and the image model.
+* `GET /v1/models`: the chat models (Ollama's, or the in-process one) and the image model, apart (its id is
+  `sdxl:<model>`, owned_by `clair-image`; a chat asking for it is refused with a message).
 * `POST /v1/chat/completions`: `Studio.chat` (so the Chat tab's protocol: a chat lease, held during a
   render, listed in the queue as `api:<model> (<client>)`). `stream: true` answers Server-Sent Events:
   `chat.completion.chunk` objects, then `data: [DONE]`; while the request waits for the GPU, SSE comment
@@ -80,6 +81,15 @@ def clair_error(exc: ClairError) -> tuple[int, dict]:
     return status, error_body(OPENAI, status, str(exc), code)
 
 
+# The image model's id in /v1/models lives in its own namespace, so it never equals a chat model's id (in demo
+# mode both models are "tiny") and a client's model picker can tell the two kinds apart.
+IMAGE_ID_PREFIX = "sdxl:"
+
+
+def image_model_id(studio) -> str:
+    return IMAGE_ID_PREFIX + studio.image.model_id
+
+
 def client_name(request: Request) -> str:
     user = request.scope.get("clair_api_user")
     addr = request.client.host if request.client else "?"
@@ -103,10 +113,10 @@ def router(studio) -> APIRouter:
     issued: OrderedDict[str, str | None] = OrderedDict()
     issued_lock = threading.Lock()
 
-    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str) -> bool:
+    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str, headers=None) -> bool:
         """Count the request against its user's cap (clair.edge.job_slot); False (429 sent) past it."""
         try:
-            stack.enter_context(job_slot(studio, user, address))
+            stack.enter_context(job_slot(studio, user, address, headers))
         except GpuBusy as exc:
             await send_json(send, 429, error_body(OPENAI, 429, str(exc), "too_many_jobs"), {"retry-after": "5"})
             return False
@@ -116,11 +126,13 @@ def router(studio) -> APIRouter:
     def models() -> Response:
         created = int(time.time())
         backend, _ = studio.chat_backend()
+        image_id = image_model_id(studio)
         data = [
             {"id": m, "object": "model", "created": created, "owned_by": backend.name}
             for m in studio.chat_models()
+            if m != image_id
         ]
-        data.append({"id": studio.image.label, "object": "model", "created": created, "owned_by": "clair-image"})
+        data.append({"id": image_id, "object": "model", "created": created, "owned_by": "clair-image"})
         return JSONResponse({"object": "list", "data": data})
 
     # -- chat ---------------------------------------------------------------------------------------
@@ -138,6 +150,13 @@ def router(studio) -> APIRouter:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             return error(400, "`model` must be a string.", "invalid_model")
+        if model == image_model_id(studio):
+            return error(
+                400,
+                f"{model} is Clair's image model: it makes pictures (POST /v1/images/generations) and does not chat. "
+                "Pick a chat model from GET /v1/models (those not owned by clair-image).",
+                "model_not_for_chat",
+            )
         # OpenAI's newer name for the system role; tool calls are not supported (Clair passes no tools).
         messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
         if any(m.get("role") not in ("system", "user", "assistant") for m in messages):
@@ -173,7 +192,7 @@ def router(studio) -> APIRouter:
         async def work(send: Send, gone: Gone) -> None:
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                if not await take_slot(stack, send, user, address):
+                if not await take_slot(stack, send, user, address, request.headers):
                     return
                 await _chat(send, gone, text[0]["content"], history, model, name, cid, created, stream, client)
 
@@ -294,7 +313,7 @@ def router(studio) -> APIRouter:
             t0 = time.monotonic()
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                if not await take_slot(stack, send, user, address):
+                if not await take_slot(stack, send, user, address, request.headers):
                     return
                 for i in range(n):
                     p = params if params.seed < 0 else RenderParams(**{**params.__dict__, "seed": params.seed + i})

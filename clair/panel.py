@@ -231,7 +231,7 @@ def _vram_caption(d: dict) -> str:
             f"Clair's budget {_gb(v['budget'])}, ledger {_gb(v['ledger'])}"
         )
     if v["budget"]:
-        return f"Budget {_gb(v['budget'])}: ledger {_gb(v['ledger'])}, free {_gb(v['free'])} (no CUDA: declared sizes)"
+        return f"Budget {_gb(v['budget'])}: ledger {_gb(v['ledger'])}, free {_gb(v['free'])} (no GPU here: expected sizes, not measured)"
     return f"Ledger {_gb(v['ledger'])}; no known budget: one model on the GPU at a time"
 
 
@@ -248,7 +248,7 @@ def compact_html(d: dict) -> str:
         )
         gpu_text += f" · {len(d['queue'])} waiting: {kinds}"
     loaded = ", ".join(f"{escape(s['name'])} ≈{_gb(s['bytes'])}" for s in d["vram"]["segments"]) or "nothing"
-    where = "" if d["cuda"] else " (no CUDA: declared sizes)"
+    where = "" if d["cuda"] else " (no GPU here: expected sizes, not measured)"
     budget = d["vram"]["budget"]
     vram = f"VRAM budget {_gb(budget)}" if budget else "VRAM budget unknown: one model at a time"
     return (
@@ -270,13 +270,16 @@ def _timeline(d: dict, width: int = 600, height: int = 46) -> str:
             f'<rect x="{x0:.1f}" y="{rows.get(h["kind"], 26)}" width="{w:.1f}" height="14" rx="2" '
             f'fill="{COLORS.get(h["kind"], "#888")}"><title>{title}</title></rect>'
         )
+    # The row labels sit beside the drawing, not in it: the SVG stretches to the page's width
+    # (preserveAspectRatio="none"), which squashed text drawn inside it, and bars from the window's start hid it.
     return (
+        '<div class="clair-timeline-row" style="display:flex;gap:.4em;align-items:stretch">'
+        f'<div class="clair-timeline-labels" style="flex:0 0 3.6em;height:{height}px;display:flex;flex-direction:column;'
+        'justify-content:space-around;font-size:11px;opacity:.7"><span>render</span><span>chat</span></div>'
         f'<svg class="clair-timeline" viewBox="0 0 {width} {height}" width="100%" height="{height}" '
-        f'preserveAspectRatio="none" role="img" aria-label="GPU holders over the last {win:.0f} s">'
-        f'<text x="2" y="17" font-size="10" fill="currentColor" opacity=".6">render</text>'
-        f'<text x="2" y="37" font-size="10" fill="currentColor" opacity=".6">chat</text>'
-        f'{"".join(rects)}</svg>'
-        f'<div style="display:flex;justify-content:space-between;font-size:11px;opacity:.6">'
+        f'preserveAspectRatio="none" role="img" aria-label="GPU holders over the last {win:.0f} s" style="flex:1 1 auto;min-width:0">'
+        f'{"".join(rects)}</svg></div>'
+        f'<div style="display:flex;justify-content:space-between;font-size:11px;opacity:.6;margin-left:4em">'
         f"<span>{_ago(d['at'] - win, d['at'])}</span><span>now</span></div>"
     )
 
