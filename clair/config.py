@@ -145,7 +145,8 @@ class Config:
     )
     warmup: bool = setting(True, "Reload the chat model in the background after a render evicted it.")
     warmup_delay_s: float = setting(
-        2.0, "Seconds to wait after a render before that reload, so renders in quick succession skip it.",
+        0.0, "Seconds to wait before that reload (it starts when the render's denoising ends); a render queued "
+        "by then skips it.",
         min=0, max=3600,
     )
 
