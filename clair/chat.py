@@ -332,6 +332,8 @@ class OllamaChat(ChatBackend):
         """
         if not self.on_this_gpu or not self.cfg.warmup or self._arbiter is None:
             return
+        if self._arbiter.resident_bytes(self.tenant):
+            return  # back already (the warm-up started at the render's tail, or a chat loaded it)
         with self._lock:
             if self._warming:
                 return
