@@ -48,15 +48,15 @@ after every step of random runs):
 9. A running render pauses only at a denoising step boundary, and only when `should_yield()` finds
    that pausing lets a waiting chat start (a chat that fits beside the render runs beside it instead).
    One pause serves every chat that waits when it begins and every chat that arrives while it lasts,
-   within its bounds (`joins_pause`: the first `pause_join_s`, default `render_slice_s`, and at most
-   `max_pause_chats`): those are queued ahead of the paused render, so it resumes only when none of
+   within its bounds (`joins_pause`: the first `pause_join_s` (10 s) of the pause, at most
+   `max_pause_chats` (8), and only while the pause's chats still run, so no swap is needed): those are queued ahead of the paused render, so it resumes only when none of
    them waits. A chat that arrives later queues behind it, and once it runs, pauses it again at the next
    step: `render_slice_s` counts from the start of the last pause, so it bounds how often a render
    pauses, not how long a chat waits (a pause with a swap lasts longer than the slice). A render in its
    tail (its decode, see `Arbiter.shrink`) never pauses. A paused render holds no lease: its tenant
    counts at its idle size and is evicted like any idle tenant if a chat needs the room.
    Chats cannot starve a render: it pauses at most `max_preemptions` times, not again once it has been
-   paused `max_paused_s` in all, and each pause lasts at most `pause_join_s` plus the longest of at most
+   paused `max_paused_s` (60 s) in all, and each pause lasts at most `pause_join_s` plus the longest of at most
    `max_pause_chats` + (the chats waiting when it began) chats. So a render's pauses add at most
    min(`max_preemptions` x that, `max_paused_s` + one pause) to its time.
 10. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
@@ -520,7 +520,7 @@ class Arbiter:
         preempt: Preempt = "auto",
         render_slice_s: float = 3.0,
         max_preemptions: int = 3,
-        pause_join_s: float | None = None,
+        pause_join_s: float = 10.0,
         max_pause_chats: int = 8,
         max_paused_s: float = 60.0,
     ):
@@ -529,7 +529,7 @@ class Arbiter:
         self.render_slice_s = render_slice_s
         self.max_preemptions = max_preemptions
         # The bounds of one pause and of all of a render's pauses (see joins_pause, should_yield).
-        self.pause_join_s = render_slice_s if pause_join_s is None else pause_join_s
+        self.pause_join_s = pause_join_s
         self.max_pause_chats = max_pause_chats
         self.max_paused_s = max_paused_s
         self.budget = int(budget_bytes)

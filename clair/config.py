@@ -210,10 +210,11 @@ class Config:
         choices=("next", "fifo"),
     )
     preempt: str = setting(
-        "auto",
+        "always",
         "Pause a render at its next step for a chat that cannot run beside it, so the chat never waits for a "
         "whole render; the image comes out exactly the same. auto: only when the chat does not fit beside the "
-        "render. always: every chat gets the GPU alone. off: chats wait for the render to finish.",
+        "render. always (the default, chosen from docs/performance.md's measurements): every chat gets the GPU "
+        "alone. off: chats wait for the render to finish.",
         choices=("auto", "off", "always"),
     )
     render_slice_s: float = setting(
