@@ -9,7 +9,9 @@ traffic-cop protocol lives here in one place:
 2. Purge: the lease's plan evicts what must go (Ollama: unload what it was seen holding plus the configured
    model, then poll /api/ps until a successful reading is empty, then free VRAM on CUDA; or refuse).
 3. Render on the cleared GPU.
-4. Recovery: release; held chats go on; the chat model is warmed again in the background.
+4. Recovery: at the render's tail (its denoising done) the UNet and text encoders leave the GPU, the lease
+   shrinks to the VAE decode's peak, and the chat model is warmed again in the background (beside the decode
+   when both fit); then release, and held chats go on.
 """
 
 from __future__ import annotations
