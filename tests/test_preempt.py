@@ -118,7 +118,7 @@ def test_the_pause_evicts_the_renders_weights_only_when_the_chat_needs_the_room(
 
 
 def test_pause_hands_the_gpu_to_the_waiting_chat_and_keeps_the_renders_place():
-    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.0)
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.0, pause_join_s=0.0)
     r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB), label="render").wait(1)
     c = a.request("chat", "ollama", int(5.7 * GiB), label="chat")
     assert not c.poll(0)
@@ -142,7 +142,7 @@ def test_pause_hands_the_gpu_to_the_waiting_chat_and_keeps_the_renders_place():
 
 
 def test_chats_arriving_just_after_a_pause_join_the_chats_then_later_ones_queue_behind_the_render():
-    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.3)
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.3, pause_join_s=0.3)
     r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB)).wait(1)
     c = a.request("chat", "ollama", int(5.7 * GiB))
     cont = a.pause(r)
@@ -520,7 +520,7 @@ def test_the_tail_takes_the_denoisers_off_before_the_decode_starts_the_reload_be
         seen["unet_off"] = unet.data_ptr() == host[id(unet)].data_ptr()
         seen["vae_on"] = vae.data_ptr() != host[id(vae)].data_ptr()
         # The reload is granted while the decode runs (it would wait for the release if the render kept its size).
-        wait_until(lambda: any(h["kind"] == "chat" for h in studio.arbiter.status()["holders"]), 10)
+        wait_until(lambda: any(h["kind"] == "chat" for h in studio.arbiter.status()["holders"]), 30)
         seen["ledger"] = studio.arbiter.resident_bytes("image")
 
     hook = pipe.vae.decoder.register_forward_pre_hook(at_decode)
@@ -533,7 +533,7 @@ def test_the_tail_takes_the_denoisers_off_before_the_decode_starts_the_reload_be
     assert seen["ledger"] == studio.image.decode_footprint(64, 64) < int(16.4 * GiB)
     assert np.array_equal(pixels(alone), pixels(tailed))
     try:
-        wait_until(lambda: studio.ollama.warmups == 1 and studio.arbiter.is_idle(), 10)
+        wait_until(lambda: studio.ollama.warmups == 1 and studio.arbiter.is_idle(), 30)
     except TimeoutError:
         raise AssertionError((studio.ollama.warmups, studio.arbiter.status())) from None
     assert MODEL in standin.loaded()
