@@ -208,9 +208,9 @@ class ImageEngine(Engine):
     def decode_footprint(self, width: int, height: int) -> int:
         """Bytes a render's tail needs: the VAE decode at width x height once the UNet and text encoders left.
 
-        The render's peak less the weights that left. The peak at 1024² and above is the decode's (the
-        H200 measurement in docs/performance.md, "The render's tail": tiling the decode brings a 1536²
-        render's peak down to the 1024² one), so this is the decode's peak or, at smaller sizes, above it.
+        The render's peak less the weights that left. The peak at 1024² and above is the decode's (the H200
+        measurement, read in docs/performance.md, "The decode's peak per resolution and VAE": tiling the decode
+        brings a 1536² render's peak down to the 1024² one), so this is the decode's peak or above it.
         """
         need, weights = self.footprint(width, height)
         vae = SDXL_VAE_WEIGHTS

@@ -144,7 +144,7 @@ class Studio:
 
     # -- events (for clair.metrics and the panel) ---------------------------------------------------
     def on_event(self, fn: Callable[[str, dict], None]) -> None:
-        """Subscribe to "chat", "render", "load", "restore", "recovery" and "error" events."""
+        """Subscribe to "chat", "render", "load", "restore", "tail", "recovery" and "error" events."""
         self._listeners.append(fn)
 
     def _note(self, event: str, keep: bool = False, **data) -> None:
