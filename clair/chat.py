@@ -151,6 +151,7 @@ class OllamaChat(ChatBackend):
         self._arbiter: Arbiter | None = None
         self.last_evicted: list[str] = []
         self.warmups = 0
+        self._warming = False  # a warm-up after a render is pending or running (one at a time)
 
     def attach(self, arbiter: Arbiter) -> None:
         self._arbiter = arbiter
@@ -318,18 +319,44 @@ class OllamaChat(ChatBackend):
         if lease.req.tenant == self.tenant:
             if self._arbiter is not None:
                 self.sync(self._arbiter)  # what the chat really loaded, and at what size
-        elif self.tenant in lease.evicted and self.cfg.warmup and lease.kind == "render":
-            # Recovery: bring the chat model back in the background so the next message doesn't pay the load.
-            threading.Thread(target=self._warm_after_render, name="clair-warmup", daemon=True).start()
+        elif self.tenant in lease.evicted and lease.kind == "render":
+            # Recovery: bring the chat model back in the background so the next message doesn't pay the load
+            # (usually started already at the render's tail, see Studio.render: then this does nothing).
+            self.warm_after_render()
+
+    def warm_after_render(self) -> None:
+        """Reload the chat model a render evicted, in the background (CLAIR_WARMUP), once per render.
+
+        Studio calls it when the render's denoising loop is done (its tail): the warm-up's lease is then
+        granted beside the VAE decode when the chat model fits beside it, else right after the decode.
+        """
+        if not self.on_this_gpu or not self.cfg.warmup or self._arbiter is None:
+            return
+        if self._arbiter.resident_bytes(self.tenant):
+            return  # back already (the warm-up started at the render's tail, or a chat loaded it)
+        with self._lock:
+            if self._warming:
+                return
+            self._warming = True
+        threading.Thread(target=self._warm_after_render, name="clair-warmup", daemon=True).start()
 
     def _warm_after_render(self) -> None:
+        try:
+            self._warm_now()
+        finally:
+            with self._lock:
+                self._warming = False
+
+    def _warm_now(self) -> None:
         arbiter = self._arbiter
         assert arbiter is not None
-        # A short grace period first: someone iterating on prompts renders again within seconds, and
-        # reloading the LLM in between would only be evicted again (measured in bench/run.py).
-        time.sleep(self.cfg.warmup_delay_s)
-        if arbiter.count("render"):
-            return  # another render is queued or running: it would evict the model again at once
+        # An optional grace period (CLAIR_WARMUP_DELAY_S, 0 by default): it used to be 2 s from the end of the
+        # render, so that a render right after did not evict a fresh reload; the reload now starts at the
+        # tail and a queued render skips it (below), which docs/performance.md measured as the better trade.
+        if self.cfg.warmup_delay_s > 0:
+            time.sleep(self.cfg.warmup_delay_s)
+        if any(w["kind"] == "render" for w in arbiter.status()["waiting"]):
+            return  # another render waits: it would evict the model again at once
         for model in self.last_evicted or [self.cfg.chat_model]:
             need, idle = self.footprint(model)
             lease = arbiter.request("chat", self.tenant, need, idle, label=f"warm-up:{model}")

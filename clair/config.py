@@ -151,7 +151,8 @@ class Config:
     )
     warmup: bool = setting(True, "Reload the chat model in the background after a render evicted it.")
     warmup_delay_s: float = setting(
-        2.0, "Seconds to wait after a render before that reload, so renders in quick succession skip it.",
+        0.0, "Seconds to wait before that reload (it starts when the render's denoising ends); a render queued "
+        "by then skips it.",
         min=0, max=3600,
     )
 
@@ -215,10 +216,11 @@ class Config:
         choices=("next", "fifo"),
     )
     preempt: str = setting(
-        "auto",
+        "always",
         "Pause a render at its next step for a chat that cannot run beside it, so the chat never waits for a "
         "whole render; the image comes out exactly the same. auto: only when the chat does not fit beside the "
-        "render. always: every chat gets the GPU alone. off: chats wait for the render to finish.",
+        "render. always (the default, chosen from docs/performance.md's measurements): every chat gets the GPU "
+        "alone. off: chats wait for the render to finish.",
         choices=("auto", "off", "always"),
     )
     render_slice_s: float = setting(

@@ -49,6 +49,9 @@ GiB = 1024**3
 # decodes in fp16: 11.35 GiB reserved (8.99 allocated). Each prior lies at or above every measured size, and
 # the fp16-safe one below the stock one at every size.
 SDXL_WEIGHTS = int(6.46 * GiB)
+# The SDXL VAE's own weights in fp16: 0.17 GB of SDXL's 6.94 GB (docs/facts.md, "Swapping weights"). What stays
+# on the GPU for a render's tail, the decode, once the UNet and text encoders have left.
+SDXL_VAE_WEIGHTS = int(0.17e9)
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
 
@@ -166,6 +169,8 @@ class ImageEngine(Engine):
         self._lock = threading.Lock()  # guards loading; a pipeline also never runs two calls at once
         self._pipe = None
         self._swap: gpu.WeightSwap | None = None
+        self._vae_swap: tuple[object, gpu.WeightSwap] | None = None  # (pipeline, the VAE alone), for the tail
+        self._vae_on = False  # the tail put the VAE alone on the GPU (it leaves again after the decode)
         # A failed load is remembered: requests get its reason at once until a re-check (see clair/loadgate.py).
         self.gate = LoadGate(
             lambda: source_fingerprint(self.model_id, "model_index.json") + self._vae_fingerprint()
@@ -200,6 +205,19 @@ class ImageEngine(Engine):
         if self._per_mpx is not None:
             return int(weights + self._per_mpx * mpx * 1.1), weights  # measured, with 10% margin
         return PRIORS[self.vae_kind].need(weights, mpx), weights  # per VAE kind; see the table above
+
+    def decode_footprint(self, width: int, height: int) -> int:
+        """Bytes a render's tail needs: the VAE decode at width x height once the UNet and text encoders left.
+
+        The render's peak less the weights that left. The peak at 1024² and above is the decode's (the H200
+        measurement, read in docs/performance.md, "The decode's peak per resolution and VAE": tiling the decode
+        brings a 1536² render's peak down to the 1024² one), so this is the decode's peak or above it.
+        """
+        need, weights = self.footprint(width, height)
+        vae = SDXL_VAE_WEIGHTS
+        if self._pipe is not None and gpu.cuda() and getattr(self._pipe, "vae", None) is not None:
+            vae = gpu.module_bytes([self._pipe.vae])
+        return max(vae, need - max(0, weights - vae))
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self):
@@ -397,12 +415,38 @@ class ImageEngine(Engine):
     # -- swaps (called by the arbiter) ---------------------------------------------------------------
     def restore(self) -> float:
         """Weights back on the GPU (a render resuming after a pause). Seconds taken; 0 if they never left."""
+        self._end_tail()
         return self._swap.restore() if self._swap is not None else 0.0
 
     def evict(self) -> None:
+        self._end_tail()
         if self._swap is not None:
             dt = self._swap.evict()
             log.debug("image pipeline evicted s=%.3f", dt)
+
+    def _drop_denoisers(self, pipe) -> float:
+        """A render's tail: the UNet and text encoders leave the GPU before the VAE decode. Seconds taken.
+
+        Every weight leaves by the pinned swap (a pointer swap), then the VAE alone (0.17 GB) comes back from
+        a host copy of its own; `_end_tail` takes it off again after the decode. Only a real `WeightSwap`
+        moves anything: without a device the weights were never on one.
+        """
+        t0 = time.monotonic()
+        swap = self._swap
+        if not isinstance(swap, gpu.WeightSwap) or not swap.active or getattr(pipe, "vae", None) is None:
+            return 0.0
+        if self._vae_swap is None or self._vae_swap[0] is not pipe:
+            self._vae_swap = (pipe, gpu.WeightSwap([pipe.vae], self.cfg.pinned_offload, device=swap.device))
+        swap.evict()
+        self._vae_on = True  # before the copy: a restore that fails half-way is rolled back by _end_tail
+        self._vae_swap[1].restore()
+        return time.monotonic() - t0
+
+    def _end_tail(self) -> None:
+        """The VAE that a render's tail put on the GPU alone leaves it (after the decode, or an error)."""
+        if self._vae_on and self._vae_swap is not None:
+            self._vae_on = False
+            self._vae_swap[1].evict()
 
     # -- rendering -----------------------------------------------------------------------------------
     def render(
@@ -412,6 +456,7 @@ class ImageEngine(Engine):
         cancelled: Callable[[], bool] = lambda: False,
         checkpoint: Callable[[int, int], None] = lambda step, total: None,
         on_oom: Callable[[], None] | None = None,
+        tail: Callable[[Callable[[], float]], None] | None = None,
     ) -> tuple[Image.Image, dict]:
         """Render on the GPU the caller's lease holds. Returns the image and timings/memory facts.
 
@@ -423,6 +468,9 @@ class ImageEngine(Engine):
         Out of memory, it heals itself (facts["fallback"] says how): it lets go of everything the failed
         attempt held, asks `on_oom()` to evict every other tenant from the GPU, and tries again with VAE
         tiling, then with model CPU offload. Only when all three fail does it raise, with what to do.
+
+        `tail(drop)` runs once the denoising loop is done, before the VAE decode: calling `drop()` takes the
+        UNet and text encoders off the GPU (`_drop_denoisers`), so the caller can give their room away.
         """
         import torch
 
@@ -433,7 +481,7 @@ class ImageEngine(Engine):
             for attempt, fallback in enumerate((None, *FALLBACKS)):
                 out_of_memory = False
                 try:
-                    image, facts = self._render_once(pipe, params, on_step, cancelled, checkpoint, fallback)
+                    image, facts = self._render_once(pipe, params, on_step, cancelled, checkpoint, fallback, tail)
                 except torch.OutOfMemoryError as exc:
                     # Only a flag here: raising (or retrying) inside `except` keeps the traceback, and with it
                     # every frame's activations, alive until the block ends.
@@ -465,7 +513,7 @@ class ImageEngine(Engine):
                 log.info("render recovered from out of memory fallback=%s", fallback)
             return image, facts
 
-    def _render_once(self, pipe, params: RenderParams, on_step, cancelled, checkpoint, fallback: str | None):
+    def _render_once(self, pipe, params: RenderParams, on_step, cancelled, checkpoint, fallback: str | None, tail=None):
         import torch
 
         assert self._swap is not None
@@ -479,6 +527,8 @@ class ImageEngine(Engine):
                 checkpoint(step + 1, params.steps)
                 if cancelled():
                     raise Cancelled("Render cancelled.")
+            if step + 1 == params.steps and fallback is None and tail is not None:
+                tail(lambda: self._drop_denoisers(pipe))  # the loop is done: only the decode follows
             return {}
 
         restore_s = 0.0
@@ -520,6 +570,7 @@ class ImageEngine(Engine):
                 vae.disable_tiling()  # the next render tries at full quality and speed again
             if fallback == "cpu-offload":
                 self._end_offload(pipe)
+            self._end_tail()  # after the cast back: the VAE's host copy is in its resting dtype
             # Give the activations' cache back: the ledger counts an idle pipeline as its weights only,
             # and a chat planned beside it must find that memory free.
             gpu.empty_cache()

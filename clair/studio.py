@@ -9,7 +9,9 @@ traffic-cop protocol lives here in one place:
 2. Purge: the lease's plan evicts what must go (Ollama: unload what it was seen holding plus the configured
    model, then poll /api/ps until a successful reading is empty, then free VRAM on CUDA; or refuse).
 3. Render on the cleared GPU.
-4. Recovery: release; held chats go on; the chat model is warmed again in the background.
+4. Recovery: at the render's tail (its denoising done) the UNet and text encoders leave the GPU, the lease
+   shrinks to the VAE decode's peak, and the chat model is warmed again in the background (beside the decode
+   when both fit); then release, and held chats go on.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class Studio:
 
     # -- events (for clair.metrics and the panel) ---------------------------------------------------
     def on_event(self, fn: Callable[[str, dict], None]) -> None:
-        """Subscribe to "chat", "render", "load", "restore", "recovery" and "error" events."""
+        """Subscribe to "chat", "render", "load", "restore", "tail", "recovery" and "error" events."""
         self._listeners.append(fn)
 
     def _note(self, event: str, keep: bool = False, **data) -> None:
@@ -383,6 +385,7 @@ class Studio:
         evicted: list[str] = []
         evict_s = 0.0
         paused_s = 0.0
+        tail_at: float | None = None  # when the denoisers left and the render shrank to its decode (see tail)
 
         def checkpoint(step: int, total: int) -> None:
             """Between two denoising steps: pause for a waiting chat when the arbiter says so."""
@@ -427,8 +430,25 @@ class Studio:
                 # The lease's record of what left for it: the engines' recovery hooks read it at release.
                 lease.evicted = (*lease.evicted, *(n for n in gone if n not in lease.evicted))
 
+            def tail(drop: Callable[[], float]) -> None:
+                """The denoising loop is done; only the VAE decode remains (see Arbiter.shrink)."""
+                nonlocal tail_at
+                evicted_chat = self.ollama.tenant in first.evicted or self.ollama.tenant in lease.evicted
+                warm = evicted_chat and self.cfg.warmup and self.ollama.on_this_gpu
+                if not warm and not self.arbiter.count("chat"):
+                    return  # nobody needs the room: the weights stay for the next render (CLAIR_IMAGE_KEEP_ALIVE)
+                t0 = time.monotonic()
+                drop()
+                need = self.image.decode_footprint(params.width, params.height)
+                self.arbiter.shrink(lease, need, idle=0)
+                tail_at = time.time()
+                self._note("tail", tenant=self.image.tenant, s=time.monotonic() - t0, need=need)
+                if warm:
+                    # The chat model comes back now: beside the decode when both fit, else right after it.
+                    self.ollama.warm_after_render()
+
             image, facts = self.image.render(
-                params, on_step=on_step, cancelled=cancel.is_set, checkpoint=checkpoint, on_oom=on_oom
+                params, on_step=on_step, cancelled=cancel.is_set, checkpoint=checkpoint, on_oom=on_oom, tail=tail
             )
         finally:
             self._release(lease)
@@ -459,6 +479,9 @@ class Studio:
             "peak_reserved_gb": round(facts["peak_reserved_gb"], 3),
             "preemptions": lease.pauses,
             "paused_s": round(paused_s, 4),
+            # time.time() when the denoising loop ended and the render shrank to its decode (None: it kept its
+            # weights, nobody needed the room). A chat may start beside the decode from then on.
+            "tail_at": tail_at,
             # None, or how the render healed after running out of memory: "vae-tiling" or "cpu-offload".
             "fallback": facts.get("fallback"),
         }

@@ -49,8 +49,9 @@ def test_soak(tmp_path):
         token_delay=0.002,
         num_parallel=4,
         vram_total_bytes=24 * GiB,
-        # The render's share of the card from its grant to its release (set once the Studio exists).
-        vram_used_elsewhere=lambda: RENDER_GB * GiB if render_holds() else 0,
+        # The render's share of the card from its grant to its release (set once the Studio exists): the ledger's
+        # figure, its whole footprint while it denoises, the decode's once its tail has shrunk it.
+        vram_used_elsewhere=lambda: studio.arbiter.resident_bytes("image") if render_holds() else 0,
     ).start()
     standin.ps_fail_every = 3  # one /api/ps in three fails with HTTP 500
     cfg = dataclasses.replace(
