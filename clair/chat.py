@@ -504,6 +504,28 @@ def token_streamer(tok: Any, **kwargs: Any):
     return TokenStreamer(tok, **kwargs)
 
 
+def load_dtype(source: str, on_gpu: bool, bf16_ok: bool | None = None):
+    """The dtype to load an in-process chat model in: on the CPU fp32; on a GPU the half precision it was
+    trained in, read from its config (`dtype`, formerly `torch_dtype`): bf16 for a bf16 model (its
+    activations overflow fp16's range), else fp16."""
+    import torch
+
+    if not on_gpu:
+        return torch.float32
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        trained = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    except Exception:  # the load itself reports an unreadable config, with what to do
+        trained = None
+    if bf16_ok is None:
+        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if str(trained).replace("torch.", "") == "bfloat16" and bf16_ok:
+        return torch.bfloat16
+    return torch.float16
+
+
 class LocalChat(ChatBackend):
     """A causal LM from the Hugging Face hub, a local folder, or `tiny` (random weights), in-process."""
 
@@ -567,7 +589,6 @@ class LocalChat(ChatBackend):
     def _load_locked(self):
         if self._model is not None:
             return
-        import torch
 
         from clair import gpu
 
@@ -587,7 +608,7 @@ class LocalChat(ChatBackend):
                     source = str(local)
                 elif source.startswith(("/", "./", "../", "~")):
                     raise FileNotFoundError(f"the folder {local} does not exist")
-                dtype = torch.float16 if gpu.cuda() else torch.float32
+                dtype = load_dtype(source, gpu.cuda())
                 tok = AutoTokenizer.from_pretrained(source)
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as exc:
@@ -640,6 +661,7 @@ class LocalChat(ChatBackend):
         self._load_locked()
         assert self._swap is not None
         self._swap.restore()
+        gpu.note_activity()  # a render's peak measured meanwhile is not the render's alone
         model_, tok = self._model, self._tok
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         ids = {k: v.to(model_.device) for k, v in ids.items()}
@@ -684,6 +706,7 @@ class LocalChat(ChatBackend):
             stop.set()
             self._join(worker)
             gpu.empty_cache()
+            gpu.note_activity()
         if failure:
             raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
 

@@ -40,11 +40,10 @@ def panel_data(studio, now: float | None = None) -> dict:
     ]
     ledger = sum(s["bytes"] for s in segments)
     device = None
-    if st.get("cuda"):
-        total, free = gpu.total_bytes(), gpu.free_bytes()
-        if total is not None and free is not None:
-            ours = gpu.reserved_now() + sum(s["bytes"] for s in segments if s["tenant"] == "ollama")
-            device = {"total": total, "free": free, "others": max(0, total - free - ours)}
+    now = gpu.reading() if st.get("cuda") else None  # CUDA or the simulated card; one consistent reading
+    if now is not None:
+        ours = now.reserved + sum(s["bytes"] for s in segments if s["tenant"] == "ollama")
+        device = {"total": now.total, "free": now.free, "others": max(0, now.total - now.free - ours)}
     scale = (device or {}).get("total") or budget or ledger or 1
     others = device["others"] if device else 0
     free = device["free"] if device else (max(0, budget - ledger) if budget else None)
