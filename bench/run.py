@@ -6,6 +6,8 @@ It drives the real `Studio` (arbiter, Ollama client code, image engine) with the
 the Ollama stand-in from tests/ set to realistic delays: loading an 8B model takes 2 s (1-10 s is
 typical from page cache), its unload finishes 1 s after Ollama answers (0.5-1.5 s), and it streams at
 25 tokens/s (docs/facts.md, "Ollama"). Renders are paced to a consumer GPU's SDXL speed.
+Every scenario runs on a simulated 20 GB card (clair/simcard.py, a file of its own): the stand-in's runners
+and Clair's models take memory on it, and the device OOMs it counted are printed beside the ledger's figures.
 
 What is simulated, and why:
 * The ledger is told each render's *declared* size (768x768, or 1024x1024 where nothing fits beside
@@ -47,6 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from clair import simcard  # noqa: E402
 from clair.arbiter import Arbiter, GiB  # noqa: E402
 from clair.config import Config  # noqa: E402
 from clair.image import RenderParams  # noqa: E402
@@ -137,7 +140,12 @@ PREEMPT = {"mixed_nofit": "off", "nofit_preempt": "auto", "seed_card_always": "a
 def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: Path) -> dict:
     seed_card = scenario in SEED_CARD_SCENARIOS
     disk_gb = SEED_CARD_MODEL["disk_gb"] if seed_card else 4.9
-    standin = OllamaStandin({MODEL: disk_gb}, load_delay=2.0, unload_delay=1.0, token_delay=TOKEN_S)
+    # Every scenario runs on a simulated 20 GB card of its own (clair/simcard.py): the stand-in's runners and
+    # Clair's models take and give back memory on it, and it counts every out-of-memory refusal itself.
+    card = out_dir / f"{policy}-{scenario}-card.json"
+    standin = OllamaStandin(
+        {MODEL: disk_gb}, load_delay=2.0, unload_delay=1.0, token_delay=TOKEN_S, sim_card=str(card)
+    )
     standin.reply_fn = lambda body: ["tok"] + [" tok"] * (REPLY_TOKENS - 1)
     standin.start()
     cfg = dataclasses.replace(
@@ -147,7 +155,9 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         image_model="tiny",
         output_dir=str(out_dir / f"{policy}-{scenario}"),
         gpu_policy=policy,
-        vram_budget_gb=20.0,
+        sim_gpu_gb=20.0,
+        sim_gpu_file=str(card),
+        vram_budget_gb=0.0,  # derived from the card, as on a real one: 20 GiB less the 1.5 GiB reserve
         warmup=True,
         preempt=PREEMPT.get(scenario, "auto"),
         # The tiny pipeline keeps its own VAE; the footprint it declares follows CLAIR_VAE.
@@ -159,7 +169,8 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
     declared = 1024 if scenario in ("mixed_nofit", "nofit_preempt") or seed_card else 768
     real_footprint = studio.image.footprint
     studio.image.footprint = lambda w, h: real_footprint(declared, declared)  # see the module docstring
-    studio.image.load()
+    studio.image.load().sim_render_size = (declared, declared)  # the card sees the declared size's memory
+    # (With the simulated card the stand-in sizes its loads to the card's free memory; these two are unused.)
     # Ollama sees a card of the budget's size, and while a render runs, the render's share of it is taken:
     # a chat model loaded beside a render that left it too little is partly offloaded to the CPU, which
     # the engine reports (partial_offload) and this benchmark counts as a budget breach.
@@ -246,6 +257,7 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
     # What Ollama reported for the chat model at its num_ctx (the engine keeps it from /api/ps readings).
     ollama_gb = (studio.ollama.measured(MODEL) or 0) / GiB
     standin.stop()
+    device_oom = simcard.read(str(card))["oom"]  # refusals the card itself counted, not Clair's ledger
     return {
         "chat_ttft_p50_s": _r(percentile(ttft, 50)),
         "chat_ttft_p95_s": _r(percentile(ttft, 95)),
@@ -268,6 +280,8 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         # planned for it: a budget breach seen from Ollama's side.
         "budget_exceeded": stats["budget_exceeded"] + stats.get("partial_offload", 0),
         "partial_offload": stats.get("partial_offload", 0),
+        "device_oom": device_oom,
+        "oom_recoveries": studio.image.oom_recoveries,
         "max_used_gb": round(stats["max_used_bytes"] / GiB, 2),
         "errors": errors,
         "elapsed_s": round(elapsed, 1),
@@ -344,7 +358,8 @@ def main() -> int:
                 print(
                     f"{policy:9} {scenario:15} ttft p50 {r['chat_ttft_p50_s']} p95 {r['chat_ttft_p95_s']} s | "
                     f"render wait p95 {r['render_wait_p95_s']} s | swaps {r['swaps']} | loads {r['ollama_loads']} | "
-                    f"over budget {r['budget_exceeded']} | preemptions {r['preemptions']} | {r['elapsed_s']} s"
+                    f"over budget {r['budget_exceeded']} | device OOMs {r['device_oom']} | "
+                    f"preemptions {r['preemptions']} | {r['elapsed_s']} s"
                     + (f" | ERRORS {r['errors']}" if r["errors"] else "")
                 )
     policies = {}
@@ -357,6 +372,7 @@ def main() -> int:
         }
     goals = {"arbiter_overhead_under_50us": overhead < 50}
     goals["budget_exceeded_zero"] = all(p["budget_exceeded"] == 0 for p in policies.values())
+    goals["device_oom_zero"] = all(s["device_oom"] == 0 for p in policies.values() for s in p["scenarios"].values())
     if {"budget", "exclusive"} <= policies.keys() and "mixed" in args.scenarios:
         b, e = policies["budget"]["chat_ttft_p95_s"], policies["exclusive"]["chat_ttft_p95_s"]
         goals["budget_beats_exclusive_chat_p95_when_both_fit"] = b is not None and e is not None and b < e

@@ -112,9 +112,9 @@ class Device:
         """Activations of `nbytes` for the duration of the block, reserving `slack` more (fragmentation)."""
         yield
 
-    def declared_bytes(self, module, real: int) -> int:
-        """The bytes `module`'s weights take on this device: what a stand-in declares, else `real`."""
-        return real
+    def declared_bytes(self, module) -> int | None:
+        """The bytes a stand-in `module` declares its weights take on this device (None: its own bytes)."""
+        return None
 
 
 class CudaDevice(Device):

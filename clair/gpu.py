@@ -182,7 +182,10 @@ def declared_bytes(modules: Iterable[torch.nn.Module]) -> int:
     """What the modules' weights take on the device: their bytes on CUDA; on the simulated card what a
     stand-in module declares for the real model it stands for (clair/tiny.py), else their bytes."""
     d = dev()
-    return sum(d.declared_bytes(m, module_bytes([m])) for m in modules)
+    modules = list(modules)
+    declared = [d.declared_bytes(m) for m in modules]
+    rest = [m for m, n in zip(modules, declared, strict=True) if n is None]
+    return sum(n for n in declared if n is not None) + module_bytes(rest)  # tied weights counted once
 
 
 def pinned_footprint(modules: Iterable[torch.nn.Module]) -> int:

@@ -40,10 +40,10 @@ def panel_data(studio, now: float | None = None) -> dict:
     ]
     ledger = sum(s["bytes"] for s in segments)
     device = None
-    now = gpu.reading() if st.get("cuda") else None  # CUDA or the simulated card; one consistent reading
-    if now is not None:
-        ours = now.reserved + sum(s["bytes"] for s in segments if s["tenant"] == "ollama")
-        device = {"total": now.total, "free": now.free, "others": max(0, now.total - now.free - ours)}
+    card = gpu.reading() if st.get("cuda") else None  # CUDA or the simulated card; one consistent reading
+    if card is not None:
+        ours = card.reserved + sum(s["bytes"] for s in segments if s["tenant"] == "ollama")
+        device = {"total": card.total, "free": card.free, "others": max(0, card.total - card.free - ours)}
     scale = (device or {}).get("total") or budget or ledger or 1
     others = device["others"] if device else 0
     free = device["free"] if device else (max(0, budget - ledger) if budget else None)

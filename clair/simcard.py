@@ -325,9 +325,9 @@ class SimCard(Device):
             with self._lock:
                 self._transient -= nbytes
 
-    def declared_bytes(self, module, real: int) -> int:
+    def declared_bytes(self, module) -> int | None:
         declared = getattr(module, "sim_bytes", None)
-        return int(declared) if isinstance(declared, int) else real
+        return int(declared) if isinstance(declared, int) else None
 
     def close(self) -> None:
         """Give everything back (a test's end, a process that exits)."""
