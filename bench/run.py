@@ -170,6 +170,7 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
     real_footprint = studio.image.footprint
     studio.image.footprint = lambda w, h: real_footprint(declared, declared)  # see the module docstring
     studio.image.load().sim_render_size = (declared, declared)  # the card sees the declared size's memory
+    studio.image.learns = False  # and a peak per megapixel of the small drawing would be wrong
     # (With the simulated card the stand-in sizes its loads to the card's free memory; these two are unused.)
     # Ollama sees a card of the budget's size, and while a render runs, the render's share of it is taken:
     # a chat model loaded beside a render that left it too little is partly offloaded to the CPU, which

@@ -159,6 +159,9 @@ class RenderParams:
 class ImageEngine(Engine):
     name = "image"
     tenant = "image"
+    # Learn the footprint from measured peaks. Off only where the drawing is smaller than the size the card
+    # is told to account (the benchmark and the soak: tiny 64² drawings that take a 1024² render's memory).
+    learns = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -550,7 +553,7 @@ class ImageEngine(Engine):
         # Learn only from a clean peak: not a tiled or offloaded render (it says nothing about the normal one),
         # nor one during which anything else used this process's GPU memory (the in-process chat model, a
         # pause that evicted or restored weights): the peak is process-wide.
-        if peak and fallback is None and gpu.activity_mark() == mark:
+        if peak and fallback is None and gpu.activity_mark() == mark and self.learns:
             mpx = params.width * params.height / 1e6
             self._learned.append(max(0.0, peak - baseline) / mpx)
             self._per_mpx = max(self._learned)
