@@ -661,7 +661,6 @@ class LocalChat(ChatBackend):
         self._load_locked()
         assert self._swap is not None
         self._swap.restore()
-        gpu.note_activity()  # a render's peak measured meanwhile is not the render's alone
         model_, tok = self._model, self._tok
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         ids = {k: v.to(model_.device) for k, v in ids.items()}
@@ -690,6 +689,7 @@ class LocalChat(ChatBackend):
                 streamer.end()
 
         worker = threading.Thread(target=run, name="local-chat-generate", daemon=True)
+        gpu.begin_use()  # a render's peak measured meanwhile is not the render's alone
         worker.start()
         try:
             for text in streamer:
@@ -706,7 +706,7 @@ class LocalChat(ChatBackend):
             stop.set()
             self._join(worker)
             gpu.empty_cache()
-            gpu.note_activity()
+            gpu.end_use()
         if failure:
             raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -149,6 +150,10 @@ _activity = itertools.count()
 _activity_now = 0
 
 
+_busy = 0
+_busy_lock = threading.Lock()
+
+
 def note_activity() -> int:
     """Record that something else used this process's GPU memory; returns the new mark."""
     global _activity_now
@@ -156,8 +161,24 @@ def note_activity() -> int:
     return _activity_now
 
 
-def activity_mark() -> int:
-    return _activity_now
+def begin_use() -> None:
+    """Another in-process user (the in-process chat model generating) starts using the device."""
+    global _busy
+    with _busy_lock:
+        _busy += 1
+    note_activity()
+
+
+def end_use() -> None:
+    global _busy
+    with _busy_lock:
+        _busy = max(0, _busy - 1)
+    note_activity()
+
+
+def activity_mark() -> int | None:
+    """A mark that changes whenever another in-process user touches the device; None while one is at work."""
+    return None if _busy else _activity_now
 
 
 def module_bytes(modules: Iterable[torch.nn.Module]) -> int:

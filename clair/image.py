@@ -502,7 +502,7 @@ class ImageEngine(Engine):
 
         restore_s = 0.0
         tiles = None
-        mark = -1
+        mark: int | None = None
         baseline = 0
         t0 = time.monotonic()
         try:
@@ -553,7 +553,7 @@ class ImageEngine(Engine):
         # Learn only from a clean peak: not a tiled or offloaded render (it says nothing about the normal one),
         # nor one during which anything else used this process's GPU memory (the in-process chat model, a
         # pause that evicted or restored weights): the peak is process-wide.
-        if peak and fallback is None and gpu.activity_mark() == mark and self.learns:
+        if peak and fallback is None and mark is not None and gpu.activity_mark() == mark and self.learns:
             mpx = params.width * params.height / 1e6
             self._learned.append(max(0.0, peak - baseline) / mpx)
             self._per_mpx = max(self._learned)

@@ -116,6 +116,12 @@ def test_learned_footprint_is_not_polluted_and_comes_down(tmp_path, card) -> Non
     eng.render(p512(), on_step=chat_beside)
     card.drop("chat")
     assert eng._per_mpx is None  # a peak shared with the chat model teaches nothing
+    gpu.begin_use()  # a chat that generates through the whole render: no mark changes during it
+    try:
+        eng.render(p512(seed=9))
+    finally:
+        gpu.end_use()
+    assert eng._per_mpx is None
 
     eng.render(p512(seed=2))
     clean = eng.footprint(512, 512)[0]
