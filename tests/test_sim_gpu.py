@@ -260,3 +260,40 @@ def test_other_programs_are_read_without_a_phantom(tmp_path, card) -> None:
             stop.set()
             t.join()
         assert max(seen) == 0
+
+
+# -- the stand-in and the tiny chat model on the card ----------------------------------------------------
+def test_ollama_standin_loads_onto_the_card_and_frees_after_its_lag(card) -> None:
+    import ollama
+
+    with OllamaStandin({MODEL: 4.9}, sim_card=card.path, unload_delay=0.05, sim_release_lag=5.0) as standin:
+        client = ollama.Client(host=standin.url)
+        client.chat(model=MODEL, messages=[], options={"num_ctx": 4096})
+        holders = simcard.read(card.path)["procs"]
+        assert list(holders.values()) == [6_200_000_000]  # the stand-in's own table: llama3.1:8b at 4k
+        client.chat(model=MODEL, messages=[], keep_alive=0)
+        wait_until(lambda: standin.loaded() == [])
+        # /api/ps is empty, but the runner has not given its memory back yet.
+        assert simcard.read(card.path)["procs"] == holders
+        wait_until(lambda: simcard.read(card.path)["procs"] == {}, timeout=20)
+
+
+def test_ollama_standin_offloads_what_the_card_cannot_hold(card) -> None:
+    import ollama
+
+    assert simcard.take(card.path, "other:1", 17 * GiB)
+    with OllamaStandin({MODEL: 4.9}, sim_card=card.path) as standin:
+        ollama.Client(host=standin.url).chat(model=MODEL, messages=[], options={"num_ctx": 4096})
+        (ps,) = standin.ps()
+        assert ps["size_vram"] == 3 * GiB < ps["size"]  # the rest on the CPU, as Ollama does
+        assert card.oom_count() == 0  # Ollama does not fail, it offloads
+
+
+def test_tiny_chat_model_takes_its_real_size_on_the_card(tmp_path, card) -> None:
+    studio = Studio(config(tmp_path, card))
+    reply = "".join(e.text for e in studio.chat("hello") if hasattr(e, "text"))
+    assert reply
+    held = simcard.FIGURES["chat_weights"]
+    assert card.allocated() == held and card.reserved() == held  # weights stay; activations given back
+    assert studio.local.footprint()[1] == held
+    assert card.peak_reserved() > held  # the forward calls took activations and KV cache on the card
