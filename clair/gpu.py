@@ -82,14 +82,14 @@ def wait_free(
     poll: float = 0.05,
     reserve_gb: float = 1.5,
     others: Callable[[], int] = lambda: 0,
-    settle_s: float = 3.0,
+    settle_s: float = 5.0,
 ) -> float:
     """Block until the device has `nbytes` free; returns the seconds waited. No-op without a device.
 
     Never waits for more than can come: the card's total less the reserve, what this process holds, and
     `others()`, the memory other programs hold that no eviction of ours gives back (the ledger's "other"
-    tenant). And once free memory has not risen for `settle_s` seconds while nothing more is on its way,
-    it stops waiting: a lone request then runs anyway, alone, as the arbiter decided, and an out-of-memory
+    tenant). And once free memory has not risen for `settle_s` seconds (Ollama's own scheduler waits at most
+    5 s for a runner's VRAM to come back: docs/facts.md, "Ollama"), it stops waiting: a lone request then runs anyway, alone, as the arbiter decided, and an out-of-memory
     error heals as any other (clair/image.py). Raises EvictionFailed only when memory was still coming in
     at `timeout`.
     """
