@@ -11,11 +11,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from clair import device, gpu, simcard
 from clair.simcard import GiB, SimCard
@@ -257,3 +261,74 @@ def test_configure_from_settings(tmp_path) -> None:
     finally:
         device.install(old)
     assert os.path.exists(tmp_path / "card.json")
+
+
+# -- the simulated card as a state machine: its books always balance -------------------------------------
+
+class SimCardMachine(RuleBasedStateMachine):
+    """Holds, drops, activations, cache empties and another program's takes, in any order. After every step:
+    reserved >= allocated, our file entry is our context plus our reserved pool, the card is never
+    over-committed, and a refused allocation changes nothing but the refusal count."""
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = str(Path(self.dir.name) / "card.json")
+        self.dev = SimCard(self.path, total=8 * GiB)
+        self.held: dict[str, int] = {}
+        self.other = 0
+        self.refused = 0
+
+    def teardown(self):
+        self.dir.cleanup()
+
+    sizes = st.integers(min_value=0, max_value=6 * 4).map(lambda q: q * GiB // 4)
+
+    @rule(key=st.sampled_from("abc"), n=sizes)
+    def hold(self, key, n):
+        try:
+            self.dev.hold(key, n)
+            self.held[key] = n
+        except (torch.OutOfMemoryError, RuntimeError):
+            self.refused += 1
+
+    @rule(key=st.sampled_from("abc"))
+    def drop(self, key):
+        self.dev.drop(key)
+        self.held.pop(key, None)
+
+    @rule(n=sizes, slack=sizes, first=st.booleans())
+    def activations(self, n, slack, first):
+        before = self.dev.allocated()
+        try:
+            with self.dev.transient(n, slack, first_use="cublas" if first else ""):
+                assert self.dev.allocated() == before + n
+        except (torch.OutOfMemoryError, RuntimeError):
+            self.refused += 1
+        assert self.dev.allocated() == before
+
+    @rule()
+    def empty(self):
+        self.dev.empty_cache()
+        assert self.dev.reserved() == self.dev.allocated()
+
+    @rule(n=sizes)
+    def other_program(self, n):
+        if simcard.take(self.path, "other:1", n):
+            self.other = n
+
+    @invariant()
+    def books_balance(self):
+        state = simcard.read(self.path)
+        assert self.dev.allocated() == sum(self.held.values())
+        assert self.dev.reserved() >= self.dev.allocated()
+        ours = state["procs"].get(self.dev.holder, 0)
+        context = simcard.FIGURES["context"] if ours else 0
+        assert ours == (context + self.dev.reserved() if (ours or self.dev.reserved()) else 0)
+        assert state["procs"].get("other:1", 0) == self.other
+        assert sum(state["procs"].values()) <= state["total"]  # never over-committed
+        assert state["oom"] == self.refused
+
+
+TestSimCardMachine = SimCardMachine.TestCase
+TestSimCardMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
