@@ -157,7 +157,7 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         gpu_policy=policy,
         sim_gpu_gb=20.0,
         sim_gpu_file=str(card),
-        vram_budget_gb=0.0,  # derived from the card, as on a real one: 20 GiB less the 1.5 GiB reserve
+        vram_budget_gb=20.0,  # the whole card, as before: the card itself says whether that was too much
         warmup=True,
         preempt=PREEMPT.get(scenario, "auto"),
         # The tiny pipeline keeps its own VAE; the footprint it declares follows CLAIR_VAE.
