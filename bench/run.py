@@ -6,6 +6,8 @@ It drives the real `Studio` (arbiter, Ollama client code, image engine) with the
 the Ollama stand-in from tests/ set to realistic delays: loading an 8B model takes 2 s (1-10 s is
 typical from page cache), its unload finishes 1 s after Ollama answers (0.5-1.5 s), and it streams at
 25 tokens/s (docs/facts.md, "Ollama"). Renders are paced to a consumer GPU's SDXL speed.
+Every scenario runs on a simulated 20 GB card (clair/simcard.py, a file of its own): the stand-in's runners
+and Clair's models take memory on it, and the device OOMs it counted are printed beside the ledger's figures.
 
 What is simulated, and why:
 * The ledger is told each render's *declared* size (768x768, or 1024x1024 where nothing fits beside
@@ -56,6 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from clair import simcard  # noqa: E402
 from clair.arbiter import Arbiter, GiB  # noqa: E402
 from clair.config import Config  # noqa: E402
 from clair.image import RenderParams  # noqa: E402
@@ -167,7 +170,12 @@ BASELINE = {
 def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: Path) -> dict:
     seed_card = scenario in SEED_CARD_SCENARIOS
     disk_gb = SEED_CARD_MODEL["disk_gb"] if seed_card else 4.9
-    standin = OllamaStandin({MODEL: disk_gb}, load_delay=2.0, unload_delay=1.0, token_delay=TOKEN_S)
+    # Every scenario runs on a simulated 20 GB card of its own (clair/simcard.py): the stand-in's runners and
+    # Clair's models take and give back memory on it, and it counts every out-of-memory refusal itself.
+    card = out_dir / f"{policy}-{scenario}-card.json"
+    standin = OllamaStandin(
+        {MODEL: disk_gb}, load_delay=2.0, unload_delay=1.0, token_delay=TOKEN_S, sim_card=str(card)
+    )
     standin.reply_fn = lambda body: ["tok"] + [" tok"] * (REPLY_TOKENS - 1)
     standin.start()
     cfg = dataclasses.replace(
@@ -177,7 +185,9 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         image_model="tiny",
         output_dir=str(out_dir / f"{policy}-{scenario}"),
         gpu_policy=policy,
-        vram_budget_gb=20.0,
+        sim_gpu_gb=20.0,
+        sim_gpu_file=str(card),
+        vram_budget_gb=20.0,  # the whole card, as before: the card itself says whether that was too much
         warmup=True,
         preempt=PREEMPT.get(scenario, Config().preempt),
         # The tiny pipeline keeps its own VAE; the footprint it declares follows CLAIR_VAE.
@@ -196,11 +206,14 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
     studio.image.footprint = lambda w, h: real_footprint(declared, declared)  # see the module docstring
     pipe = studio.image.load()
     pipe.vae.decoder.register_forward_pre_hook(lambda module, args: time.sleep(DECODE_S))
-    # Ollama sees a card of the budget's size, and while a render runs, the render's share of it is taken (its
-    # whole footprint while it denoises, the decode's once its tail has shrunk it: the ledger's figure, which
-    # the render reports when its UNet and text encoders leave): a chat model loaded beside a render that left
-    # it too little is partly offloaded to the CPU, which the engine reports (partial_offload) and this
-    # benchmark counts as a budget breach.
+    pipe.sim_render_size = (declared, declared)  # the card sees the declared size's memory
+    studio.image.learns = False  # and a peak per megapixel of the small drawing would be wrong
+    # With the simulated card the stand-in sizes its loads to the card's free memory. Without one, Ollama sees
+    # a card of the budget's size, and while a render runs, the render's share of it is taken (its whole
+    # footprint while it denoises, the decode's once its tail has shrunk it: the ledger's figure, which the
+    # render reports when its UNet and text encoders leave): a chat model loaded beside a render that left it
+    # too little is partly offloaded to the CPU, which the engine reports (partial_offload) and this benchmark
+    # counts as a budget breach.
     standin.vram_total_bytes = studio.arbiter.budget
     standin.vram_used_elsewhere = lambda: studio.arbiter.resident_bytes("image") if contention.running["render"] else 0
     # The seed card and the no-fit load draw 64x64 and warm the pipeline first: on a shared 2-core machine the
@@ -308,6 +321,7 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         for ls in leases
         if ls.kind == "chat" and ls.ready_at is not None and not ls.label.startswith("warm-up")
     ]
+    device_oom = simcard.read(str(card))["oom"]  # refusals the card itself counted, not Clair's ledger
     return {
         "chat_gpu_wait_p95_s": _r(percentile(gpu_wait, 95)),
         "chat_gpu_wait_max_s": _r(max(gpu_wait) if gpu_wait else None),
@@ -339,6 +353,8 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         # planned for it: a budget breach seen from Ollama's side.
         "budget_exceeded": stats["budget_exceeded"] + stats.get("partial_offload", 0),
         "partial_offload": stats.get("partial_offload", 0),
+        "device_oom": device_oom,
+        "oom_recoveries": studio.image.oom_recoveries,
         "max_used_gb": round(stats["max_used_bytes"] / GiB, 2),
         "errors": errors,
         "elapsed_s": round(elapsed, 1),
@@ -416,7 +432,7 @@ def main() -> int:
                 print(
                     f"{policy:9} {scenario:15} ttft p50 {r['chat_ttft_p50_s']} p95 {r['chat_ttft_p95_s']} s | "
                     f"render wait p95 {r['render_wait_p95_s']} s | swaps {r['swaps']} | loads {r['ollama_loads']} | "
-                    f"over budget {r['budget_exceeded']} | preemptions {r['preemptions']} | "
+                    f"over budget {r['budget_exceeded']} | device OOMs {r['device_oom']} | preemptions {r['preemptions']} | "
                     f"render e2e p50 {r['render_e2e_s_p50']} s | after-render ttft p50 {r['after_render_ttft_p50_s']} s | "
                     f"{r['elapsed_s']} s"
                     + (f" | ERRORS {r['errors']}" if r["errors"] else "")
@@ -431,6 +447,7 @@ def main() -> int:
         }
     goals = {"arbiter_overhead_under_50us": overhead < 50}
     goals["budget_exceeded_zero"] = all(p["budget_exceeded"] == 0 for p in policies.values())
+    goals["device_oom_zero"] = all(s["device_oom"] == 0 for p in policies.values() for s in p["scenarios"].values())
     if {"budget", "exclusive"} <= policies.keys() and "mixed" in args.scenarios:
         b, e = policies["budget"]["chat_ttft_p95_s"], policies["exclusive"]["chat_ttft_p95_s"]
         goals["budget_beats_exclusive_chat_p95_when_both_fit"] = b is not None and e is not None and b < e

@@ -531,6 +531,28 @@ def token_streamer(tok: Any, **kwargs: Any):
     return TokenStreamer(tok, **kwargs)
 
 
+def load_dtype(source: str, on_gpu: bool, bf16_ok: bool | None = None):
+    """The dtype to load an in-process chat model in: on the CPU fp32; on a GPU the half precision it was
+    trained in, read from its config (`dtype`, formerly `torch_dtype`): bf16 for a bf16 model (its
+    activations overflow fp16's range), else fp16."""
+    import torch
+
+    if not on_gpu:
+        return torch.float32
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        trained = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    except Exception:  # the load itself reports an unreadable config, with what to do
+        trained = None
+    if bf16_ok is None:
+        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if str(trained).replace("torch.", "") == "bfloat16" and bf16_ok:
+        return torch.bfloat16
+    return torch.float16
+
+
 class LocalChat(ChatBackend):
     """A causal LM from the Hugging Face hub, a local folder, or `tiny` (random weights), in-process."""
 
@@ -594,7 +616,6 @@ class LocalChat(ChatBackend):
     def _load_locked(self):
         if self._model is not None:
             return
-        import torch
 
         from clair import gpu
 
@@ -614,7 +635,7 @@ class LocalChat(ChatBackend):
                     source = str(local)
                 elif source.startswith(("/", "./", "../", "~")):
                     raise FileNotFoundError(f"the folder {local} does not exist")
-                dtype = torch.float16 if gpu.cuda() else torch.float32
+                dtype = load_dtype(source, gpu.cuda())
                 tok = AutoTokenizer.from_pretrained(source)
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as exc:
@@ -695,6 +716,7 @@ class LocalChat(ChatBackend):
                 streamer.end()
 
         worker = threading.Thread(target=run, name="local-chat-generate", daemon=True)
+        gpu.begin_use()  # a render's peak measured meanwhile is not the render's alone
         worker.start()
         try:
             for text in streamer:
@@ -711,6 +733,7 @@ class LocalChat(ChatBackend):
             stop.set()
             self._join(worker)
             gpu.empty_cache()
+            gpu.end_use()
         if failure:
             raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
 

@@ -24,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 from clair import gpu
 from clair.base import private_dir, write_private
 from clair.config import Config
+from clair.device import is_out_of_memory
 from clair.engines import Engine
 from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, load_failure
 from clair.loadgate import LoadGate, source_fingerprint
@@ -161,6 +163,9 @@ class RenderParams:
 class ImageEngine(Engine):
     name = "image"
     tenant = "image"
+    # Learn the footprint from measured peaks. Off only where the drawing is smaller than the size the card
+    # is told to account (the benchmark and the soak: tiny 64² drawings that take a 1024² render's memory).
+    learns = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -175,7 +180,10 @@ class ImageEngine(Engine):
         self.gate = LoadGate(
             lambda: source_fingerprint(self.model_id, "model_index.json") + self._vae_fingerprint()
         )
-        self._per_mpx: float | None = None  # learned from real renders on CUDA
+        self._per_mpx: float | None = None  # learned from renders measured on the device
+        # The last clean measurements (bytes per megapixel): the learned figure is their largest, so a
+        # figure that was too large gives way after a few renders instead of standing forever.
+        self._learned: deque[float] = deque(maxlen=5)
         self.oom_recoveries = 0  # renders that ran out of memory and then succeeded with a fallback
         self.oom_failures = 0  # renders that ran out of memory with every fallback
         # The VAE (CLAIR_VAE): which prior the ledger uses ("fp16" or "stock"), what decodes, and a fallback
@@ -197,10 +205,10 @@ class ImageEngine(Engine):
     def footprint(self, width: int, height: int) -> tuple[int, int]:
         """(bytes while rendering at width x height, bytes while idle) on the GPU.
 
-        Without CUDA the ledger uses SDXL's declared sizes whatever the pipeline, so the policy behaves
+        Without a device the ledger uses SDXL's declared sizes whatever the pipeline, so the policy behaves
         (and shows) as it would on a real card.
         """
-        weights = self._swap.nbytes if (self._swap is not None and gpu.cuda()) else SDXL_WEIGHTS
+        weights = self._swap.nbytes if (self._swap is not None and gpu.present()) else SDXL_WEIGHTS
         mpx = width * height / 1e6
         if self._per_mpx is not None:
             return int(weights + self._per_mpx * mpx * 1.1), weights  # measured, with 10% margin
@@ -269,7 +277,11 @@ class ImageEngine(Engine):
             # The tiny pipeline keeps its own VAE; the declared footprint follows CLAIR_VAE (see _expected_vae_kind).
             self.vae_kind, self.vae_note = self._expected_vae_kind(), None
             self.vae_source = "tiny"
-            return build_tiny_sdxl()
+            pipe = build_tiny_sdxl()
+            # Decoded as the VAE the ledger counts would be (an fp32 upcast for "stock"): on CPU in fp32
+            # it changes nothing, and a device sees the decode's memory that CLAIR_VAE implies.
+            pipe.vae.register_to_config(force_upcast=self.vae_kind == "stock")
+            return pipe
         import torch
         from diffusers import StableDiffusionXLPipeline
 
@@ -413,6 +425,12 @@ class ImageEngine(Engine):
         return f"VAE: {name} ({how})."
 
     # -- swaps (called by the arbiter) ---------------------------------------------------------------
+    def release_cache(self) -> None:
+        """At a pause: give the cached activation blocks back to the card, as the ledger counts a paused render
+        at its weights only (a chat planned beside it must find that memory free)."""
+        gpu.empty_cache()
+        gpu.note_activity()
+
     def restore(self) -> float:
         """Weights back on the GPU (a render resuming after a pause). Seconds taken; 0 if they never left."""
         self._end_tail()
@@ -472,8 +490,6 @@ class ImageEngine(Engine):
         `tail(drop)` runs once the denoising loop is done, before the VAE decode: calling `drop()` takes the
         UNet and text encoders off the GPU (`_drop_denoisers`), so the caller can give their room away.
         """
-        import torch
-
         self.load()  # at once with the known problem while a load failure stands
         with self._lock:
             pipe = self._load_locked()
@@ -482,7 +498,11 @@ class ImageEngine(Engine):
                 out_of_memory = False
                 try:
                     image, facts = self._render_once(pipe, params, on_step, cancelled, checkpoint, fallback, tail)
-                except torch.OutOfMemoryError as exc:
+                except Exception as exc:
+                    # torch.OutOfMemoryError, and a plain RuntimeError for memory CUDA could not give outside
+                    # the caching allocator (cuBLAS/cuDNN workspaces at a first use): docs/facts.md.
+                    if not is_out_of_memory(exc):
+                        raise
                     # Only a flag here: raising (or retrying) inside `except` keeps the traceback, and with it
                     # every frame's activations, alive until the block ends.
                     out_of_memory = True
@@ -532,6 +552,9 @@ class ImageEngine(Engine):
             return {}
 
         restore_s = 0.0
+        tiles = None
+        mark: int | None = None
+        baseline = 0
         t0 = time.monotonic()
         try:
             if fallback == "cpu-offload":
@@ -539,7 +562,7 @@ class ImageEngine(Engine):
             else:
                 restore_s = self._swap.restore()
             if fallback == "vae-tiling":
-                pipe.vae.enable_tiling()  # decodes in overlapping tiles: the decode's peak no longer grows with size
+                tiles = _tile_for(pipe.vae, params.width, params.height)
             # Empty the cache first: the peak would otherwise start from what an earlier render left
             # reserved, and a 512² render after a 1024² one would learn a 4x footprint.
             gpu.empty_cache()
@@ -547,6 +570,7 @@ class ImageEngine(Engine):
             # What this process holds before the render (our weights, an in-process chat model):
             # only the growth above it is the render's activation peak.
             baseline = gpu.reserved_now()
+            mark = gpu.activity_mark()  # anything else that uses our GPU memory meanwhile spoils the peak
             t0 = time.monotonic()
             result = pipe(
                 prompt=params.prompt,
@@ -568,6 +592,8 @@ class ImageEngine(Engine):
                 vae.to(dtype=unet.dtype)
             if fallback == "vae-tiling" and vae is not None:
                 vae.disable_tiling()  # the next render tries at full quality and speed again
+                if tiles is not None:
+                    vae.tile_sample_min_size, vae.tile_latent_min_size = tiles
             if fallback == "cpu-offload":
                 self._end_offload(pipe)
             self._end_tail()  # after the cast back: the VAE's host copy is in its resting dtype
@@ -576,10 +602,13 @@ class ImageEngine(Engine):
             gpu.empty_cache()
         render_s = time.monotonic() - t0
         peak = gpu.peak_reserved()
-        if peak and fallback is None:  # a tiled or offloaded render's peak says nothing about the normal one
+        # Learn only from a clean peak: not a tiled or offloaded render (it says nothing about the normal one),
+        # nor one during which anything else used this process's GPU memory (the in-process chat model, a
+        # pause that evicted or restored weights): the peak is process-wide.
+        if peak and fallback is None and mark is not None and gpu.activity_mark() == mark and self.learns:
             mpx = params.width * params.height / 1e6
-            per = max(0.0, peak - baseline) / mpx
-            self._per_mpx = per if self._per_mpx is None else max(per, self._per_mpx)
+            self._learned.append(max(0.0, peak - baseline) / mpx)
+            self._per_mpx = max(self._learned)
         return image, {"render_s": render_s, "restore_s": restore_s, "peak_reserved_gb": peak / GiB}
 
     def _offload(self, pipe) -> None:
@@ -715,6 +744,23 @@ def _vae_config(setting: str) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _tile_for(vae, width: int, height: int) -> tuple[int, int] | None:
+    """Turn VAE tiling on with tiles small enough that diffusers really tiles this size; returns the tile
+    sizes to put back afterwards.
+
+    diffusers tiles a decode only when the latent is larger than `tile_latent_min_size` (`sample_size / 8`:
+    128 for SDXL), so at 1024² and below tiling alone changes nothing (docs/facts.md, "VAE tiling"). Tiles of
+    half the longer side (at most the default, at least 256 px) make it tile from 264 px up."""
+    vae.enable_tiling()
+    if not hasattr(vae, "tile_sample_min_size"):
+        return None
+    saved = (vae.tile_sample_min_size, vae.tile_latent_min_size)
+    scale = max(1, vae.tile_sample_min_size // max(1, vae.tile_latent_min_size))
+    tile = min(saved[0], max(256, max(width, height) // 2 // 64 * 64))
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // scale
+    return saved
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from clair import gpu, limits
+from clair import device, gpu, limits
 from clair.arbiter import Arbiter, Kind, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat
 from clair.config import Config, duration_s
@@ -105,12 +105,14 @@ def parse_imagined(reply: str, idea: str = "", limit: int = 2000) -> tuple[str, 
 class Studio:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # The device every memory question goes to (CUDA, or the simulated card of CLAIR_SIM_GPU_GB).
+        device.configure(cfg.sim_gpu_gb, cfg.sim_gpu_path)
         self.arbiter = Arbiter(
             policy=cfg.gpu_policy,  # type: ignore[arg-type]
             budget_bytes=gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb),
             chat_priority=cfg.chat_priority,  # type: ignore[arg-type]
             queue_timeout_s=cfg.queue_timeout_s,
-            wait_free=lambda n: gpu.wait_free(n, cfg.evict_timeout_s, reserve_gb=cfg.vram_reserve_gb),
+            wait_free=self._wait_free,
             preempt=cfg.preempt,  # type: ignore[arg-type]
             render_slice_s=cfg.render_slice_s,
             max_preemptions=cfg.max_preemptions,
@@ -141,6 +143,16 @@ class Studio:
         self.image_keep_alive_s = duration_s(cfg.image_keep_alive)
         self._keepalive: threading.Thread | None = None
         self._keepalive_lock = threading.Lock()
+
+    def _wait_free(self, nbytes: int) -> float:
+        """After an eviction: wait until the card has `nbytes` free, counting what other programs hold
+        (the ledger's "other" tenant) as memory that will not come (clair/gpu.py, wait_free)."""
+        return gpu.wait_free(
+            nbytes,
+            self.cfg.evict_timeout_s,
+            reserve_gb=self.cfg.vram_reserve_gb,
+            others=lambda: self.arbiter.resident_bytes("other"),
+        )
 
     # -- events (for clair.metrics and the panel) ---------------------------------------------------
     def on_event(self, fn: Callable[[str, dict], None]) -> None:
@@ -289,13 +301,13 @@ class Studio:
         """GPU memory held by other processes: the device's use less ours (torch's pool and our CUDA
         context) and Ollama's (its last successful /api/ps). Counted in the ledger as a tenant that is never
         evicted, so the budget shrinks while they hold it. Skipped when Ollama's share is unknown."""
-        if not gpu.cuda():
-            return
-        total, free = gpu.total_bytes(), gpu.free_bytes()
         ollama = self.ollama.held_vram() if self.ollama.on_this_gpu else 0
-        if total is None or free is None or ollama is None:
+        # One reading: free and our reserved figure from the same moment (a render allocating between two
+        # separate reads would show up as another program's memory).
+        now = gpu.reading()
+        if now is None or ollama is None:
             return
-        other = total - free - gpu.reserved_now() - ollama - CONTEXT_ALLOWANCE
+        other = now.others - ollama - CONTEXT_ALLOWANCE
         self.arbiter.set_other(max(0, other))
 
     def _request(self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0) -> Lease:
@@ -394,6 +406,7 @@ class Studio:
             if not why:
                 return
             t0 = time.monotonic()
+            self.image.release_cache()  # before the chat is granted: it is planned beside our weights only
             lease = self.arbiter.pause(lease, why)
             on_progress(f"Paused for a chat at step {step}/{total}", step / total)
             for w in self._wait(lease, cancel.is_set):
@@ -427,6 +440,14 @@ class Studio:
                 on_progress("Out of GPU memory: freeing the GPU and retrying", 0.0)
                 gone = self.arbiter.evict_idle(lease)
                 evicted.extend(n for n in gone if n not in evicted)
+                if gone:
+                    # As after any eviction: the memory comes back after the answer (Ollama's runner exits
+                    # after /api/ps empties), so the retry waits for it rather than fail the same way.
+                    need, idle = self.image.footprint(params.width, params.height)
+                    try:
+                        self._wait_free(max(0, need - idle))
+                    except ClairError as exc:
+                        log.warning("out-of-memory retry without waiting further: %s", exc)
                 # The lease's record of what left for it: the engines' recovery hooks read it at release.
                 lease.evicted = (*lease.evicted, *(n for n in gone if n not in lease.evicted))
 
@@ -711,7 +732,8 @@ class Studio:
         other = next((r for r in st["resident"] if r.get("other")), None)
         st["other_gb"] = other["gb"] if other else 0.0
         st["image_keep_alive_s"] = self.image_keep_alive_s
-        st["cuda"] = gpu.cuda()
+        st["cuda"] = gpu.present()  # a device reports memory (CUDA, or the simulated card)
+        st["device"] = gpu.dev().name
         st["demo"] = self.cfg.demo
         return st
 
