@@ -214,10 +214,14 @@ class Config:
         0.0,
         "Run on a simulated GPU card of this many GB (GiB) instead of CUDA: models take and give back memory on it "
         "as the real ones would, and it says out of memory as a real card does (docs/facts.md, \"The simulated "
-        "card\"). 0: off (the demo uses 20 unless set).",
+        "card\"). 0: off (the demo uses 20 unless set). A comma-separated list (12,24) simulates several cards, "
+        "one state file each (sim-gpu.json, sim-gpu-1.json, ...); Clair itself still runs on the first.",
         min=0,
         max=4096,
     )
+    # Every card's size when CLAIR_SIM_GPU_GB lists several (sim_gpu_gb is then the first). Not a setting of its
+    # own: no variable, flag or table row (`fields()` lists settings only).
+    sim_gpu_cards: tuple[float, ...] = field(default=(), metadata={"derived": True})
     sim_gpu_file: str = setting(
         "",
         "The simulated card's state file, shared by every process that uses the card. Empty: sim-gpu.json in "
@@ -335,6 +339,13 @@ class Config:
         return os.path.join(self.state_folder, "sim-gpu.json")
 
     @property
+    def sim_gpu_sizes(self) -> tuple[float, ...]:
+        """The simulated cards' sizes in GiB, card 0 first (empty: no simulated card)."""
+        if self.sim_gpu_cards:
+            return self.sim_gpu_cards
+        return (self.sim_gpu_gb,) if self.sim_gpu_gb > 0 else ()
+
+    @property
     def state_path(self) -> str:
         return os.path.join(self.state_folder, "clair-state.json")
 
@@ -381,7 +392,25 @@ def env_name(f: dataclasses.Field) -> str:
 
 
 def fields() -> tuple[dataclasses.Field, ...]:
-    return dataclasses.fields(Config)
+    """The settings (a field derived from another, such as sim_gpu_cards, is none)."""
+    return tuple(f for f in dataclasses.fields(Config) if not f.metadata.get("derived"))
+
+
+def parse_sim_gpu_cards(raw: str) -> tuple[float, ...]:
+    """CLAIR_SIM_GPU_GB as a list of card sizes ("12,24": two cards), with a message that says what to write."""
+    sizes = []
+    for part in raw.split(","):
+        try:
+            gb = float(part)
+        except ValueError:
+            gb = math.nan
+        if not 0 < gb <= 4096:  # NaN fails too
+            raise ConfigError(
+                f"CLAIR_SIM_GPU_GB={raw!r}: each simulated card needs a size in GB from above 0 to 4096, "
+                "comma-separated (12,24 is two cards), or a single 0 for none."
+            )
+        sizes.append(gb)
+    return tuple(sizes)
 
 
 def parse_keep_alive(value: str) -> str | int:
@@ -545,6 +574,10 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     values: dict[str, Any] = {}
     for f in fields():
         raw = environ.get(env_name(f))
+        if f.name == "sim_gpu_gb" and raw and "," in raw:  # several simulated cards
+            values["sim_gpu_cards"] = parse_sim_gpu_cards(raw)
+            values["sim_gpu_gb"] = values["sim_gpu_cards"][0]
+            continue
         if raw is not None and raw != "":
             values[f.name] = _convert(f, raw)
     args = parser().parse_args(argv)

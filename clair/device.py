@@ -197,11 +197,60 @@ def _detect() -> Device:
 
 
 def install(dev: Device | None) -> Device | None:
-    """Make `dev` the device (None: detect again at the next `current()`). Returns the previous one."""
+    """Make `dev` the device (None: detect again at the next `current()`). Returns the previous one.
+
+    It is card 0 from now on: other cards `configure_cards()` listed are forgotten."""
     global _current
     with _lock:
         old, _current = _current, dev
+        _cards.clear()
     return old
+
+
+# -- several cards ---------------------------------------------------------------------------------------
+# Today Clair runs on card 0 (`current()`); the cards beyond it are listed and read here so that placement
+# (clair/placement.py) and the panel can see them, before the worker processes that will run on them exist.
+# Real CUDA cards are not enumerated in this process: the web process is not to initialise CUDA once the
+# workers exist (docs/design.md, "Several cards and worker processes"); each worker reads its own card.
+_cards: list[Device] = []
+
+
+def card_path(path: str, index: int) -> str:
+    """The state file of simulated card `index`: card 0's is `path` itself (as with one card), card i's
+    is `path` with -i before its extension (sim-gpu.json, sim-gpu-1.json, ...)."""
+    if index == 0:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}-{index}{ext}"
+
+
+def configure_cards(sizes_gb: tuple[float, ...] | list[float], sim_gpu_file: str) -> list[Device]:
+    """Set up every card from CLAIR_SIM_GPU_GB's sizes (Config.sim_gpu_sizes): card 0 exactly as `configure`
+    does with one size, and a simulated card, with its own state file, for each further size. Returns them."""
+    sizes = list(sizes_gb)
+    first = configure(sizes[0] if sizes else 0.0, sim_gpu_file)
+    if len(sizes) <= 1:
+        return [first]
+    from clair.simcard import SimCard
+
+    path = os.path.abspath(os.path.expanduser(sim_gpu_file))
+    more: list[Device] = [SimCard(card_path(path, i), total=int(gb * GiB)) for i, gb in enumerate(sizes) if i]
+    with _lock:
+        _cards[:] = [first, *more]
+    log.info("simulated GPU cards=%d sizes_gib=%s", len(sizes), ",".join(f"{gb:g}" for gb in sizes))
+    return [first, *more]
+
+
+def cards() -> list[Device]:
+    """Every card Clair knows, card 0 (`current()`) first."""
+    with _lock:
+        listed = list(_cards)
+    return listed or [current()]
+
+
+def readings() -> list[Reading | None]:
+    """Each card's reading, in card order (None where a card cannot say)."""
+    return [card.reading() for card in cards()]
 
 
 def configure(sim_gpu_gb: float, sim_gpu_file: str) -> Device:
