@@ -26,7 +26,7 @@ A card with no known budget never "fits": it is chosen only by rule 3, emptied o
 
 **One copy of each model (the image model included).** A model lives on one card at a time; moving it to
 another card drops the old copy (`Placement.drop_from`). Why not a warm copy on each card: SDXL's weights are
-6.5 GiB in fp16 and a 1024² render peaks at 9-11 GiB above nothing else, so a second copy costs a whole 12 GB
+6.5 GiB in fp16 and a 1024² render peaks at 9-11 GiB in all (weights included), so a second copy costs a whole 12 GB
 card and would evict the chat model from the card chat was meant to keep, which is exactly what a second card
 is for. Renders are one at a time in Clair (a diffusers pipeline keeps per-call state), so a second copy would
 only save a load when the first card is busy with chat; the pinned host copy already makes that load a copy
