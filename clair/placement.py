@@ -143,7 +143,9 @@ def place(cards: Sequence[Card], req: Request, ollama_cards: frozenset[int] = fr
     home = next((c for c in cards if c.holding(req.tenant)), None)
     # 1. A busy tenant stays where it runs.
     if home is not None and home.holding(req.tenant).busy:  # type: ignore[union-attr]
-        return Placement(home.index, (), False, None, f"{req.tenant} is busy on card {home.index}: the {req.kind} waits there")
+        return Placement(
+            home.index, (), False, None, f"{req.tenant} is busy on card {home.index}: the {req.kind} waits there"
+        )
 
     costs = {c.index: _cost(c, req, ollama_cards) for c in cards}
 
@@ -159,7 +161,9 @@ def place(cards: Sequence[Card], req: Request, ollama_cards: frozenset[int] = fr
         }
         best = min(free_fits, key=lambda c: (c is not home, -room[c.index], c.index))
         why = "its model is already there" if best is home else f"{room[best.index] / GiB:.1f} GiB left beside it"
-        return Placement(best.index, (), True, drop(best), f"fits on card {best.index} without evicting anything ({why})")
+        return Placement(
+            best.index, (), True, drop(best), f"fits on card {best.index} without evicting anything ({why})"
+        )
 
     # 3. Fits after the fewest evicted bytes.
     fitting = [c for c in cards if costs[c.index][0]]
@@ -170,7 +174,10 @@ def place(cards: Sequence[Card], req: Request, ollama_cards: frozenset[int] = fr
         )
         _, evict, nbytes = costs[best.index]
         return Placement(
-            best.index, evict, True, drop(best),
+            best.index,
+            evict,
+            True,
+            drop(best),
             f"fits on no card as it stands; card {best.index} evicts the least ({', '.join(evict)}: {nbytes / GiB:.1f} GiB)",
         )
 
@@ -179,13 +186,19 @@ def place(cards: Sequence[Card], req: Request, ollama_cards: frozenset[int] = fr
     if unknown:
         best = min(unknown, key=lambda c: (costs[c.index][2], c.index))
         return Placement(
-            best.index, costs[best.index][1], False, drop(best),
+            best.index,
+            costs[best.index][1],
+            False,
+            drop(best),
             f"no card has a known budget it fits in; card {best.index} (budget unknown) gets it alone",
         )
     # 4. Nowhere.
     largest = max((c.budget for c in cards), default=0)
     return Placement(
-        None, (), False, None,
+        None,
+        (),
+        False,
+        None,
         f"the {req.kind} needs {req.need / GiB:.1f} GiB; it fits on no card, even after evicting every idle model "
         f"(largest budget {largest / GiB:.1f} GiB): use a smaller size or free memory held by other programs",
     )

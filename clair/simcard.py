@@ -153,6 +153,13 @@ def free_of(state: dict) -> int:
     return state["total"] - sum(state["procs"].values())
 
 
+def held_by(path: str, program: str) -> int:
+    """Bytes the holders named `program:...` hold on the card (e.g. "ollama": every runner of Ollama), as a
+    per-process reading of a real card would give them (nvidia-smi's process list)."""
+    st = read(path)
+    return sum(v for k, v in st["procs"].items() if k.split(":", 1)[0] == program)
+
+
 def take(path: str, holder: str, nbytes: int) -> bool:
     """Another program sets its holding to `nbytes` if the card has room (False, and nothing taken, if not)."""
 

@@ -241,7 +241,9 @@ class TwoCards(RuleBasedStateMachine):
         if p.card is None:
             # Nowhere: not even alone on an emptied card would it fit.
             for c in before:
-                keep = sum(x.bytes for x in c.held if x.fixed or x.busy or (x.tenant == OLLAMA and c.index not in ollama))
+                keep = sum(
+                    x.bytes for x in c.held if x.fixed or x.busy or (x.tenant == OLLAMA and c.index not in ollama)
+                )
                 assert c.budget <= 0 or keep + req.need > c.budget
             return
         target = before[p.card]

@@ -9,7 +9,7 @@ import pytest
 
 from clair import config, device, simcard
 from clair.errors import ConfigError
-from clair.placement import Card, Held, Request, place
+from clair.placement import Card, Held, Request, ollama_cards_from, place
 from clair.simcard import GiB, SimCard
 
 
@@ -118,6 +118,39 @@ def test_placement_on_read_cards(tmp_path):
         ]
         p = place(seen, Request("render", "image", 11 * GiB))
         assert (p.card, p.evict) == (1, ())
+    finally:
+        for c in cards:
+            c.close()
+
+
+def test_ollamas_card_from_what_its_runner_holds(tmp_path):
+    """Without CLAIR_OLLAMA_GPUS, Ollama's card is the one its runner holds memory on (the stand-in names its
+    holders ollama:<pid>:...), and a render that cannot fit beside it elsewhere evicts it only there."""
+    path = str(tmp_path / "sim-gpu.json")
+    cards = device.configure_cards((12, 24), path)
+    try:
+        assert simcard.take(cards[1].path, f"ollama:{os.getpid()}:runner-1:llama3.1:8b", 6 * GiB)
+        assert simcard.take(cards[0].path, f"blender:{os.getpid()}", 4 * GiB)
+        held = [simcard.held_by(c.path, "ollama") for c in cards]
+        assert held == [0, 6 * GiB]
+        mine = ollama_cards_from("", held)
+        assert mine == frozenset({1})
+
+        seen = [
+            Card(
+                i,
+                c.reading().total,
+                tuple(
+                    Held(k.split(":", 1)[0], v, fixed=not k.startswith("ollama"))
+                    for k, v in simcard.read(c.path)["procs"].items()
+                ),
+            )
+            for i, c in enumerate(cards)
+        ]
+        p = place(seen, Request("render", "image", 20 * GiB), mine)
+        assert (p.card, p.evict) == (1, ("ollama",))
+        # Told Ollama uses card 0 only, Clair leaves its memory on card 1 alone: nowhere to put 20 GiB.
+        assert place(seen, Request("render", "image", 20 * GiB), ollama_cards_from("0", held)).card is None
     finally:
         for c in cards:
             c.close()
