@@ -201,6 +201,9 @@ class ImageEngine(Engine):
         return PRIORS[self.vae_kind].need(weights, mpx), weights  # per VAE kind; see the table above
 
     # -- loading -----------------------------------------------------------------------------------
+    def needs_load(self) -> bool:
+        return self._pipe is None
+
     def load(self):
         """The pipeline, loaded into host memory now if need be. Raises ImageModelUnavailable with what to do:
         at once while an earlier failure is known and not due for a re-check (clair/loadgate.py)."""
