@@ -496,9 +496,11 @@ class Lease:
             with self.arbiter._lock:
                 self._futures = [(lp, f) for lp, f in self._futures if f is not fut]
 
-    async def wait_async(self, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False) -> Lease:
+    async def wait_async(
+        self, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False, tick: float = 1.0
+    ) -> Lease:
         """Await the GPU without a thread (see `waiting_async`)."""
-        async for _ in self.waiting_async(timeout, cancelled):
+        async for _ in self.waiting_async(timeout, cancelled, tick):
             pass
         return self
 
