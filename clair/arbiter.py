@@ -981,8 +981,12 @@ class Arbiter:
                 return ()
             if self.budget > 0:
                 lease.req = replace(lease.req, need=max(lease.req.need, self.budget))
+                own = self._residents.get(lease.req.tenant)
+                if own is not None and not own.evicting:  # the ledger counts a busy tenant at its peak need
+                    self._residents[lease.req.tenant] = replace(own, bytes=max(own.bytes, lease.req.need))
             busy = {ls.req.tenant for ls in self._running.values()}
-            names = [n for n, r in self._residents.items() if n not in busy and not r.evicting]
+            # Memory held by other programs (fixed) is not Clair's to evict: it stays in the ledger.
+            names = [n for n, r in self._residents.items() if n not in busy and not r.evicting and not r.fixed]
             now = time.monotonic()
             for n in names:
                 self._residents[n] = replace(self._residents[n], evicting=True)
