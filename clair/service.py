@@ -28,7 +28,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -121,7 +121,7 @@ class Job:
             await in_thread(self.__exit__, None, None, None)
 
     # -- the work ------------------------------------------------------------------------------------
-    async def _drive(self, gen: Generator, kind: str) -> AsyncIterator[Any]:
+    async def _drive(self, gen: Generator, kind: str) -> AsyncGenerator[Any, None]:
         """Run a Studio generator: its steps in a worker thread, its waits for the GPU on the event loop.
 
         At a `Queued` event the generator is parked (it holds no thread) while the lease's grant is awaited;
@@ -159,27 +159,28 @@ class Job:
                     threading.Thread(target=_close, args=(gen,), name="clair-cleanup", daemon=True).start()
                     raise
 
-    async def chat(
+    def chat(
         self,
         message: str,
         history: list | None = None,
         model: str | None = None,
         system: str | None = None,
         label: str | None = None,
-    ) -> AsyncIterator[Waiting | Token]:
-        """A reply to `message`: `Waiting` while held back, then `Token`s (Studio.chat's checks and lease)."""
-        gen = self.studio.chat(message, history, model=model, system=system, stop=self.stop, label=label, owner=self.owner)
-        async for ev in self._drive(gen, "chat"):
-            yield ev
+    ) -> AsyncGenerator[Waiting | Token, None]:
+        """A reply to `message`: `Waiting` while held back, then `Token`s (Studio.chat's checks and lease).
 
-    async def imagine(self, idea: str, history: list | None = None, model: str | None = None) -> AsyncIterator[Waiting | Token]:
+        The caller's `aclose()` (a client gone) reaches the generator itself: its lease is released then."""
+        gen = self.studio.chat(message, history, model=model, system=system, stop=self.stop, label=label, owner=self.owner)
+        return self._drive(gen, "chat")
+
+    def imagine(self, idea: str, history: list | None = None, model: str | None = None) -> AsyncGenerator[Waiting | Token, None]:
         """Imagine: the chat model writes an SDXL prompt from `idea` (see Studio.imagine)."""
-        async for ev in self._drive(self.studio.imagine(idea, history, model, stop=self.stop), "chat"):
-            yield ev
+        return self._drive(self.studio.imagine(idea, history, model, stop=self.stop), "chat")
 
     async def imagine_prompt(self, idea: str, history: list | None = None, model: str | None = None) -> tuple[str, str]:
         """(prompt, negative prompt) for `idea`: imagine() to the end, parsed."""
-        reply = "".join([ev.text async for ev in self.imagine(idea, history, model) if isinstance(ev, Token)])
+        async with contextlib.aclosing(self.imagine(idea, history, model)) as events:
+            reply = "".join([ev.text async for ev in events if isinstance(ev, Token)])
         return self.studio.imagined(reply, idea)
 
     async def render(
@@ -187,8 +188,9 @@ class Job:
     ) -> tuple[str, dict]:
         """Render and save an image (Studio.render's checks, lease, pauses); returns (png path, info)."""
         gen = self.studio.render_steps(params, on_progress, self.stop, self.owner)
-        async for w in self._drive(gen, "render"):
-            on_progress(w.describe(), 0.0)
+        async with contextlib.aclosing(self._drive(gen, "render")) as waits:
+            async for w in waits:
+                on_progress(w.describe(), 0.0)
         return self.result
 
     async def hold(self, engine: Engine, model: str, label: str, gpu: bool = True) -> Lease | None:

@@ -251,13 +251,14 @@ def build(studio: Studio) -> gr.Blocks:
             reply = ""
             try:
                 context = [m for m in past if not _is_notice(m)]
-                async for event in job.chat(message, context, model=model, system=system):
-                    if isinstance(event, Waiting):
-                        shown[-1] = {"role": "assistant", "content": _waiting_text(event)}
-                    else:
-                        reply += event.text
-                        shown[-1] = {"role": "assistant", "content": reply}
-                    yield shown, "", gr.skip()
+                async with contextlib.aclosing(job.chat(message, context, model=model, system=system)) as events:  # closed here, not left to the GC
+                    async for event in events:
+                        if isinstance(event, Waiting):
+                            shown[-1] = {"role": "assistant", "content": _waiting_text(event)}
+                        else:
+                            reply += event.text
+                            shown[-1] = {"role": "assistant", "content": reply}
+                        yield shown, "", gr.skip()
             except ClairError as exc:
                 shown[-1] = {"role": "assistant", "content": (reply + "\n\n" if reply else "") + f"⚠️ {exc}"}
                 yield shown, "", gr.skip()
@@ -272,10 +273,11 @@ def build(studio: Studio) -> gr.Blocks:
         try:
             message, past, _, _ = limits.check_chat(cfg, message, history)
             with _job(studio, request, "api-chat") as job:
-                async for event in job.chat(message, past):
-                    if isinstance(event, Token):
-                        reply += event.text
-                        yield reply
+                async with contextlib.aclosing(job.chat(message, past)) as events:  # closed here, not left to the GC
+                    async for event in events:
+                        if isinstance(event, Token):
+                            reply += event.text
+                            yield reply
         except gr.Error:
             raise
         except ClairError as exc:
@@ -636,12 +638,13 @@ def build(studio: Studio) -> gr.Blocks:
                 context = [m for m in past if not _is_notice(m)]
                 if context and context[-1]["role"] == "user" and context[-1]["content"] == idea:
                     context = context[:-1]
-                async for event in job.imagine(idea, context, model=model):
-                    if isinstance(event, Waiting):
-                        yield _waiting_text(event), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-                    else:
-                        reply += event.text
-                        yield f"✍️ {reply[-300:]}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                async with contextlib.aclosing(job.imagine(idea, context, model=model)) as events:  # closed here, not left to the GC
+                    async for event in events:
+                        if isinstance(event, Waiting):
+                            yield _waiting_text(event), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                        else:
+                            reply += event.text
+                            yield f"✍️ {reply[-300:]}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 prompt_text, negative_text = parse_imagined(reply, idea, cfg.max_prompt_chars)
                 yield (
                     "Edit the prompt if you like, then **Render it** (the Image tab opens).",

@@ -206,3 +206,35 @@ def test_256_jobs_through_the_front_door_hold_no_thread_while_they_wait(standin,
     asyncio.run(main())
     assert studio.jobs.snapshot()["total"] == 0 and studio.arbiter.is_idle()
     assert studio.cancel_jobs() == 0
+
+
+def test_a_job_left_mid_reply_is_closed_off_the_event_loop(standin, tmp_path):
+    """A client that goes away mid-reply: Gradio (or the API) closes the handler on its event loop; the
+    lease's release and the engines' hooks (HTTP to Ollama) run in a worker thread, never on the loop."""
+    cfg = dataclasses.replace(
+        Config(), chat_backend="ollama", ollama_host=standin.host, image_model="tiny", output_dir=str(tmp_path),
+        state_dir=str(tmp_path / "state"), warmup=False,
+    )
+    studio = Studio(cfg)
+    released_in = []
+    release = studio._release
+
+    def recording(lease):
+        released_in.append(threading.current_thread())
+        release(lease)
+
+    studio._release = recording  # type: ignore[method-assign]
+    standin.queue_reply(["one ", "two ", "three"])
+
+    async def main():
+        with studio.job("user:a", cancel_key="chat:page") as job:
+            events = job.chat("hi")
+            async for event in events:
+                if isinstance(event, Token):
+                    break  # the client went away after the first token
+            await events.aclose()
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(main())
+    assert released_in and loop_thread not in released_in
+    assert studio.arbiter.is_idle() and studio.jobs.snapshot()["total"] == 0 and not studio.running("chat:page")
