@@ -238,3 +238,43 @@ def test_a_job_left_mid_reply_is_closed_off_the_event_loop(standin, tmp_path):
     loop_thread = asyncio.run(main())
     assert released_in and loop_thread not in released_in
     assert studio.arbiter.is_idle() and studio.jobs.snapshot()["total"] == 0 and not studio.running("chat:page")
+
+
+def test_256_requests_on_the_ollama_port_wait_without_a_server_thread(standin, tmp_path, monkeypatch):
+    """The same over HTTP: 256 `/api/chat` requests from other programs wait on the Ollama-compatible port
+    (uvicorn, the gateway's guard and adapter, the front door) while a render holds the GPU, and the server
+    has not one thread more. Most clients then hang up (each frees its place); the rest are answered."""
+    import httpx
+
+    from tests.gateway_support import Served, gateway_app, make_studio
+
+    monkeypatch.setattr(service, "GPU_THREADS", 1)
+    studio = make_studio(standin, tmp_path, max_queue=N, max_jobs_per_user=N)
+    served = Served(gateway_app(studio))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=served.url, timeout=120, limits=httpx.Limits(max_connections=None)) as c:
+            first = await c.post("/api/chat", json=body)  # the server's worker threads exist before we count
+            assert first.status_code == 200, first.text
+            render = studio.arbiter.request("render", studio.image.tenant, 8 * GiB, 4 * GiB).wait()
+            before = clair_threads()
+            tasks = [asyncio.create_task(c.post("/api/chat", json=body)) for _ in range(N)]
+            await until(lambda: studio.arbiter.count("chat") == N)
+            assert len(clair_threads()) <= len(before), (before, clair_threads())
+            assert not blocked_in_the_arbiter()
+            KEEP = 8
+            for t in tasks[KEEP:]:
+                t.cancel()  # the client hangs up: the gateway sees the disconnect, the job gives its place back
+            await asyncio.gather(*tasks[KEEP:], return_exceptions=True)
+            await until(lambda: studio.arbiter.count("chat") == KEEP and studio.jobs.snapshot()["total"] == KEEP)
+            render.release()
+            answers = await asyncio.wait_for(asyncio.gather(*tasks[:KEEP]), 60)
+            assert [r.status_code for r in answers] == [200] * KEEP
+            assert all(r.json()["message"]["content"] == "You said: hi" for r in answers)
+
+    try:
+        asyncio.run(main())
+    finally:
+        served.stop()
+    assert studio.jobs.snapshot()["total"] == 0
