@@ -107,8 +107,8 @@ class Job:
         return self
 
     def __exit__(self, *exc) -> None:
-        """Releases what `hold()` took (engine hooks may do I/O: adapters on a loop close it in a thread,
-        see `aclose`), then gives the slot back."""
+        """Releases what `hold()` took, then gives the slot back. After a `hold()` this runs the engines' hooks
+        (I/O): an adapter on an event loop closes such a job in a worker thread (the gateway does)."""
         try:
             while self._held:
                 engine, lease = self._held.pop()
@@ -116,12 +116,8 @@ class Job:
         finally:
             self._stack.close()
 
-    async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await in_thread(self.__exit__, None, None, None)
-
     # -- the work ------------------------------------------------------------------------------------
-    async def _drive(self, gen: Generator, kind: str) -> AsyncGenerator[Any, None]:
+    async def _drive(self, gen: Generator) -> AsyncGenerator[Any, None]:
         """Run a Studio generator: its steps in a worker thread, its waits for the GPU on the event loop.
 
         At a `Queued` event the generator is parked (it holds no thread) while the lease's grant is awaited;
@@ -141,11 +137,12 @@ class Job:
                 last = (ev.position, round(ev.eta_s), ev.reason)
                 failed: BaseException | None = None
                 try:
-                    async for pos in ev.lease.waiting_async(timeout, self.stop.is_set):
-                        now = (pos["position"], round(pos["eta_s"]), pos["reason"])
-                        if now != last:
-                            last = now
-                            yield Waiting(pos["position"], pos["eta_s"], pos["reason"])
+                    async with contextlib.aclosing(ev.lease.waiting_async(timeout, self.stop.is_set)) as places:
+                        async for pos in places:
+                            now = (pos["position"], round(pos["eta_s"]), pos["reason"])
+                            if now != last:
+                                last = now
+                                yield Waiting(pos["position"], pos["eta_s"], pos["reason"])
                 except ClairError as exc:
                     failed = exc
                 ev = await in_thread(_step, gen, failed)
@@ -171,11 +168,11 @@ class Job:
 
         The caller's `aclose()` (a client gone) reaches the generator itself: its lease is released then."""
         gen = self.studio.chat(message, history, model=model, system=system, stop=self.stop, label=label, owner=self.owner)
-        return self._drive(gen, "chat")
+        return self._drive(gen)
 
     def imagine(self, idea: str, history: list | None = None, model: str | None = None) -> AsyncGenerator[Waiting | Token, None]:
         """Imagine: the chat model writes an SDXL prompt from `idea` (see Studio.imagine)."""
-        return self._drive(self.studio.imagine(idea, history, model, stop=self.stop), "chat")
+        return self._drive(self.studio.imagine(idea, history, model, stop=self.stop))
 
     async def imagine_prompt(self, idea: str, history: list | None = None, model: str | None = None) -> tuple[str, str]:
         """(prompt, negative prompt) for `idea`: imagine() to the end, parsed."""
@@ -188,7 +185,7 @@ class Job:
     ) -> tuple[str, dict]:
         """Render and save an image (Studio.render's checks, lease, pauses); returns (png path, info)."""
         gen = self.studio.render_steps(params, on_progress, self.stop, self.owner)
-        async with contextlib.aclosing(self._drive(gen, "render")) as waits:
+        async with contextlib.aclosing(self._drive(gen)) as waits:
             async for w in waits:
                 on_progress(w.describe(), 0.0)
         return self.result
