@@ -8,9 +8,29 @@
   const latin1 = new TextDecoder("latin1");
   const utf8 = new TextDecoder("utf-8");
 
-  async function inflate(bytes) {
+  // A compressed text chunk inflates to at most this many bytes: Clair's and A1111's settings take a few
+  // kilobytes, and a 1 MB chunk of zeros would otherwise inflate to gigabytes in the browser.
+  const MAX_INFLATED = 256 * 1024;
+
+  async function inflate(bytes, limit = MAX_INFLATED) {
     const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
-    return new Uint8Array(await new Response(stream).arrayBuffer());
+    const reader = stream.getReader();
+    const parts = [];
+    let size = 0;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      size += value.length;
+      if (size > limit) {
+        await reader.cancel();
+        throw new Error("text chunk too large");
+      }
+      parts.push(value);
+    }
+    const out = new Uint8Array(size);
+    let at = 0;
+    for (const p of parts) { out.set(p, at); at += p.length; }
+    return out;
   }
 
   // The text chunks of a PNG: {keyword: text}. tEXt, zTXt and iTXt, stopping at the image data's end.
@@ -45,6 +65,7 @@
     }
     return out;
   }
+  window.__clairPngText = pngText; // for tests/test_browser.py
 
   // AUTOMATIC1111's `parameters`: prompt lines, "Negative prompt: ...", then "Steps: 30, ..., Size: WxH".
   function fromA1111(text) {

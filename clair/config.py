@@ -2,7 +2,7 @@
 
 Every field of `Config` is one setting. Its environment variable is `CLAIR_<FIELD>` (except where
 `env=` says otherwise, e.g. Ollama's own `OLLAMA_HOST`), and common ones also get a command-line
-flag. The README's configuration table and `systemd/clair.env.example` are generated from this table
+flag. The configuration table (docs/configuration.md) and `systemd/clair.env.example` are generated from this table
 (`python -m clair.config --markdown` / `--env`), so they cannot drift from the code.
 
 This module owns parsing and validation only; it must not import torch, gradio or the network.
@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from clair.base import go_duration_s
 from clair.errors import ConfigError
 
 # Demo mode's output folder unless CLAIR_OUTPUT_DIR is set: noise images never mix with real ones.
@@ -75,6 +76,11 @@ class Config:
         "",
         "Extra host names clients may use to reach Clair (comma-separated), e.g. a reverse proxy's name. "
         "Loopback, this machine's name and its addresses are always allowed.",
+    )
+    trusted_proxies: str = setting(
+        "",
+        "Addresses of reverse proxies (comma-separated, e.g. 127.0.0.1) whose X-Forwarded-For names the client. "
+        "Empty: nobody's is believed, so no client can pick its own address.",
     )
     session_hours: float = setting(
         12.0, "A login lasts this many hours; then the browser asks again.", min=0.0005, max=24 * 365
@@ -259,6 +265,13 @@ class Config:
         "when there are no users. Past it, requests are refused with a retry time.", min=1, max=1000)
     max_queue: int = setting(
         16, "GPU jobs (chats and renders, waiting or running) the whole house may have at once; past it, refused.", min=1, max=MAX_QUEUE_CEILING)
+    forwarded_users_from: str = setting(
+        "",
+        "API clients trusted to say which of their people a request is for, so each person gets their own "
+        "CLAIR_MAX_JOBS_PER_USER: key names (comma-separated), or without users client addresses (e.g. 127.0.0.1). "
+        "They name the person with Open WebUI's X-OpenWebUI-User-Id header (its ENABLE_FORWARD_USER_INFO_HEADERS"
+        "=true); from anyone else the header is ignored. Empty: nobody (each key or address counts as one person).",
+    )
     shared_gallery: bool = setting(
         False, "With user accounts, show everyone's images in every gallery (without users, all images are shown)."
     )
@@ -350,19 +363,15 @@ def fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(Config)
 
 
-_GO_DURATION = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
-
-
 def parse_keep_alive(value: str) -> str | int:
     value = value.strip()
     if re.fullmatch(r"-?\d+", value):
         return int(value)
-    if value == "0" or _GO_DURATION.match(value):
-        return value
-    raise ConfigError(f"CLAIR_KEEP_ALIVE={value!r} is not a duration: use seconds (300) or a Go duration (30m, 1h).")
-
-
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        go_duration_s(value)
+    except ValueError:
+        raise ConfigError(f"CLAIR_KEEP_ALIVE={value!r} is not a duration: use seconds (300) or a Go duration (30m, 1h).") from None
+    return value
 
 
 def duration_s(value: str, name: str = "CLAIR_IMAGE_KEEP_ALIVE") -> float:
@@ -376,11 +385,10 @@ def duration_s(value: str, name: str = "CLAIR_IMAGE_KEEP_ALIVE") -> float:
         if math.isfinite(seconds):
             return seconds
         raise ConfigError(f"{name}={value!r} is not a duration: use seconds (600) or a Go duration (10m, 1h).")
-    if not _GO_DURATION.match(value):
-        raise ConfigError(f"{name}={value!r} is not a duration: use seconds (600) or a Go duration (10m, 1h).")
-    sign = -1.0 if value.startswith("-") else 1.0
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", value)
-    return sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
+    try:
+        return go_duration_s(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a duration: use seconds (600) or a Go duration (10m, 1h).") from None
 
 
 def ollama_url(host: str) -> str:
@@ -426,6 +434,31 @@ RETIRED = {
 }
 
 
+# CLAIR_ names that are not settings: the browser test's switch for rewriting the README's screenshots.
+NOT_SETTINGS = frozenset({"CLAIR_UPDATE_SCREENSHOTS"})
+
+
+def check_names(environ: Mapping[str, str]) -> None:
+    """Refuse a CLAIR_ variable that is no setting, with the nearest real name: a misspelled name would
+    otherwise be ignored silently and Clair would run with the default the person meant to change."""
+    import difflib
+
+    known = {env_name(f) for f in fields()}
+    for name in sorted(environ):
+        if not name.startswith("CLAIR_") or name in known or name in NOT_SETTINGS or name == "CLAIR_AUTH":
+            continue
+        if name[len("CLAIR_") :] in known:  # CLAIR_OLLAMA_HOST: a variable Clair reads under its own name
+            guess = name[len("CLAIR_") :]
+        else:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+            guess = close[0] if close else ""
+        hint = f" Did you mean {guess}?" if guess else ""
+        raise ConfigError(
+            f"{name} is not one of Clair's settings.{hint} `clair --help` (or `python app.py --help`) lists "
+            "them all; an unknown name is refused so that a typo cannot pass unnoticed."
+        )
+
+
 def _convert(f: dataclasses.Field, raw: str) -> Any:
     name = env_name(f)
     kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -455,7 +488,7 @@ def _convert(f: dataclasses.Field, raw: str) -> Any:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="app.py",
+        prog="clair" if os.path.basename(sys.argv[0]) == "clair" else "app.py",  # the installed command, or the checkout's
         description="Clair: chat and image generation sharing one GPU. Every option can also be set "
         "through its environment variable (shown in brackets). Accounts: `app.py adduser NAME` (asks for "
         "the password; one line on standard input for scripts), `app.py deluser NAME`, `app.py users`. API keys: "
@@ -487,6 +520,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = list(argv) if argv is not None else []
     if environ.get("CLAIR_AUTH") or any(a == "--auth" or a.startswith("--auth=") for a in argv):
         raise ConfigError(RETIRED["auth"])
+    check_names(environ)
     values: dict[str, Any] = {}
     for f in fields():
         raw = environ.get(env_name(f))

@@ -1,8 +1,9 @@
 """Past conversations, kept across restarts: one JSON file per conversation, one folder per user.
 
 Layout: `<chats dir>/<owner folder>/<id>.json` (Config.chats_dir: chats/ beside the output folder, never
-inside it, since Gradio serves the output folder). The owner folder is a hash of the user name
-(`household` without user accounts), so no user name ever becomes a path; ids are made here
+inside it, since Gradio serves the output folder). The owner folder is an HMAC of the user name under a
+key of this install (`household` without user accounts), so no user name ever becomes a path and a name
+cannot be confirmed from the folder names; folders are 0700 and files 0600 (clair.base.write_private); ids are made here
 (`secrets.token_hex`), and an id a client sends is only used after it matches that exact form. A user can
 only list, read or delete files in their own folder.
 
@@ -14,7 +15,9 @@ messages are dropped to fit), and at most `max_per_owner` conversations per user
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clair import limits
+from clair.base import PRIVATE_DIR, private_dir, write_private
 from clair.config import Config
 from clair.errors import BadRequest
 
@@ -53,13 +57,40 @@ class ConversationStore:
         self.root = Path(root if root is not None else cfg.chats_dir).expanduser().resolve()
         self.max_per_owner = max_per_owner
         self._lock = threading.Lock()
+        self._secret_lock = threading.Lock()
+        self._key: bytes | None = None
+
+    def _secret(self) -> bytes:
+        """This install's folder-naming key (`.folder-key`, 0600), made on first use."""
+        with self._secret_lock:
+            if self._key is None:
+                path = self.root / ".folder-key"
+                try:
+                    key = path.read_bytes()
+                except FileNotFoundError:
+                    key = b""
+                if len(key) < 32:
+                    key = secrets.token_bytes(32)
+                    write_private(path, key)
+                self._key = key
+            return self._key
 
     def folder(self, owner: str | None) -> Path:
+        """The owner's folder: an HMAC of the name under this install's key, so a name cannot be tested
+        against folder names (a plain hash of a guessed name would match). The folder of the plain hash
+        that earlier versions made is taken over on first use."""
         if owner is None:
             return self.root / "household"
         if not isinstance(owner, str) or not owner:
             raise BadRequest("Unknown user.")
-        return self.root / ("user-" + hashlib.sha256(owner.encode("utf-8")).hexdigest()[:32])
+        name = "user-" + hmac.new(self._secret(), owner.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+        path = self.root / name
+        legacy = self.root / ("user-" + hashlib.sha256(owner.encode("utf-8")).hexdigest()[:32])
+        if not path.exists() and legacy.is_dir() and not legacy.is_symlink():
+            with contextlib.suppress(OSError):
+                os.replace(legacy, path)
+                os.chmod(path, PRIVATE_DIR)
+        return path
 
     def _plain(self, messages: object) -> list[dict[str, str]]:
         """User and assistant turns as fresh strings, Clair's own notices left out, within the limits (the
@@ -101,11 +132,8 @@ class ConversationStore:
         record = {"id": conv_id, "title": title, "updated": time.time(), "messages": plain}
         folder = self.folder(owner)
         with self._lock:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{conv_id}.json"
-            tmp = path.with_suffix(".json.part")
-            tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
-            os.replace(tmp, path)
+            private_dir(self.root)
+            write_private(folder / f"{conv_id}.json", json.dumps(record, ensure_ascii=False))
             self._prune(folder)
         return conv_id
 

@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from clair.base import write_private
 
 if TYPE_CHECKING:
     from clair.arbiter import Arbiter, Lease
@@ -112,7 +112,7 @@ class Engine:
 class StateFile:
     """A small JSON file of facts Clair measured, kept across restarts (e.g. Ollama's loaded sizes).
 
-    Written atomically (a temporary file in the same folder, then `os.replace`), so a crash leaves the old
+    Written atomically and 0600 (clair.base.write_private), so a crash leaves the old
     file or the new one, never half of one. A missing or unreadable file is an empty state: everything in
     it can be measured again.
     """
@@ -150,10 +150,6 @@ class StateFile:
             part[key] = value
             text = json.dumps(self._data, indent=1, sort_keys=True)
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".clair-state-", dir=self.path.parent)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                os.replace(tmp, self.path)
+                write_private(self.path, text)
             except OSError as exc:  # a read-only disk costs the memory across restarts, nothing else
                 log.warning("could not write the state file path=%s error=%s", self.path, exc)

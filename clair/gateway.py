@@ -40,11 +40,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
-import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -53,6 +50,21 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from clair.base import go_duration_s
+from clair.edge import (
+    OLLAMA,
+    OPENAI,
+    BadJson,
+    Exchange,
+    Gone,
+    Send,
+    closing_send,
+    error_body,
+    in_thread,
+    job_slot,
+    json_of,
+    send_json,
+)
 from clair.errors import Cancelled, ClairError, GpuBusy
 
 log = logging.getLogger("clair.gateway")
@@ -63,131 +75,14 @@ GPU_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
 MANAGE = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs")
 
 
-# --- running blocking work without starving the server ---------------------------------------------
-
-_limiters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def limiter() -> anyio.CapacityLimiter:
-    """Worker threads for requests that wait for the GPU, apart from the server's (and Gradio's) own pool:
-    a queue of held API requests must not take every thread the UI needs (CLAIR_MAX_QUEUE bounds how many
-    wait at once). One per event loop."""
-    loop = asyncio.get_running_loop()
-    lim = _limiters.get(loop)
-    if lim is None:
-        lim = _limiters[loop] = anyio.CapacityLimiter(256)
-    return lim
-
-
-async def in_thread(fn: Callable, *args: Any) -> Any:
-    return await anyio.to_thread.run_sync(fn, *args, limiter=limiter())
-
-
-Send = Callable[[dict], Awaitable[None]]
-
-
-class Gone(threading.Event):
-    """Set once the client has disconnected; also sets the events linked to it. Pass a linked event, not
-    this one, to code that may set it itself (an engine sets its `stop` when its reply ends)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._linked: list[threading.Event] = []
-
-    def link(self, event: threading.Event) -> threading.Event:
-        self._linked.append(event)
-        if self.is_set():
-            event.set()
-        return event
-
-    def set(self) -> None:
-        super().set()
-        for event in self._linked:
-            event.set()
-
-
-class Exchange(Response):
-    """A response that runs `work(send, gone)` itself, so what it holds is released whatever happens.
-
-    `work` sends the response (it decides the status once it knows it, e.g. after the GPU was granted
-    and Ollama answered). `gone` is set as soon as the client disconnects, also while nothing is being
-    sent (a request held for a render), so the wait ends and the lease goes back.
-    """
-
-    def __init__(self, work: Callable[[Send, Gone], Awaitable[None]], shape: Callable[[str], dict] | None = None):
-        self.work = work
-        self.shape = shape or (lambda message: {"error": message})  # an error body, as this API shapes them
-        self.background = None
-        self.status_code = 200
-        self.raw_headers = []
-
-    async def __call__(self, scope, receive, send) -> None:
-        gone = Gone()
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    gone.set()
-                    return
-
-        started = False
-
-        async def guarded_send(message: dict) -> None:
-            nonlocal started
-            if gone.is_set():
-                raise OSError("the client went away")
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            try:
-                await self.work(guarded_send, gone)
-            except OSError:
-                gone.set()
-            except Exception as exc:  # a bug: logged with an id; the client gets the id, not the exception
-                from clair.limits import unexpected
-
-                text = unexpected(log, exc, "an API request")
-                if not started and not gone.is_set():
-                    await send_json(send, 500, self.shape(text))
-            finally:
-                tg.cancel_scope.cancel()
-
-
-def closing_send(send: Send, stack: contextlib.ExitStack) -> Send:
-    """`send`, closing `stack` (a job slot, a lease) just before the last bytes of the response go out."""
-
-    async def wrapped(message: dict) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            with anyio.CancelScope(shield=True):
-                await in_thread(stack.close)
-        await send(message)
-
-    return wrapped
-
-
-async def send_json(send: Send, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(obj).encode()
-    raw = [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
 # --- keep_alive and num_ctx --------------------------------------------------------------------------
-
-_GO_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_GO_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")  # ASCII digits only, as Go
-
 
 def keep_alive_seconds(value: Any) -> float | None:
     """A keep_alive as Ollama reads it: None when absent; seconds (inf for a negative one).
 
-    JSON numbers are seconds; strings are Go durations ("5m", "1h30m", "-1s"); Ollama rejects anything else
-    with 400 before it loads anything (Ollama's docs/api.md, "keep_alive"), and so does Clair. Raises
-    ValueError with Go's message.
+    JSON numbers are seconds; strings are Go durations ("5m", "1h30m", "-1s"; clair.base.go_duration_s);
+    Ollama rejects anything else with 400 before it loads anything (Ollama's docs/api.md, "keep_alive"),
+    and so does Clair. Raises ValueError with Go's message.
     """
     if value is None:
         return None
@@ -195,49 +90,53 @@ def keep_alive_seconds(value: Any) -> float | None:
         raise ValueError(f"Unsupported type: '{type(value).__name__}'")
     if isinstance(value, int | float):
         return float("inf") if value < 0 else float(int(value))
-    text = value.strip()
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text[1:] if text[:1] in ("+", "-") else text  # one sign at most, as Go's time.ParseDuration
-    if body == "0":
-        return 0.0
-    if re.fullmatch(r"[0-9]+(\.[0-9]*)?", body):
-        raise ValueError(f'time: missing unit in duration "{value}"')
-    pos, total = 0, 0.0
-    while pos < len(body):
-        m = _GO_PART.match(body, pos)
-        if not m:
-            raise ValueError(f'time: invalid duration "{value}"')
-        total += float(m.group(1)) * _GO_UNIT[m.group(2)]
-        pos = m.end()
-    if not body:
-        raise ValueError(f'time: invalid duration "{value}"')
-    return float("inf") if sign < 0 and total > 0 else total  # "-0s" is 0 (unload), not forever
+    total = go_duration_s(value)
+    return float("inf") if total < 0 else abs(total)  # "-0s" is 0 (unload), not forever
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+def text_chars(value: Any) -> int:
+    """Every character of text in a message's content, whatever its form: a string, or a list of parts
+    (`[{"type": "text", "text": ...}]`, as OpenAI's clients send) holding strings at any depth."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(text_chars(v) for v in value)
+    if isinstance(value, dict):
+        return sum(text_chars(v) for k, v in value.items() if k not in ("type", "image_url", "images"))
+    return 0
+
+
+def openai_error(status: int, message: str, code: str) -> JSONResponse:
+    """An error on Ollama's /v1, shaped as OpenAI's (and Ollama's /v1) errors are."""
+    return JSONResponse(error_body(OPENAI, status, message, code), status_code=status)
 
 
 def over_limits(body: dict, cfg) -> str:
     """Clair's text limits (clair/limits.py), for the Ollama-compatible API: what is wrong, or "".
 
-    The conversation's text in all (CLAIR_MAX_HISTORY_CHARS plus one CLAIR_MAX_MESSAGE_CHARS) and its
-    messages (CLAIR_MAX_HISTORY_MESSAGES plus the new one), or a prompt (CLAIR_MAX_MESSAGE_CHARS); refused
-    before any GPU work, like the UI's and /v1's requests. Other fields are forwarded as sent."""
+    The conversation's text in all (CLAIR_MAX_HISTORY_CHARS plus one CLAIR_MAX_MESSAGE_CHARS), counted in
+    every form content takes, and its messages (CLAIR_MAX_HISTORY_MESSAGES plus the new one); a prompt or
+    system text (CLAIR_MAX_MESSAGE_CHARS); the texts to embed (`input`: one string or a list, the same total
+    as a conversation). Refused before any GPU work, like the UI's and /v1's requests. Other fields are
+    forwarded as sent."""
+    whole = cfg.max_history_chars + cfg.max_message_chars
     messages = body.get("messages")
     if isinstance(messages, list):
         if len(messages) > cfg.max_history_messages + 2:  # the history, a system prompt, the new message
             return f"too many messages ({len(messages)}): Clair takes at most {cfg.max_history_messages + 2} (CLAIR_MAX_HISTORY_MESSAGES)"
-        chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
-        if chars > cfg.max_history_chars + cfg.max_message_chars:
+        chars = sum(text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+        if chars > whole:
             return (
                 f"the conversation is too long ({chars} characters): Clair takes at most "
-                f"{cfg.max_history_chars + cfg.max_message_chars} (CLAIR_MAX_HISTORY_CHARS + CLAIR_MAX_MESSAGE_CHARS)"
+                f"{whole} (CLAIR_MAX_HISTORY_CHARS + CLAIR_MAX_MESSAGE_CHARS)"
             )
     for key in ("prompt", "system"):
-        text = body.get(key)
-        if isinstance(text, str) and len(text) > cfg.max_message_chars:
-            return f"`{key}` is too long ({len(text)} characters): Clair takes at most {cfg.max_message_chars} (CLAIR_MAX_MESSAGE_CHARS)"
+        chars = text_chars(body.get(key))
+        if chars > cfg.max_message_chars:
+            return f"`{key}` is too long ({chars} characters): Clair takes at most {cfg.max_message_chars} (CLAIR_MAX_MESSAGE_CHARS)"
+    chars = text_chars(body.get("input"))
+    if chars > whole:
+        return f"`input` is too long ({chars} characters): Clair embeds at most {whole} (CLAIR_MAX_HISTORY_CHARS + CLAIR_MAX_MESSAGE_CHARS)"
     return ""
 
 
@@ -280,29 +179,8 @@ def decide(body: dict, cfg, client: str, cap_only: bool = False) -> dict:
 # --- the app -----------------------------------------------------------------------------------------
 
 
-async def read_capped(request: Request) -> bytes | None:
-    """The request body, or None past MAX_BODY (a chunked body has no Content-Length to refuse early)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def ollama_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def job_slot(studio, user: str | None, address: str):
-    """The front door's job for one GPU request (`Studio.job`, clair/service.py): it counts against its
-    user's cap for the block (CLAIR_MAX_JOBS_PER_USER and CLAIR_MAX_QUEUE, as the UI's). A key's requests
-    count as its name's (`user:NAME`, as a logged-in browser's), anonymous loopback ones by address.
-    Raises GpuBusy past a cap.
-    """
-    return studio.job(f"user:{user}" if user else f"address:{address}", owner=user)
+    return JSONResponse(error_body(OLLAMA, status, message), status_code=status)
 
 
 class Gateway:
@@ -332,9 +210,7 @@ class Gateway:
 
     # -- pass-through -------------------------------------------------------------------------------
     async def passthrough(self, request: Request) -> Response:
-        body = await read_capped(request) if request.method == "POST" else None
-        if request.method == "POST" and body is None:
-            return ollama_error(413, f"request too large: Clair takes at most {MAX_BODY // 2**20} MB")
+        body = await request.body() if request.method == "POST" else None  # read within the guard's cap
         try:
             r = await self.client().request(
                 request.method,
@@ -358,16 +234,12 @@ class Gateway:
     # -- GPU requests -------------------------------------------------------------------------------
     async def gpu_request(self, request: Request) -> Response:
         path = request.url.path
-        raw = await read_capped(request)
-        if raw is None:
-            return ollama_error(413, f"request too large: Clair takes at most {MAX_BODY // 2**20} MB")
-        if not raw.strip():
-            return ollama_error(400, "missing request body")
         try:
-            # NaN and Infinity are not JSON (Go's decoder, so Ollama, refuses them): refused here too.
-            body = json.loads(raw, parse_constant=_no_constant)
-        except ValueError as exc:
+            body = await json_of(request)  # the guard's reading: within its cap, parsed off the event loop
+        except BadJson as exc:
             return ollama_error(400, f"invalid JSON: {exc}")
+        if body is None:
+            return ollama_error(400, "missing request body")
         if not isinstance(body, dict):
             return ollama_error(400, "the request body must be a JSON object")
         model = body.get("model")
@@ -394,10 +266,42 @@ class Gateway:
 
         async def work(send: Send, gone: Gone) -> None:
             await self.relay(
-                send, gone, path, model, forward, label, gpu=not unload, what=what, user=user, address=address
+                send, gone, path, model, forward, label, gpu=not unload, what=what, user=user, address=address,
+                headers=request.headers,
             )
 
         return Exchange(work)
+
+    async def ollama_v1(self, request: Request) -> Response:
+        """A POST to Ollama's /v1, forwarded as sent (`tools`, `stream`, `stream_options` and all) once the GPU
+        is granted; Ollama's answer (its `usage` included) is relayed as it comes. Clair cannot pin num_ctx or
+        keep_alive here (Ollama's /v1 takes neither): Ollama's own OLLAMA_CONTEXT_LENGTH and OLLAMA_KEEP_ALIVE
+        apply (docs/gateway.md)."""
+        path = request.url.path
+        try:
+            body = await json_of(request)  # the guard's reading: within its cap, parsed off the event loop
+        except BadJson as exc:
+            return openai_error(400, f"The body is not valid JSON: {exc}", "invalid_json")
+        if not isinstance(body, dict):
+            return openai_error(400, "The body must be a JSON object.", "invalid_json")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            return openai_error(400, "`model` is required.", "invalid_model")
+        too_long = over_limits(body, self.cfg)
+        if too_long:
+            return openai_error(400, too_long[0].upper() + too_long[1:] + ".", "too_long")
+        client = self.client_name(request)
+        label = f"api:{model[:80]} ({client})"
+        user = request.scope.get("clair_api_user")
+        address = request.client.host if request.client else "?"
+
+        async def work(send: Send, gone: Gone) -> None:
+            await self.relay(
+                send, gone, path, model, body, label, gpu=True, what="v1" + path[3:], user=user, address=address,
+                headers=request.headers,
+            )
+
+        return Exchange(work, OPENAI)
 
     async def relay(
         self,
@@ -411,20 +315,22 @@ class Gateway:
         what: str,
         user: str | None,
         address: str,
+        headers: Headers | None = None,
     ) -> None:
         """Wait for the GPU (unless `gpu` is False), forward `body`, relay Ollama's answer as it comes.
 
         The job slot and the lease go back before the client sees the end of the answer, so a client
         that sends its next request at once is not refused for the one it has finished."""
         t0 = time.monotonic()
-        waited, status = 0.0, 0
+        waited, status, left = 0.0, 0, False
         stack = contextlib.ExitStack()  # the job: its slot and its lease; closed once, in a worker thread
         send = closing_send(send, stack)
         try:
             try:
-                job = stack.enter_context(job_slot(self.studio, user, address))
+                job = stack.enter_context(job_slot(self.studio, user, address, headers))
             except GpuBusy as exc:  # a per-user cap, not the GPU's queue
-                await send_json(send, 429, {"error": str(exc)}, {"retry-after": "5"})
+                status = 429
+                await send_json(send, 429, error_body(OLLAMA, 429, str(exc)), {"retry-after": "5"})
                 return
             gone.link(job.stop)
             try:
@@ -433,10 +339,13 @@ class Gateway:
                 log.info("gateway %s model=%r (%r) gave up waiting for the GPU", what, model[:80], label)
                 return
             except ClairError as exc:  # GpuBusy after CLAIR_QUEUE_TIMEOUT_S, an eviction that failed ...
-                await send_json(send, 503, {"error": str(exc)})
+                status = 503
+                await send_json(send, 503, error_body(OLLAMA, 503, str(exc)))
                 return
             waited = time.monotonic() - t0
             status = await self._forward(send, gone, path, body)
+            # Read now: once the answer is complete the client closes, and `gone` is set for that too.
+            left = gone.is_set()
         finally:
             with anyio.CancelScope(shield=True):
                 await in_thread(stack.close)
@@ -448,7 +357,7 @@ class Gateway:
                 status or "-",
                 waited,
                 time.monotonic() - t0,
-                " (client gone)" if gone.is_set() else "",
+                " (client gone)" if left or (not status and gone.is_set()) else "",
             )
 
     async def _forward(self, send: Send, gone: Gone, path: str, body: dict) -> int:
@@ -468,18 +377,16 @@ class Gateway:
                 return r.status_code
         except httpx.HTTPError as exc:
             if not started:
-                await send_json(send, 502, {"error": self.unreachable()})
+                await send_json(send, 502, error_body(OLLAMA, 502, self.unreachable()))
                 return 502
             # Mid-stream, Ollama itself ends the stream with an error line under HTTP 200.
-            line = json.dumps({"error": f"lost the connection to Ollama: {exc}"}).encode() + b"\n"
+            line = json.dumps(error_body(OLLAMA, 502, f"lost the connection to Ollama: {exc}")).encode() + b"\n"
             await send({"type": "http.response.body", "body": line})
             return 200
 
     # -- the app --------------------------------------------------------------------------------------
     def app(self):
         from fastapi import FastAPI
-
-        from clair.openai_api import router
 
         app = FastAPI(title="Clair (Ollama-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
         for path in PASS_GET:
@@ -490,72 +397,12 @@ class Gateway:
         for path in MANAGE:
             app.add_api_route(path, self.refuse_management, methods=["POST", "DELETE", "HEAD"], include_in_schema=False)
         app.add_api_route("/api/blobs/{digest}", self.refuse_management, methods=["POST", "HEAD"], include_in_schema=False)
-        app.include_router(router(self.studio))
-        app.add_middleware(GatewayGuard, web=self.web)
+        # /v1 here is Ollama's own OpenAI-compatible API, as a client of Ollama's port expects (the same models
+        # as /api/tags): GETs pass through, POSTs (chat, completions, embeddings) wait for the GPU like /api/chat.
+        # Clair's own /v1 (its image model included) is on the web port.
+        app.add_api_route("/v1/{rest:path}", self.passthrough, methods=["GET", "HEAD"], include_in_schema=False)
+        app.add_api_route("/v1/{rest:path}", self.ollama_v1, methods=["POST"], include_in_schema=False)
+        from clair.web import Guard
+
+        app.add_middleware(Guard, web=self.web, port=OLLAMA, max_body=MAX_BODY)  # the web port's guard, this port's rules
         return app
-
-
-# --- who may use the port ------------------------------------------------------------------------------
-
-
-def _loopback_origin(origin: str) -> bool:
-    from clair.web import Hosts, is_loopback_client
-
-    name = Hosts.hostname(origin.split("://", 1)[-1]) if "://" in origin else None
-    return bool(name) and (name == "localhost" or name.endswith(".localhost") or is_loopback_client(name))
-
-
-class GatewayGuard:
-    """Host allowlist, other origins, keys (module docstring). Answers refusals as Ollama would, or as
-    OpenAI would under /v1."""
-
-    def __init__(self, app, web):
-        self.app = app
-        self.web = web
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        from clair.web import is_loopback_client
-
-        web = self.web
-        headers = Headers(scope=scope)
-        address = (scope.get("client") or ("?", 0))[0]
-        path = scope.get("path", "/")
-        openai = path == "/v1" or path.startswith("/v1/")
-
-        async def refuse(status: int, text: str, code: str, extra: dict | None = None) -> None:
-            if openai:
-                kind = {401: "invalid_request_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
-                obj: dict = {"error": {"message": text, "type": kind, "code": code}}
-            else:
-                obj = {"error": text}
-            await send_json(send, status, obj, extra)
-
-        if not web.hosts.allowed(headers.get("host")):
-            await refuse(421, "Clair does not answer to this host name (CLAIR_ALLOWED_HOSTS adds one).", "bad_host")
-            return
-        origin = headers.get("origin")
-        unsafe = scope.get("method") not in ("GET", "HEAD", "OPTIONS")
-        if unsafe and origin and not _loopback_origin(origin) and not web.origin_ok(origin, headers.get("host")):
-            log.warning("gateway refused origin=%r addr=%s path=%s", origin[:100], address, path[:100])
-            await refuse(403, "Requests from web pages of other sites are refused.", "forbidden_origin")
-            return
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            await refuse(413, f"Request too large: Clair takes at most {MAX_BODY // 2**20} MB.", "too_large")
-            return
-        if not is_loopback_client(address):
-            try:
-                verdict = web.api_key_check(headers, address)
-            except Exception:  # the users file cannot be read: refuse, as the web port does
-                log.exception("the users file cannot be read")
-                await refuse(503, "Clair's users file cannot be read: tell whoever runs Clair.", "server_error")
-                return
-            if verdict.status:
-                await refuse(verdict.status, verdict.message, verdict.code, verdict.headers)
-                return
-            if verdict.user:
-                scope = {**scope, "clair_api_user": verdict.user}
-        await self.app(scope, receive, send)

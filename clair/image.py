@@ -16,9 +16,9 @@ This module does not decide when to use the GPU: callers hold an arbiter lease a
 from __future__ import annotations
 
 import gc
+import io
 import json
 import logging
-import os
 import random
 import re
 import secrets
@@ -32,6 +32,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from clair import gpu
+from clair.base import private_dir, write_private
 from clair.config import Config
 from clair.engines import Engine
 from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, load_failure
@@ -558,7 +559,7 @@ class ImageEngine(Engine):
         `owner` (the user who asked for it; None without user accounts) goes into the `clair` JSON chunk,
         so each user's gallery shows their own images (`recent(owner=...)`).
         """
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.output_dir)
         meta = {**asdict(params), "model": self.model_id, "vae": self.vae_source}
         if owner is not None:
             meta["owner"] = owner
@@ -584,10 +585,9 @@ class ImageEngine(Engine):
         while path.exists():
             path = self.output_dir / f"{stamp}-{params.seed}-{slug}-{n}.png"
             n += 1
-        tmp = path.with_suffix(".png.part")
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)  # never leave half an image in the gallery
-        return path
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", pnginfo=info)
+        return write_private(path, buf.getvalue())  # 0600, atomic: never half an image in the gallery
 
     def recent(self, n: int, owner: str | None = None) -> list[Path]:
         """The `n` newest PNGs in the output folder (newest first), from the server's own listing.

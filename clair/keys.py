@@ -10,6 +10,9 @@ a fast hash is enough (as for GitHub's or PyPI's tokens); a slow hash like the u
 32 MiB and ~70 ms for every API call. A presented key is hashed and compared with every stored hash with
 `hmac.compare_digest`, so the time taken does not depend on which key, or how much of one, matched.
 
+A key is bound to its user's entry (`binding`): a new password (`adduser NAME` again) or a user deleted and
+added again under the same name leaves the old key working for nobody, and `adduser` says so.
+
 When a key is needed (clair/web.py for /v1, clair/gateway.py for the Ollama port): whenever Clair has
 users. Clair has no users only on loopback (or with --insecure, which opens everything), and then the
 `Authorization` header is ignored: OpenAI clients always send some key ("ollama", "x").
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import sys
@@ -26,15 +30,16 @@ import threading
 import time
 from pathlib import Path
 
-from clair.users import SecretsFile, UserError, check_name
+from clair.users import KEYS_FILE, SecretsFile, UserError, check_name
 
+log = logging.getLogger("clair.keys")
 PREFIX = "clair-"
 MAX_KEY = 256  # longer Authorization values are refused before hashing
 
 
 def keys_path(users_path: str | os.PathLike) -> Path:
     """keys.json in the folder of the users file."""
-    return Path(users_path).with_name("keys.json")
+    return Path(users_path).with_name(KEYS_FILE)
 
 
 def _digest(key: str) -> str:
@@ -52,11 +57,21 @@ def bearer(authorization: str | None) -> str | None:
     return value
 
 
-class Keys:
-    """The keys file, re-read whenever it changes on disk. Thread-safe."""
+def binding(stamp: str) -> str:
+    """What a key records of its user: a digest of the user's entry as it was when the key was made (the
+    password hash, which a new password or a deleted and re-added user changes)."""
+    return hashlib.sha256(b"clair-key-binding\0" + stamp.encode("utf-8")).hexdigest()[:32]
 
-    def __init__(self, path: str | os.PathLike):
+
+class Keys:
+    """The keys file, re-read whenever it changes on disk. Thread-safe.
+
+    With `users` (clair.users.Users), each key is bound to its user's entry: a key made before the user's
+    password changed, or before the user was deleted and added again under the same name, is refused."""
+
+    def __init__(self, path: str | os.PathLike, users=None):
         self.path = Path(path)
+        self.users = users
         self._lock = threading.Lock()
         self._file = SecretsFile(self.path, "keys", "addkey", keep=lambda entry: isinstance(entry.get("sha256"), str))
 
@@ -82,6 +97,12 @@ class Keys:
         for name, entry in entries:
             if hmac.compare_digest(entry["sha256"].encode("utf-8", "replace"), digest.encode()):
                 found = name
+        if found is not None and self.users is not None and self.users.names():
+            stamp = self.users.stamp(found)
+            bound = dict(entries)[found].get("user")
+            if stamp is None or not isinstance(bound, str) or not hmac.compare_digest(bound, binding(stamp)):
+                log.warning("api key of an earlier %s refused: their password changed or they were re-added", found)
+                return None
         return found
 
     def _write(self, keys: dict[str, dict]) -> None:
@@ -95,6 +116,9 @@ class Keys:
             keys = dict(self._load())
             new = name not in keys
             keys[name] = {"sha256": _digest(key), "created": int(time.time()), "hint": key[: len(PREFIX) + 4]}
+            stamp = self.users.stamp(name) if self.users is not None else None
+            if stamp is not None:
+                keys[name]["user"] = binding(stamp)
             self._write(keys)
         return key, new
 

@@ -20,7 +20,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from starlette.requests import Request  # module level: FastAPI resolves the routes' annotations here
 
@@ -30,7 +29,6 @@ from clair import users as users_mod
 from clair.errors import ConfigError
 
 log = logging.getLogger("clair")
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def make_app(studio, demo, users=None):
@@ -53,7 +51,10 @@ def make_app(studio, demo, users=None):
     # No origin is granted anything. A CORSMiddleware on the parent also makes Gradio's own CORS
     # middleware stand aside (gradio/route_utils.py CustomCORSMiddleware.parent_configures_cors).
     app.add_middleware(CORSMiddleware, allow_origins=[], allow_credentials=False)
-    app.add_middleware(Guard, web=web)  # added last, so it runs first
+    app.add_middleware(Guard, web=web)
+    from clair.access import AccessLog
+
+    app.add_middleware(AccessLog, web=web, port="web")  # added last, so it runs first: refusals are logged too
     app.state.web = web
 
     @app.get("/healthz")
@@ -61,8 +62,14 @@ def make_app(studio, demo, users=None):
         ok = studio.healthy()
         body: dict = {"ok": ok}
         client = request.client.host if request.client else ""
-        if is_loopback_client(client) or web.user(request.headers) is not None:
-            body["holder"] = studio.arbiter.status()["holder"] if ok else None
+        viewer = web.user(request.headers)
+        if is_loopback_client(client) or viewer is not None:
+            st = studio.arbiter.status()
+            if not is_loopback_client(client):
+                from clair.panel import private_status  # another user's job: no name or address
+
+                st = private_status(st, viewer)
+            body["holder"] = st["holder"] if ok else None
             body["problem"] = None if ok else studio.last_health_problem
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -120,8 +127,8 @@ def make_app(studio, demo, users=None):
         max_file_size="1kb",  # Clair takes no uploads; the guard refuses /gradio_api/upload as well
         footer_links=["api", "settings"],
         ssr_mode=False,
-        favicon_path=str(ASSETS / "favicon.svg"),
-        css_paths=[ASSETS / "clair.css"],
+        favicon_path=str(ui.ASSETS / "favicon.svg"),
+        css_paths=[ui.ASSETS / "clair.css"],
         theme=ui.theme(),
         head=ui.HEAD,  # the browser-side PNG drop reader (assets/drop.js): nothing is uploaded
     )
@@ -144,6 +151,114 @@ def check_exposure(cfg: config.Config, users) -> None:
         f"Clair will not serve {cfg.host} (other machines can reach it) without users: anyone there could "
         f"use it. Add one first with `python app.py adduser NAME` (users file: {users.path}), then start "
         "Clair again; or pass --insecure to serve with no login."
+    )
+
+
+def check_port(host: str, port: int, setting: str = "--port") -> None:
+    """Refuse a port that is taken before torch and Gradio load (tens of seconds), with what to do instead."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no owner
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"Port {port} on {host} is in use: another Clair, or another program (`ss -ltnp 'sport = :{port}'` "
+                    f"names it). Stop it, or pick another port: {setting} {port + 1 if port < 65535 else 8000}."
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise ConfigError(
+                    f"Port {port} needs root privileges (ports below 1024 do): pick one above 1023 with {setting}."
+                ) from None
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
+                raise ConfigError(
+                    f"CLAIR_HOST={host} is not an address of this machine: use 127.0.0.1 (this machine only) or "
+                    "--listen (every interface)."
+                ) from None
+            raise ConfigError(f"Clair cannot serve on {host}:{port}: {exc.strerror or exc}.") from None
+
+
+def preflight(cfg: config.Config) -> None:
+    """What can be checked without torch or Gradio, checked first, so a mistake is answered in a moment:
+    users for a LAN address, and the ports."""
+    check_exposure(cfg, users_mod.Users(cfg.users_path))
+    check_port(cfg.host, cfg.port)
+    if cfg.ollama_port:
+        check_port(cfg.host, cfg.ollama_port, "CLAIR_OLLAMA_PORT=")
+
+
+HUB = "https://huggingface.co"
+HUB_PROBE_S = 2.0  # how long start-up waits to learn whether the hub answers (only when a model comes from it)
+
+
+def _hub_models(cfg: config.Config) -> list[tuple[str, str, str]]:
+    """(hub id, a file every copy of it has, what Clair uses it for) for the models that would come from the
+    Hugging Face hub: not `tiny`, not a local folder."""
+    wanted = [(cfg.image_model, "model_index.json", "the image model (--image-model)")]
+    if cfg.chat_backend != "ollama":
+        use = "the in-process chat model (--local-chat-model)" + (
+            ", used when Ollama does not answer" if cfg.chat_backend == "auto" else ""
+        )
+        wanted.append((cfg.local_chat_model, "config.json", use))
+    if cfg.vae.lower() == "fp16-fix":
+        wanted.append(("madebyollin/sdxl-vae-fp16-fix", "config.json", "the fp16-safe VAE (CLAIR_VAE=fp16-fix)"))
+    return [(m, f, use) for m, f, use in wanted if m != "tiny" and "/" in m and not os.path.exists(os.path.expanduser(m))]
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_S) -> bool:
+    """Can a TCP connection to the hub be opened within `timeout`? (Name lookup included: run in a thread, as
+    a resolver may stall offline.)"""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    done: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                done.append(True)
+        except OSError:
+            done.append(False)
+
+    t = threading.Thread(target=probe, name="clair-hub-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(done and done[0])
+
+
+def go_offline_if_the_hub_is_unreachable(cfg: config.Config, environ=os.environ) -> str | None:
+    """Without a network the Hugging Face client retries every file for 20-80 s before it falls back to its
+    cache, and logs each retry. When a model would come from the hub and the hub does not answer, Clair sets
+    HF_HUB_OFFLINE=1 before the client is imported (it reads it once), so loads use the cache at once, and
+    says once what is missing from the cache and how to get it. Returns that message (None: nothing to say)."""
+    if cfg.demo or environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    models = _hub_models(cfg)
+    if not models:
+        return None
+    endpoint = environ.get("HF_ENDPOINT", "").strip() or HUB
+    if hub_reachable(endpoint):
+        return None
+    environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import try_to_load_from_cache  # after the variable is set: it is read at import
+
+    missing = [(m, use) for m, marker, use in models if not isinstance(try_to_load_from_cache(m, marker), str)]
+    text = f"{endpoint} cannot be reached, so Clair loads models from the Hugging Face cache only (HF_HUB_OFFLINE=1)."
+    if not missing:
+        return text + " Everything it needs is there."
+    names = "; ".join(f"{m} ({use})" for m, use in missing)
+    return (
+        f"{text} Missing there: {names}. Requests that need them are refused at once with this reason. To get them: "
+        f"connect this machine and restart Clair, or run `huggingface-cli download NAME` on a connected machine and "
+        "copy its ~/.cache/huggingface here, or point the setting at a local folder. For chat, Ollama needs no "
+        "download from Hugging Face (https://ollama.com/download, then `ollama pull llama3.1:8b`). Or try "
+        "`clair --demo`."
     )
 
 
@@ -203,7 +318,7 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     from clair.studio import Studio
     from clair.ui import build
     from clair.users import Users
-    from clair.web import guarded_protocol, install_log_filter, lan_urls
+    from clair.web import install_log_filter, lan_urls, server_limits
 
     users = Users(cfg.users_path)
     check_exposure(cfg, users)
@@ -220,8 +335,7 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
             log_level="warning",
             log_config=None,  # uvicorn's records go through Clair's handlers (and their flood filter)
             timeout_graceful_shutdown=5,
-            limit_concurrency=cfg.max_connections,
-            http=guarded_protocol(cfg.max_connections),  # per-address connections, time to send headers
+            **server_limits(cfg),  # connections per machine, kept for loopback, X-Forwarded-For from proxies only
             server_header=False,
             **tls,
         )
@@ -230,7 +344,9 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     thread.start()
     while not server.started:
         if not thread.is_alive():
-            raise SystemExit(f"Clair could not start serving on {cfg.host}:{cfg.port} (is the port in use?).")
+            raise SystemExit(
+                f"Clair could not start serving on {cfg.host}:{cfg.port} (is the port in use? --port picks another)."
+            )
         time.sleep(0.05)
     gateway = None
     if cfg.ollama_port:
@@ -249,7 +365,7 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     if not cfg.loopback_only and not cfg.tls_cert:
         log.warning(
             "passwords cross the LAN unencrypted: set CLAIR_TLS_CERT and CLAIR_TLS_KEY, or serve Clair "
-            "behind a TLS reverse proxy (README)"
+            "behind a TLS reverse proxy (docs/install.md)"
         )
     _warn_without_cuda(cfg)
     if cfg.preload:
@@ -303,19 +419,19 @@ def serve_gateway(cfg: config.Config, studio, web):
     (as Ollama's clients expect). Returns (server, thread)."""
     import uvicorn
 
+    from clair.access import AccessLog
     from clair.gateway import Gateway
-    from clair.web import guarded_protocol
+    from clair.web import server_limits
 
     server = uvicorn.Server(
         uvicorn.Config(
-            Gateway(studio, web).app(),
+            AccessLog(Gateway(studio, web).app(), web, "ollama"),  # one line per request (clair/access.py)
             host=cfg.host,
             port=cfg.ollama_port,
             log_level="warning",
             log_config=None,
             timeout_graceful_shutdown=5,
-            limit_concurrency=cfg.max_connections,
-            http=guarded_protocol(cfg.max_connections),
+            **server_limits(cfg),
             server_header=False,
         )
     )
@@ -342,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         return user_command(argv)
     try:
         cfg = config.load(argv)
-    except ConfigError as exc:
+        preflight(cfg)
+    except (ConfigError, users_mod.UserError) as exc:
         print(f"clair: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -357,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         # explains the failure once (clair/loadgate.py).
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    offline = go_offline_if_the_hub_is_unreachable(cfg)  # before anything imports the Hugging Face client
+    if offline:
+        log.warning("%s", offline)
     faulthandler.enable()  # a watchdog abort prints every thread's stack to the journal
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -377,8 +497,8 @@ def user_command(argv: list[str]) -> int:
     args, rest = p.parse_known_args(argv[1:])
     try:
         cfg = config.load(rest)
-        keys = keys_mod.Keys(keys_mod.keys_path(cfg.users_path))
         users = users_mod.Users(cfg.users_path)
+        keys = keys_mod.Keys(keys_mod.keys_path(cfg.users_path), users)  # bound to the user's entry
         if argv[0] == "addkey" and users.names() and args.name not in users.names():
             raise users_mod.UserError(
                 f"There is no user {args.name!r}: a key acts for a user (their caps, their images). Add the user "

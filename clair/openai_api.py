@@ -1,6 +1,7 @@
 """OpenAI-compatible endpoints under /v1, on Clair's web port (and on its Ollama port), through the arbiter.
 
-* `GET /v1/models`: the chat models (Ollama's, or the in-process one) and the image model.
+* `GET /v1/models`: the chat models (Ollama's, or the in-process one) and the image model, apart (its id is
+  `sdxl:<model>`, owned_by `clair-image`; a chat asking for it is refused with a message).
 * `POST /v1/chat/completions`: `Studio.chat` (so the Chat tab's protocol: a chat lease, held during a
   render, listed in the queue as `api:<model> (<client>)`). `stream: true` answers Server-Sent Events:
   `chat.completion.chunk` objects, then `data: [DONE]`; while the request waits for the GPU, SSE comment
@@ -16,7 +17,7 @@
   which serves only the PNGs /v1 rendered, to the user (key) that asked for them, from Clair's output
   folder by exact name, until Clair restarts.
 
-Each request counts against the UI's caps (clair.gateway.job_slot; 429 past one). Errors are OpenAI-shaped: `{"error": {"message", "type", "code"}}`, 400 for a bad request, 401/429 for
+Each request counts against the UI's caps (clair.edge.job_slot; 429 past one). Errors are OpenAI-shaped: `{"error": {"message", "type", "code"}}`, 400 for a bad request, 401/429 for
 keys (clair/web.py), 503 when the engine or the GPU cannot serve. Who may call: clair/keys.py.
 """
 
@@ -40,8 +41,20 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from clair.chat import flatten_history
+from clair.edge import (
+    OPENAI,
+    BadJson,
+    Exchange,
+    Gone,
+    Send,
+    closing_send,
+    error_body,
+    in_thread,
+    job_slot,
+    json_of,
+    send_json,
+)
 from clair.errors import BadRequest, Cancelled, ChatUnavailable, ClairError, GpuBusy
-from clair.gateway import Exchange, Gone, Send, closing_send, in_thread, job_slot, send_json
 from clair.image import RenderParams
 from clair.studio import Token, Waiting
 
@@ -51,26 +64,30 @@ MAX_IMAGES = 4
 MAX_ISSUED = 4096  # image URLs remembered for /v1/files
 
 
-def error(status: int, message: str, code: str = "", kind: str = "") -> JSONResponse:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code or None}}, status_code=status)
-
-
-def openai_shape(message: str) -> dict:
-    return {"error": {"message": message, "type": "server_error", "code": "internal_error"}}
+def error(status: int, message: str, code: str = "") -> JSONResponse:
+    return JSONResponse(error_body(OPENAI, status, message, code), status_code=status)
 
 
 def clair_error(exc: ClairError) -> tuple[int, dict]:
     """A ClairError as (status, OpenAI error object)."""
     if isinstance(exc, BadRequest):
-        status, kind, code = 400, "invalid_request_error", "bad_request"
+        status, code = 400, "bad_request"
     elif isinstance(exc, GpuBusy):
-        status, kind, code = 503, "server_error", "gpu_busy"
+        status, code = 503, "gpu_busy"
     elif isinstance(exc, ChatUnavailable):
-        status, kind, code = 503, "server_error", "model_unavailable"
+        status, code = 503, "model_unavailable"
     else:
-        status, kind, code = 503, "server_error", type(exc).__name__
-    return status, {"error": {"message": str(exc), "type": kind, "code": code}}
+        status, code = 503, type(exc).__name__
+    return status, error_body(OPENAI, status, str(exc), code)
+
+
+# The image model's id in /v1/models lives in its own namespace, so it never equals a chat model's id (in demo
+# mode both models are "tiny") and a client's model picker can tell the two kinds apart.
+IMAGE_ID_PREFIX = "sdxl:"
+
+
+def image_model_id(studio) -> str:
+    return IMAGE_ID_PREFIX + studio.image.model_id
 
 
 def client_name(request: Request) -> str:
@@ -81,8 +98,8 @@ def client_name(request: Request) -> str:
 
 async def json_body(request: Request) -> dict | JSONResponse:
     try:
-        body = json.loads(await request.body() or b"null")
-    except ValueError as exc:
+        body = await json_of(request)  # the guard's reading: within its cap, parsed off the event loop
+    except BadJson as exc:
         return error(400, f"The body is not valid JSON: {exc}", "invalid_json")
     if not isinstance(body, dict):
         return error(400, "The body must be a JSON object.", "invalid_json")
@@ -96,14 +113,13 @@ def router(studio) -> APIRouter:
     issued: OrderedDict[str, str | None] = OrderedDict()
     issued_lock = threading.Lock()
 
-    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str, gone: Gone):
-        """The front door's job, counted against its user's cap (clair.gateway.job_slot) and stopped when the
+    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str, gone: Gone, headers=None):
+        """The front door's job, counted against its user's cap (clair.edge.job_slot) and stopped when the
         client goes away; None (429 sent) past a cap."""
         try:
-            job = stack.enter_context(job_slot(studio, user, address))
+            job = stack.enter_context(job_slot(studio, user, address, headers))
         except GpuBusy as exc:
-            obj = {"error": {"message": str(exc), "type": "rate_limit_error", "code": "too_many_jobs"}}
-            await send_json(send, 429, obj, {"retry-after": "5"})
+            await send_json(send, 429, error_body(OPENAI, 429, str(exc), "too_many_jobs"), {"retry-after": "5"})
             return None
         gone.link(job.stop)
         return job
@@ -112,11 +128,13 @@ def router(studio) -> APIRouter:
     def models() -> Response:
         created = int(time.time())
         backend, _ = studio.chat_backend()
+        image_id = image_model_id(studio)
         data = [
             {"id": m, "object": "model", "created": created, "owned_by": backend.name}
             for m in studio.chat_models()
+            if m != image_id
         ]
-        data.append({"id": studio.image.label, "object": "model", "created": created, "owned_by": "clair-image"})
+        data.append({"id": image_id, "object": "model", "created": created, "owned_by": "clair-image"})
         return JSONResponse({"object": "list", "data": data})
 
     # -- chat ---------------------------------------------------------------------------------------
@@ -134,6 +152,13 @@ def router(studio) -> APIRouter:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             return error(400, "`model` must be a string.", "invalid_model")
+        if model == image_model_id(studio):
+            return error(
+                400,
+                f"{model} is Clair's image model: it makes pictures (POST /v1/images/generations) and does not chat. "
+                "Pick a chat model from GET /v1/models (those not owned by clair-image).",
+                "model_not_for_chat",
+            )
         # OpenAI's newer name for the system role; tool calls are not supported (Clair passes no tools).
         messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
         if any(m.get("role") not in ("system", "user", "assistant") for m in messages):
@@ -169,12 +194,12 @@ def router(studio) -> APIRouter:
         async def work(send: Send, gone: Gone) -> None:
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                job = await take_slot(stack, send, user, address, gone)
+                job = await take_slot(stack, send, user, address, gone, request.headers)
                 if job is None:
                     return
                 await _chat(send, gone, job, text[0]["content"], history, model, name, cid, created, stream, client)
 
-        return Exchange(work, openai_shape)
+        return Exchange(work, OPENAI)
 
     async def _chat(send, gone: Gone, job, message, history, model, name, cid, created, stream, client) -> None:
         t0 = time.monotonic()
@@ -291,7 +316,7 @@ def router(studio) -> APIRouter:
             t0 = time.monotonic()
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                job = await take_slot(stack, send, user, address, gone)
+                job = await take_slot(stack, send, user, address, gone, request.headers)
                 if job is None:
                     return
                 for i in range(n):
@@ -318,7 +343,7 @@ def router(studio) -> APIRouter:
             log.info("api images n=%d client=%s s=%.3f", n, client, time.monotonic() - t0)
             await send_json(send, 200, {"created": int(time.time()), "data": data})
 
-        return Exchange(work, openai_shape)
+        return Exchange(work, OPENAI)
 
     @r.get("/files/{name}")
     def files(name: str, request: Request) -> Response:

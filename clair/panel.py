@@ -5,11 +5,13 @@ HTML): the VRAM bar's segments, who holds the GPU and for what, the queue with e
 running work's measured pace, see `Arbiter._remaining_locked`), the last hand-overs with their evict,
 restore and load seconds, the holds of the last minutes for a timeline, recent recoveries and errors, and
 the models that may be unloaded by hand. `panel_html()` and `compact_html()` draw it; every text that
-came from outside (model names are the client's) is escaped.
+came from outside (model names are the client's) is escaped. Other users' jobs show without their name or
+address (`panel_data(viewer=...)`): only the viewer's own carry them.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from html import escape
 
@@ -26,8 +28,33 @@ def _name(tenant: str) -> str:
     return NAMES.get(tenant, tenant)
 
 
-def panel_data(studio, now: float | None = None) -> dict:
-    """The panel's state, as plain values (times are seconds; sizes are bytes)."""
+def _shown(label: str) -> str:
+    """A job's label without whom it is for: `api:<model> (<user>@<address>)` becomes `api:<model>`."""
+    return re.sub(r"\s*\([^()]*\)\s*$", "", str(label)) or "a job"
+
+
+def _private(entry: dict, viewer: str | None) -> dict:
+    """`entry` (a holder or a waiting job) as `viewer` may see it: whole when it is theirs, else without
+    the user's name or address (the kind and the model stay: they explain the wait)."""
+    if viewer is not None and entry.get("owner") == viewer:
+        return entry
+    return {**entry, "label": _shown(entry["label"]), "owner": None}
+
+
+def private_status(st: dict, viewer: str | None) -> dict:
+    """`Studio.status()` as `viewer` may see it (the Status endpoint): the same rule as the panel."""
+    out = dict(st)
+    out["holders"] = [_private(h, viewer) for h in st.get("holders") or []]
+    out["waiting"] = [_private(w, viewer) for w in st.get("waiting") or []]
+    out["holder"] = out["holders"][0] if out["holders"] else None
+    if isinstance(st.get("last_handover"), dict) and "to" in st["last_handover"]:
+        out["last_handover"] = {**st["last_handover"], "to": _shown(st["last_handover"]["to"])}
+    return out
+
+
+def panel_data(studio, now: float | None = None, viewer: str | None = None) -> dict:
+    """The panel's state, as plain values (times are seconds; sizes are bytes), as `viewer` (the logged-in
+    user; None: nobody's in particular) may see it: other people's jobs carry no name or address."""
     now = time.time() if now is None else now
     st = studio.status()
     hist = studio.arbiter.history()
@@ -63,6 +90,7 @@ def panel_data(studio, now: float | None = None) -> dict:
         }
         for h in st["holders"]
     ]
+    holders = [_private(h, viewer) for h in holders]
     queue = [
         {
             "kind": w["kind"],
@@ -75,12 +103,13 @@ def panel_data(studio, now: float | None = None) -> dict:
         }
         for w in st["waiting"]
     ]
+    queue = [_private(w, viewer) for w in queue]
 
     # Hand-overs: evictions for a request, idle evictions, loads and restores, newest first.
     swaps = []
     for h in hist["handovers"]:
         for tenant, s in (h.get("evict_each_s") or {t: None for t in h["evicted"]}).items():
-            swaps.append({"at": h["at"], "what": "evict", "tenant": tenant, "for": h["to"], "s": s, "wait_s": h["wait_s"]})
+            swaps.append({"at": h["at"], "what": "evict", "tenant": tenant, "for": _shown(h["to"]), "s": s, "wait_s": h["wait_s"]})
     for e in hist["idle_evictions"]:
         swaps.append({"at": e["at"], "what": "evict", "tenant": e["tenant"], "for": e["why"] or "idle", "s": e["evict_s"]})
     for e in list(studio.swaps):
@@ -96,7 +125,7 @@ def panel_data(studio, now: float | None = None) -> dict:
         if h["start"] is None or end < now - window:
             continue
         holds.append(
-            {"kind": h["kind"], "label": h["label"], "start_s": max(-window, h["start"] - now), "end_s": end - now,
+            {"kind": h["kind"], "label": _shown(h["label"]), "start_s": max(-window, h["start"] - now), "end_s": end - now,
              "running": h["end"] is None}
         )
 
@@ -202,7 +231,7 @@ def _vram_caption(d: dict) -> str:
             f"Clair's budget {_gb(v['budget'])}, ledger {_gb(v['ledger'])}"
         )
     if v["budget"]:
-        return f"Budget {_gb(v['budget'])}: ledger {_gb(v['ledger'])}, free {_gb(v['free'])} (no CUDA: declared sizes)"
+        return f"Budget {_gb(v['budget'])}: ledger {_gb(v['ledger'])}, free {_gb(v['free'])} (no GPU here: expected sizes, not measured)"
     return f"Ledger {_gb(v['ledger'])}; no known budget: one model on the GPU at a time"
 
 
@@ -219,7 +248,7 @@ def compact_html(d: dict) -> str:
         )
         gpu_text += f" · {len(d['queue'])} waiting: {kinds}"
     loaded = ", ".join(f"{escape(s['name'])} ≈{_gb(s['bytes'])}" for s in d["vram"]["segments"]) or "nothing"
-    where = "" if d["cuda"] else " (no CUDA: declared sizes)"
+    where = "" if d["cuda"] else " (no GPU here: expected sizes, not measured)"
     budget = d["vram"]["budget"]
     vram = f"VRAM budget {_gb(budget)}" if budget else "VRAM budget unknown: one model at a time"
     return (
@@ -241,13 +270,16 @@ def _timeline(d: dict, width: int = 600, height: int = 46) -> str:
             f'<rect x="{x0:.1f}" y="{rows.get(h["kind"], 26)}" width="{w:.1f}" height="14" rx="2" '
             f'fill="{COLORS.get(h["kind"], "#888")}"><title>{title}</title></rect>'
         )
+    # The row labels sit beside the drawing, not in it: the SVG stretches to the page's width
+    # (preserveAspectRatio="none"), which squashed text drawn inside it, and bars from the window's start hid it.
     return (
+        '<div class="clair-timeline-row" style="display:flex;gap:.4em;align-items:stretch">'
+        f'<div class="clair-timeline-labels" style="flex:0 0 3.6em;height:{height}px;display:flex;flex-direction:column;'
+        'justify-content:space-around;font-size:11px;opacity:.7"><span>render</span><span>chat</span></div>'
         f'<svg class="clair-timeline" viewBox="0 0 {width} {height}" width="100%" height="{height}" '
-        f'preserveAspectRatio="none" role="img" aria-label="GPU holders over the last {win:.0f} s">'
-        f'<text x="2" y="17" font-size="10" fill="currentColor" opacity=".6">render</text>'
-        f'<text x="2" y="37" font-size="10" fill="currentColor" opacity=".6">chat</text>'
-        f'{"".join(rects)}</svg>'
-        f'<div style="display:flex;justify-content:space-between;font-size:11px;opacity:.6">'
+        f'preserveAspectRatio="none" role="img" aria-label="GPU holders over the last {win:.0f} s" style="flex:1 1 auto;min-width:0">'
+        f'{"".join(rects)}</svg></div>'
+        f'<div style="display:flex;justify-content:space-between;font-size:11px;opacity:.6;margin-left:4em">'
         f"<span>{_ago(d['at'] - win, d['at'])}</span><span>now</span></div>"
     )
 

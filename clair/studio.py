@@ -508,7 +508,9 @@ class Studio:
     def ejectable(self) -> dict[str, str]:
         """Tenants an operator may unload by hand: tenant -> what to call it."""
         out = {self.image.tenant: "The image model", self.local.tenant: "The in-process chat model"}
-        if self.ollama.on_this_gpu:
+        # Ollama's models, where Ollama shares this GPU; in the demo only while chat uses it (without Ollama the
+        # demo has none of its models to offer).
+        if self.ollama.on_this_gpu and (not self.cfg.demo or self.chat_backend()[0].tenant == self.ollama.tenant):
             out = {self.ollama.tenant: "Ollama's models", **out}
         return out
 

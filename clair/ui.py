@@ -74,14 +74,32 @@ def _close(gen) -> None:
         log.exception("closing a handler failed")
 
 DEMO_BANNER = (
-    "**Demo mode:** the models here are tiny and have random weights, so images are noise and replies "
-    "are gibberish. That is expected: everything else (the GPU traffic cop, queueing, saving) is real. "
-    "Memory figures are SDXL's *declared* sizes (what a real card would hold), as there is no GPU to measure. "
-    "For real models run `python app.py` with Ollama installed (`ollama pull llama3.1:8b`) and a GPU; "
-    "the first render downloads RealVisXL (~7 GB)."
+    "**Demo mode:** tiny models with random weights, so images are noise and replies gibberish (expected); "
+    "everything else is real. For real models: `clair` with a GPU and [Ollama](https://ollama.com/download)."
 )
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def _assets() -> Path:
+    """The checkout's assets/ beside the package; once installed (`pip install .`), <prefix>/share/clair/assets
+    (pyproject.toml's data-files)."""
+    import sys
+    import sysconfig
+
+    for folder in (
+        Path(__file__).resolve().parent.parent / "assets",
+        Path(sysconfig.get_path("data")) / "share" / "clair" / "assets",
+        Path(sys.prefix) / "share" / "clair" / "assets",
+    ):
+        if (folder / "clair.css").is_file():
+            return folder
+    raise RuntimeError(
+        "Clair's page assets (clair.css, drop.js, logo.svg, favicon.svg) are missing: run Clair from its checkout "
+        "(`python app.py`) or install it with `pip install .`, which copies them to <prefix>/share/clair/assets."
+    )
+
+
+ASSETS = _assets()
 
 # SDXL's trained resolutions (about one megapixel each), as Fooocus and AUTOMATIC1111 offer them.
 ASPECTS: dict[str, tuple[int, int]] = {
@@ -200,9 +218,25 @@ def _bounds_checked_by_clair(*components: gr.components.Component) -> None:
 REFUSAL_SLOTS = 4
 
 
+# Run once the box is drawn (it becomes visible in the same update), for at most ~1 s of frames.
+SHOW_IMAGINED_JS = """() => {
+    let frames = 0;
+    const show = () => {
+        const button = document.querySelector('#render-it');
+        if (button && button.offsetParent !== null) button.scrollIntoView({block: 'end'});
+        else if (frames++ < 60) requestAnimationFrame(show);
+    };
+    show();
+}"""
+
+# What a render unloaded to make room, in words (the arbiter's tenant names are code).
+UNLOADED = {"ollama": "Ollama's chat model", "image": "the image model", "local-chat": "the in-process chat model"}
+
+
 def summary_text(info: dict) -> str:
     """The line under a finished render: seed, size, the wait and the swaps, pauses, an out-of-memory fallback."""
-    swap = f" · evicted {', '.join(info['evicted'])} in {info['evict_s']:.1f} s" if info.get("evicted") else ""
+    gone = ", ".join(UNLOADED.get(t, t) for t in info.get("evicted") or ())
+    swap = f" · unloaded {gone} first ({info['evict_s']:.1f} s)" if gone else ""
     if info.get("preemptions"):
         n = info["preemptions"]
         swap += f" · paused {n} time{'s' if n > 1 else ''} for chats ({info['paused_s']:.1f} s)"
@@ -429,20 +463,21 @@ def build(studio: Studio) -> gr.Blocks:
         return gr.Button(interactive=False)
 
     @_guard
-    def status() -> dict:
-        """The arbiter's state: holder, waiting, residents and the VRAM ledger, last hand-over timings."""
-        st = studio.status()
+    def status(request: gr.Request = None) -> dict:  # type: ignore[assignment]
+        """The arbiter's state: holder, waiting, residents and the VRAM ledger, last hand-over timings
+        (other users' jobs without their name or address, clair.panel.private_status)."""
+        st = panel.private_status(studio.status(), owner_of(request))
         st["jobs"] = {"total": jobs.total, "max_queue": jobs.max_total, "max_per_user": jobs.max_per_user}
         return st
 
     # ---- GPU panel (issue 9; clair/panel.py): the line atop both tabs, the Status tab, eject ----
     @_guard
-    def status_line() -> str:
-        return panel.compact_html(panel.panel_data(studio))
+    def status_line(request: gr.Request = None) -> str:  # type: ignore[assignment]
+        return panel.compact_html(panel.panel_data(studio, viewer=owner_of(request)))  # others' jobs: no names
 
     @_guard
-    def panel_full() -> str:
-        return panel.panel_html(panel.panel_data(studio))
+    def panel_full(request: gr.Request = None) -> str:  # type: ignore[assignment]
+        return panel.panel_html(panel.panel_data(studio, viewer=owner_of(request)))
 
     @_guard
     def eject(tenant: str | None) -> str:
@@ -451,6 +486,17 @@ def build(studio: Studio) -> gr.Blocks:
             return "Choose a model to unload."
         return studio.eject(tenant)
     # ---- end GPU panel ----
+
+    def account_row_now():
+        """Log out shows whenever there are users now (added while Clair runs too: their login came with them)."""
+        users_now = has_users(cfg)
+        return gr.Row(visible=bool(lan_note(cfg) or users_now)), gr.Button(visible=users_now)
+
+    @_guard
+    def eject_choices():
+        """What may be unloaded (Studio.ejectable: the demo without Ollama offers none of Ollama's models)."""
+        names = studio.ejectable()
+        return gr.Dropdown(choices=[(name, t) for t, name in names.items()], value=None)
 
     @_guard
     def chat_notice() -> str:
@@ -473,8 +519,8 @@ def build(studio: Studio) -> gr.Blocks:
             idle = studio.image.footprint(1024, 1024)[1] / gib
             at = ", ".join(f"{w}² {studio.image.footprint(w, w)[0] / gib:.1f} GB" for w in (512, 1024, 2048))
             text += (
-                f" No CUDA here, so memory figures are SDXL's declared sizes, not measured: {idle:.1f} GB of "
-                f"weights while loaded, and while rendering more, growing with the image ({at})."
+                f" No GPU here, so memory figures are what SDXL is known to need, not measured: {idle:.1f} GB "
+                f"loaded; while rendering {at}."
             )
         return text
 
@@ -685,14 +731,15 @@ def build(studio: Studio) -> gr.Blocks:
         gr.api(status, api_name="status", queue=False)
         gr.HTML(logo_html(), elem_id="clair-header-block")
         lan, users_exist = lan_note(cfg), has_users(cfg)
-        if lan or users_exist:
-            with gr.Row():
-                gr.Markdown(lan, elem_id="lan-link")
-                if lan:
-                    gr.HTML(lan_qr(cfg), elem_id="lan-qr", scale=0, min_width=130)
-                # Browser-only: POST /logout ends this session (clair/web.py); no server handler here.
-                logout = gr.Button("Log out", size="sm", scale=0, min_width=96, visible=users_exist)
-                logout.click(None, js=LOGOUT_JS)
+        # Built even without users: one added while Clair runs brings a login, and then this page needs its Log
+        # out button (shown per page load, `account_row` below).
+        with gr.Row(visible=bool(lan or users_exist), elem_id="account-row") as account_row:
+            gr.Markdown(lan, elem_id="lan-link")
+            if lan:
+                gr.HTML(lan_qr(cfg), elem_id="lan-qr", scale=0, min_width=130)
+            # Browser-only: POST /logout ends this session (clair/web.py); no server handler here.
+            logout = gr.Button("Log out", size="sm", scale=0, min_width=96, visible=users_exist, elem_id="logout")
+            logout.click(None, js=LOGOUT_JS)
         if cfg.demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
         status_md = gr.HTML(elem_id="gpu-status")  # GPU panel: the compact line atop both tabs
@@ -741,6 +788,11 @@ def build(studio: Studio) -> gr.Blocks:
                         negative = gr.Textbox(
                             label="Negative prompt", lines=2, max_length=cfg.max_prompt_chars, elem_id="negative"
                         )
+                        # Under the prompts, not under every setting: on a laptop screen (1366x900) the button
+                        # stays above the fold next to the result.
+                        with gr.Row():
+                            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                            cancel = gr.Button("Cancel", interactive=False)
                         with gr.Row():
                             steps = gr.Slider(
                                 1, cfg.max_steps, value=min(8 if cfg.demo else 30, cfg.max_steps), step=1,
@@ -761,17 +813,25 @@ def build(studio: Studio) -> gr.Blocks:
                             value=_aspect_of(size0, size0), elem_id="aspect",
                         )
                         with gr.Row():
-                            width = gr.Slider(64, cfg.max_side, value=size0, step=8, label="Width", elem_id="width", min_width=140)
-                            height = gr.Slider(64, cfg.max_side, value=size0, step=8, label="Height", elem_id="height", min_width=140)
+                            # Both boxes bring a typed value into range the same way (on leaving the box); the
+                            # range is written under them, so a 4096 that becomes 2048 is no surprise.
+                            side_info = f"64 to {cfg.max_side}, in steps of 8"
+                            width = gr.Slider(
+                                64, cfg.max_side, value=size0, step=8, label="Width", elem_id="width", min_width=140,
+                                info=side_info,
+                            )
+                            height = gr.Slider(
+                                64, cfg.max_side, value=size0, step=8, label="Height", elem_id="height", min_width=140,
+                                info=side_info,
+                            )
                         with gr.Row(equal_height=True):
                             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed", scale=3)
                             reuse = gr.Button("♻ Reuse seed", size="sm", scale=1, min_width=110, elem_id="reuse-seed")
                             fresh_seed = gr.Button("Random seed", size="sm", scale=1, min_width=90)
-                        with gr.Row():
-                            generate = gr.Button("Generate", variant="primary")
-                            cancel = gr.Button("Cancel", interactive=False)
                     with gr.Column(scale=3, min_width=300):
-                        result = gr.Image(label="Result", format="png", type="filepath", interactive=False, height=520)
+                        result = gr.Image(
+                            label="Result", format="png", type="filepath", interactive=False, height=480, elem_id="result"
+                        )
                         summary = gr.Markdown(elem_id="render-summary")
                         with gr.Accordion("Parameters and timings", open=False):
                             info = gr.JSON(label="Render info", show_label=False)
@@ -791,6 +851,7 @@ def build(studio: Studio) -> gr.Blocks:
                 with gr.Row():
                     eject_choice = gr.Dropdown(
                         label="Unload a model from the GPU",
+                        elem_id="eject-choice",
                         choices=[(name, t) for t, name in studio.ejectable().items()],
                         value=None,
                         scale=3,
@@ -820,6 +881,8 @@ def build(studio: Studio) -> gr.Blocks:
         demo.load(gallery, outputs=[recent, listed], api_visibility="private", queue=False)
         demo.load(past_list, outputs=past, api_visibility="private", queue=False)
         demo.load(panel_full, outputs=panel_view, api_visibility="private", queue=False)  # GPU panel
+        demo.load(account_row_now, outputs=[account_row, logout], api_visibility="private", queue=False)
+        demo.load(eject_choices, outputs=eject_choice, api_visibility="private")
         refresh.click(model_choices, outputs=model, api_visibility="private").then(
             chat_notice, outputs=chat_notice_md, api_visibility="private"
         )
@@ -850,12 +913,20 @@ def build(studio: Studio) -> gr.Blocks:
             concurrency_id=CHAT,
             concurrency_limit=gpu_slots,
         )
+        # The imagined prompt opens below the conversation, often off-screen: bring it into view.
+        imagined.then(None, js=SHOW_IMAGINED_JS)
         # The flag stops a reply that is streaming or waiting for the GPU; `cancels` also drops one still
         # in Gradio's own queue.
         stop.click(stop_chat, api_visibility="private", queue=False, cancels=[*sent, imagined]).then(
             lit(False), outputs=stop, api_visibility="private", queue=False
         )
         new_chat.click(
+            fresh_chat, outputs=[chatbot, message, stop], api_visibility="private", queue=False, cancels=[*sent, imagined]
+        ).then(lambda: (None, gr.Dropdown(value=None)), outputs=[conv_id, past], api_visibility="private", queue=False)
+        # Gradio's own trash icon on the conversation empties it in the browser; without this the page's id
+        # stayed, and the next message saved the new conversation over the old one (issue 17). Clearing is a
+        # new chat: the saved one stays under Past conversations.
+        chatbot.clear(
             fresh_chat, outputs=[chatbot, message, stop], api_visibility="private", queue=False, cancels=[*sent, imagined]
         ).then(lambda: (None, gr.Dropdown(value=None)), outputs=[conv_id, past], api_visibility="private", queue=False)
         for ev in sent:

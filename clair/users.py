@@ -30,6 +30,8 @@ import sys
 import threading
 from pathlib import Path
 
+from clair.base import write_private
+
 SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 DKLEN = 32
 MIN_PASSWORD = 8
@@ -126,19 +128,8 @@ class SecretsFile:
         return self._entries
 
     def write(self, entries: dict[str, dict]) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"version": 1, self.section: entries}, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        text = json.dumps({"version": 1, self.section: entries}, indent=1, sort_keys=True) + "\n"
+        write_private(self.path, text)
 
 
 class Users:
@@ -205,6 +196,23 @@ class Users:
             self._write(users)
 
 
+KEYS_FILE = "keys.json"  # clair/keys.py's file, beside the users file
+
+
+def revoke_key(users: Users, name: str) -> bool:
+    """Remove `name`'s API key (clair/keys.py) from the keys file beside the users file; True if it had one.
+    A key is bound to its user's entry, so after a new password it works for nobody: this keeps the
+    `keys` listing honest. (Users cannot import clair.keys: keys build on users.)"""
+    keys = SecretsFile(users.path.with_name(KEYS_FILE), "keys", "addkey")
+    with users._lock:
+        entries = dict(keys.load())
+        if name not in entries:
+            return False
+        del entries[name]
+        keys.write(entries)
+    return True
+
+
 # --- the commands (python app.py adduser / deluser / users) --------------------------------------
 
 
@@ -248,4 +256,12 @@ def command(argv: list[str], users: Users, out=None, stdin=None, prompt=getpass.
     password = check_password(read_password(stdin, prompt))
     new = users.set_password(name, password)
     print(f"{'Added' if new else 'Changed the password of'} user {name} in {users.path}.", file=out)
+    if revoke_key(users, name):
+        print(
+            f"Revoked {name}'s API key: it belonged to the {'earlier user of that name' if new else 'old password'}. "
+            f"Make a new one with `python app.py addkey {name}`.",
+            file=out,
+        )
+    if not new:
+        print("Their open sessions end at once.", file=out)
     return 0

@@ -33,6 +33,7 @@ import contextvars
 import ipaddress
 import json
 import logging
+import os
 import re
 import secrets
 import socket
@@ -40,11 +41,25 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
+import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import cookie_parser
 
+from clair.edge import (
+    OLLAMA,
+    OPENAI,
+    PARSED,
+    WEB,
+    BadJson,
+    BodyRefused,
+    error_body,
+    parse_json_async,
+    read_body,
+    replay,
+    too_large,
+)
 from clair.keys import Keys, bearer, keys_path
 from clair.users import UserError
 
@@ -391,16 +406,6 @@ def make_auth(users, limiter: LoginLimiter):
 # --- the middleware ----------------------------------------------------------------------------
 
 
-async def _respond(send, status: int, text: str, headers: dict[str, str] | None = None) -> None:
-    import json
-
-    body = json.dumps({"detail": text}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in {**SECURITY_HEADERS, **(headers or {})}.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
 @dataclass
 class Verdict:
     """What the key check says about one API request: refuse (status > 0) or go on as `user`."""
@@ -417,16 +422,14 @@ def is_api_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
-async def respond_openai(send, status: int, text: str, code: str, headers: dict[str, str] | None = None) -> None:
-    """A refusal shaped as OpenAI's API shapes them, so its clients show the message."""
-    import json
-
-    kind = "rate_limit_error" if status == 429 else "invalid_request_error"
-    body = json.dumps({"error": {"message": text, "type": kind, "code": code}}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in {**SECURITY_HEADERS, **(headers or {})}.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+def text_max_body(cfg) -> int:
+    """The largest body of a request that carries text only (Gradio's events, /v1): its texts at Clair's
+    limits (a history, a message, a system prompt, two image prompts) at 16 bytes a character (JSON's \\u
+    escapes take 6 to 12), plus 256 KiB for the rest; about 1.3 MB with the defaults. Parsing JSON holds
+    the interpreter (Gradio even parses on the event loop): an 8 MB body held every other client for
+    seconds, so these routes take no more than their texts need."""
+    chars = cfg.max_history_chars + 2 * cfg.max_message_chars + 2 * cfg.max_prompt_chars
+    return min(MAX_BODY, 16 * chars + 256 * 1024)
 
 
 class Web:
@@ -444,7 +447,11 @@ class Web:
         self._lock = threading.Lock()
         self.auth = None  # the auth callable given to Gradio
         self.open_allowed = cfg.loopback_only or cfg.insecure  # may serve with no users at all
-        self.keys = Keys(keys_path(cfg.users_path))  # API keys (clair/keys.py), beside the users
+        self.keys = Keys(keys_path(cfg.users_path), users)  # API keys (clair/keys.py), beside the users
+        self.users_required_cached = False  # sync_auth's last answer
+        self.text_max_body = text_max_body(cfg)
+        self.session_owners = SessionOwners()
+        self.output_dir = os.path.realpath(os.path.expanduser(cfg.output_dir))
 
     def api_key_check(self, headers: Headers, address: str) -> Verdict:
         """The key an API request carries: needed whenever Clair has users (clair/keys.py).
@@ -484,6 +491,7 @@ class Web:
     def sync_auth(self) -> bool:
         """Whether a login is needed now; Gradio's login switches on with the first user (no restart)."""
         required = bool(self.users.names())
+        self.users_required_cached = required
         if self.gradio is not None:
             self.gradio.auth = self.auth if required else None
         return required
@@ -528,12 +536,188 @@ class Web:
                 self._open[key] = n
 
 
-class Guard:
-    """The ASGI middleware (see the module docstring)."""
+WEB_PORT, OLLAMA_PORT = "web", "ollama"
+MISSING = object()  # no JSON body
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/")
 
-    def __init__(self, app, web: Web):
+
+@dataclass
+class Refusal:
+    status: int
+    text: str
+    code: str = ""
+    headers: dict[str, str] | None = None
+
+
+async def refuse(send, protocol: str, status: int, text: str, code: str = "", headers: dict[str, str] | None = None) -> None:
+    """A refusal in the protocol's one error shape (clair.edge.error_body), with the security headers."""
+    body = json.dumps(error_body(protocol, status, text, code)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in {**SECURITY_HEADERS, **(headers or {})}.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _loopback_origin(origin: str) -> bool:
+    name = Hosts.hostname(origin.split("://", 1)[-1]) if "://" in origin else None
+    return bool(name) and (name == "localhost" or name.endswith(".localhost") or is_loopback_client(name))
+
+
+def session_hashes(method: str, path: str, query: bytes, body) -> list[str]:
+    """The Gradio session hashes a request names: in the query, the heartbeat or stream path, or the body."""
+    found = [v for v in parse_qs(query.decode("latin-1")).get("session_hash", [])]
+    if method == "GET":
+        for prefix in ("/gradio_api/heartbeat/", "/gradio_api/stream/"):
+            if path.startswith(prefix):
+                found.append(path[len(prefix):].split("/", 1)[0])
+    if isinstance(body, dict) and isinstance(body.get("session_hash"), str):
+        found.append(body["session_hash"])
+    return found
+
+
+class SessionOwners:
+    """Gradio session hash -> the user who used it first. Gradio keys a page's state, its event stream and
+    its cancels by the hash alone; bound here, another user's hash is worth nothing (404)."""
+
+    MAX = 100_000
+
+    def __init__(self) -> None:
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def claim(self, session_hash: str, user: str) -> bool:
+        with self._lock:
+            owner = self._owners.get(session_hash)
+            if owner is None:
+                self._owners[session_hash] = user
+                while len(self._owners) > self.MAX:
+                    self._owners.popitem(last=False)
+                return True
+            self._owners.move_to_end(session_hash)
+            return owner == user
+
+
+def file_owner(path: str, folder: str) -> tuple[bool, str | None]:
+    """(whether `path` names a file in Clair's output folder, the owner its PNG metadata records)."""
+    if path.startswith(("http://", "https://")):
+        return False, None
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, folder]) != folder:
+        return False, None
+    try:
+        from clair.image import read_metadata
+
+        owner = read_metadata(real).get("owner")
+    except Exception:
+        owner = None
+    return True, owner if isinstance(owner, str) else None
+
+
+class Guard:
+    """The ASGI middleware of every port (see the module docstring). `port` is WEB_PORT (Gradio, /v1:
+    sessions, logins, uploads) or OLLAMA_PORT (clair/gateway.py: keys from other machines only, since
+    Ollama answers anyone on this machine; refusals in Ollama's shape)."""
+
+    def __init__(self, app, web: Web, port: str = WEB_PORT, max_body: int = MAX_BODY):
         self.app = app
         self.web = web
+        self.port = port
+        self.max_body = max_body  # /v1 and Gradio's events take text only: at most web.text_max_body
+
+    def protocol(self, path: str) -> str:
+        return OPENAI if is_api_path(path) else (OLLAMA if self.port == OLLAMA_PORT else WEB)
+
+    def check(self, scope, headers: Headers, address: str, method: str, path: str) -> tuple[Refusal | None, dict]:
+        """Everything decided from the request line and headers: (a refusal or None, the scope to go on with)."""
+        web = self.web
+        host = headers.get("host")
+        if not web.hosts.allowed(host):
+            log.warning("refused host=%r addr=%s path=%s", (host or "")[:100], address, path[:100])
+            return Refusal(421, "Clair does not answer to this host name. Open it by the address it printed at "
+                           "start-up, or add the name to CLAIR_ALLOWED_HOSTS.", "bad_host"), scope
+        if method not in SAFE_METHODS:
+            origin = headers.get("origin")
+            site = (headers.get("sec-fetch-site") or "").lower()
+            bad = site in ("cross-site", "same-site") or (origin is not None and not web.origin_ok(origin, host))
+            if self.port == OLLAMA_PORT and _loopback_origin(origin or ""):
+                bad = False  # browser tools on this machine talk to Ollama's port from their own origins
+            if bad:
+                log.warning("refused cross-origin %s %s origin=%r addr=%s", method, path[:100], (origin or "")[:100], address)
+                return Refusal(403, "Requests from other sites are refused.", "forbidden_origin"), scope
+        try:
+            users_required = web.sync_auth()
+        except Exception:
+            log.exception("the users file cannot be read")
+            return Refusal(503, "Clair's users file cannot be read: tell whoever runs Clair (details in its log).", "server_error"), scope
+        web_port = self.port == WEB_PORT
+        if web_port and not users_required and not web.open_allowed and path != "/healthz":
+            return Refusal(503, "Clair has no users yet: whoever runs it adds one with `python app.py adduser NAME`."), scope
+        if web_port and method == "POST" and path.startswith("/gradio_api/upload"):
+            return Refusal(403, "Clair takes no uploads."), scope
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.cap(path)):
+            return Refusal(413, too_large(self.cap(path)), "too_large"), scope
+        if web_port and method == "POST" and path in LOGIN_PATHS:
+            wait = web.limiter.retry_after(address)
+            if wait > 0:
+                n = str(int(wait + 0.999))
+                return Refusal(429, f"Too many failed logins from your address: try again in {n} s.", "", {"retry-after": n}), scope
+        elif is_api_path(path) or not web_port:
+            # Keys, never cookies. On the Ollama port a request from this machine needs none (module docstring).
+            keyless = not users_required or (not web_port and is_loopback_client(address))
+            verdict = Verdict() if keyless else web.api_key_check(headers, address)
+            if verdict.status:
+                return Refusal(verdict.status, verdict.message, verdict.code, verdict.headers), scope
+            if verdict.user:
+                scope = {**scope, "clair_api_user": verdict.user}
+        elif (
+            users_required
+            and not (path in PUBLIC_EXACT or path.startswith(PUBLIC_PREFIXES) or path in LOGOUT_PATHS)
+            and not (path in LOOPBACK_OPEN and is_loopback_client(address))
+            and web.user(headers) is None
+        ):
+            return Refusal(401, "Not logged in: open Clair's page and log in."), scope
+        return None, scope
+
+    def cap(self, path: str) -> int:
+        if is_api_path(path) or (self.port == WEB_PORT and path.startswith("/gradio_api/")):
+            return self.web.text_max_body  # text only: what Clair's text limits allow
+        return self.max_body
+
+    def reads_json(self, headers: Headers, path: str) -> bool:
+        if is_api_path(path) or self.port == OLLAMA_PORT:
+            return True
+        return "json" in (headers.get("content-type") or "").lower()
+
+    async def body(self, receive, headers: Headers, path: str) -> tuple[Refusal | None, bytes | None, object]:
+        """Read the body within the cap while it keeps moving, and parse JSON off the event loop:
+        (a refusal or None, the body (None: the client left), the parsed JSON or MISSING)."""
+        try:
+            raw = await read_body(receive, self.cap(path))
+        except BodyRefused as exc:
+            return Refusal(exc.status, str(exc), "too_large" if exc.status == 413 else "timeout"), None, MISSING
+        if raw is None or not raw.strip() or not self.reads_json(headers, path):
+            return None, raw, MISSING
+        try:
+            return None, raw, await parse_json_async(raw)
+        except BadJson as exc:
+            return Refusal(400, f"The body is not valid JSON: {exc}.", "invalid_json"), raw, MISSING
+
+    async def owned(self, method: str, path: str, scope, parsed, user: str | None) -> Refusal | None:
+        """With users, a Gradio session hash and a file of the output folder are their user's only."""
+        if self.port != WEB_PORT or user is None:
+            return None
+        for h in session_hashes(method, path, scope.get("query_string", b""), parsed):
+            if not self.web.session_owners.claim(h, user):
+                log.warning("refused another user's session user=%s path=%s", user, path[:100])
+                return Refusal(404, "No such session: reload the page.")
+        if path.startswith(FILE_ROUTES) and not self.web.cfg.shared_gallery:
+            target = path.split("=", 1)[1] if path.startswith(FILE_ROUTES[0]) else path[len(FILE_ROUTES[1]):]
+            inside, owner = await anyio.to_thread.run_sync(file_owner, target, self.web.output_dir)
+            if inside and owner is not None and owner != user:
+                return Refusal(404, "No such file.")
+        return None
 
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
@@ -545,94 +729,55 @@ class Guard:
         address = (scope.get("client") or ("?", 0))[0]
         method = scope.get("method", "GET") if kind == "http" else "WEBSOCKET"
         path = scope.get("path", "/")
+        protocol = self.protocol(path)
 
-        async def refuse(status: int, text: str, extra: dict[str, str] | None = None) -> None:
+        async def deny(r: Refusal) -> None:
             if kind == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
             else:
-                await _respond(send, status, text, extra)
+                await refuse(send, protocol, r.status, r.text, r.code, r.headers)
 
-        host = headers.get("host")
-        if not web.hosts.allowed(host):
-            log.warning("refused host=%r addr=%s path=%s", (host or "")[:100], address, path[:100])
-            await refuse(
-                421,
-                "Clair does not answer to this host name. Open it by the address it printed at start-up, "
-                "or add the name to CLAIR_ALLOWED_HOSTS.",
-            )
+        refusal, scope = self.check(scope, headers, address, method, path)
+        if refusal is not None:
+            await deny(refusal)
             return
-        if method not in SAFE_METHODS:
-            origin = headers.get("origin")
-            site = (headers.get("sec-fetch-site") or "").lower()
-            if site in ("cross-site", "same-site") or (origin is not None and not web.origin_ok(origin, host)):
-                log.warning("refused cross-origin %s %s origin=%r addr=%s", method, path[:100], origin, address)
-                await refuse(403, "Requests from other sites are refused.")
-                return
-        try:
-            users_required = web.sync_auth()
-        except Exception:
-            log.exception("the users file cannot be read")
-            await refuse(503, "Clair's users file cannot be read: tell whoever runs Clair (details in its log).")
-            return
-        if not users_required and not web.open_allowed and path != "/healthz":
-            await refuse(503, "Clair has no users yet: whoever runs it adds one with `python app.py adduser NAME`.")
-            return
-        if method == "POST" and path.startswith("/gradio_api/upload"):
-            await refuse(403, "Clair takes no uploads.")
-            return
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            await refuse(413, f"Request too large: Clair takes at most {MAX_BODY // (1024 * 1024)} MB.")
-            return
-        if method == "POST" and path in LOGIN_PATHS:
-            wait = web.limiter.retry_after(address)
-            if wait > 0:
-                await refuse(
-                    429,
-                    f"Too many failed logins from your address: try again in {int(wait + 0.999)} s.",
-                    {"retry-after": str(int(wait + 0.999))},
-                )
-                return
-        elif is_api_path(path):
-            # /v1 (clair/openai_api.py): a key instead of a session; no cookie is ever accepted there.
-            verdict = web.api_key_check(headers, address) if users_required else Verdict()
-            if verdict.status:
-                await respond_openai(send, verdict.status, verdict.message, verdict.code, verdict.headers)
-                return
-            if verdict.user:
-                scope = {**scope, "clair_api_user": verdict.user}
-        elif (
-            users_required
-            and not (path in PUBLIC_EXACT or path.startswith(PUBLIC_PREFIXES) or path in LOGOUT_PATHS)
-            and not (path in LOOPBACK_OPEN and is_loopback_client(address))
-            and web.user(headers) is None
-        ):
-            await refuse(401, "Not logged in: open Clair's page and log in.")
-            return
-
         key = client_key(address)
         if not web._enter(key):
-            await refuse(429, "Too many open connections from your address.", {"retry-after": "5"})
+            await deny(Refusal(429, "Too many open connections from your address.", "too_many_requests", {"retry-after": "5"}))
             return
         token = CLIENT.set(address)
-        login_claimed = method == "POST" and path in LOGIN_PATHS
-        if login_claimed and not web.limiter.begin(address):
+        login_claimed = self.port == WEB_PORT and method == "POST" and path in LOGIN_PATHS
+        try:
+            if login_claimed and not web.limiter.begin(address):
+                login_claimed = False
+                await deny(Refusal(429, "A login from your address is already being checked.", "", {"retry-after": "1"}))
+                return
+            parsed = MISSING
+            if kind == "http" and method in BODY_METHODS:
+                refusal, raw, parsed = await self.body(receive, headers, path)
+                if refusal is not None:
+                    await deny(refusal)
+                    return
+                if raw is None:
+                    return  # the client went away
+                receive = replay(raw, receive)
+                if parsed is not MISSING:
+                    scope = {**scope, PARSED: parsed}
+            user = web.user(headers) if web.users_required_cached else None
+            refusal = await self.owned(method, path, scope, parsed, user)
+            if refusal is not None:
+                await deny(refusal)
+                return
+            await self.app(scope, receive, self.sender(scope, send, headers, method, path, address))
+        finally:
+            if login_claimed:
+                web.limiter.end(address)
             web._leave(key)
             CLIENT.reset(token)
-            await refuse(429, "A login from your address is already being checked.", {"retry-after": "1"})
-            return
 
-        received = 0
-
-        async def capped_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > MAX_BODY:
-                    return {"type": "http.disconnect"}
-            return message
-
+    def sender(self, scope, send, headers: Headers, method: str, path: str, address: str):
+        """`send` with the security headers, Secure cookies under TLS, and Gradio's own refusals reworded."""
+        tls = scope.get("scheme") in ("https", "wss")
         # Gradio checks an event's inputs against their components before Clair's handlers run, and answers
         # a mismatch with 400 and its own text (pydantic's errors, server paths it could not copy). Clients
         # get Clair's words instead; the details go to the log under an id.
@@ -645,6 +790,8 @@ class Guard:
                 for name, value in SECURITY_HEADERS.items():
                     if name not in h:
                         h[name] = value
+                if tls:
+                    secure_cookies(message)
                 if rewrite and message.get("status") == 400:
                     held["start"] = message
                     return
@@ -652,39 +799,46 @@ class Guard:
                 held["body"] += message.get("body", b"")
                 if message.get("more_body"):
                     return
-                ident = secrets.token_hex(3)
-                log.warning(
-                    "request refused before Clair's checks id=%s addr=%s path=%s detail=%r",
-                    ident, address, path[:100], held["body"][:600].decode("utf-8", "replace"),
-                )
-                body = json.dumps(
-                    {
-                        "detail": "Clair could not read this request: an input is not what this event takes (a chat "
-                        f"history must be plain text; numbers must be numbers). (error id {ident})"
-                    }
-                ).encode()
-                start = held["start"]
-                h = MutableHeaders(scope=start)
-                h["content-type"] = "application/json"
-                h["content-length"] = str(len(body))
-                await send(start)
-                await send({"type": "http.response.body", "body": body})
+                await _reworded(send, held["start"], held["body"], address, path)
                 return
             await send(message)
 
-        outgoing = secured_send
-        if users_required and kind == "http" and path == "/" and web.user(headers) is None:
+        if self.port == WEB_PORT and self.web.users_required_cached and scope["type"] == "http" and path == "/" and self.web.user(headers) is None:
             # Gradio embeds the whole API description (every endpoint and its parameters) in the page
             # it serves logged-out visitors for the login form; they get an empty one.
-            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
-            outgoing = _login_page_sender(secured_send)
-        try:
-            await self.app(scope, capped_receive if kind == "http" else receive, outgoing)
-        finally:
-            if login_claimed:
-                web.limiter.end(address)
-            web._leave(key)
-            CLIENT.reset(token)
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
+            return _login_page_sender(secured_send)
+        return secured_send
+
+
+def secure_cookies(start: dict) -> None:
+    """Mark every cookie of a response Secure (Gradio sets `access-token-unsecure-*` without it, which a
+    page could then have the browser send to a plain-HTTP port of the same host)."""
+    out = []
+    for k, v in start.get("headers", []):
+        if k.lower() == b"set-cookie" and b"secure" not in [p.strip().lower() for p in v.split(b";")[1:]]:
+            v = v + b"; Secure"
+        out.append((k, v))
+    start["headers"] = out
+
+
+async def _reworded(send, start: dict, body: bytes, address: str, path: str) -> None:
+    ident = secrets.token_hex(3)
+    log.warning(
+        "request refused before Clair's checks id=%s addr=%s path=%s detail=%r",
+        ident, address, path[:100], body[:600].decode("utf-8", "replace"),
+    )
+    out = json.dumps(
+        {
+            "detail": "Clair could not read this request: an input is not what this event takes (a chat "
+            f"history must be plain text; numbers must be numbers). (error id {ident})"
+        }
+    ).encode()
+    h = MutableHeaders(scope=start)
+    h["content-type"] = "application/json"
+    h["content-length"] = str(len(out))
+    await send(start)
+    await send({"type": "http.response.body", "body": out})
 
 
 API_INFO = re.compile(rb"(<script>window\.gradio_api_info = ).*?(;</script>)", re.S)
@@ -765,44 +919,76 @@ def install_log_filter() -> None:
 # --- connections: per address, and the time to send a request ---------------------------------------
 
 HEADER_TIMEOUT_S = 10.0  # a client has this long to send a request's headers, on a new or a kept-alive connection
+RESERVED_FOR_LOOPBACK = 4  # connections past CLAIR_MAX_CONNECTIONS only this machine may open (the watchdog's /healthz)
 
 
-def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIMEOUT_S) -> type:
-    """uvicorn's h11 protocol with two limits that its own `limit_concurrency` lacks.
+def machine(address: str) -> str:
+    """The unit of the connection caps: one IPv4 address, one IPv6 /64, and this machine for loopback."""
+    return "loopback" if is_loopback_client(address) else client_key(address)
+
+
+def trusted_proxies(cfg) -> list[str]:
+    """CLAIR_TRUSTED_PROXIES as a list: the only addresses whose X-Forwarded-For is believed (none by default)."""
+    return [p.strip() for p in (getattr(cfg, "trusted_proxies", "") or "").split(",") if p.strip()]
+
+
+def server_limits(cfg) -> dict:
+    """uvicorn.Config arguments for a port of Clair's: the connection guard below, and X-Forwarded-For
+    trusted from CLAIR_TRUSTED_PROXIES only (uvicorn trusts 127.0.0.1 by default, which let anything local
+    pick its own address and dodge the login back-off)."""
+    proxies = trusted_proxies(cfg)
+    return {
+        # Past CLAIR_MAX_CONNECTIONS the guarded protocol refuses connections itself; uvicorn's own limit
+        # (a 503 to every request, /healthz too) is set above what the guard lets in.
+        "limit_concurrency": cfg.max_connections + RESERVED_FOR_LOOPBACK + 1,
+        "http": guarded_protocol(cfg.max_connections, trusted=proxies),
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or "",
+    }
+
+
+def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIMEOUT_S, trusted=()) -> type:
+    """uvicorn's h11 protocol with the connection limits its own `limit_concurrency` lacks.
 
     uvicorn counts every open connection against `limit_concurrency` from the moment it is accepted, before
-    any request exists, and gives a client unlimited time to send its headers: a few hundred half-open
-    connections from one machine (a "slowloris") made it answer 503 to everyone, the watchdog's /healthz
-    included, without a login. So, per connection:
+    any request exists, gives a client unlimited time to send its headers, and past the limit answers 503 to
+    every request: a few hundred half-open connections (a "slowloris") made it answer 503 to everyone, the
+    watchdog's /healthz included, and under systemd that is a restart loop. So, per connection:
 
-    * one address may hold a quarter of `max_connections` (127.0.0.1 and ::1 are exempt: a reverse proxy
-      on this machine carries every client from there); past it the new connection is closed at once;
+    * one machine (`machine`: an IPv4 address, an IPv6 /64, loopback as one) may hold a quarter of
+      `max_connections`; past it the new connection is closed at once. A trusted proxy (`trusted`,
+      CLAIR_TRUSTED_PROXIES) is exempt: it carries many clients, whom the guard tells apart per request;
+    * all machines but this one together may hold `max_connections`; RESERVED_FOR_LOOPBACK more are
+      kept for loopback, so a full house never looks like a hung GPU to the watchdog;
     * a request's headers must arrive within `header_timeout_s` of the connection opening, or of the
-      previous response ending on a kept-alive one; otherwise the connection is closed.
-
-    The guard middleware (`Guard`) still caps requests per address once they are parsed.
+      previous response ending on a kept-alive one; otherwise the connection is closed. (A body must keep
+      moving too: the guard middleware reads it, clair.edge.read_body.)
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    per_address = max(8, max_connections // 4)
-    live: dict[str, set] = {}  # address -> open transports (only touched on the server's event loop)
+    per_machine = max(8, max_connections // 4)
+    exempt = frozenset(trusted)
+    live: dict[str, set] = {}  # machine -> open transports (only touched on the server's event loop)
+
+    def total() -> int:
+        return sum(len(v) for v in live.values())
 
     class GuardedH11Protocol(H11Protocol):
         _clair_timer = None
-        _clair_host = ""
+        _clair_machine = ""
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             host = self.client[0] if self.client else ""
-            self._clair_host = host
-            if host not in ("127.0.0.1", "::1"):  # where a reverse proxy on this machine connects from
-                mine = live.setdefault(host, set())
-                mine.difference_update([t for t in mine if t.is_closing()])
-                if len(mine) >= per_address:
-                    log.warning("connection refused: %s holds %d connections already", host, len(mine))
-                    transport.close()
-                    return
-                mine.add(transport)
+            key = self._clair_machine = machine(host)
+            mine = live.setdefault(key, set())
+            mine.difference_update([t for t in mine if t.is_closing()])
+            room = max_connections + (RESERVED_FOR_LOOPBACK if key == "loopback" else 0)
+            if (len(mine) >= per_machine and host not in exempt) or total() >= room:
+                log.warning("connection refused: %s holds %d connections, all hold %d", key, len(mine), total())
+                transport.close()
+                return
+            mine.add(transport)
             self._clair_arm()
 
         def _clair_arm(self) -> None:
@@ -813,7 +999,7 @@ def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIME
         def _clair_expire(self, cycle) -> None:
             # Still no new request since the timer was armed (none at all, or the last one answered).
             if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
-                log.info("connection closed: %s sent no request within %.0f s", self._clair_host, header_timeout_s)
+                log.info("connection closed: %s sent no request within %.0f s", self._clair_machine, header_timeout_s)
                 self.transport.close()
 
         def on_response_complete(self) -> None:
@@ -824,11 +1010,11 @@ def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIME
         def connection_lost(self, exc) -> None:
             if self._clair_timer is not None:
                 self._clair_timer.cancel()
-            mine = live.get(self._clair_host)
+            mine = live.get(self._clair_machine)
             if mine is not None:
                 mine.discard(self.transport)
                 if not mine:
-                    live.pop(self._clair_host, None)
+                    live.pop(self._clair_machine, None)
             super().connection_lost(exc)
 
     return GuardedH11Protocol

@@ -1013,8 +1013,46 @@ class OllamaStandin:
             self._serve_show(handler, record)
         elif path in ("/api/chat", "/api/generate") and method == "POST":
             self._serve_generation(handler, record, "chat" if path == "/api/chat" else "generate")
+        elif path == "/v1/models" and method == "GET":
+            with self._cond:
+                installed = list(self._installed.values())
+            data = [{"id": m.name, "object": "model", "created": int(m.modified_at), "owned_by": "library"} for m in installed]
+            handler.send_json(200, {"object": "list", "data": data})
+        elif path == "/v1/chat/completions" and method == "POST":
+            self._serve_openai_chat(handler, record)
         else:
             handler.send_bytes(404, b"404 page not found", "text/plain")  # what Go's router answers
+
+    def _serve_openai_chat(self, handler: _Handler, record: RequestRecord) -> None:
+        """``POST /v1/chat/completions``, not streamed: Ollama's OpenAI-compatible chat (its docs/openai.md).
+        Loads the model like /api/chat; the answer carries ``usage`` (prompt and reply token counts). The
+        body is recorded as sent, so a test can see what reached Ollama (``tools`` included)."""
+        try:
+            body = json.loads(handler.read_body() or b"null")
+        except ValueError as exc:
+            return handler.send_json(400, {"error": {"message": f"invalid JSON: {exc}", "type": "invalid_request_error"}})
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return handler.send_json(400, {"error": {"message": "model is required", "type": "invalid_request_error"}})
+        self._update(record, body=body)
+        name = body["model"]
+        with self._cond:
+            model = self._installed.get(canonical_name(name))
+        if model is None:
+            return handler.send_json(404, {"error": {"message": f"model '{name}' not found", "type": "api_error"}})
+        runner, _ = self._acquire(model, self.default_context_length, None)
+        try:
+            tokens = self._reply_tokens("chat", body, None, self.reply_fn)
+            for _ in tokens:
+                self._pause(self.token_delay)
+            prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
+            handler.send_json(200, {
+                "id": "chatcmpl-standin", "object": "chat.completion", "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(tokens)}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                          "total_tokens": prompt_tokens + len(tokens)},
+            })
+        finally:
+            self._release(runner)
 
     def _serve_show(self, handler: _Handler, record: RequestRecord) -> None:
         """``POST /api/show``: a model's details; ``model`` (or the older ``name``) names it."""

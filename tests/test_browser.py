@@ -244,7 +244,8 @@ def test_cancel_stops_a_render_and_frees_the_gpu(browser, app):
         assert st["holder"] is None and st["waiting"] == []
         # The next render goes through at once: nothing stayed locked.
         _, info = app.render(seed=99)
-        assert info["seed"] == 99 and info["wait_s"] < 5
+        # A GPU left locked would make it wait CLAIR_QUEUE_TIMEOUT_S (900 s); a loaded machine takes seconds.
+        assert info["seed"] == 99 and info["wait_s"] < 60
         no_traceback(page)
     finally:
         page.close()
@@ -335,6 +336,9 @@ def test_imagine_gallery_settings_png_drop_and_a_phone(app, app_dir, standin, br
         prompt_box = page.get_by_label("Imagined prompt")
         expect(prompt_box).to_have_value(IMAGINED[0], timeout=30_000)
         expect(page.get_by_label("Imagined negative prompt")).to_have_value(IMAGINED[1])
+        # Brought into view, not opened off-screen below the conversation.
+        for field in (prompt_box, page.get_by_role("button", name="Render it in the Image tab")):
+            expect(field).to_be_in_viewport()
         sent = [r for r in standin.requests_to("/api/chat") if r.messages][-1]
         assert sent.messages[0] == {"role": "system", "content": IMAGINE_SYSTEM}
         assert "a lighthouse, please" in sent.messages[-1]["content"]
@@ -456,6 +460,7 @@ def test_a_size_message_leaves_the_width_box_visible(browser, tmp_path):
                 if (r.height < 10 || r.width < 100) return null;
                 const covered = ['#width', '#height'].filter(id => {
                     const box = document.querySelector(id + ' input[type=number]');
+                    box.scrollIntoView({block: 'center'});  // below the fold on a short screen: scroll as a person would
                     const b = box.getBoundingClientRect();
                     const top = document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2);
                     return !(top === box || box.contains(top));
@@ -467,6 +472,159 @@ def test_a_size_message_leaves_the_width_box_visible(browser, tmp_path):
         assert seen["covered"] == [], f"the message covers {seen['covered']}"
         page.screenshot(path=str(tmp_path / "image-size-refused.png"))  # not full_page: a resize clears the message
         no_traceback(page)
+    finally:
+        if page is not None:
+            page.close()
+        app.stop()
+
+
+def zlib_bomb_png(keyword: str, inflated: int) -> bytes:
+    """A small PNG with one zTXt chunk that inflates to `inflated` bytes of zeros (a decompression bomb)."""
+    import struct
+    import zlib
+
+    z = zlib.compressobj(9)
+    block = b"\0" * (1 << 20)
+    stream = b"".join(z.compress(block) for _ in range(inflated >> 20)) + z.flush()
+    data = keyword.encode("latin-1") + b"\0\0" + stream
+    chunk = struct.pack(">I", len(data)) + b"zTXt" + data + struct.pack(">I", zlib.crc32(b"zTXt" + data))
+    png = png_with_settings({"parameters": "a kept prompt\nSteps: 5, Seed: 7, Size: 64x64"})
+    return png[:-12] + chunk + png[-12:]  # before IEND
+
+
+def test_png_reader_inflates_text_chunks_within_a_limit(browser):
+    """assets/drop.js reads dropped PNGs in the browser: a 256 MiB zTXt bomb (a 256 KB file) is skipped,
+    the other chunks are still read."""
+    png = zlib_bomb_png("bomb", 256 << 20)
+    assert len(png) < 1 << 20
+    page = browser.new_page()
+    try:
+        page.set_content("<html><body></body></html>")
+        page.add_script_tag(path=str(Path(__file__).resolve().parent.parent / "assets" / "drop.js"))
+        found = page.evaluate(
+            """async (b64) => {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                const chunks = await window.__clairPngText(bytes.buffer);
+                return Object.fromEntries(Object.entries(chunks).map(([k, v]) => [k, v.length]));
+            }""",
+            base64.b64encode(png).decode("ascii"),
+        )
+    finally:
+        page.close()
+    assert "bomb" not in found and found.get("parameters", 0) > 10, found
+
+
+def test_clearing_the_chat_starts_a_new_conversation_and_keeps_the_saved_one(app, app_dir, browser):
+    """Gradio's trash icon on the conversation: the next message starts a new saved conversation; the one
+    before stays under Past conversations, whole (it was overwritten before)."""
+    page = open_page(browser, app.url)
+    chats = app_dir / "chats-demo"
+
+    def saved() -> dict[str, list[str]]:
+        out = {}
+        for path in chats.rglob("*.json"):
+            try:
+                record = json.loads(path.read_text())
+            except ValueError:  # being replaced this instant
+                continue
+            out[path.stem] = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        return out
+
+    try:
+        expect(send_chat(page, "the first conversation")).to_have_text(
+            "You said: the first conversation", timeout=30_000
+        )
+        idle(page)
+        wait_until(lambda: any(v == ["the first conversation"] for v in saved().values()))
+        first = next(k for k, v in saved().items() if v == ["the first conversation"])
+
+        page.locator("#chatbot").get_by_role("button", name="Clear").click()
+        expect(page.get_by_test_id("bot")).to_have_count(0)
+        expect(send_chat(page, "a fresh start")).to_have_text("You said: a fresh start", timeout=30_000)
+        idle(page)
+        wait_until(lambda: any(v == ["a fresh start"] for v in saved().values()))
+        kept = saved()
+        assert kept[first] == ["the first conversation"], kept  # not overwritten
+        assert sum(v == ["a fresh start"] for v in kept.values()) == 1, kept
+        page.locator("#past input").click()
+        for title in ("the first conversation", "a fresh start"):
+            expect(page.get_by_role("option", name=re.compile(title))).to_be_visible()
+        page.keyboard.press("Escape")
+        no_traceback(page)
+    finally:
+        page.close()
+
+
+def test_a_laptop_screen_shows_generate_and_the_result_and_the_timeline_labels(app, browser, tmp_path):
+    """1366x900, the demo's banner and notices included: the Image tab's Generate button and its result are
+    above the fold; the Status tab's timeline labels are beside its bars, not under them."""
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    page.set_default_timeout(15_000)
+    try:
+        page.goto(app.url)
+        expect(page.locator("#gpu-status")).to_contain_text("GPU", timeout=20_000)
+        expect(page.locator("#demo-banner")).to_be_visible()
+        page.get_by_role("tab", name="Image").click()
+        expect(page.locator("#image-notice")).to_contain_text("Images are saved in")
+        generate = page.get_by_role("button", name="Generate").bounding_box()
+        result = page.locator("#result").bounding_box()
+        assert generate and generate["y"] + generate["height"] <= 900, generate
+        assert result and result["y"] + 200 <= 900, result  # the result's top part at least
+        screenshot(page, tmp_path, "image-1366")
+        # The size boxes take an out-of-range value alike, and say their range.
+        for name in ("Width", "Height"):
+            expect(page.locator(f"#{name.lower()}")).to_contain_text("64 to 2048, in steps of 8")
+            set_number(page, name, "4096")
+            expect(page.get_by_label(f"number input for {name}")).to_have_value("2048")
+
+        page.get_by_role("tab", name="Status").click()
+        labels = page.locator(".clair-timeline-labels").first
+        expect(labels).to_contain_text("render")
+        drawing = page.locator("svg.clair-timeline").first.bounding_box()
+        for word in ("render", "chat"):
+            box = labels.get_by_text(word, exact=True).bounding_box()
+            assert box and box["x"] + box["width"] <= drawing["x"], (word, box, drawing)
+            assert box["height"] >= 10  # drawn at its size, not squashed
+    finally:
+        page.close()
+
+
+def test_a_demo_without_ollama_and_a_user_added_while_it_runs(browser, tmp_path):
+    """The demo without Ollama offers no Ollama models to unload; a user added while Clair runs brings a login,
+    and after it the page has its Log out button."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    closed = f"127.0.0.1:{free_port()}"
+    app = App(tmp_path, {"OLLAMA_HOST": closed, "CLAIR_CHAT_BACKEND": "auto", "CLAIR_PRELOAD": "0"}, args=("--demo",))
+    page = None
+    try:
+        page = open_page(browser, app.url)
+        page.get_by_role("tab", name="Status").click()
+        page.locator("#eject-choice input").click()
+        expect(page.get_by_role("option", name="The image model")).to_be_visible()
+        expect(page.get_by_role("option", name="Ollama's models")).to_have_count(0)
+        page.keyboard.press("Escape")
+        expect(page.locator("#logout")).to_be_hidden()  # nobody to log out yet
+        page.close()
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLAIR_")}
+        env["CLAIR_OUTPUT_DIR"] = str(tmp_path / "outputs")
+        added = subprocess.run(
+            [sys.executable, str(ROOT / "app.py"), "adduser", "ann", "--demo"], input="a long enough secret\n",
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )
+        assert added.returncode == 0, added.stderr
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(15_000)
+        page.goto(app.url)
+        page.get_by_label("username").fill("ann")
+        page.get_by_label("password").fill("a long enough secret")
+        page.get_by_role("button", name="Login").click()
+        expect(page.locator("#gpu-status")).to_contain_text("GPU", timeout=20_000)
+        expect(page.get_by_role("button", name="Log out")).to_be_visible()
     finally:
         if page is not None:
             page.close()

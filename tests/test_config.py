@@ -167,8 +167,27 @@ def test_ollama_host_is_read_from_the_environment_as_ollama_does() -> None:
     cfg = load([], environ={"OLLAMA_HOST": "gpu-box:11500"})
     assert cfg.ollama_host == "gpu-box:11500"
     assert cfg.ollama_url == "http://gpu-box:11500"
-    # The CLAIR_-prefixed spelling is not a thing: only Ollama's own variable is read.
-    assert load([], environ={"CLAIR_OLLAMA_HOST": "elsewhere:1"}).ollama_url == "http://127.0.0.1:11434"
+    # The CLAIR_-prefixed spelling is not a thing: only Ollama's own variable is read, and the other is refused
+    # with the name to use instead of being ignored.
+    with pytest.raises(ConfigError, match=r"CLAIR_OLLAMA_HOST is not one of Clair's settings\. Did you mean OLLAMA_HOST"):
+        load([], environ={"CLAIR_OLLAMA_HOST": "elsewhere:1"})
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [("CLAIR_MAX_JOB_PER_USER", "CLAIR_MAX_JOBS_PER_USER"), ("CLAIR_CHATMODEL", "CLAIR_CHAT_MODEL"),
+     ("CLAIR_VRAM_BUDGET", "CLAIR_VRAM_BUDGET_GB")],
+)
+def test_a_misspelled_setting_is_refused_with_the_name_meant(name: str, meant: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} is not one of Clair's settings. Did you mean {meant}\\?"):
+        load([], environ={name: "2"})
+
+
+def test_an_unknown_setting_far_from_any_name_is_refused_without_a_guess() -> None:
+    with pytest.raises(ConfigError) as err:
+        load([], environ={"CLAIR_ZZZ": "1"})
+    assert "CLAIR_ZZZ is not one of Clair's settings" in str(err.value) and "Did you mean" not in str(err.value)
+    assert load([], environ={"CLAIR_UPDATE_SCREENSHOTS": "1", "CLAIRVOYANT": "x"}) == Config()  # not settings
 
 
 def test_generated_docs_list_every_variable() -> None:

@@ -1,4 +1,5 @@
-"""The README's configuration table and the example env file are generated from clair/config.py: keep them current."""
+"""The configuration table (docs/configuration.md) and the example env file are generated from clair/config.py:
+keep them current."""
 
 from pathlib import Path
 
@@ -7,9 +8,9 @@ from clair import config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_config_table_is_current():
-    readme = (ROOT / "README.md").read_text()
-    assert config.markdown_table() in readme, "regenerate the README table with `python -m clair.config`"
+def test_config_table_is_current():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert config.markdown_table() in page, "regenerate docs/configuration.md's table with `python -m clair.config`"
 
 
 def test_env_example_is_current():
@@ -17,10 +18,12 @@ def test_env_example_is_current():
     assert example == config.env_example(), "regenerate with `python -m clair.config --env > systemd/clair.env.example`"
 
 
-def test_readme_puts_no_password_on_a_command_line():
-    readme = (ROOT / "README.md").read_text()
-    assert "--auth" not in readme.replace("the old `--auth user:password` is gone", "")
-    assert "app.py adduser" in readme and "app.py --listen" in readme
+def test_the_docs_put_no_password_on_a_command_line():
+    for page in ("README.md", "docs/install.md"):
+        text = (ROOT / page).read_text()
+        assert "--auth" not in text.replace("the old `--auth user:password` is gone", ""), page
+    install = (ROOT / "docs" / "install.md").read_text()
+    assert "clair adduser" in install and "clair --listen" in install
 
 
 # Built from parts so that this file does not match itself.

@@ -231,7 +231,7 @@ def test_from_another_machine_the_ollama_port_needs_a_key(standin, tmp_path):
 
     studio = make_studio(standin, tmp_path, host="0.0.0.0")
     Users(studio.cfg.users_path).set_password("alice", "correct horse battery")
-    key, _ = Keys(keys_path(studio.cfg.users_path)).add("alice")
+    key, _ = Keys(keys_path(studio.cfg.users_path), Users(studio.cfg.users_path)).add("alice")
     app = gateway_app(studio)
 
     def lan_client(**kw) -> ollama.AsyncClient:
@@ -290,14 +290,37 @@ def test_embeddings_take_the_gpu_too(gateway, standin, studio):
     assert sent.method == "POST"
 
 
-def test_openais_v1_is_on_the_ollama_port_too(gateway, standin, studio):
-    """Some tools expect Ollama's own OpenAI-compatible /v1 on Ollama's port: Clair's answers there."""
+def test_v1_on_the_ollama_port_is_ollamas_own_forwarded_through_the_gate(gateway, standin, studio):
+    """Tools that expect Ollama's own OpenAI-compatible /v1 on Ollama's port get Ollama's: its model list (the
+    one /api/tags gives), its answers with their `usage`, the request forwarded as sent (`tools` included), and
+    held while a render has the GPU, like /api/chat."""
     import openai
 
     c = openai.OpenAI(base_url=gateway.url + "/v1", api_key="ollama", max_retries=0, timeout=60)
-    assert MODEL in [m.id for m in c.models.list()]
-    stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "via v1"}], stream=True)
-    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == "You said: via v1"
+    assert [m.id for m in c.models.list()] == [m.model for m in ollama.Client(host=gateway.url).list().models]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+    _, leave, render, _ = hold_render(studio)
+    answer: dict = {}
+
+    def ask():
+        answer["r"] = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "via v1"}], tools=tools
+        )
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    try:
+        standin.wait_until(lambda: studio.arbiter.status()["waiting"], timeout=10)
+        assert not standin.requests_to("/v1/chat/completions")  # held back while the render runs
+    finally:
+        leave.set()
+        render.join(30)
+        asking.join(60)
+    r = answer["r"]
+    assert r.choices[0].message.content == "You said: via v1"
+    assert r.usage is not None and r.usage.completion_tokens > 0  # Ollama's usage, carried through
+    (sent,) = standin.requests_to("/v1/chat/completions")
+    assert sent.body["tools"] == tools and sent.body["model"] == MODEL  # forwarded as sent
     standin.wait_until(studio.arbiter.is_idle)
 
 

@@ -70,5 +70,16 @@ def test_keys_commands_and_both_apis_on_a_lan_app(tmp_path: Path) -> None:
                 v1.models.list()
         finally:
             app.stop()
-    assert "gateway" in app.log.read_text()  # each API request is logged
-    assert key not in app.log.read_text()
+    log = app.log.read_text()
+    assert "gateway" in log  # each API request is logged
+    assert key not in log
+    # The access log: one line per request on both ports, refusals included, with whose it was.
+    access = [line for line in log.splitlines() if " access method=" in line]
+    assert any(
+        "method=POST path='/v1/chat/completions' status=200 client=127.0.0.1 user=alice" in a and "port=web" in a
+        for a in access
+    ), access
+    assert any("method=POST path='/api/chat' status=200 client=127.0.0.1" in a and "port=ollama" in a for a in access)
+    assert any("path='/v1/models' status=401" in a and "user=-" in a for a in access), access
+    finished = [line for line in log.splitlines() if "gateway chat" in line and "status=200" in line]
+    assert finished and not any("(client gone)" in line for line in finished), finished  # it did not leave

@@ -13,8 +13,6 @@ CLAIR = Path(__file__).resolve().parent.parent / "clair"
 ENGINES = {"chat.py", "image.py", "engines.py", "tiny.py"}  # the engines themselves may know who they are
 ENGINE_NAMES = {"ollama", "local", "image"}
 SHELL = {"arbiter.py"}  # the lease is part of the arbiter's shell: it may use the shell's own state
-# The Ollama port and /v1 still import each other; the web edge's half of issue 15 takes this cycle out.
-KNOWN_CYCLES = {("gateway", "openai_api")}
 
 
 def sources():
@@ -82,5 +80,5 @@ def test_clair_has_no_import_cycle():
 
     for name in graph:
         walk(name, name, [name])
-    assert cycles <= KNOWN_CYCLES, sorted(cycles - KNOWN_CYCLES)
+    assert not cycles, sorted(cycles)
     assert "service" not in graph["studio"] or "studio" not in graph["service"]  # the front door sits beside

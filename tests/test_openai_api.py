@@ -48,9 +48,17 @@ def client(served, key="no key needed on loopback", **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0, **kw)
 
 
-def test_models_lists_the_chat_and_image_models(v1, studio):
-    ids = [m.id for m in client(v1).models.list()]
-    assert ids == [MODEL, studio.image.label]
+def test_models_lists_the_chat_and_image_models_apart(v1, studio):
+    models = client(v1).models.list().data
+    assert [(m.id, m.owned_by) for m in models] == [(MODEL, "ollama"), ("sdxl:" + studio.image.model_id, "clair-image")]
+
+
+def test_a_chat_with_the_image_model_is_refused_with_what_to_pick(v1, standin):
+    image_id = [m.id for m in client(v1).models.list()][-1]
+    with pytest.raises(openai.BadRequestError) as err:
+        client(v1).chat.completions.create(model=image_id, messages=[{"role": "user", "content": "hi"}])
+    assert "is Clair's image model" in str(err.value) and "/v1/models" in str(err.value)
+    assert not [r for r in standin.requests_to("/api/chat") if r.messages]  # nothing reached the chat engine
 
 
 def test_chat_streams_through_the_arbiter(v1, standin, studio):
@@ -197,7 +205,7 @@ def lan(standin, tmp_path):
     """Clair as it serves the LAN: every interface, with a user and a key (tested on loopback)."""
     studio = make_studio(standin, tmp_path, host="0.0.0.0", preempt="off")
     Users(studio.cfg.users_path).set_password("alice", "correct horse battery")
-    key, _ = Keys(keys_path(studio.cfg.users_path)).add("alice")
+    key, _ = Keys(keys_path(studio.cfg.users_path), Users(studio.cfg.users_path)).add("alice")
     served = Served(v1_app(studio))
     yield served, key, studio
     served.stop()
@@ -306,7 +314,7 @@ def test_an_image_url_serves_only_the_user_who_asked_for_it(lan):
     from clair.users import Users
 
     Users(studio.cfg.users_path).set_password("bob", "bobpass000")  # a key acts for an existing user
-    other, _ = Keys(keys_path(studio.cfg.users_path)).add("bob")
+    other, _ = Keys(keys_path(studio.cfg.users_path), Users(studio.cfg.users_path)).add("bob")
     url = client(served, key).images.generate(prompt="mine", size="64x64", extra_body={"steps": 1}).data[0].url
     name = url.rsplit("/", 1)[1]
     assert (studio.image.output_dir / name).is_file()
@@ -333,3 +341,91 @@ def test_a_bug_reaches_the_client_as_an_error_id_and_the_server_goes_on(v1, stud
     assert "secret internals" in caplog.text  # the details are in the log
     assert MODEL in [m.id for m in client(v1).models.list()]  # still serving
     assert studio.jobs.snapshot()["total"] == 0  # the slot came back
+
+
+def _ask(served, person: str, out: dict) -> None:
+    out[person] = httpx.post(
+        served.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-OpenWebUI-User-Id": person, "Authorization": "Bearer any"},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_people_behind_one_client_are_counted_apart_only_when_it_is_trusted_to_name_them(standin, tmp_path, trusted):
+    """Open WebUI's users all arrive from one address (or with one key). With CLAIR_FORWARDED_USERS_FROM naming
+    it, each person named by X-OpenWebUI-User-Id gets the per-person cap; without, the header is ignored and
+    they share one. Either way the 429 says whose requests were counted."""
+    studio = make_studio(
+        standin, tmp_path, preempt="off", max_jobs_per_user=1, forwarded_users_from="127.0.0.1" if trusted else ""
+    )
+    served = Served(v1_app(studio))
+    _, leave, render, _ = hold_render(studio)  # chats wait for the GPU, each holding its cap's slot
+    answers: dict = {}
+    waiting = []
+    try:
+        waiting.append(threading.Thread(target=_ask, args=(served, "alice-uuid", answers)))
+        waiting[-1].start()
+        wait_until(lambda: studio.jobs.snapshot()["total"] == 1)
+        if trusted:  # bob is someone else: he waits too, and alice's second request is hers alone to refuse
+            waiting.append(threading.Thread(target=_ask, args=(served, "bob-uuid", answers)))
+            waiting[-1].start()
+            wait_until(lambda: studio.jobs.snapshot()["total"] == 2)
+            _ask(served, "alice-uuid", answers)
+            refused = answers["alice-uuid"]
+        else:  # one person for Clair: bob is refused for alice's request
+            _ask(served, "bob-uuid", answers)
+            refused = answers["bob-uuid"]
+        assert refused.status_code == 429
+        message = refused.json()["error"]["message"]
+        assert "CLAIR_MAX_JOBS_PER_USER" in message and "Counted:" in message
+        if trusted:
+            assert "the one person (Open WebUI's X-OpenWebUI-User-Id) behind 127.0.0.1" in message
+        else:
+            assert "all of its people together" in message and "CLAIR_FORWARDED_USERS_FROM" in message
+        assert "alice" not in message and "bob" not in message  # the client's strings are not handed back
+    finally:
+        leave.set()
+        render.join(30)
+        for t in waiting:
+            t.join(60)
+        served.stop()
+    assert all(r.status_code == 200 for p, r in answers.items() if r is not refused), answers
+    assert studio.jobs.snapshot()["total"] == 0
+
+
+def test_an_open_webui_household_each_person_sending_a_message_is_not_refused(standin, tmp_path):
+    """What Open WebUI does for one message: the reply, a title, tags and follow-ups, four chats at once. Three
+    people at once while a render holds the GPU: twelve requests, each person within their own cap of four
+    (CLAIR_MAX_JOBS_PER_USER's default), none refused, all answered once the render ends."""
+    studio = make_studio(standin, tmp_path, preempt="off", forwarded_users_from="127.0.0.1")
+    assert studio.cfg.max_jobs_per_user == 4
+    served = Served(v1_app(studio))
+    _, leave, render, _ = hold_render(studio)
+    answers: list = []
+    lock = threading.Lock()
+
+    def ask(person: str) -> None:
+        r = httpx.post(
+            served.url + "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": f"from {person}"}]},
+            headers={"X-OpenWebUI-User-Id": person, "X-OpenWebUI-User-Name": person.title()},
+            timeout=120,
+        )
+        with lock:
+            answers.append((person, r.status_code, r.text[:300]))
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in ("ann", "ben", "cy") for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: studio.jobs.snapshot()["total"] == 12 or len(answers) > 0, timeout=30)
+        assert not answers, answers  # nobody refused while they wait for the render
+    finally:
+        leave.set()
+        render.join(30)
+        for t in threads:
+            t.join(120)
+        served.stop()
+    assert sorted(code for _, code, _ in answers) == [200] * 12, answers

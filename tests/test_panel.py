@@ -78,7 +78,8 @@ def test_panel_shows_the_holder_the_queue_and_the_ledger_with_an_estimate_from_t
         chat.start()
         wait_until(lambda: studio.arbiter.status()["waiting"], 10)
         time.sleep(0.3)  # a few more of the chat's queue polls
-        d = panel.panel_data(studio)
+        d = panel.panel_data(studio, viewer="alice")
+        as_bob, as_carol = panel.panel_data(studio, viewer="bob"), panel.panel_data(studio, viewer="carol")
     finally:
         go.set()
     render.join(60)
@@ -93,7 +94,12 @@ def test_panel_shows_the_holder_the_queue_and_the_ledger_with_an_estimate_from_t
     # The queue: bob's chat, starting when the render's remaining steps are done (not a fixed average:
     # before any render finished, the old estimate was the 15 s default hold).
     [w] = d["queue"]
-    assert (w["kind"], w["owner"], w["position"]) == ("chat", "bob", 1)
+    assert (w["kind"], w["owner"], w["position"]) == ("chat", None, 1)  # bob's, shown to alice without his name
+    # Each user sees their own job's name, nobody else's.
+    assert as_bob["queue"][0]["owner"] == "bob" and as_bob["holders"][0]["owner"] is None
+    assert as_carol["queue"][0]["owner"] is None and as_carol["holders"][0]["owner"] is None
+    assert "alice" not in panel.panel_html(as_bob) and "bob" in panel.panel_html(as_bob)
+    assert "alice" not in panel.panel_html(as_carol) and "bob" not in panel.panel_html(as_carol)
     assert 0.5 * left <= w["eta_s"] <= 2.5 * left + 1
     assert "render" in w["reason"]
     # The ledger: the image model resident (busy); Ollama was evicted for the render.
@@ -109,7 +115,7 @@ def test_panel_shows_the_holder_the_queue_and_the_ledger_with_an_estimate_from_t
     assert info["render_s"] > 0
 
     html = panel.panel_html(d)
-    assert "render 64x64" in html and "bob" in html and "alice" in html and "<svg" in html
+    assert "render 64x64" in html and "bob" not in html and "alice" in html and "<svg" in html
     compact = panel.compact_html(d)
     assert "GPU: rendering" in compact and "1 waiting" in compact
     # Text from outside is escaped.
@@ -189,3 +195,23 @@ def test_keep_alive_never_unloads_the_model_under_a_running_render(standin, tmp_
     studio.render(params, on_progress=on_progress)
     assert seen == [True] * 5
     wait_until(lambda: not studio.image._swap.on_gpu, 10)
+
+
+def test_other_users_api_jobs_show_without_name_or_address():
+    entry = {"kind": "chat", "label": "api:llama3.1:8b (carol@192.168.1.44)", "owner": None}
+    shown = panel._private(entry, "alice")
+    assert shown["label"] == "api:llama3.1:8b" and shown["owner"] is None
+    assert panel._private({**entry, "owner": "alice"}, "alice")["label"] == entry["label"]
+    assert panel._private({**entry, "owner": "alice"}, None)["owner"] is None
+
+
+def test_the_status_endpoint_hides_other_users_jobs_too():
+    st = {
+        "holder": {"kind": "render", "label": "render 64x64", "owner": "alice"},
+        "holders": [{"kind": "render", "label": "render 64x64", "owner": "alice"}],
+        "waiting": [{"kind": "chat", "label": "api:m (bob@10.0.0.5)", "owner": None}],
+        "last_handover": {"to": "api:m (bob@10.0.0.5)", "wait_s": 1.0},
+    }
+    seen = panel.private_status(st, "carol")
+    assert "alice" not in str(seen) and "bob" not in str(seen) and "10.0.0.5" not in str(seen)
+    assert panel.private_status(st, "alice")["holder"]["owner"] == "alice"

@@ -58,7 +58,7 @@ WantedBy=default.target
 
 # Executables the units name; verify fails ("is not executable") unless they exist
 # inside --root, so the root gets stubs at exactly these paths.
-STUB_EXECUTABLES = ("opt/clair/.venv/bin/python", "usr/bin/ollama")
+STUB_EXECUTABLES = ("opt/clair/.venv/bin/clair", "usr/bin/ollama")
 
 
 # --------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_verify_harness_checks_execstart(verify_root: Path) -> None:
     (verify_root / STUB_EXECUTABLES[0]).unlink()
     result = run_verify(verify_root, "clair.service")
     assert result.returncode != 0
-    assert "/opt/clair/.venv/bin/python is not executable" in _output(result)
+    assert "/opt/clair/.venv/bin/clair is not executable" in _output(result)
 
 
 # --------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_clair_runs_unprivileged_with_gpu_access(clair: Unit) -> None:
 def test_clair_paths_and_environment(clair: Unit) -> None:
     assert clair.values("Service", "EnvironmentFile") == ["-/etc/clair/clair.env"]
     assert clair.get("Service", "WorkingDirectory") == "/opt/clair"
-    assert clair.get("Service", "ExecStart") == "/opt/clair/.venv/bin/python /opt/clair/app.py"
+    assert clair.get("Service", "ExecStart") == "/opt/clair/.venv/bin/clair"  # pip install's command
     assert clair.get("Service", "StateDirectory") == "clair"
     env = clair.environment()
     assert env["CLAIR_OUTPUT_DIR"] == "/var/lib/clair/outputs"
@@ -552,7 +552,8 @@ def test_watchdog_stop_is_immediate_and_final(
     assert recv(notify_socket) == "WATCHDOG=1"  # the first round runs at once
     began = time.monotonic()
     dog.stop()
-    assert time.monotonic() - began < 1.0, "stop() must not wait for the interval"
+    # Far below the 30 s interval, with room for a loaded machine (it once took over 1 s there).
+    assert time.monotonic() - began < 10.0, "stop() must not wait for the interval"
     assert not dog.running
     assert_silent(notify_socket, 0.05)
 

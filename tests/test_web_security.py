@@ -1,9 +1,10 @@
 """The web surface as a LAN attacker sees it: hosts, origins, logins, sessions, uploads, TLS.
 
 The end-to-end tests run the real app (`python app.py --demo`) on loopback and act as a second origin
-and as other hosts by sending their headers (Origin, Host, Sec-Fetch-Site). uvicorn trusts
-X-Forwarded-For from 127.0.0.1 (its proxy_headers default, as with a local reverse proxy), so a request
-carrying `X-Forwarded-For: 192.168.77.x` is a request from that LAN address as far as Clair can tell.
+and as other hosts by sending their headers (Origin, Host, Sec-Fetch-Site). The LAN app trusts
+X-Forwarded-For from 127.0.0.1 (CLAIR_TRUSTED_PROXIES, as behind a local reverse proxy), so a request
+carrying `X-Forwarded-For: 192.168.77.x` is a request from that LAN address as far as Clair can tell;
+without that setting nobody's X-Forwarded-For is believed (test_forwarded_for_is_ignored_by_default).
 The unit tests drive the back-off, the session store, the host list and the log filter with their own
 clocks.
 """
@@ -210,7 +211,7 @@ def lan_app(tmp_path_factory):
     users_file = tmp / "users.json"
     _add_user(users_file, "alice")
     _add_user(users_file, "bob")
-    env = {"CLAIR_USERS_FILE": str(users_file), "CLAIR_PRELOAD": "0"}
+    env = {"CLAIR_USERS_FILE": str(users_file), "CLAIR_PRELOAD": "0", "CLAIR_TRUSTED_PROXIES": "127.0.0.1"}
     app = App(tmp, env, args=["--demo", "--listen"], auth=("alice", PASSWORD))
     yield app
     app.stop()
@@ -482,6 +483,9 @@ def test_insecure_lan_over_tls_then_first_user_then_session_expiry(tmp_path: Pat
         assert httpx.get(app.url + "/config", verify=False).status_code == 401  # no restart needed
         c = _login(app.url, verify=False)
         assert any(k.startswith("access-token-") for k in c.cookies)
+        login = httpx.post(app.url + "/login", data={"username": "alice", "password": PASSWORD}, verify=False)
+        set_cookies = login.headers.get_list("set-cookie")
+        assert len(set_cookies) >= 2 and all("secure" in v.lower().split("; ") for v in set_cookies), set_cookies
         assert c.get("/config").status_code == 200
         wait_until(lambda: c.get("/config").status_code == 401, timeout=15, interval=0.5)
         assert Users(users_file).names() == ["alice"]
@@ -524,3 +528,22 @@ def test_a_heartbeat_flood_locks_nobody_out_and_stays_out_of_the_log(lan_app: Ap
     assert other_user == 200
     time.sleep(0.5)
     assert len(lan_app.log.read_text().splitlines()) - lines_before < 20
+
+
+@pytest.mark.slow
+def test_forwarded_for_is_ignored_by_default(tmp_path: Path) -> None:
+    """From loopback, a rotating X-Forwarded-For dodged the login back-off (uvicorn trusted it from 127.0.0.1);
+    without CLAIR_TRUSTED_PROXIES every try counts against the address it really comes from."""
+    users_file = tmp_path / "users.json"
+    _add_user(users_file, "alice")
+    app = App(tmp_path, {"CLAIR_USERS_FILE": str(users_file), "CLAIR_PRELOAD": "0"}, args=["--demo"], auth=("alice", PASSWORD))
+    try:
+        c = httpx.Client(base_url=app.url, timeout=30)
+        codes = [
+            c.post("/login", data={"username": "alice", "password": f"guess-{i}"}, headers={"X-Forwarded-For": f"10.1.2.{i}"}).status_code
+            for i in range(5)
+        ]
+        assert codes[:4] == [400, 400, 400, 400] and codes[4] == 429, codes
+        assert "addr=10.1.2." not in app.log.read_text()
+    finally:
+        app.stop()

@@ -1,0 +1,406 @@
+"""The one guard of every port (clair/web.py `Guard`, clair/edge.py), attacked as a LAN client would:
+bodies of any size, chunked or not; JSON that is bad or nested deep; a body parsed while another client
+asks /healthz; cookies under TLS; another user's Gradio session hash and files; keys of an earlier user;
+and the files Clair keeps. Each test is named for the guard it checks and fails without it.
+
+Servers are real uvicorn on loopback in a thread (tests/gateway_support.py), or the guard driven through
+httpx's ASGI transport where a client address or TLS must be stamped on the request."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import stat
+import threading
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from fastapi import FastAPI
+from PIL import Image
+
+from clair import edge
+from clair.config import Config
+from clair.conversations import ConversationStore
+from clair.gateway import over_limits
+from clair.keys import Keys, keys_path
+from clair.users import Users, command
+from clair.web import OLLAMA_PORT, Guard, Web
+from tests.gateway_support import Served, gateway_app, make_studio, v1_app
+from tests.ollama_standin import OllamaStandin
+
+MODEL = "llama3.1:8b"
+PASSWORD = "a long household password"
+
+
+@pytest.fixture
+def standin():
+    s = OllamaStandin({MODEL: 4.9}, token_delay=0.0).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def studio(standin, tmp_path):
+    return make_studio(standin, tmp_path, preempt="off")
+
+
+# --- bodies -------------------------------------------------------------------------------------------
+
+
+def chunked_flood(port: int, path: str, total_mb: int) -> tuple[bytes, int]:
+    """POST a chunked body of `total_mb` MiB (never a Content-Length) until the server answers or closes.
+    Returns (the answer's first bytes, the MiB sent)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    mib = b"[" + b"1," * (512 * 1024 - 1) + b"1"  # 1 MiB of a JSON array that never closes
+    chunk = f"{len(mib):x}\r\n".encode() + mib + b"\r\n"
+    sent = 0
+    s.settimeout(2)
+    try:
+        for _ in range(total_mb):
+            s.sendall(chunk)
+            sent += 1
+    except (TimeoutError, BrokenPipeError, ConnectionResetError):
+        pass  # the server stopped reading: it has answered, or closed
+    s.settimeout(10)
+    answer = b""
+    try:
+        while b"\r\n\r\n" not in answer:
+            part = s.recv(4096)
+            if not part:
+                break
+            answer += part
+    except (TimeoutError, ConnectionResetError):
+        pass
+    s.close()
+    return answer, sent
+
+
+def test_body_caps_hold_while_reading_a_500mb_chunked_body_on_both_ports(studio):
+    """/v1 and /api/chat on the Ollama port and /v1 on the web port: 413 once past the cap, memory flat."""
+    me = psutil.Process()
+    for app, path in ((gateway_app(studio), "/v1/chat/completions"), (gateway_app(studio), "/api/chat"), (v1_app(studio), "/v1/chat/completions")):
+        served = Served(app)
+        try:
+            before = me.memory_info().rss
+            answer, _sent = chunked_flood(served.port, path, 500)
+            grew = me.memory_info().rss - before
+        finally:
+            served.stop()
+        assert answer.startswith(b"HTTP/1.1 413"), (path, answer[:200])
+        assert grew < 120 * 2**20, f"{path}: memory grew {grew / 2**20:.0f} MiB"
+
+
+def test_bad_and_deeply_nested_json_get_400_never_500(studio):
+    web_v1, ollama = Served(v1_app(studio)), Served(gateway_app(studio))
+    try:
+        deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        bad = b'{"model": "m", "messages": [}'
+        for url in (web_v1.url + "/v1/chat/completions", ollama.url + "/v1/chat/completions", ollama.url + "/api/chat"):
+            for body in (deep, bad, b"[" * 1_000_000):
+                r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+                assert r.status_code == 400, (url, r.status_code, r.text[:200])
+                err = r.json()["error"]
+                text = err if isinstance(err, str) else err["message"]
+                assert "JSON" in text and "[[[" not in text
+    finally:
+        web_v1.stop()
+        ollama.stop()
+
+
+def test_json_nesting_and_size_limits():
+    doc = b'{"a": "[[[[[[[[[[[[[[[[[[[[[", "b": [[1], {"c": [2]}]}'  # four levels: { [ { [
+    assert edge.nesting(edge.parse_json(doc, limit=4)) == 4
+    with pytest.raises(edge.BadJson, match="deeper than 3"):
+        edge.parse_json(doc, limit=3)
+    with pytest.raises(edge.BadJson, match="deeper"):
+        edge.parse_json(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(edge.BadJson, match="values"):
+        edge.parse_json(json.dumps([[1, 2]] * (edge.MAX_VALUES // 2 + 1)).encode())
+    with pytest.raises(edge.BadJson, match="NaN"):
+        edge.parse_json(b'{"x": NaN}')
+    assert edge.nesting(7) == 0 and edge.nesting([]) == 1
+
+
+def test_json_is_parsed_off_the_event_loop_so_healthz_answers_meanwhile(studio, monkeypatch):
+    """A body being parsed must not hold other clients: the parse is held open here, /healthz still answers."""
+    parsing, release = threading.Event(), threading.Event()
+    real = edge.parse_json
+
+    def slow_parse(raw, limit=edge.MAX_DEPTH):
+        parsing.set()
+        assert release.wait(30)
+        return real(raw, limit)
+
+    monkeypatch.setattr(edge, "parse_json", slow_parse)
+    app = FastAPI()
+    app.get("/healthz")(lambda: {"ok": True})
+    from clair.openai_api import router
+
+    app.include_router(router(studio))
+    app.add_middleware(Guard, web=Web(studio.cfg, Users(studio.cfg.users_path)))
+    served = Served(app)
+    try:
+        big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 1_000_000}]})
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(served.url + "/v1/chat/completions", content=big, timeout=60)))
+        t.start()
+        assert parsing.wait(30)
+        assert httpx.get(served.url + "/healthz", timeout=5).json() == {"ok": True}
+        release.set()
+        t.join(60)
+        assert result["r"].status_code == 400  # over Clair's text limits, refused in OpenAI's shape
+    finally:
+        release.set()
+        served.stop()
+
+
+# --- text limits --------------------------------------------------------------------------------------
+
+
+def test_text_limits_count_list_form_content_and_embed_input():
+    cfg = Config()
+    long = "x" * (cfg.max_history_chars + cfg.max_message_chars + 1)
+    assert over_limits({"messages": [{"role": "user", "content": [{"type": "text", "text": long}]}]}, cfg)
+    parts = [{"type": "text", "text": long[: len(long) // 2]}, {"type": "text", "text": long[len(long) // 2 :]}]
+    assert over_limits({"messages": [{"role": "user", "content": parts}]}, cfg)
+    assert over_limits({"model": "e", "input": long}, cfg)
+    assert over_limits({"model": "e", "input": [long[:1000]] * (len(long) // 1000 + 1)}, cfg)
+    assert over_limits({"prompt": [long]}, cfg) or over_limits({"prompt": long}, cfg)
+    assert not over_limits({"model": "e", "input": ["short", "texts"]}, cfg)
+    assert not over_limits({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, cfg)
+
+
+def test_list_form_content_over_the_limit_is_refused_by_the_ollama_port(studio, standin):
+    app = gateway_app(studio)
+    long = "x" * (studio.cfg.max_history_chars + studio.cfg.max_message_chars + 1)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://127.0.0.1") as c:
+            chat = await c.post("/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": long}]}]})
+            embed = await c.post("/api/embed", json={"model": MODEL, "input": [long]})
+            return chat, embed
+
+    chat, embed = asyncio.run(go())
+    assert chat.status_code == 400 and "too long" in chat.json()["error"]
+    assert embed.status_code == 400 and "too long" in embed.json()["error"]
+    assert not standin.requests_to("/api/chat") and not standin.requests_to("/api/embed")
+
+
+# --- sessions, cookies, files -----------------------------------------------------------------------
+
+
+async def _inner(scope, receive, send):
+    """A stand-in for Gradio behind the guard: sets two cookies as Gradio's login does, echoes the path."""
+    if scope["type"] != "http":
+        return
+    headers = [
+        (b"content-type", b"text/plain"),
+        (b"set-cookie", b"access-token-x=tok; HttpOnly; Path=/; SameSite=none; Secure"),
+        (b"set-cookie", b"access-token-unsecure-x=tok; HttpOnly; Path=/"),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+
+@pytest.fixture
+def lan_web(tmp_path):
+    users = Users(tmp_path / "users.json")
+    users.set_password("alice", PASSWORD)
+    users.set_password("bob", PASSWORD)
+    cfg = Config(users_file=str(tmp_path / "users.json"), output_dir=str(tmp_path / "outputs"), host="0.0.0.0")
+    web = Web(cfg, users)
+    web.sessions["tok-alice"] = "alice"
+    web.sessions["tok-bob"] = "bob"
+    return web
+
+
+def _as(web, user: str | None, scheme: str = "http") -> httpx.Client:
+    cookies = {"access-token-unsecure-": f"tok-{user}"} if user else {}
+    transport = httpx.ASGITransport(Guard(_inner, web), client=("192.168.1.30", 50000))
+    return httpx.AsyncClient(transport=transport, base_url=f"{scheme}://127.0.0.1", cookies=cookies)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_every_cookie_is_secure_under_tls(lan_web):
+    async def go():
+        async with _as(lan_web, "alice", "https") as c:
+            return await c.get("/config")
+
+    r = _run(go())
+    cookies = r.headers.get_list("set-cookie")
+    assert len(cookies) == 2 and all("; Secure" in v or "; secure" in v.lower() for v in cookies), cookies
+
+
+def test_a_gradio_session_hash_is_worth_nothing_to_another_user(lan_web):
+    async def go():
+        async with _as(lan_web, "alice") as alice, _as(lan_web, "bob") as bob:
+            mine = await alice.post("/gradio_api/queue/join", json={"data": [], "fn_index": 0, "session_hash": "s3cr3t"})
+            stream = await bob.get("/gradio_api/queue/data", params={"session_hash": "s3cr3t"})
+            heartbeat = await bob.get("/gradio_api/heartbeat/s3cr3t")
+            cancel = await bob.post("/gradio_api/cancel", json={"session_hash": "s3cr3t", "fn_index": 0, "event_id": "e"})
+            state = await bob.post("/gradio_api/run/predict", json={"data": [], "fn_index": 0, "session_hash": "s3cr3t"})
+            own = await alice.get("/gradio_api/queue/data", params={"session_hash": "s3cr3t"})
+            return mine, stream, heartbeat, cancel, state, own
+
+    mine, *others, own = _run(go())
+    assert mine.status_code == 200 and own.status_code == 200
+    assert [r.status_code for r in others] == [404, 404, 404, 404]
+
+
+def test_file_route_serves_an_image_to_its_owner_only(lan_web, tmp_path):
+    out = tmp_path / "outputs"
+    out.mkdir()
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("clair", json.dumps({"owner": "alice", "prompt": "p"}))
+    path = out / "20260101-000000-1-p-abcdef.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+
+    async def go():
+        async with _as(lan_web, "alice") as alice, _as(lan_web, "bob") as bob:
+            return [
+                (await alice.get(f"/gradio_api/file={path}")).status_code,
+                (await bob.get(f"/gradio_api/file={path}")).status_code,
+                (await bob.get(f"/gradio_api/file/{path}")).status_code,
+                (await bob.get(f"/gradio_api/file={out}/../outputs/{path.name}")).status_code,
+            ]
+
+    assert _run(go()) == [200, 404, 404, 404]
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+def test_a_readded_name_and_a_new_password_get_nothing_of_the_old_key(tmp_path):
+    from starlette.datastructures import Headers
+
+    users = Users(tmp_path / "users.json")
+    users.set_password("carol", PASSWORD)
+    users.set_password("dave", PASSWORD)
+    cfg = Config(users_file=str(tmp_path / "users.json"))
+    web = Web(cfg, users)
+    key, _ = web.keys.add("carol")
+
+    def who() -> str | None:
+        return web.api_key_check(Headers({"authorization": f"Bearer {key}"}), "10.0.0.9").user
+
+    assert who() == "carol"
+    # Removed any way but `deluser` (the users file edited by hand), then added again under the same name.
+    data = json.loads((tmp_path / "users.json").read_text())
+    del data["users"]["carol"]
+    (tmp_path / "users.json").write_text(json.dumps(data))
+    users.set_password("carol", "another password 2")
+    assert who() is None
+    # A password reset through the command revokes the key and says so.
+    new_key, _ = Keys(keys_path(tmp_path / "users.json"), users).add("carol")
+    assert who() is None  # the old key stays dead
+    assert web.api_key_check(Headers({"authorization": f"Bearer {new_key}"}), "10.0.0.9").user == "carol"
+    import io
+
+    out = io.StringIO()
+    command(["adduser", "carol"], users, out=out, stdin=io.StringIO("a third password\n"))
+    assert "Revoked carol's API key" in out.getvalue() and "addkey carol" in out.getvalue()
+    assert web.api_key_check(Headers({"authorization": f"Bearer {new_key}"}), "10.0.0.9").user is None
+    assert "carol" not in Keys(keys_path(tmp_path / "users.json")).names()
+
+
+# --- files Clair keeps -------------------------------------------------------------------------------
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_conversations_are_private_and_not_named_by_a_plain_hash(tmp_path):
+    store = ConversationStore(Config(), root=tmp_path / "chats")
+    cid = store.save("alice", None, [{"role": "user", "content": "hello"}])
+    (folder,) = [p for p in (tmp_path / "chats").iterdir() if p.is_dir()]
+    assert folder.name != "user-" + hashlib.sha256(b"alice").hexdigest()[:32]
+    assert _mode(folder) == 0o700 and _mode(tmp_path / "chats") == 0o700
+    assert _mode(folder / f"{cid}.json") == 0o600
+    assert ConversationStore(Config(), root=tmp_path / "chats").load("alice", cid)  # the same name after a restart
+
+
+def test_output_images_and_state_are_created_private(studio, tmp_path):
+    from clair.image import RenderParams
+
+    path, _ = studio.render(RenderParams("a private picture", steps=1, width=64, height=64), owner="alice")
+    assert _mode(Path(path)) == 0o600 and _mode(Path(path).parent) == 0o700
+    from clair.engines import StateFile
+
+    state = StateFile(tmp_path / "state" / "clair-state.json")
+    state.put("ollama", "m", 1)
+    assert _mode(tmp_path / "state" / "clair-state.json") == 0o600
+
+
+def test_users_and_keys_files_are_0600(tmp_path):
+    users = Users(tmp_path / "x" / "users.json")
+    users.set_password("erin", PASSWORD)
+    Keys(keys_path(users.path), users).add("erin")
+    assert _mode(tmp_path / "x" / "users.json") == 0o600 and _mode(tmp_path / "x" / "keys.json") == 0o600
+    assert _mode(tmp_path / "x") == 0o700
+    assert not [p for p in (tmp_path / "x").iterdir() if p.name.endswith(".tmp")]
+    assert os.path.exists(keys_path(users.path))
+
+
+def test_the_ollama_port_guard_is_the_web_guard():
+    from clair import gateway
+
+    assert not hasattr(gateway, "GatewayGuard")
+    assert OLLAMA_PORT == "ollama"
+
+
+def test_gradio_routes_take_bodies_no_larger_than_their_texts_need(lan_web):
+    """Gradio parses and checks a body on the event loop (an 8 MB one held other clients for seconds): its
+    routes take what Clair's text limits allow, chunked or not."""
+    from clair.web import text_max_body
+
+    cap = text_max_body(lan_web.cfg)
+    assert 1_000_000 < cap < 2_000_000  # the defaults: a 48 000-character history fits, 8 MB does not
+
+    async def chunks(n: int):
+        for _ in range(n // 65536 + 1):
+            yield b" " * 65536
+
+    async def go():
+        async with _as(lan_web, "alice") as alice:
+            over = await alice.post("/gradio_api/queue/join", content=chunks(cap), headers={"content-type": "application/json"})
+            history = [{"role": "user", "content": "é" * 1000}] * 48
+            fits = await alice.post("/gradio_api/queue/join", json={"data": ["hi", history], "fn_index": 0, "session_hash": "h1"})
+            return over, fits
+
+    over, fits = _run(go())
+    assert over.status_code == 413 and "MB" in over.json()["detail"]
+    assert fits.status_code == 200
+
+
+def test_a_body_must_keep_moving():
+    """A slowloris body (one part, then nothing) is refused with 408, not held open."""
+
+    async def go():
+        parts = [{"type": "http.request", "body": b"{", "more_body": True}]
+        never = asyncio.Event()
+
+        async def receive():
+            if parts:
+                return parts.pop()
+            await never.wait()
+
+        with pytest.raises(edge.BodyRefused) as refused:
+            await edge.read_body(receive, 1 << 20, idle_s=0.05)
+        return refused.value.status
+
+    assert _run(go()) == 408
