@@ -249,7 +249,9 @@ def test_256_requests_on_the_ollama_port_wait_without_a_server_thread(standin, t
     from tests.gateway_support import Served, gateway_app, make_studio
 
     monkeypatch.setattr(service, "GPU_THREADS", 1)
-    studio = make_studio(standin, tmp_path, max_queue=N, max_jobs_per_user=N)
+    # The caps raised: the house, one address (all of these come from 127.0.0.1), and its connections (the guard
+    # lets one address hold a quarter of CLAIR_MAX_CONNECTIONS).
+    studio = make_studio(standin, tmp_path, max_queue=N, max_jobs_per_user=N, max_connections=4 * N + 64)
     served = Served(gateway_app(studio))
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
