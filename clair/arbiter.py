@@ -484,7 +484,7 @@ class Lease:
                     await asyncio.shield(evicting)
                 except asyncio.CancelledError:
                     # Release only once the evictions are over: until then their tenants are still leaving.
-                    evicting.add_done_callback(lambda _: self.release())
+                    evicting.add_done_callback(lambda f: (f.cancelled() or f.exception(), self.release()))
                     ok = True
                     raise
             else:
