@@ -63,7 +63,7 @@ after every step of random runs):
 11. Waiting costs no thread: a request waiting on an event loop (`Lease.waiting_async`) is a future
    and a suspended task. A thread is taken only for the GPU work after the grant (its evictions, then
    the render or the reply), so the queue's length is bounded by CLAIR_MAX_QUEUE, not by the server's
-   worker threads.
+   worker threads (tests/test_waiting.py counts them with 256 waiting).
 12. Estimates only: a holder reports its progress (`Lease.progress(done, total)`: denoising steps or
    tokens) without the lock, into fields of its own lease that only it writes; the estimates read them
    under the lock and may see them a step stale. Nothing the policy decides depends on them.
