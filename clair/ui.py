@@ -429,7 +429,10 @@ def build(studio: Studio) -> gr.Blocks:
 
     _FIELDS = [(1, "negative prompt"), (0, "prompt"), (2, "steps"), (3, "guidance"), (4, "width"), (5, "height")]
 
-    def validate_render(prompt, negative_prompt, steps, guidance, width, height, seed, request: gr.Request):
+    # `progress`: Gradio builds the validator's BlockFunction with the handler's `tracks_progress`
+    # (gradio/queueing.py, create_validator_fn), and with the handler async it hands the validator the
+    # progress tracker too; without the parameter the call fails and the message never shows (test_browser).
+    def validate_render(prompt, negative_prompt, steps, guidance, width, height, seed, request: gr.Request, progress=None):
         """Checked when the render is queued (HTTP 422 at /queue/join for API clients), so a mistake does
         not wipe the last result. The handler checks all of it again; this only answers sooner."""
         problem, at = None, 6
