@@ -68,11 +68,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# Measure under the allocator Clair runs with (expandable segments, clair/allocator.py), unless the caller
+# chose one: it must be in the environment before torch first touches CUDA.
+from clair import allocator  # noqa: E402 (imports no torch)
+
+ALLOC_VAR, ALLOC_CONF = allocator.apply()
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
 
 from clair.gpu import WeightSwap, module_bytes  # noqa: E402 (needs the repo root on sys.path first)
 
@@ -335,6 +341,15 @@ def pcie_link() -> dict[str, str] | None:
     return None if values is None else dict(zip(("gen_current", "width_current"), values, strict=False))
 
 
+def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bytes: NaN equals NaN here (torch.equal calls NaN unequal to itself, so a
+    pause that changed nothing would read as a difference whenever a random-weight run makes a NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().contiguous().cpu(), b.detach().contiguous().cpu()
+    return a.view(torch.uint8).equal(b.view(torch.uint8)) if a.numel() else True
+
+
 def weights_digest(
     modules: list[torch.nn.Module], sample: int = 8, cap: int = 16 * 2**20, head: int = 64 * 2**10
 ) -> str:
@@ -372,6 +387,7 @@ def environment(b: Bench) -> dict[str, Any]:
         "host_ram_available_gib": round(psutil.virtual_memory().available / GiB, 1),
         "cpus": os.cpu_count(),
         "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "allocator": f"{ALLOC_VAR}={ALLOC_CONF}",  # what the swaps were measured under
     }
     for pkg in ("diffusers", "transformers", "accelerate"):
         try:  # installed versions, read without importing: sdxl/llm say whether the import worked
@@ -730,7 +746,7 @@ def pause_resume(b: Bench, unet: torch.nn.Module, randn, cond: dict, steps: int,
         "paused_at_step": max(1, steps // 2),
         "yield_s": yield_s,
         "resume_s": resume_s,
-        "latents_identical": bool(torch.equal(alone, paused)),
+        "latents_identical": bit_identical(alone, paused),
         "pinned": swap.pinned,
     }
     print(

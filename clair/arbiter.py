@@ -46,13 +46,19 @@ after every step of random runs):
    is idempotent and `Lease` is a context manager. A failed eviction releases the lease too, and the
    tenant it failed to evict stays in the ledger.
 9. A running render pauses only at a denoising step boundary, and only when `should_yield()` finds
-   that pausing lets a waiting chat start (a chat that fits beside the render runs beside it instead);
-   never more than `max_preemptions` times, and not again before it has run `render_slice_s` since it
-   last resumed. A paused render holds no lease: its tenant counts at its idle size and is evicted like
-   any idle tenant if a chat needs the room. Its continuation is queued ahead of every request that
-   arrives after the pause, except chats that arrive within `render_slice_s` of it (they join the chats
-   it paused for, which costs no swap): a pause lasts at most that long plus the longest chat, so chats
-   cannot starve a render either.
+   that pausing lets a waiting chat start (a chat that fits beside the render runs beside it instead).
+   One pause serves every chat that waits when it begins and every chat that arrives while it lasts,
+   within its bounds (`joins_pause`: the first `pause_join_s` (10 s) of the pause, at most
+   `max_pause_chats` (8), and only while the pause's chats still run, so no swap is needed): those are queued ahead of the paused render, so it resumes only when none of
+   them waits. A chat that arrives later queues behind it, and once it runs, pauses it again at the next
+   step: `render_slice_s` counts from the start of the last pause, so it bounds how often a render
+   pauses, not how long a chat waits (a pause with a swap lasts longer than the slice). A render in its
+   tail (its decode, see `Arbiter.shrink`) never pauses. A paused render holds no lease: its tenant
+   counts at its idle size and is evicted like any idle tenant if a chat needs the room.
+   Chats cannot starve a render: it pauses at most `max_preemptions` times, not again once it has been
+   paused `max_paused_s` (60 s) in all, and each pause lasts at most `pause_join_s` plus the longest of at most
+   `max_pause_chats` + (the chats waiting when it began) chats. So a render's pauses add at most
+   min(`max_preemptions` x that, `max_paused_s` + one pause) to its time.
 10. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
    never across an eviction, a load, a render or any I/O. Methods suffixed `_locked` expect it held.
    Leases are not bound to threads (Gradio runs each step of a streaming handler on any worker
@@ -60,13 +66,16 @@ after every step of random runs):
    also wakes a lease's waiters when it grants or withdraws it: `_cond.notify_all()` for threads
    (`Lease.wait`), and for event loops (`Lease.wait_async`) `loop.call_soon_threadsafe` on a future,
    which only queues a callback, so the lock is still never held across I/O or a wait.
-11. Waiting costs no thread: a request waiting on an event loop (`Lease.waiting_async`) is a future
-   and a suspended task. A thread is taken only for the GPU work after the grant (its evictions, then
-   the render or the reply), so the queue's length is bounded by CLAIR_MAX_QUEUE, not by the server's
-   worker threads (tests/test_waiting.py counts them with 256 waiting).
+11. A render's tail: once its denoising loop is done and its UNet and text encoders have left the GPU,
+   `Arbiter.shrink()` lowers its need to the VAE decode's peak (sizes only go down), so a chat, or the
+   chat model's reload, that fits beside the decode is granted at once instead of after it.
 12. Estimates only: a holder reports its progress (`Lease.progress(done, total)`: denoising steps or
    tokens) without the lock, into fields of its own lease that only it writes; the estimates read them
    under the lock and may see them a step stale. Nothing the policy decides depends on them.
+13. Waiting costs no thread: a request waiting on an event loop (`Lease.waiting_async`) is a future
+   and a suspended task. A thread is taken only for the GPU work after the grant (its evictions, then
+   the render or the reply), so the queue's length is bounded by CLAIR_MAX_QUEUE, not by the server's
+   worker threads (tests/test_waiting.py counts them with 256 waiting).
 """
 
 from __future__ import annotations
@@ -107,6 +116,9 @@ class Req:
     need: int  # bytes its tenant occupies while this request runs (weights + activations)
     idle: int  # bytes the tenant keeps once the request is done (weights)
     order: tuple[int, ...] = ()  # queue position key; smaller goes first
+    # A render whose denoising loop is done: its UNet and text encoders left the GPU and only the VAE decode
+    # remains (need is the decode's peak). It no longer pauses, and it does not keep chats off the GPU.
+    tail: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +182,7 @@ def _conflict(
         return "one render at a time"
     if a.tenant == b.tenant:
         return ""
-    if preempt == "always" and {a.kind, b.kind} == {"chat", "render"}:
+    if preempt == "always" and {a.kind, b.kind} == {"chat", "render"} and not (a.tail or b.tail):
         return "chats get the GPU alone (CLAIR_PREEMPT=always)"
     if policy == "exclusive":
         return "exclusive policy"
@@ -314,19 +326,28 @@ def should_yield(
     slice_s: float,
     max_pauses: int,
     pause_order: tuple[int, ...] | None = None,
+    paused_s: float = 0.0,
+    max_paused_s: float = float("inf"),
 ) -> str:
     """Should the running `render` pause at this step boundary? The reason, or "" to carry on.
 
     A render pauses only when pausing lets a waiting chat start: `plan()` is run on the state the pause
     would make (the render back in the queue, its tenant idle at its weights) and must grant a chat and
     not the render itself. So a chat that fits beside the render never pauses it (it already runs), and
-    with `chat_priority="fifo"` a chat that came after the render never does either. Starvation is
-    bounded both ways: a render is never paused more than `max_pauses` times, and not again until it has
-    run `slice_s` since it last resumed.
+    with `chat_priority="fifo"` a chat that came after the render never does either.
+
+    `ran_s` is the time since the render's last pause *began* (since it started, before its first one).
+    The slice bounds how often a render pauses, not how long a chat waits: a pause that swapped models
+    lasts longer than the slice (the chat model's load alone does), so a chat that arrives while the
+    render resumes pauses it again at the next step. Starvation is bounded three ways (invariant 9): at
+    most `max_pauses` pauses, none once the render has been paused `max_paused_s` in all, and none
+    before `slice_s` has passed since the last one began. A render in its tail (the decode) never pauses.
     """
-    if s.preempt == "off" or render.kind != "render" or pauses >= max_pauses:
+    if s.preempt == "off" or render.kind != "render" or render.tail or pauses >= max_pauses:
         return ""
     if pauses and ran_s < slice_s:
+        return ""
+    if paused_s >= max_paused_s:
         return ""
     if not any(r.kind == "chat" for r in s.waiting):
         return ""
@@ -345,6 +366,18 @@ def should_yield(
     if not chats:
         return ""
     return f"paused for a chat ({len(chats)} waiting that cannot run beside the render)"
+
+
+def joins_pause(age_s: float, joined: int, *, join_s: float, max_chats: int) -> bool:
+    """May a chat that arrives now, while a render is paused for chats, join that pause?
+
+    `age_s`: how long the pause has lasted; `joined`: chats that joined it so far (not counting the ones
+    it paused for). A chat that joins is ordered ahead of the paused render, so the render resumes only
+    when no chat waits; one that does not queues behind it (and may pause it again once it runs, see
+    `should_yield`). The bounds, `join_s` and `max_chats`, are what keeps a stream of chats from
+    holding one pause open for ever.
+    """
+    return age_s < join_s and joined < max_chats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,6 +406,8 @@ class Lease:
     evict_reason: str = ""
     pauses: int = 0  # how many times this render has paused for a chat (a continuation carries the count)
     paused: bool = False  # this lease continues a render that paused (see Arbiter.pause)
+    paused_s: float = 0.0  # how long the render was paused before this lease (its pauses so far, in all)
+    joined: int = 0  # chats that joined this continuation's pause after it began (see joins_pause)
     _grant: Grant | None = None
     _tenant_was_resident: bool = False
     progress_at: float | None = None  # time.monotonic() of the holder's last sign of life (see progress())
@@ -577,11 +612,18 @@ class Arbiter:
         preempt: Preempt = "auto",
         render_slice_s: float = 3.0,
         max_preemptions: int = 3,
+        pause_join_s: float = 10.0,
+        max_pause_chats: int = 8,
+        max_paused_s: float = 60.0,
     ):
         self.policy: Policy = policy
         self.preempt: Preempt = preempt
         self.render_slice_s = render_slice_s
         self.max_preemptions = max_preemptions
+        # The bounds of one pause and of all of a render's pauses (see joins_pause, should_yield).
+        self.pause_join_s = pause_join_s
+        self.max_pause_chats = max_pause_chats
+        self.max_paused_s = max_paused_s
         self.budget = int(budget_bytes)
         self.chat_priority = chat_priority
         self.queue_timeout_s = queue_timeout_s
@@ -719,8 +761,14 @@ class Arbiter:
             # paused for them; after that it queues behind the render, so chats cannot starve it.
             head = self._waiting[queued[0].id]
             chatting = any(ls.req.kind == "chat" for ls in self._running.values())
-            if chatting and time.time() - head.requested_at < self.render_slice_s:
-                return (queued[0].order[0], 1, 0, rid) if head.paused else (queued[0].order[0], -1, rid)
+            age = time.time() - head.requested_at
+            if chatting and head.paused:
+                # A paused render: the chat joins the pause (ahead of the render) within its bounds.
+                if joins_pause(age, head.joined, join_s=self.pause_join_s, max_chats=self.max_pause_chats):
+                    head.joined += 1
+                    return (queued[0].order[0], 1, 0, rid)
+            elif chatting and age < self.render_slice_s:
+                return (queued[0].order[0], -1, rid)
         if running:
             return (min(r.order for r in running)[0], 1, rid)
         if queued:
@@ -901,7 +949,10 @@ class Arbiter:
         if res is not None and not res.evicting:
             # Back to idle size, but never below what the tenant itself reported.
             size = max([lease.req.idle, res.measured] + [ls.req.need for ls in still_busy])
-            self._residents[tenant] = Resident(tenant, size, next(self._use_seq), measured=res.measured)
+            if size > 0:
+                self._residents[tenant] = Resident(tenant, size, next(self._use_seq), measured=res.measured)
+            else:  # nothing left on the GPU (a render whose tail took its weights off): not resident
+                self._residents.pop(tenant, None)
         if lease.ready_at is not None:
             self.holds.append(
                 {"kind": lease.kind, "label": lease.label, "start": lease.ready_at, "end": lease.released_at}
@@ -925,14 +976,45 @@ class Arbiter:
         with self._lock:
             if lease.req.id not in self._running:
                 return ""
+            now = time.time()
+            # A continuation's clock starts when its pause began (it was requested then): see should_yield.
+            since = lease.requested_at if lease.paused else lease.ready_at
             return should_yield(
                 self._snapshot_locked(),
                 lease.req,
-                ran_s=time.time() - lease.ready_at,
+                ran_s=now - since,
                 pauses=lease.pauses,
                 slice_s=self.render_slice_s,
                 max_pauses=self.max_preemptions,
+                paused_s=self._paused_total(lease),
+                max_paused_s=self.max_paused_s,
             )
+
+    @staticmethod
+    def _paused_total(lease: Lease) -> float:
+        """How long the render `lease` holds was paused in all, up to its grant."""
+        own = (lease.ready_at - lease.requested_at) if lease.paused and lease.ready_at is not None else 0.0
+        return lease.paused_s + own
+
+    def shrink(self, lease: Lease, need: int, idle: int = 0) -> None:
+        """The render `lease` holds has entered its tail: its denoising loop is done and its UNet and text
+        encoders have left the GPU (the caller moved them before calling), so from now on it needs only the
+        VAE decode's peak (`need`), and `idle` once released. The ledger shrinks at once and the queue is
+        planned again: a chat (or the chat model's reload) that fits beside the decode starts now instead
+        of after it. Sizes only go down here, so every plan made before stays within the budget.
+        """
+        with self._lock:
+            if lease.released_at is not None or lease.req.id not in self._running or lease.kind != "render":
+                return
+            need = min(int(need), lease.req.need)
+            lease.req = replace(lease.req, need=need, idle=min(int(idle), need), tail=True)
+            res = self._residents.get(lease.req.tenant)
+            if res is not None and not res.evicting:
+                others = [ls.req.need for ls in self._running.values() if ls.req.tenant == res.tenant and ls is not lease]
+                self._residents[res.tenant] = replace(res, bytes=max([need, res.measured, *others]))
+            self._changed[lease.req.tenant] = time.monotonic()
+            self._schedule_locked()
+        self._emit("tail", {"id": lease.req.id, "kind": lease.kind, "need": need, "at": time.time()})
 
     def pause(self, lease: Lease, reason: str = "") -> Lease:
         """Give the GPU up at a step boundary; returns the lease that continues the render.
@@ -953,6 +1035,7 @@ class Arbiter:
             nxt.done, nxt.total, nxt.unit_s, nxt.owner = lease.done, lease.total, lease.unit_s, lease.owner
             nxt.done, nxt.total, nxt.unit_s = lease.done, lease.total, lease.unit_s  # for the estimates
             nxt.owner = lease.owner
+            nxt.paused_s = self._paused_total(lease)
             self._waiting[rid] = nxt
             self.stats["preemptions"] += 1
             self._release_locked(lease, final=False)

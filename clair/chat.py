@@ -151,6 +151,7 @@ class OllamaChat(ChatBackend):
         self._arbiter: Arbiter | None = None
         self.last_evicted: list[str] = []
         self.warmups = 0
+        self._warming = False  # a warm-up after a render is pending or running (one at a time)
 
     def attach(self, arbiter: Arbiter) -> None:
         self._arbiter = arbiter
@@ -337,18 +338,44 @@ class OllamaChat(ChatBackend):
         if lease.req.tenant == self.tenant:
             if self._arbiter is not None:
                 self.sync(self._arbiter)  # what the chat really loaded, and at what size
-        elif self.tenant in lease.evicted and self.cfg.warmup and lease.kind == "render":
-            # Recovery: bring the chat model back in the background so the next message doesn't pay the load.
-            threading.Thread(target=self._warm_after_render, name="clair-warmup", daemon=True).start()
+        elif self.tenant in lease.evicted and lease.kind == "render":
+            # Recovery: bring the chat model back in the background so the next message doesn't pay the load
+            # (usually started already at the render's tail, see Studio.render: then this does nothing).
+            self.warm_after_render()
+
+    def warm_after_render(self) -> None:
+        """Reload the chat model a render evicted, in the background (CLAIR_WARMUP), once per render.
+
+        Studio calls it when the render's denoising loop is done (its tail): the warm-up's lease is then
+        granted beside the VAE decode when the chat model fits beside it, else right after the decode.
+        """
+        if not self.on_this_gpu or not self.cfg.warmup or self._arbiter is None:
+            return
+        if self._arbiter.resident_bytes(self.tenant):
+            return  # back already (the warm-up started at the render's tail, or a chat loaded it)
+        with self._lock:
+            if self._warming:
+                return
+            self._warming = True
+        threading.Thread(target=self._warm_after_render, name="clair-warmup", daemon=True).start()
 
     def _warm_after_render(self) -> None:
+        try:
+            self._warm_now()
+        finally:
+            with self._lock:
+                self._warming = False
+
+    def _warm_now(self) -> None:
         arbiter = self._arbiter
         assert arbiter is not None
-        # A short grace period first: someone iterating on prompts renders again within seconds, and
-        # reloading the LLM in between would only be evicted again (measured in bench/run.py).
-        time.sleep(self.cfg.warmup_delay_s)
-        if arbiter.count("render"):
-            return  # another render is queued or running: it would evict the model again at once
+        # An optional grace period (CLAIR_WARMUP_DELAY_S, 0 by default): it used to be 2 s from the end of the
+        # render, so that a render right after did not evict a fresh reload; the reload now starts at the
+        # tail and a queued render skips it (below), which docs/performance.md measured as the better trade.
+        if self.cfg.warmup_delay_s > 0:
+            time.sleep(self.cfg.warmup_delay_s)
+        if any(w["kind"] == "render" for w in arbiter.status()["waiting"]):
+            return  # another render waits: it would evict the model again at once
         for model in self.last_evicted or [self.cfg.chat_model]:
             need, idle = self.footprint(model)
             lease = arbiter.request("chat", self.tenant, need, idle, label=f"warm-up:{model}")
@@ -523,6 +550,28 @@ def token_streamer(tok: Any, **kwargs: Any):
     return TokenStreamer(tok, **kwargs)
 
 
+def load_dtype(source: str, on_gpu: bool, bf16_ok: bool | None = None):
+    """The dtype to load an in-process chat model in: on the CPU fp32; on a GPU the half precision it was
+    trained in, read from its config (`dtype`, formerly `torch_dtype`): bf16 for a bf16 model (its
+    activations overflow fp16's range), else fp16."""
+    import torch
+
+    if not on_gpu:
+        return torch.float32
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        trained = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    except Exception:  # the load itself reports an unreadable config, with what to do
+        trained = None
+    if bf16_ok is None:
+        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if str(trained).replace("torch.", "") == "bfloat16" and bf16_ok:
+        return torch.bfloat16
+    return torch.float16
+
+
 class LocalChat(ChatBackend):
     """A causal LM from the Hugging Face hub, a local folder, or `tiny` (random weights), in-process."""
 
@@ -597,7 +646,6 @@ class LocalChat(ChatBackend):
     def _load_locked(self):
         if self._model is not None:
             return
-        import torch
 
         from clair import gpu
 
@@ -617,7 +665,7 @@ class LocalChat(ChatBackend):
                     source = str(local)
                 elif source.startswith(("/", "./", "../", "~")):
                     raise FileNotFoundError(f"the folder {local} does not exist")
-                dtype = torch.float16 if gpu.cuda() else torch.float32
+                dtype = load_dtype(source, gpu.cuda())
                 tok = AutoTokenizer.from_pretrained(source)
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as exc:
@@ -698,6 +746,7 @@ class LocalChat(ChatBackend):
                 streamer.end()
 
         worker = threading.Thread(target=run, name="local-chat-generate", daemon=True)
+        gpu.begin_use()  # a render's peak measured meanwhile is not the render's alone
         worker.start()
         try:
             for text in streamer:
@@ -714,6 +763,7 @@ class LocalChat(ChatBackend):
             stop.set()
             self._join(worker)
             gpu.empty_cache()
+            gpu.end_use()
         if failure:
             raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
 

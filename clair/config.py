@@ -152,7 +152,8 @@ class Config:
     )
     warmup: bool = setting(True, "Reload the chat model in the background after a render evicted it.")
     warmup_delay_s: float = setting(
-        2.0, "Seconds to wait after a render before that reload, so renders in quick succession skip it.",
+        0.0, "Seconds to wait before that reload (it starts when the render's denoising ends); a render queued "
+        "by then skips it.",
         min=0, max=3600,
     )
 
@@ -210,16 +211,30 @@ class Config:
         "Keep a pinned host copy of in-process weights for fast swaps. auto checks free RAM first.",
         choices=("auto", "on", "off"),
     )
+    sim_gpu_gb: float = setting(
+        0.0,
+        "Run on a simulated GPU card of this many GB (GiB) instead of CUDA: models take and give back memory on it "
+        "as the real ones would, and it says out of memory as a real card does (docs/facts.md, \"The simulated "
+        "card\"). 0: off (the demo uses 20 unless set).",
+        min=0,
+        max=4096,
+    )
+    sim_gpu_file: str = setting(
+        "",
+        "The simulated card's state file, shared by every process that uses the card. Empty: sim-gpu.json in "
+        "the state folder.",
+    )
     chat_priority: str = setting(
         "next",
         "next: a chat waits for at most the render in front of it. fifo: strict arrival order.",
         choices=("next", "fifo"),
     )
     preempt: str = setting(
-        "auto",
+        "always",
         "Pause a render at its next step for a chat that cannot run beside it, so the chat never waits for a "
         "whole render; the image comes out exactly the same. auto: only when the chat does not fit beside the "
-        "render. always: every chat gets the GPU alone. off: chats wait for the render to finish.",
+        "render. always (the default, chosen from docs/performance.md's measurements): every chat gets the GPU "
+        "alone. off: chats wait for the render to finish.",
         choices=("auto", "off", "always"),
     )
     render_slice_s: float = setting(
@@ -312,6 +327,13 @@ class Config:
     @property
     def ollama_url(self) -> str:
         return ollama_url(self.ollama_host)
+
+    @property
+    def sim_gpu_path(self) -> str:
+        """The simulated card's state file (CLAIR_SIM_GPU_FILE, else sim-gpu.json in the state folder)."""
+        if self.sim_gpu_file:
+            return os.path.abspath(os.path.expanduser(self.sim_gpu_file))
+        return os.path.join(self.state_folder, "sim-gpu.json")
 
     @property
     def state_path(self) -> str:
@@ -548,6 +570,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             demo_values["local_chat_model"] = "tiny"
         if "output_dir" not in values:
             demo_values["output_dir"] = DEMO_OUTPUT_DIR
+        if "sim_gpu_gb" not in values:
+            demo_values["sim_gpu_gb"] = 20.0  # a real budget and real evictions on the panel
         cfg = dataclasses.replace(cfg, **demo_values)
     validate(cfg)
     return cfg

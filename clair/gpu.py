@@ -15,40 +15,56 @@ Nothing here decides *whether* to swap: that is the arbiter's job.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import psutil
 import torch
 
+from clair import device as _device
 from clair.errors import EvictionFailed
 
 log = logging.getLogger("clair.gpu")
 GiB = 1024**3
 
 
+def dev() -> _device.Device:
+    """The device Clair uses (clair/device.py): CUDA, the simulated card, or none."""
+    return _device.current()
+
+
 def cuda() -> bool:
-    return torch.cuda.is_available()
+    """True only for a real CUDA device (tensors then move to it); see `present()` for memory questions."""
+    return dev().tensor_device is not None
+
+
+def present() -> bool:
+    """A device answers memory questions: CUDA, or the simulated card (CLAIR_SIM_GPU_GB)."""
+    return dev().present
 
 
 def device() -> torch.device:
-    return torch.device("cuda") if cuda() else torch.device("cpu")
+    return dev().tensor_device or torch.device("cpu")
+
+
+def reading() -> _device.Reading | None:
+    """Total, free (every process), and this process's reserved and allocated, read together."""
+    return dev().reading()
 
 
 def total_bytes() -> int | None:
-    if not cuda():
-        return None
-    return torch.cuda.get_device_properties(0).total_memory
+    r = reading()
+    return r.total if r else None
 
 
 def free_bytes() -> int | None:
     """Free memory on the device, all processes included (Ollama's runner too)."""
-    if not cuda():
-        return None
-    free, _total = torch.cuda.mem_get_info()
-    return free
+    r = reading()
+    return r.free if r else None
 
 
 def budget_bytes(budget_gb: float, reserve_gb: float) -> int:
@@ -60,46 +76,109 @@ def budget_bytes(budget_gb: float, reserve_gb: float) -> int:
     return max(0, int(total - reserve_gb * GiB))
 
 
-def wait_free(nbytes: int, timeout: float, poll: float = 0.05, reserve_gb: float = 1.5) -> float:
-    """Block until the device has `nbytes` free; returns the seconds waited. No-op without CUDA.
+def wait_free(
+    nbytes: int,
+    timeout: float,
+    poll: float = 0.05,
+    reserve_gb: float = 1.5,
+    others: Callable[[], int] = lambda: 0,
+    settle_s: float = 5.0,
+) -> float:
+    """Block until the device has `nbytes` free; returns the seconds waited. No-op without a device.
 
-    Never waits for more than the card can give (its total less the reserve and what this process
-    holds): a lone request larger than that runs anyway, alone, as the arbiter decided.
+    Never waits for more than can come: the card's total less the reserve, what this process holds, and
+    `others()`, the memory other programs hold that no eviction of ours gives back (the ledger's "other"
+    tenant). And once free memory has not risen for `settle_s` seconds (Ollama's own scheduler waits at most
+    5 s for a runner's VRAM to come back: docs/facts.md, "Ollama"), it stops waiting: a lone request then runs anyway, alone, as the arbiter decided, and an out-of-memory
+    error heals as any other (clair/image.py). Raises EvictionFailed only when memory was still coming in
+    at `timeout`.
     """
-    if not cuda() or nbytes <= 0:
+    d = dev()
+    if not d.present or nbytes <= 0:
         return 0.0
     t0 = time.monotonic()
-    torch.cuda.empty_cache()  # our own cached blocks count as used in mem_get_info
-    possible = (total_bytes() or 0) - int(reserve_gb * GiB) - torch.cuda.memory_reserved()
+    d.empty_cache()  # our own cached blocks count as used by every other process
+    first = d.reading()
+    assert first is not None
+    possible = first.total - int(reserve_gb * GiB) - first.reserved - max(0, others())
     nbytes = max(0, min(nbytes, possible))
+    best, best_at = first.free, t0
     while True:
-        free = free_bytes() or 0
-        if free >= nbytes:
+        r = d.reading()
+        assert r is not None
+        if r.free >= nbytes:
             return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
+        now = time.monotonic()
+        if r.free > best:
+            best, best_at = r.free, now
+        elif now - best_at > settle_s:
+            log.warning(
+                "stopped waiting for GPU memory: %.1f GiB free, %.1f GiB wanted, no change for %.0f s; "
+                "another program holds the rest",
+                r.free / GiB,
+                nbytes / GiB,
+                settle_s,
+            )
+            return now - t0
+        if now - t0 > timeout:
             raise EvictionFailed(
-                f"Only {free / GiB:.1f} GiB of GPU memory became free within {timeout:.0f} s, and "
+                f"Only {r.free / GiB:.1f} GiB of GPU memory became free within {timeout:.0f} s, and "
                 f"{nbytes / GiB:.1f} GiB are needed. Another program holds the GPU: check `nvidia-smi`."
             )
         time.sleep(poll)
 
 
 def empty_cache() -> None:
-    if cuda():
-        torch.cuda.empty_cache()
+    dev().empty_cache()
 
 
 def reserved_now() -> int:
-    return torch.cuda.memory_reserved() if cuda() else 0
+    return dev().reserved()
 
 
 def reset_peak() -> None:
-    if cuda():
-        torch.cuda.reset_peak_memory_stats()
+    dev().reset_peak()
 
 
 def peak_reserved() -> int:
-    return torch.cuda.max_memory_reserved() if cuda() else 0
+    return dev().peak_reserved()
+
+
+# In-process GPU activity other than a render's own (a weight swap, the in-process chat model generating):
+# a render whose run saw any of it learns nothing from its peak (ImageEngine's footprint).
+_activity = itertools.count()
+_activity_now = 0
+
+
+_busy = 0
+_busy_lock = threading.Lock()
+
+
+def note_activity() -> int:
+    """Record that something else used this process's GPU memory; returns the new mark."""
+    global _activity_now
+    _activity_now = next(_activity) + 1
+    return _activity_now
+
+
+def begin_use() -> None:
+    """Another in-process user (the in-process chat model generating) starts using the device."""
+    global _busy
+    with _busy_lock:
+        _busy += 1
+    note_activity()
+
+
+def end_use() -> None:
+    global _busy
+    with _busy_lock:
+        _busy = max(0, _busy - 1)
+    note_activity()
+
+
+def activity_mark() -> int | None:
+    """A mark that changes whenever another in-process user touches the device; None while one is at work."""
+    return None if _busy else _activity_now
 
 
 def module_bytes(modules: Iterable[torch.nn.Module]) -> int:
@@ -120,13 +199,35 @@ def _unique_tensors(modules: Iterable[torch.nn.Module]):
                 yield t
 
 
-def pinned_allowed(mode: str, nbytes: int) -> bool:
-    """CLAIR_PINNED_OFFLOAD: pinned memory is locked host RAM, so `auto` checks free RAM first."""
-    if mode == "off" or not cuda():
+def declared_bytes(modules: Iterable[torch.nn.Module]) -> int:
+    """What the modules' weights take on the device: their bytes on CUDA; on the simulated card what a
+    stand-in module declares for the real model it stands for (clair/tiny.py), else their bytes."""
+    d = dev()
+    modules = list(modules)
+    declared = [d.declared_bytes(m) for m in modules]
+    rest = [m for m, n in zip(modules, declared, strict=True) if n is None]
+    return sum(n for n in declared if n is not None) + module_bytes(rest)  # tied weights counted once
+
+
+def pinned_footprint(modules: Iterable[torch.nn.Module]) -> int:
+    """Host RAM that per-tensor pinned copies lock: PyTorch's pinned (host) caching allocator rounds each
+    block up to a power of two (docs/facts.md, "Pinned memory"), so 1.5 MiB locks 2 MiB."""
+    return sum(_pinned_block(t.numel() * t.element_size()) for t in _unique_tensors(modules))
+
+
+def _pinned_block(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length()) if n > 0 else 0
+
+
+def pinned_allowed(mode: str, nbytes: int, available: int | None = None, on_cuda: bool | None = None) -> bool:
+    """CLAIR_PINNED_OFFLOAD: pinned memory is locked host RAM, so `auto` checks free RAM first.
+
+    `nbytes` is what pinning locks (`pinned_footprint`, rounded as the pinned allocator rounds)."""
+    if mode == "off" or not (cuda() if on_cuda is None else on_cuda):
         return False
     if mode == "on":
         return True
-    available = psutil.virtual_memory().available
+    available = psutil.virtual_memory().available if available is None else available
     if nbytes * 2 > available:  # leave the rest of the machine at least as much as we lock
         log.info(
             "pinned offload off: needs %.1f GiB locked, %.1f GiB RAM available; swaps use pageable memory",
@@ -163,14 +264,17 @@ class WeightSwap:
         device: str | torch.device | None = None,
     ):
         self.modules = [m for m in modules if m is not None]
-        self.nbytes = module_bytes(self.modules)
+        self.host_nbytes = module_bytes(self.modules)
+        # What the weights take on the device (the simulated card: what a stand-in declares).
+        self.nbytes = declared_bytes(self.modules)
+        self._key = f"weights:{id(self)}"
         if device is None:
-            self.device = torch.device("cuda") if cuda() else None
+            self.device = dev().tensor_device
         else:
             self.device = torch.device(device)
         on_cuda = self.device is not None and self.device.type == "cuda"
         if on_cuda:
-            self.host_copy = pinned_allowed(pinned_mode, self.nbytes)
+            self.host_copy = pinned_allowed(pinned_mode, pinned_footprint(self.modules), on_cuda=True)
         else:
             self.host_copy = self.device is not None and pinned_mode != "off"
         self.pinned = self.host_copy and on_cuda  # page-locked host memory: only a CUDA device has it
@@ -181,8 +285,8 @@ class WeightSwap:
 
     @property
     def active(self) -> bool:
-        """False when there is no device to swap to (CPU-only torch, no device given)."""
-        return self.device is not None
+        """False when there is no device to swap to (CPU-only torch, no simulated card, no device given)."""
+        return self.device is not None or dev().present
 
     def _tensors(self):
         return _unique_tensors(self.modules)
@@ -222,17 +326,21 @@ class WeightSwap:
 
     def _sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            dev().synchronize()
 
     def restore(self) -> float:
         """Put the weights on the device; returns seconds taken."""
-        if self.device is None or self.on_gpu:
+        if not self.active or self.on_gpu:
             return 0.0
         t0 = time.monotonic()
+        note_activity()
         # Counted as on the device from the first tensor moved, so that evict() brings every tensor back.
         self.on_gpu = True
         try:
-            if self.host_copy:
+            dev().hold(self._key, self.nbytes)  # the simulated card's allocation (CUDA: the tensors' own)
+            if self.device is None:
+                pass  # the simulated card: the arithmetic stays on the CPU
+            elif self.host_copy:
                 self.prepare()
                 live: dict = {}
                 for t in self._tensors():
@@ -257,10 +365,14 @@ class WeightSwap:
 
     def evict(self) -> float:
         """Free the device memory the weights hold; returns seconds taken."""
-        if self.device is None or not self.on_gpu:
+        if not self.active or not self.on_gpu:
             return 0.0
         t0 = time.monotonic()
-        if self.host_copy:
+        note_activity()
+        dev().drop(self._key)
+        if self.device is None:
+            pass  # the simulated card: nothing moves
+        elif self.host_copy:
             live: dict = {}
             for t in self._tensors():
                 t.data = self._host_copy(t, live)  # the copy is identical: weights never change at inference
@@ -269,8 +381,7 @@ class WeightSwap:
             for m in self.modules:
                 m.to("cpu")
         self._sync()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        dev().empty_cache()  # the freed blocks go back to the card, for every other process
         self.on_gpu = False
         return time.monotonic() - t0
 

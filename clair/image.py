@@ -24,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 from clair import gpu
 from clair.base import private_dir, write_private
 from clair.config import Config
+from clair.device import is_out_of_memory
 from clair.engines import Engine
 from clair.errors import BadRequest, Cancelled, ImageModelUnavailable, load_failure
 from clair.loadgate import LoadGate, source_fingerprint
@@ -49,6 +51,9 @@ GiB = 1024**3
 # decodes in fp16: 11.35 GiB reserved (8.99 allocated). Each prior lies at or above every measured size, and
 # the fp16-safe one below the stock one at every size.
 SDXL_WEIGHTS = int(6.46 * GiB)
+# The SDXL VAE's own weights in fp16: 0.17 GB of SDXL's 6.94 GB (docs/facts.md, "Swapping weights"). What stays
+# on the GPU for a render's tail, the decode, once the UNet and text encoders have left.
+SDXL_VAE_WEIGHTS = int(0.17e9)
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
 
@@ -158,6 +163,9 @@ class RenderParams:
 class ImageEngine(Engine):
     name = "image"
     tenant = "image"
+    # Learn the footprint from measured peaks. Off only where the drawing is smaller than the size the card
+    # is told to account (the benchmark and the soak: tiny 64² drawings that take a 1024² render's memory).
+    learns = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -166,11 +174,16 @@ class ImageEngine(Engine):
         self._lock = threading.Lock()  # guards loading; a pipeline also never runs two calls at once
         self._pipe = None
         self._swap: gpu.WeightSwap | None = None
+        self._vae_swap: tuple[object, gpu.WeightSwap] | None = None  # (pipeline, the VAE alone), for the tail
+        self._vae_on = False  # the tail put the VAE alone on the GPU (it leaves again after the decode)
         # A failed load is remembered: requests get its reason at once until a re-check (see clair/loadgate.py).
         self.gate = LoadGate(
             lambda: source_fingerprint(self.model_id, "model_index.json") + self._vae_fingerprint()
         )
-        self._per_mpx: float | None = None  # learned from real renders on CUDA
+        self._per_mpx: float | None = None  # learned from renders measured on the device
+        # The last clean measurements (bytes per megapixel): the learned figure is their largest, so a
+        # figure that was too large gives way after a few renders instead of standing forever.
+        self._learned: deque[float] = deque(maxlen=5)
         self.oom_recoveries = 0  # renders that ran out of memory and then succeeded with a fallback
         self.oom_failures = 0  # renders that ran out of memory with every fallback
         # The VAE (CLAIR_VAE): which prior the ledger uses ("fp16" or "stock"), what decodes, and a fallback
@@ -192,14 +205,27 @@ class ImageEngine(Engine):
     def footprint(self, width: int, height: int) -> tuple[int, int]:
         """(bytes while rendering at width x height, bytes while idle) on the GPU.
 
-        Without CUDA the ledger uses SDXL's declared sizes whatever the pipeline, so the policy behaves
+        Without a device the ledger uses SDXL's declared sizes whatever the pipeline, so the policy behaves
         (and shows) as it would on a real card.
         """
-        weights = self._swap.nbytes if (self._swap is not None and gpu.cuda()) else SDXL_WEIGHTS
+        weights = self._swap.nbytes if (self._swap is not None and gpu.present()) else SDXL_WEIGHTS
         mpx = width * height / 1e6
         if self._per_mpx is not None:
             return int(weights + self._per_mpx * mpx * 1.1), weights  # measured, with 10% margin
         return PRIORS[self.vae_kind].need(weights, mpx), weights  # per VAE kind; see the table above
+
+    def decode_footprint(self, width: int, height: int) -> int:
+        """Bytes a render's tail needs: the VAE decode at width x height once the UNet and text encoders left.
+
+        The render's peak less the weights that left. The peak at 1024² and above is the decode's (the H200
+        measurement, read in docs/performance.md, "The decode's peak per resolution and VAE": tiling the decode
+        brings a 1536² render's peak down to the 1024² one), so this is the decode's peak or above it.
+        """
+        need, weights = self.footprint(width, height)
+        vae = SDXL_VAE_WEIGHTS
+        if self._pipe is not None and gpu.cuda() and getattr(self._pipe, "vae", None) is not None:
+            vae = gpu.module_bytes([self._pipe.vae])
+        return max(vae, need - max(0, weights - vae))
 
     # -- loading -----------------------------------------------------------------------------------
     def needs_load(self) -> bool:
@@ -254,7 +280,11 @@ class ImageEngine(Engine):
             # The tiny pipeline keeps its own VAE; the declared footprint follows CLAIR_VAE (see _expected_vae_kind).
             self.vae_kind, self.vae_note = self._expected_vae_kind(), None
             self.vae_source = "tiny"
-            return build_tiny_sdxl()
+            pipe = build_tiny_sdxl()
+            # Decoded as the VAE the ledger counts would be (an fp32 upcast for "stock"): on CPU in fp32
+            # it changes nothing, and a device sees the decode's memory that CLAIR_VAE implies.
+            pipe.vae.register_to_config(force_upcast=self.vae_kind == "stock")
+            return pipe
         import torch
         from diffusers import StableDiffusionXLPipeline
 
@@ -398,14 +428,46 @@ class ImageEngine(Engine):
         return f"VAE: {name} ({how})."
 
     # -- swaps (called by the arbiter) ---------------------------------------------------------------
+    def release_cache(self) -> None:
+        """At a pause: give the cached activation blocks back to the card, as the ledger counts a paused render
+        at its weights only (a chat planned beside it must find that memory free)."""
+        gpu.empty_cache()
+        gpu.note_activity()
+
     def restore(self) -> float:
         """Weights back on the GPU (a render resuming after a pause). Seconds taken; 0 if they never left."""
+        self._end_tail()
         return self._swap.restore() if self._swap is not None else 0.0
 
     def evict(self) -> None:
+        self._end_tail()
         if self._swap is not None:
             dt = self._swap.evict()
             log.debug("image pipeline evicted s=%.3f", dt)
+
+    def _drop_denoisers(self, pipe) -> float:
+        """A render's tail: the UNet and text encoders leave the GPU before the VAE decode. Seconds taken.
+
+        Every weight leaves by the pinned swap (a pointer swap), then the VAE alone (0.17 GB) comes back from
+        a host copy of its own; `_end_tail` takes it off again after the decode. Only a real `WeightSwap`
+        moves anything: without a device the weights were never on one.
+        """
+        t0 = time.monotonic()
+        swap = self._swap
+        if not isinstance(swap, gpu.WeightSwap) or not swap.active or getattr(pipe, "vae", None) is None:
+            return 0.0
+        if self._vae_swap is None or self._vae_swap[0] is not pipe:
+            self._vae_swap = (pipe, gpu.WeightSwap([pipe.vae], self.cfg.pinned_offload, device=swap.device))
+        swap.evict()
+        self._vae_on = True  # before the copy: a restore that fails half-way is rolled back by _end_tail
+        self._vae_swap[1].restore()
+        return time.monotonic() - t0
+
+    def _end_tail(self) -> None:
+        """The VAE that a render's tail put on the GPU alone leaves it (after the decode, or an error)."""
+        if self._vae_on and self._vae_swap is not None:
+            self._vae_on = False
+            self._vae_swap[1].evict()
 
     # -- rendering -----------------------------------------------------------------------------------
     def render(
@@ -415,6 +477,7 @@ class ImageEngine(Engine):
         cancelled: Callable[[], bool] = lambda: False,
         checkpoint: Callable[[int, int], None] = lambda step, total: None,
         on_oom: Callable[[], None] | None = None,
+        tail: Callable[[Callable[[], float]], None] | None = None,
     ) -> tuple[Image.Image, dict]:
         """Render on the GPU the caller's lease holds. Returns the image and timings/memory facts.
 
@@ -426,9 +489,10 @@ class ImageEngine(Engine):
         Out of memory, it heals itself (facts["fallback"] says how): it lets go of everything the failed
         attempt held, asks `on_oom()` to evict every other tenant from the GPU, and tries again with VAE
         tiling, then with model CPU offload. Only when all three fail does it raise, with what to do.
-        """
-        import torch
 
+        `tail(drop)` runs once the denoising loop is done, before the VAE decode: calling `drop()` takes the
+        UNet and text encoders off the GPU (`_drop_denoisers`), so the caller can give their room away.
+        """
         self.load()  # at once with the known problem while a load failure stands
         with self._lock:
             pipe = self._load_locked()
@@ -436,8 +500,12 @@ class ImageEngine(Engine):
             for attempt, fallback in enumerate((None, *FALLBACKS)):
                 out_of_memory = False
                 try:
-                    image, facts = self._render_once(pipe, params, on_step, cancelled, checkpoint, fallback)
-                except torch.OutOfMemoryError as exc:
+                    image, facts = self._render_once(pipe, params, on_step, cancelled, checkpoint, fallback, tail)
+                except Exception as exc:
+                    # torch.OutOfMemoryError, and a plain RuntimeError for memory CUDA could not give outside
+                    # the caching allocator (cuBLAS/cuDNN workspaces at a first use): docs/facts.md.
+                    if not is_out_of_memory(exc):
+                        raise
                     # Only a flag here: raising (or retrying) inside `except` keeps the traceback, and with it
                     # every frame's activations, alive until the block ends.
                     out_of_memory = True
@@ -468,7 +536,7 @@ class ImageEngine(Engine):
                 log.info("render recovered from out of memory fallback=%s", fallback)
             return image, facts
 
-    def _render_once(self, pipe, params: RenderParams, on_step, cancelled, checkpoint, fallback: str | None):
+    def _render_once(self, pipe, params: RenderParams, on_step, cancelled, checkpoint, fallback: str | None, tail=None):
         import torch
 
         assert self._swap is not None
@@ -482,9 +550,14 @@ class ImageEngine(Engine):
                 checkpoint(step + 1, params.steps)
                 if cancelled():
                     raise Cancelled("Render cancelled.")
+            if step + 1 == params.steps and fallback is None and tail is not None:
+                tail(lambda: self._drop_denoisers(pipe))  # the loop is done: only the decode follows
             return {}
 
         restore_s = 0.0
+        tiles = None
+        mark: int | None = None
+        baseline = 0
         t0 = time.monotonic()
         try:
             if fallback == "cpu-offload":
@@ -492,7 +565,7 @@ class ImageEngine(Engine):
             else:
                 restore_s = self._swap.restore()
             if fallback == "vae-tiling":
-                pipe.vae.enable_tiling()  # decodes in overlapping tiles: the decode's peak no longer grows with size
+                tiles = _tile_for(pipe.vae, params.width, params.height)
             # Empty the cache first: the peak would otherwise start from what an earlier render left
             # reserved, and a 512² render after a 1024² one would learn a 4x footprint.
             gpu.empty_cache()
@@ -500,6 +573,7 @@ class ImageEngine(Engine):
             # What this process holds before the render (our weights, an in-process chat model):
             # only the growth above it is the render's activation peak.
             baseline = gpu.reserved_now()
+            mark = gpu.activity_mark()  # anything else that uses our GPU memory meanwhile spoils the peak
             t0 = time.monotonic()
             result = pipe(
                 prompt=params.prompt,
@@ -521,17 +595,23 @@ class ImageEngine(Engine):
                 vae.to(dtype=unet.dtype)
             if fallback == "vae-tiling" and vae is not None:
                 vae.disable_tiling()  # the next render tries at full quality and speed again
+                if tiles is not None:
+                    vae.tile_sample_min_size, vae.tile_latent_min_size = tiles
             if fallback == "cpu-offload":
                 self._end_offload(pipe)
+            self._end_tail()  # after the cast back: the VAE's host copy is in its resting dtype
             # Give the activations' cache back: the ledger counts an idle pipeline as its weights only,
             # and a chat planned beside it must find that memory free.
             gpu.empty_cache()
         render_s = time.monotonic() - t0
         peak = gpu.peak_reserved()
-        if peak and fallback is None:  # a tiled or offloaded render's peak says nothing about the normal one
+        # Learn only from a clean peak: not a tiled or offloaded render (it says nothing about the normal one),
+        # nor one during which anything else used this process's GPU memory (the in-process chat model, a
+        # pause that evicted or restored weights): the peak is process-wide.
+        if peak and fallback is None and mark is not None and gpu.activity_mark() == mark and self.learns:
             mpx = params.width * params.height / 1e6
-            per = max(0.0, peak - baseline) / mpx
-            self._per_mpx = per if self._per_mpx is None else max(per, self._per_mpx)
+            self._learned.append(max(0.0, peak - baseline) / mpx)
+            self._per_mpx = max(self._learned)
         return image, {"render_s": render_s, "restore_s": restore_s, "peak_reserved_gb": peak / GiB}
 
     def _offload(self, pipe) -> None:
@@ -667,6 +747,23 @@ def _vae_config(setting: str) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _tile_for(vae, width: int, height: int) -> tuple[int, int] | None:
+    """Turn VAE tiling on with tiles small enough that diffusers really tiles this size; returns the tile
+    sizes to put back afterwards.
+
+    diffusers tiles a decode only when the latent is larger than `tile_latent_min_size` (`sample_size / 8`:
+    128 for SDXL), so at 1024² and below tiling alone changes nothing (docs/facts.md, "VAE tiling"). Tiles of
+    half the longer side (at most the default, at least 256 px) make it tile from 264 px up."""
+    vae.enable_tiling()
+    if not hasattr(vae, "tile_sample_min_size"):
+        return None
+    saved = (vae.tile_sample_min_size, vae.tile_latent_min_size)
+    scale = max(1, vae.tile_sample_min_size // max(1, vae.tile_latent_min_size))
+    tile = min(saved[0], max(256, max(width, height) // 2 // 64 * 64))
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // scale
+    return saved
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

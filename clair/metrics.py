@@ -78,13 +78,11 @@ class _Live:
             "(absent without CUDA).",
             labels=["kind"],
         )
-        if gpu.cuda():
-            total, free = gpu.total_bytes(), gpu.free_bytes()
-            if total is not None:
-                device.add_metric(["total"], total)
-            if free is not None:
-                device.add_metric(["free"], free)
-            device.add_metric(["clair_reserved"], gpu.reserved_now())
+        now = gpu.reading()  # CUDA or the simulated card, read together
+        if now is not None:
+            device.add_metric(["total"], now.total)
+            device.add_metric(["free"], now.free)
+            device.add_metric(["clair_reserved"], now.reserved)
         yield device
         stats = st["stats"]
         for name, key, text in (

@@ -67,11 +67,13 @@ def panel_data(studio, now: float | None = None, viewer: str | None = None) -> d
     ]
     ledger = sum(s["bytes"] for s in segments)
     device = None
-    if st.get("cuda"):
-        total, free = gpu.total_bytes(), gpu.free_bytes()
-        if total is not None and free is not None:
-            ours = gpu.reserved_now() + sum(s["bytes"] for s in segments if s["tenant"] == "ollama")
-            device = {"total": total, "free": free, "others": max(0, total - free - ours)}
+    card = gpu.reading() if st.get("cuda") else None  # CUDA or the simulated card; one consistent reading
+    if card is not None:
+        ours = card.reserved + sum(s["bytes"] for s in segments if s["tenant"] == "ollama")
+        from clair.studio import CONTEXT_ALLOWANCE  # our own CUDA context is not another program's memory
+
+        others = max(0, card.total - card.free - ours - CONTEXT_ALLOWANCE)
+        device = {"total": card.total, "free": card.free, "others": others, "name": gpu.dev().name}
     scale = (device or {}).get("total") or budget or ledger or 1
     others = device["others"] if device else 0
     free = device["free"] if device else (max(0, budget - ledger) if budget else None)
@@ -227,7 +229,7 @@ def _vram_caption(d: dict) -> str:
     v = d["vram"]
     if v["device"]:
         return (
-            f"GPU {_gb(v['device']['total'])}: free {_gb(v['free'])}, other processes {_gb(v['others'])}; "
+            f"GPU {_gb(v['device']['total'])}{_card_name(v['device'])}: free {_gb(v['free'])}, other processes {_gb(v['others'])}; "
             f"Clair's budget {_gb(v['budget'])}, ledger {_gb(v['ledger'])}"
         )
     if v["budget"]:
@@ -346,3 +348,10 @@ def panel_html(d: dict) -> str:
         f"out-of-memory recoveries {stats.get('oom_recoveries', 0)} · budget breaches {stats.get('budget_exceeded', 0)}</p>"
         "</div>"
     )
+
+
+def _card_name(device: dict) -> str:
+    """" (simulated 20 GB card)" when the device is the simulated card (CLAIR_SIM_GPU_GB): a newcomer must
+    not take the demo's figures for a real GPU's."""
+    name = str(device.get("name") or "")
+    return f" ({escape(name)})" if name.startswith("simulated") else ""

@@ -9,7 +9,9 @@ traffic-cop protocol lives here in one place:
 2. Purge: the lease's plan evicts what must go (Ollama: unload what it was seen holding plus the configured
    model, then poll /api/ps until a successful reading is empty, then free VRAM on CUDA; or refuse).
 3. Render on the cleared GPU.
-4. Recovery: release; held chats go on; the chat model is warmed again in the background.
+4. Recovery: at the render's tail (its denoising done) the UNet and text encoders leave the GPU, the lease
+   shrinks to the VAE decode's peak, and the chat model is warmed again in the background (beside the decode
+   when both fit); then release, and held chats go on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 
-from clair import gpu, limits
+from clair import device, gpu, limits
 from clair.arbiter import Arbiter, Kind, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat
 from clair.config import Config, duration_s
@@ -91,12 +93,14 @@ def parse_imagined(reply: str, idea: str = "", limit: int = 2000) -> tuple[str, 
 class Studio:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # The device every memory question goes to (CUDA, or the simulated card of CLAIR_SIM_GPU_GB).
+        device.configure(cfg.sim_gpu_gb, cfg.sim_gpu_path)
         self.arbiter = Arbiter(
             policy=cfg.gpu_policy,  # type: ignore[arg-type]
             budget_bytes=gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb),
             chat_priority=cfg.chat_priority,  # type: ignore[arg-type]
             queue_timeout_s=cfg.queue_timeout_s,
-            wait_free=lambda n: gpu.wait_free(n, cfg.evict_timeout_s, reserve_gb=cfg.vram_reserve_gb),
+            wait_free=self._wait_free,
             preempt=cfg.preempt,  # type: ignore[arg-type]
             render_slice_s=cfg.render_slice_s,
             max_preemptions=cfg.max_preemptions,
@@ -129,9 +133,19 @@ class Studio:
         self._keepalive: threading.Thread | None = None
         self._keepalive_lock = threading.Lock()
 
+    def _wait_free(self, nbytes: int) -> float:
+        """After an eviction: wait until the card has `nbytes` free, counting what other programs hold
+        (the ledger's "other" tenant) as memory that will not come (clair/gpu.py, wait_free)."""
+        return gpu.wait_free(
+            nbytes,
+            self.cfg.evict_timeout_s,
+            reserve_gb=self.cfg.vram_reserve_gb,
+            others=lambda: self.arbiter.resident_bytes("other"),
+        )
+
     # -- events (for clair.metrics and the panel) ---------------------------------------------------
     def on_event(self, fn: Callable[[str, dict], None]) -> None:
-        """Subscribe to "chat", "render", "load", "restore", "recovery" and "error" events."""
+        """Subscribe to "chat", "render", "load", "restore", "tail", "recovery" and "error" events."""
         self._listeners.append(fn)
 
     def _note(self, event: str, keep: bool = False, **data) -> None:
@@ -289,13 +303,13 @@ class Studio:
         """GPU memory held by other processes: the device's use less ours (torch's pool and our CUDA
         context) and Ollama's (its last successful /api/ps). Counted in the ledger as a tenant that is never
         evicted, so the budget shrinks while they hold it. Skipped when Ollama's share is unknown."""
-        if not gpu.cuda():
-            return
-        total, free = gpu.total_bytes(), gpu.free_bytes()
         outside = [engine.held_outside() for engine in self.engines if engine.on_this_gpu]
-        if total is None or free is None or None in outside:
+        # One reading: free and our reserved figure from the same moment (a render allocating between two
+        # separate reads would show up as another program's memory).
+        now = gpu.reading()
+        if now is None or None in outside:
             return
-        other = total - free - gpu.reserved_now() - sum(outside) - CONTEXT_ALLOWANCE  # type: ignore[arg-type]
+        other = now.others - sum(outside) - CONTEXT_ALLOWANCE  # type: ignore[arg-type]
         self.arbiter.set_other(max(0, other))
 
     def _request(self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0) -> Lease:
@@ -408,6 +422,7 @@ class Studio:
         evicted: list[str] = []
         evict_s = 0.0
         paused_s = 0.0
+        tail_at: float | None = None  # when the denoisers left and the render shrank to its decode (see tail)
 
         def checkpoint(step: int, total: int) -> None:
             """Between two denoising steps: pause for a waiting chat when the arbiter says so."""
@@ -416,6 +431,7 @@ class Studio:
             if not why:
                 return
             t0 = time.monotonic()
+            self.image.release_cache()  # before the chat is granted: it is planned beside our weights only
             lease = self.arbiter.pause(lease, why)
             on_progress(f"Paused for a chat at step {step}/{total}", step / total)
             for w in self._wait(lease, cancel.is_set):
@@ -451,11 +467,36 @@ class Studio:
                 on_progress("Out of GPU memory: freeing the GPU and retrying", 0.0)
                 gone = self.arbiter.evict_idle(lease)
                 evicted.extend(n for n in gone if n not in evicted)
+                if gone:
+                    # As after any eviction: the memory comes back after the answer (Ollama's runner exits
+                    # after /api/ps empties), so the retry waits for it rather than fail the same way.
+                    need, idle = self.image.footprint(params.width, params.height)
+                    try:
+                        self._wait_free(max(0, need - idle))
+                    except ClairError as exc:
+                        log.warning("out-of-memory retry without waiting further: %s", exc)
                 # The lease's record of what left for it: the engines' recovery hooks read it at release.
                 lease.evicted = (*lease.evicted, *(n for n in gone if n not in lease.evicted))
 
+            def tail(drop: Callable[[], float]) -> None:
+                """The denoising loop is done; only the VAE decode remains (see Arbiter.shrink)."""
+                nonlocal tail_at
+                evicted_chat = self.ollama.tenant in first.evicted or self.ollama.tenant in lease.evicted
+                warm = evicted_chat and self.cfg.warmup and self.ollama.on_this_gpu
+                if not warm and not self.arbiter.count("chat"):
+                    return  # nobody needs the room: the weights stay for the next render (CLAIR_IMAGE_KEEP_ALIVE)
+                t0 = time.monotonic()
+                drop()
+                need = self.image.decode_footprint(params.width, params.height)
+                self.arbiter.shrink(lease, need, idle=0)
+                tail_at = time.time()
+                self._note("tail", tenant=self.image.tenant, s=time.monotonic() - t0, need=need)
+                if warm:
+                    # The chat model comes back now: beside the decode when both fit, else right after it.
+                    self.ollama.warm_after_render()
+
             image, facts = self.image.render(
-                params, on_step=on_step, cancelled=cancel.is_set, checkpoint=checkpoint, on_oom=on_oom
+                params, on_step=on_step, cancelled=cancel.is_set, checkpoint=checkpoint, on_oom=on_oom, tail=tail
             )
         finally:
             self._release(lease)
@@ -487,6 +528,9 @@ class Studio:
             "peak_reserved_gb": round(facts["peak_reserved_gb"], 3),
             "preemptions": lease.pauses,
             "paused_s": round(paused_s, 4),
+            # time.time() when the denoising loop ended and the render shrank to its decode (None: it kept its
+            # weights, nobody needed the room). A chat may start beside the decode from then on.
+            "tail_at": tail_at,
             # None, or how the render healed after running out of memory: "vae-tiling" or "cpu-offload".
             "fallback": facts.get("fallback"),
         }
@@ -682,7 +726,8 @@ class Studio:
         other = next((r for r in st["resident"] if r.get("other")), None)
         st["other_gb"] = other["gb"] if other else 0.0
         st["image_keep_alive_s"] = self.image_keep_alive_s
-        st["cuda"] = gpu.cuda()
+        st["cuda"] = gpu.present()  # a device reports memory (CUDA, or the simulated card)
+        st["device"] = gpu.dev().name
         st["demo"] = self.cfg.demo
         return st
 

@@ -24,6 +24,7 @@ Measured (2 CPU cores, torch 2.13 CPU, diffusers 0.42.1, transformers 5.23, fp32
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,7 +204,59 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    _sim_sdxl_memory(pipe)
     return pipe
+
+
+def _sim_sdxl_memory(pipe: StableDiffusionXLPipeline) -> None:
+    """Declare what the real SDXL would take on the device, so a simulated card sees a real render's memory.
+
+    Each part declares the real part's weights (`sim_bytes`, moved by clair.gpu.WeightSwap); each UNet call
+    takes a real step's activations at the latents' size, and the VAE decode the real decode's peak (the
+    stock VAE's fp32 decode when `force_upcast` is set, one tile's when diffusers will really tile), all
+    from the simulated card's own table (clair/simcard.py). The arithmetic stays on the CPU. On CUDA or
+    without a device these calls do nothing. `pipe.sim_render_size = (w, h)` makes a smaller drawing count
+    as that size (the benchmark draws 64² and declares 1024²).
+    """
+    from clair import device, simcard
+
+    fig = simcard.FIGURES
+    pipe.unet.sim_bytes = fig["sdxl_unet"]
+    pipe.vae.sim_bytes = fig["sdxl_vae"]
+    pipe.text_encoder.sim_bytes = fig["sdxl_text_encoder"]
+    pipe.text_encoder_2.sim_bytes = fig["sdxl_text_encoder_2"]
+    unet_forward, vae_decode = pipe.unet.forward, pipe.vae.decode
+
+    def size(latents: torch.Tensor) -> tuple[int, int, float]:
+        h, w = int(latents.shape[-2]) * 8, int(latents.shape[-1]) * 8
+        as_if = getattr(pipe, "sim_render_size", None)
+        if as_if:
+            return int(as_if[0]), int(as_if[1]), as_if[0] / w
+        return w, h, 1.0
+
+    @functools.wraps(unet_forward)
+    def forward(sample, *args, **kwargs):
+        w, h, _ = size(sample)
+        alloc, reserved = simcard.render_peak(w, h, "fp16", decode=False)
+        # The first step creates cuBLAS's workspace, outside the caching allocator.
+        with device.current().transient(alloc, reserved - alloc, first_use="cublas"):
+            return unet_forward(sample, *args, **kwargs)
+
+    @functools.wraps(vae_decode)
+    def decode(z, *args, **kwargs):
+        vae = pipe.vae
+        w, h, scale = size(z)
+        kind = "stock" if vae.config.force_upcast else "fp16"
+        tiled = vae.use_tiling and (z.shape[-1] > vae.tile_latent_min_size or z.shape[-2] > vae.tile_latent_min_size)
+        if tiled:
+            alloc, reserved = simcard.tiled_decode_peak(int(vae.tile_sample_min_size * scale), kind)
+        else:
+            alloc, reserved = simcard.render_peak(w, h, kind, decode=True)
+        with device.current().transient(alloc, reserved - alloc):
+            return vae_decode(z, *args, **kwargs)
+
+    pipe.unet.forward = forward
+    pipe.vae.decode = decode
 
 
 def save_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
@@ -341,7 +394,30 @@ def build_tiny_chat(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizer
         max_new_tokens=32,
     )
     model.eval()
+    _sim_chat_memory(model)
     return model, tokenizer
+
+
+def _sim_chat_memory(model: PreTrainedModel) -> None:
+    """Declare what the real model the tiny one stands for (Qwen2.5-0.5B in bf16) takes on the device: its
+    weights, and per forward call its activations and the KV cache of the tokens so far (clair/simcard.py's
+    table). No-ops on CUDA and without a device."""
+    from clair import device, simcard
+
+    fig = simcard.FIGURES
+    model.sim_bytes = fig["chat_weights"]
+    real_forward = model.forward
+
+    @functools.wraps(real_forward)
+    def forward(input_ids=None, *args, **kwargs):
+        tokens = int(input_ids.shape[-1]) if input_ids is not None else 1
+        cache = kwargs.get("past_key_values")
+        seen = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        nbytes = fig["chat_activation"] + (seen + tokens) * fig["chat_kv_per_token"]
+        with device.current().transient(nbytes, first_use="cublas"):
+            return real_forward(input_ids, *args, **kwargs)
+
+    model.forward = forward
 
 
 def save_tiny_chat(path: str | Path, seed: int = 0) -> Path:

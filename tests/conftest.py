@@ -23,3 +23,14 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     monkeypatch.setattr(socket, "create_connection", _no_network)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_device():
+    """Every test starts and ends on the detected device (CUDA or none): a simulated card a Studio installed
+    (CLAIR_SIM_GPU_GB) must not carry over into the next test."""
+    from clair import device
+
+    device.install(None)
+    yield
+    device.install(None)

@@ -11,6 +11,9 @@ talk to this instead. It owns:
 * loaded sizes (``/api/ps`` ``size``) from its own table of figures users reported from real servers
   (``LOADED_SIZES``), never from Clair's formula, and partial offload (``size_vram < size``) when its fake
   VRAM is short;
+* a simulated GPU card (``sim_card``: the JSON file of ``CLAIR_SIM_GPU_FILE``): each runner takes its
+  ``size_vram`` on the card while loading (sized to the card's free memory, offloading the rest as Ollama
+  does) and gives it back ``sim_release_lag`` seconds after it leaves ``/api/ps``, as a killed runner does;
 * test hooks: a request log and a lifecycle event log, scripted replies, injected errors, gates that hold a
   request before its first token, ``/api/ps`` failing or hanging on demand (``fail_ps``, ``hang_ps``,
   ``ps_fail_every``), and ``wait_until`` for sleep-free assertions.
@@ -25,13 +28,15 @@ Thread-safety: one re-entrant lock, wrapped in ``self._cond`` (a ``threading.Con
 everything mutable: the installed-model table, the loaded-runner table, the logs and the test hooks. Every
 change calls ``_changed()``, which bumps a generation counter and wakes all waiters (request threads waiting
 for a load or a free slot, the housekeeping thread that runs timers, and ``wait_until``). No thread sleeps
-or does I/O while holding the lock, except the optional ``echo`` printer used by the CLI.
+or does I/O while holding the lock, except the optional ``echo`` printer used by the CLI and the simulated
+card's small state file (written under its own ``flock``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -76,6 +81,32 @@ LOADED_SIZES: dict[str, tuple[int, int]] = {
     "mistral:latest": (5_000_000_000, 131_072),  # 32 x 8 x 128 x 2 x 2; 4.1 GB file
     "phi4:latest": (10_300_000_000, 204_800),  # 40 x 10 x 128 x 2 x 2; 9.1 GB file
 }
+
+# The simulated GPU card's file protocol (docs/facts.md, "The simulated card"): {"total": bytes, "procs":
+# {holder: bytes}, "oom": n}, read and written under fcntl.flock. Written again here, from the format, so this
+# file stays free of Clair's code. A killed CUDA process's memory was back 0.1 s after SIGKILL (H200, 8 GiB).
+SIM_RELEASE_LAG_S = 0.1
+
+
+def sim_card_update(path: str, fn: Callable[[dict[str, Any]], Any]) -> Any:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            raw = f.read()
+            state = json.loads(raw) if raw.strip() else {}
+            state.setdefault("total", 0)
+            state.setdefault("procs", {})
+            state.setdefault("oom", 0)
+            result = fn(state)
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(state))
+            f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return result
+
 
 FOREVER = math.inf
 # Ollama turns a negative keep_alive into time.Duration(math.MaxInt64) (~292.3 years), so /api/ps shows
@@ -476,6 +507,8 @@ class OllamaStandin:
         ps_blocks_during_unload: bool = False,
         reply: ReplyFn | None = None,
         echo: Callable[[str], None] | None = None,
+        sim_card: str | None = None,
+        sim_release_lag: float = SIM_RELEASE_LAG_S,
     ) -> None:
         """
         models: name -> size on disk in GB (default ``{"llama3.1:8b": 4.9}``).
@@ -494,6 +527,8 @@ class OllamaStandin:
         ps_blocks_during_unload: newer servers block /api/ps while a runner unloads; True mimics them.
         reply: ``fn(request_body) -> str | list[str]`` for replies not queued with ``queue_reply``.
         echo: called with a line per lifecycle event and per finished request (the CLI prints them).
+        sim_card: a simulated GPU card's state file; runners then take and give back memory on it (their
+            ``size_vram`` is what the card has free, the rest offloaded), ``sim_release_lag`` s after unloading.
         """
         self.bind_host = bind_host
         self.port = port
@@ -510,6 +545,11 @@ class OllamaStandin:
         self.ps_blocks_during_unload = ps_blocks_during_unload
         self.reply_fn = reply
         self.echo = echo
+        self.sim_card = sim_card
+        self.sim_release_lag = sim_release_lag
+        self._card_holders: dict[str, str] = {}  # model -> its runner's holder name on the card
+        self._card_releases: list[tuple[float, str]] = []  # (monotonic deadline, holder)
+        self._runner_seq = 0
 
         self._cond = threading.Condition(threading.RLock())
         self._generation = 0
@@ -568,6 +608,11 @@ class OllamaStandin:
         # same port, so stop() + start() simulates a restart.
         with self._cond:
             self._runners.clear()
+            # The runner processes are killed with the server: their memory goes back.
+            for holder in [*self._card_holders.values(), *(h for _, h in self._card_releases)]:
+                self._card_set(holder, 0)
+            self._card_holders.clear()
+            self._card_releases.clear()
             self._changed()
 
     def __enter__(self) -> OllamaStandin:
@@ -812,7 +857,13 @@ class OllamaStandin:
     def _new_runner(self, model: InstalledModel, context_length: int, keep_alive: float | None) -> _Runner:
         size = loaded_size_bytes(model.name, model.size, context_length)
         size_vram = size
-        if self.vram_total_bytes is not None:
+        if self.sim_card:
+            # Ollama sizes a load to the free VRAM it sees and offloads the rest to the CPU.
+            self._runner_seq += 1
+            holder = f"ollama:{os.getpid()}:{self.port}-{self._runner_seq}:{model.name}"
+            size_vram = self._card_take(holder, size)
+            self._card_holders[model.name] = holder
+        elif self.vram_total_bytes is not None:
             in_use = sum(runner.size_vram for runner in self._runners.values())
             size_vram = max(0, min(size, self.vram_total_bytes - self._vram_elsewhere() - in_use))
         now = time.monotonic()
@@ -881,9 +932,35 @@ class OllamaStandin:
                         if now >= runner.gone_at:
                             del self._runners[runner.model.name]
                             self._event("unloaded", runner.model.name)
+                            holder = self._card_holders.pop(runner.model.name, None)
+                            if holder is not None:  # out of /api/ps; the process's memory follows a little later
+                                self._card_releases.append((now + self.sim_release_lag, holder))
                         else:
                             deadlines.append(runner.gone_at)
+                for deadline, holder in list(self._card_releases):
+                    if now >= deadline:
+                        self._card_releases.remove((deadline, holder))
+                        self._card_set(holder, 0)
+                        self._changed()
+                    else:
+                        deadlines.append(deadline)
                 self._cond.wait(max(0.0, min(deadlines) - now) if deadlines else None)
+
+    def _card_take(self, holder: str, nbytes: int) -> int:
+        """Take up to `nbytes` on the simulated card; returns what was taken (the card's free memory at most)."""
+        assert self.sim_card is not None
+
+        def fn(state: dict[str, Any]) -> int:
+            free = int(state["total"]) - sum(int(v) for k, v in state["procs"].items() if k != holder)
+            got = max(0, min(nbytes, free))
+            state["procs"][holder] = got
+            return got
+
+        return sim_card_update(self.sim_card, fn)
+
+    def _card_set(self, holder: str, nbytes: int) -> None:
+        if self.sim_card:
+            sim_card_update(self.sim_card, lambda state: state["procs"].pop(holder, None))
 
     def _acquire(self, model: InstalledModel, context_length: int, keep_alive: float | None) -> tuple[_Runner, int]:
         """Get a ready runner for ``model`` with a reference held; returns it and the load time in ns."""
@@ -1311,6 +1388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-loaded-models", type=int, default=3)
     parser.add_argument("--num-parallel", type=int, default=1)
     parser.add_argument("--vram-gb", type=float, default=None, help="fake VRAM size; short VRAM -> partial offload")
+    parser.add_argument("--sim-card", default=None, help="a simulated GPU card's state file (CLAIR_SIM_GPU_FILE)")
     parser.add_argument("--quiet", action="store_true", help="do not log requests and events to stderr")
     args = parser.parse_args(argv)
 
@@ -1327,6 +1405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_loaded_models=args.max_loaded_models,
         num_parallel=args.num_parallel,
         vram_total_bytes=None if args.vram_gb is None else int(args.vram_gb * GB),
+        sim_card=args.sim_card,
         echo=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
     )
     done = threading.Event()

@@ -21,6 +21,8 @@ SDXL_GB = 6.94  # UNet 5.14 + text encoders 0.25 + 1.39 + VAE 0.17 (docs/facts.m
 
 def run_bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the bench chooses, as Clair does
+        env.pop(name, None)
     return subprocess.run(
         [sys.executable, "bench/gpu.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -54,6 +56,8 @@ def test_dry_run_exercises_every_section(tmp_path: Path) -> None:
     r = dry_run(tmp_path)
     assert r["dry_run"] is True and r["note"] == "dry-run: not meaningful"
     assert r["env"]["device"] == "cpu" and r["env"]["torch"]
+    # Swaps are measured under the allocator Clair runs with (issue 14, defect 7).
+    assert r["env"]["pytorch_cuda_alloc_conf"] == "expandable_segments:True"
 
     bw = r["bandwidth"]
     for case in ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable"):
@@ -128,3 +132,23 @@ def test_vae_peaks_run_each_vae_and_allocator_setting_in_a_fresh_process(tmp_pat
         child = json.loads((tmp_path / f"vae.vae-{kind}-{alloc}.json").read_text())["render_1024"]
         assert child["alloc_conf"] == run["alloc_conf"]
         assert run["render_s"] > 0 and run["clair_prior_gib"] > 0
+
+
+def test_bit_identity_calls_nan_equal_to_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pause check compares bits: a NaN in both runs is the same result (torch.equal says it is not)."""
+    import importlib.util
+
+    import torch
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # restored after the test
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    monkeypatch.setitem(sys.modules, "bench_gpu", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    a = torch.tensor([1.0, float("nan"), -0.0], dtype=torch.float16)
+    assert not torch.equal(a, a.clone())
+    assert bench.bit_identical(a, a.clone())
+    assert not bench.bit_identical(a, torch.tensor([1.0, float("nan"), 0.0], dtype=torch.float16))  # -0 vs 0
+    assert not bench.bit_identical(a, a.float())

@@ -30,6 +30,7 @@ def test_bench_run_smoke(tmp_path):
         assert p["budget_exceeded"] == 0
         for scenario in p["scenarios"].values():
             assert scenario["errors"] == [] and scenario["chats"] == 3 and scenario["renders"] == 1
+            assert scenario["device_oom"] == 0  # read from the simulated card's own file
     # Exclusive evicts Ollama for the render even when both fit; budget does not.
     assert data["policies"]["budget"]["scenarios"]["mixed"]["swaps"] == 0
     assert data["policies"]["exclusive"]["scenarios"]["mixed"]["swaps"] >= 1
@@ -63,6 +64,9 @@ def test_seed_card_without_matplotlib(tmp_path):
         assert run["errors"] == [] and run["chats"] == 3 and run["renders"] == 1
         assert run["ollama_loaded_gb"] == pytest.approx(6.2e9 / 2**30, abs=0.01)  # the stand-in's table, via /api/ps
         assert run["budget_exceeded"] == 0
+        assert run["device_oom"] == 0  # the simulated 20 GB card refused nothing
+    assert runs["mixed_nofit"]["device_oom"] == 0
+    assert data["goals"]["device_oom_zero"] is True
     assert fp16["vae"] == "fp16-fix" and fp16["declared_render_gb"] < 12
     assert fp16["swaps"] == 0 and fp16["ollama_loads"] == 1 and fp16["ollama_unloads"] == 0
     assert stock["vae"] == "stock" and stock["declared_render_gb"] > 15.5

@@ -210,7 +210,8 @@ def test_case3_a_waiting_render_is_not_starved_by_newer_chats(standin, tmp_path)
     info, seen = result["info"]
     assert "ollama" in info["evicted"] and all(loaded == [] for loaded in seen)
     sent_b = [x for x in standin.requests_to("/api/chat") if x.messages and x.messages[-1]["content"] == "b"]
-    assert sent_b[0].arrived >= info["gpu_finished_at"]
+    # Not before the render's denoising loop ended: from its tail on (the decode) the chat fits beside it.
+    assert info["tail_at"] is not None and sent_b[0].arrived >= info["tail_at"]
 
 
 # -- case 4: sizes were self-fulfilling -----------------------------------------------------------------------

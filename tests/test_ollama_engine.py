@@ -92,14 +92,13 @@ def standin():
 
 
 def test_memory_held_by_other_programs_is_a_tenant_that_shrinks_the_budget(standin, tmp_path, monkeypatch):
-    """On CUDA: device used - what this process holds - what Ollama holds = other programs' memory."""
-    free = {"bytes": 20 * GiB}
-    monkeypatch.setattr(gpu, "cuda", lambda: True)
-    monkeypatch.setattr(gpu, "total_bytes", lambda: 24 * GiB)
-    monkeypatch.setattr(gpu, "free_bytes", lambda: free["bytes"])
-    monkeypatch.setattr(gpu, "reserved_now", lambda: 0)
+    """On a card (the simulated one: the same device interface as CUDA): device used - what this process holds
+    - what Ollama holds = other programs' memory."""
+    from clair import simcard
+
+    card = str(tmp_path / "card.json")
     asked = []
-    monkeypatch.setattr(gpu, "wait_free", lambda n, timeout, reserve_gb: asked.append(n))
+    monkeypatch.setattr(gpu, "wait_free", lambda n, timeout, **kw: asked.append(n))
     cfg = dataclasses.replace(
         Config(),
         chat_backend="ollama",
@@ -107,8 +106,11 @@ def test_memory_held_by_other_programs_is_a_tenant_that_shrinks_the_budget(stand
         image_model="tiny",
         output_dir=str(tmp_path / "out"),
         vram_budget_gb=22,
+        sim_gpu_gb=24,
+        sim_gpu_file=card,
     )
     studio = Studio(cfg)
+    assert simcard.take(card, "other:1", 4 * GiB)  # another program
     studio.sync()
     st = studio.status()
     # 4 GiB used, none of it ours or Ollama's; 0.5 GiB is allowed for our own CUDA context.
@@ -118,7 +120,7 @@ def test_memory_held_by_other_programs_is_a_tenant_that_shrinks_the_budget(stand
     ]
     # A render of 15.5 GiB no longer fits beside a 6 GiB chat model (22 - 3.5 = 18.5 GiB left).
     studio.arbiter.set_resident("ollama", 6 * GiB)
-    free["bytes"] = 14 * GiB  # the 6 GiB are Ollama's: "other" stays 3.5 GiB
+    assert simcard.take(card, "ollama:1", 6 * GiB)  # the 6 GiB are Ollama's: "other" stays 3.5 GiB
     monkeypatch.setattr(studio.ollama, "held_vram", lambda: 6 * GiB)
     studio._sync_other()
     assert studio.status()["other_gb"] == 3.5
@@ -126,7 +128,8 @@ def test_memory_held_by_other_programs_is_a_tenant_that_shrinks_the_budget(stand
         assert lease.evicted == ("ollama",)
     assert asked == [int(15.5 * GiB)]  # and it waited for the memory to be free on the device
     # They let go: the entry leaves the ledger.
-    free["bytes"] = 24 * GiB
+    simcard.give_back(card, "other:1")
+    simcard.give_back(card, "ollama:1")
     monkeypatch.setattr(studio.ollama, "held_vram", lambda: 0)
     studio._sync_other()
     assert studio.status()["other_gb"] == 0.0

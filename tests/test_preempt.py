@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clair.arbiter import Arbiter, GiB, Req, Resident, Snapshot, plan, should_yield
+from clair.arbiter import Arbiter, GiB, Req, Resident, Snapshot, joins_pause, plan, should_yield
 from clair.config import Config
 from clair.errors import Cancelled
 from clair.image import RenderParams
@@ -44,8 +44,10 @@ def snap(running=(), waiting=(), residents=None, budget=20, policy="budget", pre
     return Snapshot(policy, int(budget * GiB), residents, tuple(running), tuple(waiting), preempt)
 
 
-def yields(s, r=None, ran_s=10.0, pauses=0, slice_s=3.0, max_pauses=3):
-    return should_yield(s, r or s.running[0], ran_s=ran_s, pauses=pauses, slice_s=slice_s, max_pauses=max_pauses)
+def yields(s, r=None, ran_s=10.0, pauses=0, slice_s=3.0, max_pauses=3, **bounds):
+    return should_yield(
+        s, r or s.running[0], ran_s=ran_s, pauses=pauses, slice_s=slice_s, max_pauses=max_pauses, **bounds
+    )
 
 
 YIELD_CASES = [
@@ -116,7 +118,7 @@ def test_the_pause_evicts_the_renders_weights_only_when_the_chat_needs_the_room(
 
 
 def test_pause_hands_the_gpu_to_the_waiting_chat_and_keeps_the_renders_place():
-    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.0)
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.0, pause_join_s=0.0)
     r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB), label="render").wait(1)
     c = a.request("chat", "ollama", int(5.7 * GiB), label="chat")
     assert not c.poll(0)
@@ -140,7 +142,7 @@ def test_pause_hands_the_gpu_to_the_waiting_chat_and_keeps_the_renders_place():
 
 
 def test_chats_arriving_just_after_a_pause_join_the_chats_then_later_ones_queue_behind_the_render():
-    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.3)
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.3, pause_join_s=0.3)
     r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB)).wait(1)
     c = a.request("chat", "ollama", int(5.7 * GiB))
     cont = a.pause(r)
@@ -239,10 +241,7 @@ def make(standin, tmp_path, **kw) -> Studio:
         ollama_host=standin.host,
         image_model="tiny",
         output_dir=str(tmp_path),
-        warmup=False,
-        render_slice_s=0.0,
-        max_preemptions=5,
-        **kw,
+        **{"warmup": False, "render_slice_s": 0.0, "max_preemptions": 5, **kw},
     )
     studio = Studio(cfg)  # no CUDA, no budget: a chat never fits beside a render
     studio.image.load()
@@ -386,3 +385,159 @@ def test_cancel_while_paused_stops_the_render_and_frees_the_gpu(standin, tmp_pat
     wait_until(studio.arbiter.is_idle, 5)
     time.sleep(0.05)
     assert studio.arbiter.is_idle()
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 18: chats that arrive together run in one pause; the slice bounds how often, not how long a
+# chat waits; a render's tail (its decode) lets a chat in beside it
+# --------------------------------------------------------------------------------------------------
+
+BOUND_CASES = [
+    # (name, snapshot, should_yield kwargs, expected)
+    ("a chat arriving as the render resumes: the last pause began a slice ago, pause again",
+     snap([render()], [chat(2)]), {"pauses": 1, "ran_s": 3.2}, True),
+    ("the last pause began less than a slice ago: not yet", snap([render()], [chat(2)]), {"pauses": 1, "ran_s": 2.0}, False),
+    ("paused max_paused_s in all already: carry on", snap([render()], [chat(2)]), {"paused_s": 60.0, "max_paused_s": 60.0}, False),
+    ("paused less than max_paused_s in all: pause", snap([render()], [chat(2)]), {"paused_s": 59.0, "max_paused_s": 60.0}, True),
+    ("a render in its tail (the decode) never pauses",
+     snap([dataclasses.replace(render(need=8), tail=True)], [chat(2, need=15)]), {}, False),
+]
+
+
+@pytest.mark.parametrize(("name", "s", "kw", "expected"), BOUND_CASES, ids=[c[0] for c in BOUND_CASES])
+def test_should_yield_bounds(name, s, kw, expected):
+    assert bool(yields(s, **kw)) is expected
+
+
+JOIN_CASES = [
+    # (name, pause age s, chats joined so far, expected)
+    ("a chat arriving as the pause begins joins it", 0.0, 0, True),
+    ("one arriving later within the join window joins it", 2.9, 3, True),
+    ("after the window it queues behind the render", 3.0, 0, False),
+    ("after max_pause_chats it queues behind the render", 0.5, 8, False),
+]
+
+
+@pytest.mark.parametrize(("name", "age", "joined", "expected"), JOIN_CASES, ids=[c[0] for c in JOIN_CASES])
+def test_joins_pause(name, age, joined, expected):
+    assert joins_pause(age, joined, join_s=3.0, max_chats=8) is expected
+
+
+def test_a_render_in_its_tail_lets_chats_in_even_under_always():
+    tail = dataclasses.replace(render(need=9.0), tail=True)
+    residents = {"image": Resident("image", int(9 * GiB), 2)}
+    s = snap([tail], [chat(2)], residents=residents, preempt="always")
+    assert [g.req.id for g in plan(s)] == [2]  # the decode is short: the chat (or a reload) starts beside it
+
+
+def test_chats_arriving_while_a_pause_lasts_join_it_until_its_bounds_then_queue_behind():
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.0, pause_join_s=30.0, max_pause_chats=2)
+    r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB)).wait(1)
+    first = a.request("chat", "ollama", int(5.7 * GiB))
+    second = a.request("chat", "ollama", int(5.7 * GiB))  # both wait when the pause begins: both are served
+    cont = a.pause(r)
+    assert first.poll(1) and second.poll(1)
+    joined = [a.request("chat", "ollama", int(5.7 * GiB)) for _ in range(2)]
+    assert all(j.poll(1) for j in joined)  # arrived while the pause lasts: joined it
+    late = a.request("chat", "ollama", int(5.7 * GiB))
+    assert not late.poll(0.05)  # max_pause_chats reached: behind the render
+    for ls in (first, second, *joined):
+        assert not cont.poll(0)  # the render resumes only when none of the pause's chats is left
+        ls.release()
+    assert cont.poll(1)
+    # The late chat pauses the resumed render at its next step: the slice counts from the pause's start.
+    assert a.should_yield(cont)
+    cont2 = a.pause(cont)
+    assert late.poll(1) and cont2.pauses == 2
+    late.release()
+    assert cont2.poll(1)
+    cont2.release()
+    assert a.is_idle()
+
+
+def test_the_slice_counts_from_the_start_of_the_last_pause_so_a_chat_at_resume_pauses_at_the_next_step():
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, render_slice_s=0.2, pause_join_s=0.0)
+    r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB)).wait(1)
+    c = a.request("chat", "ollama", int(5.7 * GiB))
+    cont = a.pause(r)
+    assert c.poll(1)
+    time.sleep(0.25)  # the pause lasts longer than the slice (a model's load does)
+    c.release()
+    assert cont.poll(1)
+    again = a.request("chat", "ollama", int(5.7 * GiB))  # arrives as the render resumes
+    assert a.should_yield(cont)  # its very next step
+    cont2 = a.pause(cont)
+    assert again.poll(1)
+    again.release()
+    assert cont2.poll(1) and cont2.paused_s >= 0.25
+    cont2.release()
+
+
+def test_shrink_lets_a_chat_that_fits_beside_the_decode_start_before_the_render_ends():
+    a = Arbiter(policy="budget", budget_bytes=20 * GiB, preempt="off")
+    r = a.request("render", "image", int(16.4 * GiB), int(6.5 * GiB)).wait(1)
+    c = a.request("chat", "ollama", int(5.7 * GiB))
+    assert not c.poll(0.05)
+    a.shrink(r, int(10.1 * GiB), idle=0)  # the denoisers left: the decode needs 10.1 GiB
+    assert c.poll(1)
+    assert a.status()["stats"]["budget_exceeded"] == 0
+    assert a.resident_bytes("image") == int(10.1 * GiB)
+    a.shrink(r, int(15 * GiB))  # never grows back
+    assert a.resident_bytes("image") == int(10.1 * GiB)
+    r.release()
+    assert a.resident_bytes("image") == 0  # nothing of it is left on the GPU
+    c.release()
+    assert a.is_idle()
+
+
+def test_the_tail_takes_the_denoisers_off_before_the_decode_starts_the_reload_beside_it_and_keeps_the_image(
+    standin, tmp_path
+):
+    """A render that evicted the chat model: at its tail the UNet and text encoders leave (Clair's WeightSwap,
+    device "cpu"), the VAE alone decodes, the chat model's reload is granted beside the decode (the decode's
+    peak and the model fit the budget), and the image is pixel for pixel the one rendered without a tail."""
+    from clair import gpu
+
+    studio = make(standin, tmp_path, warmup=True, vram_budget_gb=20)
+    studio.image.footprint = lambda w, h: (int(16.4 * GiB), int(6.46 * GiB))  # 1024², stock VAE: no fit beside the chat
+    pipe = studio.image.load()
+    swap = studio.image._swap = gpu.WeightSwap(
+        [getattr(pipe, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")], "on", device="cpu"
+    )
+    params = RenderParams("a lighthouse", steps=6, width=64, height=64, seed=42)
+    alone, info = studio.render(params)  # the chat model is not loaded: nobody needs the room, no tail
+    assert info["tail_at"] is None and swap.on_gpu
+
+    assert "".join(e.text for e in studio.chat("hi") if isinstance(e, Token))  # the chat model is loaded now
+    seen: dict = {}
+
+    def at_decode(module, args):
+        if seen:
+            return
+        host = {id(t): h for t, h in ((e[0](), e[1]) for e in swap._host.values()) if t is not None}
+        unet = next(pipe.unet.parameters())
+        vae = next(pipe.vae.parameters())
+        seen["unet_off"] = unet.data_ptr() == host[id(unet)].data_ptr()
+        seen["vae_on"] = vae.data_ptr() != host[id(vae)].data_ptr()
+        # The reload is granted while the decode runs (it would wait for the release if the render kept its size).
+        wait_until(lambda: any(h["kind"] == "chat" for h in studio.arbiter.status()["holders"]), 30)
+        seen["ledger"] = studio.arbiter.resident_bytes("image")
+
+    hook = pipe.vae.decoder.register_forward_pre_hook(at_decode)
+    try:
+        tailed, info = studio.render(params)
+    finally:
+        hook.remove()
+    assert "ollama" in info["evicted"] and info["tail_at"] is not None
+    assert seen["unet_off"] and seen["vae_on"]
+    assert seen["ledger"] == studio.image.decode_footprint(64, 64) < int(16.4 * GiB)
+    assert np.array_equal(pixels(alone), pixels(tailed))
+    try:
+        wait_until(lambda: studio.ollama.warmups == 1 and studio.arbiter.is_idle(), 30)
+    except TimeoutError:
+        raise AssertionError((studio.ollama.warmups, studio.arbiter.status())) from None
+    assert MODEL in standin.loaded()
+    assert not swap.on_gpu and studio.arbiter.resident_bytes("image") == 0  # the image weights left at the tail
+    # The next render brings them back and gives the same image again.
+    again, _ = studio.render(params)
+    assert np.array_equal(pixels(alone), pixels(again))
