@@ -229,6 +229,7 @@ class ArbiterMachine(RuleBasedStateMachine):
         was = self.arb._residents.get(tenant)
         busy = any(ls.req.tenant == tenant for ls in self.running())
         awaited = any(ls.req.tenant == tenant for ls in self.waiting())
+        recent = idle_for and self.changed_since(tenant, time.monotonic() - idle_for)  # used within idle_for
         if fail:
             self.fail_evict.add(tenant)
         self.ran_meanwhile = False
@@ -237,7 +238,7 @@ class ArbiterMachine(RuleBasedStateMachine):
         now = self.arb._residents.get(tenant)
         if was is None:
             assert why == ""
-        elif busy or awaited or was.evicting or idle_for:
+        elif busy or awaited or was.evicting or recent:
             assert why and now is not None, (why, was, now)  # refused: it stays, untouched
         elif fail:
             assert why and now is not None  # unknown is never empty (invariant 7) ...
