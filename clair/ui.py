@@ -350,7 +350,7 @@ def build(studio: Studio) -> gr.Blocks:
     def stop_chat(request: gr.Request):
         studio.cancel(f"chat:{request.session_hash}")
 
-    async def render(
+    def render(
         prompt: str,
         negative_prompt: str = "",
         steps: int = 30,
@@ -375,7 +375,9 @@ def build(studio: Studio) -> gr.Blocks:
                         log.info("render cancelled: the client went away client=%s", who)
                         job.stop.set()  # a closed tab or a dropped script frees the GPU at the next step
 
-                path, info = await job.render(params, on_progress=on_progress)
+                # Sync for now (a render waiting here holds a Gradio worker thread): with the handler async,
+                # Gradio's progress tracker and validator misbehave in the browser (test_browser, cancel).
+                path, info = studio.render(params, on_progress=on_progress, cancel=job.stop, owner=owner_of(request))
             path = served(path)
             info = json.loads(json.dumps(info))  # plain JSON, built here
         except Cancelled:
@@ -429,10 +431,7 @@ def build(studio: Studio) -> gr.Blocks:
 
     _FIELDS = [(1, "negative prompt"), (0, "prompt"), (2, "steps"), (3, "guidance"), (4, "width"), (5, "height")]
 
-    # `progress`: Gradio builds the validator's BlockFunction with the handler's `tracks_progress`
-    # (gradio/queueing.py, create_validator_fn), and with the handler async it hands the validator the
-    # progress tracker too; without the parameter the call fails and the message never shows (test_browser).
-    def validate_render(prompt, negative_prompt, steps, guidance, width, height, seed, request: gr.Request, progress=None):
+    def validate_render(prompt, negative_prompt, steps, guidance, width, height, seed, request: gr.Request):
         """Checked when the render is queued (HTTP 422 at /queue/join for API clients), so a mistake does
         not wipe the last result. The handler checks all of it again; this only answers sooner."""
         problem, at = None, 6
