@@ -348,7 +348,7 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         "ollama_loaded_gb": round(ollama_gb, 2),
         "vae": cfg.vae,
         "declared_render_gb": round(studio.image.footprint(declared, declared)[0] / GiB, 2),
-        "warmups": studio.warmups,
+        "warmups": studio.ollama.warmups,
         # A partial CPU offload (size_vram < size in /api/ps) means Ollama did not get the memory the ledger
         # planned for it: a budget breach seen from Ollama's side.
         "budget_exceeded": stats["budget_exceeded"] + stats.get("partial_offload", 0),

@@ -62,24 +62,33 @@ after every step of random runs):
 10. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
    never across an eviction, a load, a render or any I/O. Methods suffixed `_locked` expect it held.
    Leases are not bound to threads (Gradio runs each step of a streaming handler on any worker
-   thread), so no thread-owned lock is ever held for the length of a lease.
+   thread), so no thread-owned lock is ever held for the length of a lease. Under the lock the shell
+   also wakes a lease's waiters when it grants or withdraws it: `_cond.notify_all()` for threads
+   (`Lease.wait`), and for event loops (`Lease.wait_async`) `loop.call_soon_threadsafe` on a future,
+   which only queues a callback, so the lock is still never held across I/O or a wait.
 11. A render's tail: once its denoising loop is done and its UNet and text encoders have left the GPU,
    `Arbiter.shrink()` lowers its need to the VAE decode's peak (sizes only go down), so a chat, or the
    chat model's reload, that fits beside the decode is granted at once instead of after it.
 12. Estimates only: a holder reports its progress (`Lease.progress(done, total)`: denoising steps or
    tokens) without the lock, into fields of its own lease that only it writes; the estimates read them
    under the lock and may see them a step stale. Nothing the policy decides depends on them.
+13. Waiting costs no thread: a request waiting on an event loop (`Lease.waiting_async`) is a future
+   and a suspended task. A thread is taken only for the GPU work after the grant (its evictions, then
+   the render or the reply), so the queue's length is bounded by CLAIR_MAX_QUEUE, not by the server's
+   worker threads (tests/test_waiting.py counts them with 256 waiting).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from clair.errors import Cancelled, EvictionFailed, GpuBusy
@@ -412,6 +421,9 @@ class Lease:
     _unit_done: int = 0
     first_at: float | None = None  # time.monotonic() of the first step or token
     owner: str | None = None  # the user it is for (None without accounts), for the panel
+    # Event-loop waiters (see waiting_async): (loop, future) pairs the shell completes, under its lock, when
+    # the lease is granted or withdrawn. A waiter costs a future, not a thread.
+    _futures: list = field(default_factory=list)
 
     @property
     def kind(self) -> Kind:
@@ -464,6 +476,69 @@ class Lease:
             if not ok:
                 self.release()
 
+    async def waiting_async(
+        self, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False, tick: float = 1.0
+    ) -> AsyncIterator[dict]:
+        """`waiting()` for a caller on an event loop: the wait holds no thread.
+
+        The lease registers a future that the shell completes (through `loop.call_soon_threadsafe`) when it
+        grants or withdraws the lease, so a queue of hundreds of waiters costs hundreds of futures. Every
+        `tick` s it wakes to check `cancelled()` and the timeout and yields the queue position. Only the
+        grant's evictions (GPU work that blocks) take a thread; they run to the end even if the caller is
+        cancelled meanwhile, and the lease is released after them (invariant 4: a tenant counts until its
+        `evict()` has returned). Raises GpuBusy and Cancelled as `waiting()` does; on any exit before the
+        grant the lease is released.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fut = loop.create_future()
+        with self.arbiter._lock:
+            if self._grant is None and self.released_at is None:
+                self._futures.append((loop, fut))
+            else:
+                fut.set_result(None)
+        ok = False
+        try:
+            while not fut.done():
+                await asyncio.wait((fut,), timeout=tick)
+                if fut.done():
+                    break
+                if cancelled():
+                    raise Cancelled("Cancelled while waiting for the GPU.")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise GpuBusy(
+                        f"The GPU stayed busy for over {timeout:.0f} s; try again in a moment "
+                        "(or raise CLAIR_QUEUE_TIMEOUT_S)."
+                    )
+                pos = self.position()
+                if pos["position"]:
+                    yield pos
+            if self._grant is not None and self._grant.evict and self.ready_at is None and self.released_at is None:
+                evicting = loop.run_in_executor(None, self.arbiter._run_evictions, self)
+                try:
+                    await asyncio.shield(evicting)
+                except asyncio.CancelledError:
+                    # Release only once the evictions are over: until then their tenants are still leaving.
+                    evicting.add_done_callback(lambda f: (f.cancelled() or f.exception(), self.release()))
+                    ok = True
+                    raise
+            else:
+                self.arbiter._run_evictions(self)  # no eviction: returns at once (or raises Cancelled)
+            ok = True
+        finally:
+            if not ok:
+                self.release()
+            with self.arbiter._lock:
+                self._futures = [(lp, f) for lp, f in self._futures if f is not fut]
+
+    async def wait_async(
+        self, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False, tick: float = 1.0
+    ) -> Lease:
+        """Await the GPU without a thread (see `waiting_async`)."""
+        async for _ in self.waiting_async(timeout, cancelled, tick):
+            pass
+        return self
+
     def wait(self, timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False) -> Lease:
         """Block until the GPU is ours (see `waiting`)."""
         for _ in self.waiting(timeout, cancelled):
@@ -505,6 +580,23 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _wake_locked(lease: Lease) -> None:
+    """Under the arbiter's lock: `lease` was granted or withdrawn; complete its event-loop waiters' futures.
+
+    `call_soon_threadsafe` only queues a callback on the waiter's loop (no waiting, no I/O but the loop's
+    wake-up byte), so it may run under the lock; a loop that has closed meanwhile has no one to wake.
+    """
+    for loop, fut in lease._futures:
+        with contextlib.suppress(RuntimeError):  # a closed loop: its waiter is gone
+            loop.call_soon_threadsafe(_resolve, fut)
+    lease._futures.clear()
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Arbiter:
@@ -705,6 +797,7 @@ class Arbiter:
             for name in (lease.req.tenant, *grant.evict):
                 self._changed[name] = now
             self.stats["grants"] += 1
+            _wake_locked(lease)
             if grant.over_budget:
                 log.warning(
                     "lone tenant over budget tenant=%s need_gib=%.1f budget_gib=%.1f",
@@ -835,6 +928,7 @@ class Arbiter:
         """
         lease.released_at = time.time()
         self._waiting.pop(lease.req.id, None)
+        _wake_locked(lease)  # a withdrawn lease's event-loop waiters see it at once
         was_running = self._running.pop(lease.req.id, None) is not None
         if not was_running:
             return False
@@ -970,8 +1064,12 @@ class Arbiter:
                 return ()
             if self.budget > 0:
                 lease.req = replace(lease.req, need=max(lease.req.need, self.budget))
+                own = self._residents.get(lease.req.tenant)
+                if own is not None and not own.evicting:  # the ledger counts a busy tenant at its peak need
+                    self._residents[lease.req.tenant] = replace(own, bytes=max(own.bytes, lease.req.need))
             busy = {ls.req.tenant for ls in self._running.values()}
-            names = [n for n, r in self._residents.items() if n not in busy and not r.evicting]
+            # Memory held by other programs (fixed) is not Clair's to evict: it stays in the ledger.
+            names = [n for n, r in self._residents.items() if n not in busy and not r.evicting and not r.fixed]
             now = time.monotonic()
             for n in names:
                 self._residents[n] = replace(self._residents[n], evicting=True)
@@ -1157,6 +1255,13 @@ class Arbiter:
         with self._lock:
             leases = [*self._running.values(), *self._waiting.values()]
             return sum(1 for ls in leases if kind is None or ls.kind == kind)
+
+    def responsive(self, timeout: float) -> bool:
+        """Can the lock be taken within `timeout` s? False is a deadlock (the watchdog's check)."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
 
     def is_idle(self) -> bool:
         with self._lock:

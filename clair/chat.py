@@ -239,6 +239,25 @@ class OllamaChat(ChatBackend):
         with self._lock:
             return sum(v for _, _, v, _ in self._seen.values()) if self._seen_ok else None
 
+    def notice(self) -> str:
+        return f"Chat engine: Ollama at `{self.url}`."
+
+    def held_outside(self) -> int | None:
+        """The engine protocol's name for it: the Ollama server is another process (0 when elsewhere)."""
+        return self.held_vram() if self.on_this_gpu else 0
+
+    def seen(self, arbiter: Arbiter) -> list[dict] | None:
+        """What Ollama holds by /api/ps, Clair's requests or not, the ledger told so (None: the reading failed).
+
+        A model another program loaded straight on Ollama shows here, counts in the ledger, and is evicted
+        before a render like Clair's own; a failed reading makes the ledger assume the worst."""
+        if not self.on_this_gpu:
+            return []
+        found = self.sync(arbiter)
+        if found is None:
+            return None
+        return [{"model": n, "gb": round(size / GiB, 2), "vram_gb": round(vram / GiB, 2)} for n, size, vram, _ in found]
+
     def loaded(self) -> list[str]:
         """Names /api/ps lists now; raises ChatUnavailable when it cannot be read (unknown is not empty)."""
         found = self.read()
@@ -558,6 +577,17 @@ class LocalChat(ChatBackend):
 
     name = "local"
     tenant = "local-chat"
+    single_model = True  # any model name a client sends means this model (engine protocol)
+
+    def notice(self) -> str:
+        """The Chat tab's line about the engine."""
+        if self.cfg.demo and self.model_id == "tiny":
+            return (
+                "Chat engine: the demo's tiny in-process model (random weights over a small word list: its "
+                "replies are readable gibberish)."
+            )
+        note = " Ollama is not reachable, so chat uses the in-process model." if self.cfg.chat_backend == "auto" else ""
+        return f"Chat engine: in-process model {self.label}.{note}"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

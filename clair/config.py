@@ -27,8 +27,9 @@ from clair.errors import ConfigError
 # Demo mode's output folder unless CLAIR_OUTPUT_DIR is set: noise images never mix with real ones.
 DEMO_OUTPUT_DIR = os.path.join("outputs", "demo")
 
-# Every GPU job waiting or running holds one of the web server's worker threads (40 by default).
-MAX_QUEUE_CEILING = 24
+# A waiting GPU job is a future on the event loop, not a thread (clair/service.py, arbiter invariant 11):
+# the queue may be as long as Ollama's own (OLLAMA_MAX_QUEUE, 512 by default).
+MAX_QUEUE_CEILING = 512
 
 
 def setting(
@@ -282,7 +283,7 @@ class Config:
         "GPU jobs (chats and renders, waiting or running) one user may have at once; per client address "
         "when there are no users. Past it, requests are refused with a retry time.", min=1, max=1000)
     max_queue: int = setting(
-        16, "GPU jobs (chats and renders, waiting or running) the whole house may have at once; past it, refused.", min=1, max=24)
+        16, "GPU jobs (chats and renders, waiting or running) the whole house may have at once; past it, refused.", min=1, max=MAX_QUEUE_CEILING)
     forwarded_users_from: str = setting(
         "",
         "API clients trusted to say which of their people a request is for, so each person gets their own "
@@ -651,7 +652,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("CLAIR_MAX_QUEUE and CLAIR_MAX_JOBS_PER_USER must be at least 1.")
     if cfg.max_queue > MAX_QUEUE_CEILING:
         raise ConfigError(
-            f"CLAIR_MAX_QUEUE={cfg.max_queue} is above {MAX_QUEUE_CEILING}: every waiting job holds a server thread."
+            f"CLAIR_MAX_QUEUE={cfg.max_queue} is above {MAX_QUEUE_CEILING}, Ollama's own queue: use {MAX_QUEUE_CEILING} or less."
         )
     if not cfg.vae.strip():
         raise ConfigError("CLAIR_VAE is empty: use auto, fp16-fix, stock, a hub id or a local folder.")

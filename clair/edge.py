@@ -290,19 +290,19 @@ def closing_send(send: Send, stack: contextlib.ExitStack) -> Send:
 
 @contextlib.contextmanager
 def job_slot(studio, user: str | None, address: str, headers=None):
-    """Count one GPU request against its user's cap for the block (`studio.jobs`, clair/limits.py: the
+    """The front door's job (`Studio.job`) for one GPU request, counted against its user's cap for the block (`studio.jobs`, clair/limits.py: the
     caps the UI uses, CLAIR_MAX_JOBS_PER_USER and CLAIR_MAX_QUEUE). A key's requests count as its name's
     (`user:NAME`, as a logged-in browser's), anonymous loopback ones by address; a client trusted to name its
     people counts each apart (clair/forwarded.py, given the request's `headers`). Raises GpuBusy past a cap,
     saying whose requests were counted.
     """
     who, counted = counted_as(studio.cfg, user, address, headers)
-    slot = studio.jobs.slot(who)
+    job = studio.job(who, owner=user)  # the front door (clair/service.py): yields the Job
     try:
-        slot.__enter__()
+        job.__enter__()
     except GpuBusy as exc:
         raise GpuBusy(busy_note(str(exc), counted)) from None
     try:
-        yield
+        yield job
     finally:
-        slot.__exit__(None, None, None)
+        job.__exit__(None, None, None)

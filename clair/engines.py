@@ -17,6 +17,17 @@ chat model, the SDXL pipeline. Studio treats them alike, through this protocol:
   tell (a failed reading) reports the worst case (`Arbiter.set_resident(..., at_least=True)`), never "empty".
 * `after_grant(lease, model)` and `after_release(lease)`: hooks around every lease, whoever holds it
   (Ollama re-reads what it holds after its own chats, and warms its model again after a render evicted it).
+* `held_outside()`: GPU bytes it holds in another process of this machine (the Ollama server; None when
+  unknown), which the device's use must not count as "other programs". In-process engines hold 0 there.
+* `seen(arbiter)`: what it holds now by its own account, Clair's requests or not (for /status: the models
+  Ollama has loaded); None when the reading failed. `sync()` is done on the way.
+* `single_model`: it serves one model only (the in-process chat), so a client's model name (OpenAI
+  clients send theirs) means its model. `problem()` of an engine that `needs_load()` is answered by the
+  load itself (a failed load is re-tried when due), not before it.
+* `notice()`: a line about the engine for the Chat tab, or "".
+
+Nothing outside an engine asks which engine it is: Studio, the front door and the adapters go through
+these.
 
 `Engine` is also a base class with the do-nothing defaults, so an engine only writes what it needs.
 """
@@ -85,6 +96,17 @@ class Engine:
 
     def after_release(self, lease: Lease) -> None:
         pass
+
+    single_model: bool = False
+
+    def held_outside(self) -> int | None:
+        return 0
+
+    def seen(self, arbiter: Arbiter) -> list[dict] | None:
+        return []
+
+    def notice(self) -> str:
+        return ""
 
 
 class StateFile:

@@ -6,7 +6,7 @@ no lock of Clair's sees them load a model in the middle of a render. Pointed at 
 their requests go through the same arbiter as Clair's own tabs:
 
 * `POST /api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings` need the GPU. Each takes a chat
-  lease like a Chat-tab message (`Studio.ollama_lease`): held during a render, listed in the queue as
+  lease like a Chat-tab message (the front door's `Job.hold`, clair/service.py): held during a render, listed in the queue as
   `api:<model> (<client>)`, and forwarded only once granted. The body is forwarded as sent, except what
   Clair decides for the GPU's sake (logged when it differs from what the client asked):
   - `keep_alive`: Clair's CLAIR_KEEP_ALIVE when the client sends none, a negative one (forever) or a
@@ -323,18 +323,18 @@ class Gateway:
         that sends its next request at once is not refused for the one it has finished."""
         t0 = time.monotonic()
         waited, status, left = 0.0, 0, False
-        stack = contextlib.ExitStack()  # the job slot, then the lease; closed once, in a worker thread
+        stack = contextlib.ExitStack()  # the job: its slot and its lease; closed once, in a worker thread
         send = closing_send(send, stack)
         try:
             try:
-                stack.enter_context(job_slot(self.studio, user, address, headers))
+                job = stack.enter_context(job_slot(self.studio, user, address, headers))
             except GpuBusy as exc:  # a per-user cap, not the GPU's queue
                 status = 429
                 await send_json(send, 429, error_body(OLLAMA, 429, str(exc)), {"retry-after": "5"})
                 return
-            held = self.studio.ollama_lease(model, label, gpu=gpu, cancelled=gone.is_set)
+            gone.link(job.stop)
             try:
-                await in_thread(stack.enter_context, held)
+                await job.hold(self.studio.ollama, model, label, gpu=gpu)  # awaited on the loop: no thread
             except Cancelled:
                 log.info("gateway %s model=%r (%r) gave up waiting for the GPU", what, model[:80], label)
                 return

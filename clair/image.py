@@ -228,6 +228,9 @@ class ImageEngine(Engine):
         return max(vae, need - max(0, weights - vae))
 
     # -- loading -----------------------------------------------------------------------------------
+    def needs_load(self) -> bool:
+        return self._pipe is None
+
     def load(self):
         """The pipeline, loaded into host memory now if need be. Raises ImageModelUnavailable with what to do:
         at once while an earlier failure is known and not due for a re-check (clair/loadgate.py)."""

@@ -113,14 +113,16 @@ def router(studio) -> APIRouter:
     issued: OrderedDict[str, str | None] = OrderedDict()
     issued_lock = threading.Lock()
 
-    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str, headers=None) -> bool:
-        """Count the request against its user's cap (clair.edge.job_slot); False (429 sent) past it."""
+    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str, gone: Gone, headers=None):
+        """The front door's job, counted against its user's cap (clair.edge.job_slot) and stopped when the
+        client goes away; None (429 sent) past a cap."""
         try:
-            stack.enter_context(job_slot(studio, user, address, headers))
+            job = stack.enter_context(job_slot(studio, user, address, headers))
         except GpuBusy as exc:
             await send_json(send, 429, error_body(OPENAI, 429, str(exc), "too_many_jobs"), {"retry-after": "5"})
-            return False
-        return True
+            return None
+        gone.link(job.stop)
+        return job
 
     @r.get("/models")
     def models() -> Response:
@@ -173,7 +175,7 @@ def router(studio) -> APIRouter:
 
         def engine() -> tuple[bool, str]:  # may ask Ollama (HTTP): not on the event loop
             backend, _ = studio.chat_backend()
-            return backend is studio.local, studio.default_chat_model()
+            return backend.single_model, studio.default_chat_model()
 
         in_process, default = await in_thread(engine)
         # A model name that is not one of Clair's (OpenAI clients default to theirs) falls back to the
@@ -192,27 +194,28 @@ def router(studio) -> APIRouter:
         async def work(send: Send, gone: Gone) -> None:
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                if not await take_slot(stack, send, user, address, request.headers):
+                job = await take_slot(stack, send, user, address, gone, request.headers)
+                if job is None:
                     return
-                await _chat(send, gone, text[0]["content"], history, model, name, cid, created, stream, client)
+                await _chat(send, gone, job, text[0]["content"], history, model, name, cid, created, stream, client)
 
         return Exchange(work, OPENAI)
 
-    async def _chat(send, gone: Gone, message, history, model, name, cid, created, stream, client) -> None:
+    async def _chat(send, gone: Gone, job, message, history, model, name, cid, created, stream, client) -> None:
         t0 = time.monotonic()
-        stop = gone.link(threading.Event())  # the engine sets it when its reply ends: not `gone` itself
-        events = studio.chat(message, history, model=model, system="", stop=stop, label=f"api:{name} ({client})")
+        # The front door: waiting for the GPU holds no thread; the reply streams from a worker thread.
+        events = job.chat(message, history, model=model, system="", label=f"api:{name} ({client})")
 
-        def step():
+        async def step():
             try:
-                return next(events)
-            except StopIteration:
+                return await events.__anext__()
+            except StopAsyncIteration:
                 return None
 
         status = 200
         try:
             try:
-                first = await in_thread(step)
+                first = await step()
             except ClairError as exc:
                 status, obj = clair_error(exc)
                 if not isinstance(exc, Cancelled):
@@ -225,7 +228,7 @@ def router(studio) -> APIRouter:
                     while event is not None and not gone.is_set():
                         if isinstance(event, Token):
                             parts.append(event.text)
-                        event = await in_thread(step)
+                        event = await step()
                 except ClairError as exc:
                     status, obj = clair_error(exc)
                     await send_json(send, status, obj)
@@ -278,7 +281,7 @@ def router(studio) -> APIRouter:
                         await out(note.replace("\n", " ").encode() + b"\n\n")
                     elif event.text:
                         await out(chunk({"content": event.text}))
-                    event = await in_thread(step)
+                    event = await step()
             except ClairError as exc:
                 # The stream has begun: the error goes in the stream, where OpenAI's client raises it.
                 _, obj = clair_error(exc)
@@ -288,8 +291,8 @@ def router(studio) -> APIRouter:
             await out(chunk({}, "stop"))
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         finally:
-            stop.set()  # stops the reply if it is still running
-            await in_thread(events.close)  # releases the lease (Studio.chat's finally)
+            job.stop.set()  # stops the reply if it is still running
+            await events.aclose()  # releases the lease (Studio.chat's finally, run in a worker thread)
             log.info(
                 "api chat model=%r client=%s stream=%s status=%s s=%.3f", name, client, stream, status, time.monotonic() - t0
             )
@@ -313,15 +316,13 @@ def router(studio) -> APIRouter:
             t0 = time.monotonic()
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                if not await take_slot(stack, send, user, address, request.headers):
+                job = await take_slot(stack, send, user, address, gone, request.headers)
+                if job is None:
                     return
                 for i in range(n):
                     p = params if params.seed < 0 else RenderParams(**{**params.__dict__, "seed": params.seed + i})
                     try:
-                        cancel = gone.link(threading.Event())
-                        path, info = await in_thread(
-                            lambda p=p, cancel=cancel: studio.render(p, cancel=cancel, owner=user)  # per-user galleries
-                        )
+                        path, info = await job.render(p)  # the owner's galleries; the wait holds no thread
                     except Cancelled:
                         return
                     except ClairError as exc:

@@ -21,9 +21,9 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from clair import device, gpu, limits
 from clair.arbiter import Arbiter, Kind, Lease
@@ -31,27 +31,15 @@ from clair.chat import ChatBackend, LocalChat, OllamaChat
 from clair.config import Config, duration_s
 from clair.engines import Engine, StateFile
 from clair.errors import BadRequest, ChatUnavailable, ClairError
+from clair.events import Queued, Token, Waiting
 from clair.image import ImageEngine, RenderParams
+from clair.service import Job
 
 log = logging.getLogger("clair.studio")
 GiB = 1024**3
 # Our own CUDA context (~0.3-0.5 GiB, outside torch's allocator) is not "other programs": this much of the
 # device's unexplained use is not counted as theirs (the budget's reserve covers it).
 CONTEXT_ALLOWANCE = int(0.5 * GiB)
-
-
-@dataclass
-class Waiting:
-    """A chat or render is queued for the GPU."""
-
-    position: int
-    eta_s: float
-    reason: str
-
-
-@dataclass
-class Token:
-    text: str
 
 
 # Imagine's fixed instruction: the chat model turns the conversation's idea into an SDXL prompt.
@@ -135,6 +123,7 @@ class Studio:
         self._cancel: dict[str, set[threading.Event]] = {}  # key -> the stop flags of its running jobs
         self._cancel_lock = threading.Lock()
         self._backend_cache: tuple[float, ChatBackend, str | None] | None = None
+        self._seen: dict[str, tuple[float, list[dict]]] = {}  # engine -> (when, what it said it holds)
         self.last_health_problem: str | None = None
         # What happened, for the panel (recoveries, errors, loads) and clair.metrics (every event).
         self.recent: deque[dict] = deque(maxlen=30)
@@ -174,13 +163,26 @@ class Studio:
     def _error(self, what: str, exc: BaseException) -> None:
         self._note("error", keep=True, what=what, kind=type(exc).__name__, text=str(exc)[:300])
 
-    @property
-    def ollama_local(self) -> bool:
-        return self.ollama.on_this_gpu
+    # -- the front door (clair/service.py): every client's GPU work goes through a Job ------------------
+    def job(self, who: str, owner: str | None = None, cancel_key: str | None = None) -> Job:
+        """`with studio.job(who, owner, cancel_key) as job:` takes `who`'s job slot (GpuBusy past a cap), and
+        gives it back at the end; `job.chat()`, `job.render()` ... do the work (see clair/service.py)."""
+        return Job(self, who, owner, cancel_key)
 
-    @property
-    def warmups(self) -> int:
-        return self.ollama.warmups
+    def request_for(self, engine: Engine, model: str, label: str) -> Lease:
+        """A chat lease on `engine`'s tenant for a request an adapter sends to the engine itself (Job.hold)."""
+        return self._request(engine, "chat", engine.footprint(model), label)
+
+    def after_hold(self, engine: Engine, lease: Lease | None) -> None:
+        """Job.hold's end: release its lease (with every engine's hooks), or after an unload re-read the engine."""
+        if lease is not None:
+            self._release(lease)
+        else:
+            engine.sync(self.arbiter)
+        self._seen.clear()  # /status reads the engines afresh
+
+    def imagined(self, reply: str, idea: str) -> tuple[str, str]:
+        return parse_imagined(reply, idea, self.cfg.max_prompt_chars)
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat_backend(self, fresh: bool = False, model: str | None = None) -> tuple[ChatBackend, str | None]:
@@ -244,7 +246,7 @@ class Studio:
         messages.append({"role": "user", "content": message})
 
         backend, problem = self.chat_backend(fresh=True, model=model)
-        if problem and backend is not self.local:  # the local engine answers for itself, below
+        if problem and not backend.needs_load():  # an engine that loads answers with its load, below
             raise ChatUnavailable(problem)
         model = model or backend.default_model()
         if backend.needs_load():
@@ -301,13 +303,13 @@ class Studio:
         """GPU memory held by other processes: the device's use less ours (torch's pool and our CUDA
         context) and Ollama's (its last successful /api/ps). Counted in the ledger as a tenant that is never
         evicted, so the budget shrinks while they hold it. Skipped when Ollama's share is unknown."""
-        ollama = self.ollama.held_vram() if self.ollama.on_this_gpu else 0
+        outside = [engine.held_outside() for engine in self.engines if engine.on_this_gpu]
         # One reading: free and our reserved figure from the same moment (a render allocating between two
         # separate reads would show up as another program's memory).
         now = gpu.reading()
-        if now is None or ollama is None:
+        if now is None or None in outside:
             return
-        other = now.others - ollama - CONTEXT_ALLOWANCE
+        other = now.others - sum(outside) - CONTEXT_ALLOWANCE  # type: ignore[arg-type]
         self.arbiter.set_other(max(0, other))
 
     def _request(self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0) -> Lease:
@@ -345,11 +347,18 @@ class Studio:
     def imagine_prompt(self, idea: str, history: list | None = None, model: str | None = None) -> tuple[str, str]:
         """(prompt, negative prompt) for `idea`: imagine() run to the end and parsed."""
         reply = "".join(e.text for e in self.imagine(idea, history, model) if isinstance(e, Token))
-        return parse_imagined(reply, idea, self.cfg.max_prompt_chars)
+        return self.imagined(reply, idea)
 
     def _wait(self, lease: Lease, cancelled: Callable[[], bool]) -> Iterator[Waiting]:
-        """Yield the lease's place in the queue whenever it changes, until the GPU is ours."""
+        """Yield the lease's place in the queue whenever it changes, until the GPU is ours.
+
+        A lease still in the queue first yields `Queued` (see there): the front door awaits the grant on its
+        event loop before it pulls again, and then the wait below finds the GPU ours at once."""
         last = None
+        pos = lease.position()
+        if pos["position"]:
+            last = (pos["position"], round(pos["eta_s"]), pos["reason"])
+            yield Queued(pos["position"], pos["eta_s"], pos["reason"], lease)
         for pos in lease.waiting(self.cfg.queue_timeout_s, cancelled):
             now = (pos["position"], round(pos["eta_s"]), pos["reason"])
             if now != last:
@@ -368,22 +377,38 @@ class Studio:
 
         `owner` (the user, None without accounts) is recorded in the PNG for per-user galleries.
         """
+        steps = self.render_steps(params, on_progress, cancel, owner)
         try:
-            return self._render(params, on_progress, cancel, owner)
+            while True:
+                next(steps)  # a Queued event: the next step waits for the grant here
+        except StopIteration as done:
+            return done.value
+
+    def render_steps(
+        self,
+        params: RenderParams,
+        on_progress: Callable[[str, float], None] = lambda text, frac: None,
+        cancel: threading.Event | None = None,
+        owner: str | None = None,
+    ) -> Generator[Queued, None, tuple[str, dict]]:
+        """`render()` as a generator for the front door: it yields `Queued` where it is about to wait for the
+        GPU and returns (png path, info)."""
+        try:
+            return (yield from self._render(params, on_progress, cancel, owner))
         except ClairError as exc:
             self._error("render", exc)
             raise
         finally:
             self._start_keepalive()
 
-    def _render(self, params, on_progress, cancel, owner) -> tuple[str, dict]:
+    def _render(self, params, on_progress, cancel, owner) -> Generator[Queued, None, tuple[str, dict]]:
         params = params.validated(self.cfg)
         self.check_fits(params)  # limits first: before any load, lease or eviction
         cancel = cancel or threading.Event()
         t_request = time.time()
         # Load from disk (to host memory) before asking for the GPU: a slow or failing load must not
         # hold the GPU or evict anyone. Raises ImageModelUnavailable with what to do.
-        was_loaded = self.image._pipe is not None
+        was_loaded = not self.image.needs_load()
         t_load = time.monotonic()
         self.image.load()
         if not was_loaded:
@@ -424,7 +449,9 @@ class Studio:
 
         try:
             for w in self._wait(first, cancel.is_set):
-                on_progress(f"Waiting for the GPU: {w.reason} (position {w.position}, about {w.eta_s:.0f} s)", 0.0)
+                on_progress(w.describe(), 0.0)
+                if isinstance(w, Queued):
+                    yield w  # the front door awaits the grant on its event loop
             evicted.extend(first.evicted)
             evict_s += first.evict_s
             self.image.after_grant(first)
@@ -473,10 +500,11 @@ class Studio:
             )
         finally:
             self._release(lease)
-            if lease is not first and self.ollama.tenant in first.evicted and self.ollama.tenant not in lease.evicted:
-                # Ollama left for the first grant, came back for a chat the render paused for, and a later
-                # grant did not evict it again: its recovery hook looks at the first lease.
-                self.ollama.after_release(first)
+            for engine in self.engines if lease is not first else ():
+                if engine.tenant in first.evicted and engine.tenant not in lease.evicted:
+                    # It left for the first grant, came back for a chat the render paused for, and a later
+                    # grant did not evict it again: its recovery hook (Ollama's warm-up) looks at the first lease.
+                    engine.after_release(first)
         path = self.image.save(image, params, owner=owner)
         self._note("restore", tenant=self.image.tenant, s=facts.get("restore_s", 0.0))
         if facts.get("fallback"):
@@ -524,7 +552,9 @@ class Studio:
     def ejectable(self) -> dict[str, str]:
         """Tenants an operator may unload by hand: tenant -> what to call it."""
         out = {self.image.tenant: "The image model", self.local.tenant: "The in-process chat model"}
-        if self.ollama_local:
+        # Ollama's models, where Ollama shares this GPU; in the demo only while chat uses it (without Ollama the
+        # demo has none of its models to offer).
+        if self.ollama.on_this_gpu and (not self.cfg.demo or self.chat_backend()[0].tenant == self.ollama.tenant):
             out = {self.ollama.tenant: "Ollama's models", **out}
         return out
 
@@ -537,15 +567,14 @@ class Studio:
         names = self.ejectable()
         if tenant not in names:
             raise BadRequest(f"Unknown model {tenant!r}: choose one of {', '.join(names)}.")
-        if tenant == self.ollama.tenant:
-            self.ollama.sync(self.arbiter)
+        engine = next(e for e in self.engines if e.tenant == tenant)
+        engine.sync(self.arbiter)  # an engine in another process (Ollama) says what it holds now
         if not self.arbiter.resident_bytes(tenant):
             return f"{names[tenant]}: not on the GPU."
         why = self.arbiter.evict_idle_tenant(tenant, why="eject")
         if why:
             return f"{names[tenant]}: stays on the GPU, {why}."
-        if tenant == self.ollama.tenant:
-            self.ollama.sync(self.arbiter)
+        engine.sync(self.arbiter)
         self._note("eject", keep=True, tenant=tenant, text=f"{names[tenant]}: unloaded by hand")
         return f"{names[tenant]}: left the GPU."
 
@@ -661,66 +690,31 @@ class Studio:
         with self._cancel_lock:
             return sum(len(v) for v in self._cancel.values())
 
-    # -- the gateway (issue 10): what clair/gateway.py needs beyond chat() and render() ------------
-    @contextmanager
-    def ollama_lease(
-        self, model: str, label: str, gpu: bool = True, cancelled: Callable[[], bool] = lambda: False
-    ) -> Iterator[Lease | None]:
-        """Hold the GPU around one request another program sends to Ollama through Clair.
-
-        The protocol of `chat()`: the ledger is synced from /api/ps before and after; a chat lease on
-        Ollama's tenant, labelled `label` in the queue, is waited for (held during a render; GpuBusy after
-        CLAIR_QUEUE_TIMEOUT_S, Cancelled once `cancelled()` says so) before the block runs, and released
-        after it, whatever happens. `gpu=False` (an unload) takes no lease and only syncs the ledger after
-        the block. With Ollama on another machine nothing is held. Yields the granted lease, or None.
-        """
-        if not self.ollama_local:
-            yield None
-            return
-        if not gpu:
-            try:
-                yield None
-            finally:
-                self.ollama.sync(self.arbiter)
-                self._ollama_seen = None  # /status reads /api/ps afresh
-            return
-        lease = self._request(self.ollama, "chat", self.ollama.footprint(model), label)
-        try:
-            for _ in lease.waiting(self.cfg.queue_timeout_s, cancelled):
-                pass
-            lease.progress()
-            self.ollama.after_grant(lease, model)
-            yield lease
-        finally:
-            self._release(lease)
-            self._ollama_seen = None  # /status reads /api/ps afresh
-
-    def ollama_seen(self) -> list[dict]:
-        """What Ollama holds now by /api/ps, Clair's requests or not, and the ledger told so (for /status).
-
-        A model another program loaded straight on Ollama shows here, counts in the ledger, and is evicted
-        before a render like Clair's own. Read at most every 2 s (the UI polls /status). A failed reading
-        shows the last known models, and the ledger assumes the worst (unknown is never empty).
-        """
-        if not self.ollama_local:
-            return []
+    # -- what the engines hold by their own account (for /status) ----------------------------------------
+    def engines_seen(self) -> list[dict]:
+        """Every engine's `seen()` (Ollama: the models /api/ps lists, Clair's or not), read at most every 2 s
+        (the UI polls /status). A failed reading shows the last known models (the engine has told the ledger
+        to assume the worst: unknown is never empty)."""
         now = time.monotonic()
-        seen = getattr(self, "_ollama_seen", None)
-        if seen is not None and now - seen[0] < 2.0:
-            return seen[1]
-        found = self.ollama.sync(self.arbiter)  # the ledger too (a failed reading: the worst known size)
-        if found is None:
-            return seen[1] if seen is not None else []
-        models = [
-            {"model": name, "gb": round(size / GiB, 2), "vram_gb": round(vram / GiB, 2)}
-            for name, size, vram, _ in found
-        ]
-        self._ollama_seen = (now, models)
-        return models
+        out: list[dict] = []
+        for engine in self.engines:
+            if not engine.on_this_gpu:
+                continue
+            cached = self._seen.get(engine.name)
+            if cached is not None and now - cached[0] < 2.0:
+                out += cached[1]
+                continue
+            found = engine.seen(self.arbiter)
+            if found is None:
+                out += cached[1] if cached is not None else []
+                continue
+            self._seen[engine.name] = (now, found)
+            out += found
+        return out
 
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict:
-        ollama_models = self.ollama_seen()  # the gateway (issue 10): models loaded behind Clair's back too
+        ollama_models = self.engines_seen()  # the gateway (issue 10): models loaded behind Clair's back too
         st = self.arbiter.status()
         st["ollama_models"] = ollama_models
         backend, problem = self.chat_backend()
@@ -745,10 +739,8 @@ class Studio:
           seconds: a hung render, CUDA call or Ollama stream. systemd then restarts Clair, which is the only
           way to get the GPU back from a hung CUDA call.
         """
-        acquired = self.arbiter._lock.acquire(timeout=5)
-        if not acquired:
+        if not self.arbiter.responsive(timeout=5):
             return "the GPU arbiter's lock has been held for over 5 s"
-        self.arbiter._lock.release()
         if self.cfg.stall_s > 0:
             stalled = self.arbiter.stalled(self.cfg.stall_s)
             if stalled:

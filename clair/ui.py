@@ -12,6 +12,7 @@ the per-user and house caps on GPU jobs are checked here, before Studio takes a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -19,15 +20,16 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import gradio as gr
 
 from clair import limits, panel
 from clair.conversations import ConversationStore, valid_id
-from clair.errors import Cancelled, ClairError, GpuBusy
+from clair.errors import Cancelled, ClairError
 from clair.image import RenderParams, read_metadata
+from clair.service import Job
 from clair.studio import Studio, Token, Waiting, parse_imagined
 from clair.web import LOGOUT_JS, has_users, lan_note, lan_qr
 
@@ -169,6 +171,22 @@ def owner_of(request: gr.Request | None) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+@contextlib.contextmanager
+def _job(studio: Studio, request: gr.Request | None, kind: str) -> Iterator[Job]:
+    """The front door's job for a Gradio request (clair/service.py): the caps, the Stop/Cancel flag of this
+    page (`<kind>:<session>`), the owner. Past a cap: gr.Error with the retry time, and nothing else done."""
+    cancel_key = f"{kind}:{request.session_hash}" if request is not None and request.session_hash else None
+    job = studio.job(client_id(request), owner=owner_of(request), cancel_key=cancel_key)
+    try:
+        job.__enter__()
+    except ClairError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    try:
+        yield job
+    finally:
+        job.__exit__(None, None, None)
+
+
 def _guard(fn):
     """Every error a plain handler raises reaches the client as Clair's own message (unexpected ones with
     an error id, details in the log). Not for generators: they convert their errors themselves."""
@@ -248,8 +266,7 @@ def build(studio: Studio) -> gr.Blocks:
     # ---------------------------------------------------------------- handlers
     # Rule (docs/design.md, "Nothing a client sends is handed back"): no handler returns a structure that
     # came from the client. Gradio postprocesses what a handler returns and serves every file it names.
-    @close_off_loop
-    def chat_ui(message: str, history: list, model: str, system: str, request: gr.Request):
+    async def chat_ui(message: str, history: list, model: str, system: str, request: gr.Request):
         """UI chat: shows the queue while held, then streams; errors appear in the conversation.
 
         The conversation shown is rebuilt from plain text on the server; a history holding anything else
@@ -262,59 +279,45 @@ def build(studio: Studio) -> gr.Blocks:
             message, past, system, model = limits.check_chat(cfg, message, history, system, model)
         except ClairError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        who = client_id(request)
-        which = jobs.try_take(who)
-        if which is not None:
-            raise gr.Error(jobs.busy_message(which), print_exception=False)
-        try:
+        with _job(studio, request, "chat") as job:  # the front door: the caps, Stop, the lease
             shown = [*past, {"role": "user", "content": message}, {"role": "assistant", "content": "…"}]
             yield shown, "", gr.Button(interactive=True)  # Stop is lit while the reply runs
-            with studio.cancel_scope(f"chat:{request.session_hash}") as stop:
-                reply = ""
-                try:
-                    context = [m for m in past if not _is_notice(m)]
-                    for event in studio.chat(
-                        message, context, model=model, system=system, stop=stop, owner=owner_of(request)
-                    ):
+            reply = ""
+            try:
+                context = [m for m in past if not _is_notice(m)]
+                async with contextlib.aclosing(job.chat(message, context, model=model, system=system)) as events:  # closed here, not left to the GC
+                    async for event in events:
                         if isinstance(event, Waiting):
                             shown[-1] = {"role": "assistant", "content": _waiting_text(event)}
                         else:
                             reply += event.text
                             shown[-1] = {"role": "assistant", "content": reply}
                         yield shown, "", gr.skip()
-                except ClairError as exc:
-                    shown[-1] = {"role": "assistant", "content": (reply + "\n\n" if reply else "") + f"⚠️ {exc}"}
-                    yield shown, "", gr.skip()
-                except Exception as exc:
-                    shown[-1] = {"role": "assistant", "content": f"⚠️ {limits.unexpected(log, exc, 'chat')}"}
-                    yield shown, "", gr.skip()
+            except ClairError as exc:
+                shown[-1] = {"role": "assistant", "content": (reply + "\n\n" if reply else "") + f"⚠️ {exc}"}
+                yield shown, "", gr.skip()
+            except Exception as exc:
+                shown[-1] = {"role": "assistant", "content": f"⚠️ {limits.unexpected(log, exc, 'chat')}"}
+                yield shown, "", gr.skip()
             yield shown, "", gr.Button(interactive=False)  # the whole conversation last: the final answer holds it
-        finally:
-            jobs.give_back(who)
 
-    @close_off_loop
-    def chat_api(message: str, history: list[dict], request: gr.Request) -> Iterator[str]:
+    async def chat_api(message: str, history: list[dict], request: gr.Request) -> AsyncIterator[str]:
         """Stream the growing reply to `message`, given `history` as [{role, content}] with string content."""
-        who = client_id(request)
-        taken = False
         reply = ""
         try:
             message, past, _, _ = limits.check_chat(cfg, message, history)
-            which = jobs.try_take(who)
-            if which is not None:
-                raise GpuBusy(jobs.busy_message(which))
-            taken = True
-            for event in studio.chat(message, past):
-                if isinstance(event, Token):
-                    reply += event.text
-                    yield reply
+            with _job(studio, request, "api-chat") as job:
+                async with contextlib.aclosing(job.chat(message, past)) as events:  # closed here, not left to the GC
+                    async for event in events:
+                        if isinstance(event, Token):
+                            reply += event.text
+                            yield reply
+        except gr.Error:
+            raise
         except ClairError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         except Exception as exc:
             raise gr.Error(limits.unexpected(log, exc, "chat"), print_exception=False) from None
-        finally:
-            if taken:
-                jobs.give_back(who)
         if not reply:
             yield ""
 
@@ -358,21 +361,23 @@ def build(studio: Studio) -> gr.Blocks:
         request: gr.Request = None,  # type: ignore[assignment]
         progress=gr.Progress(),  # noqa: B008 - Gradio's documented way to receive a progress tracker
     ):
-        session = request.session_hash if request is not None else str(threading.get_ident())
+        session = request.session_hash if request is not None else None
         who = client_id(request)
         try:
             # Every limit before the cap, the cap before any load or lease.
             params = RenderParams(prompt, negative_prompt, steps, guidance, width, height, seed).validated(cfg)
             studio.check_fits(params)
-            with jobs.slot(who), studio.cancel_scope(f"render:{session}") as cancel:
+            with _job(studio, request, "render") as job:  # the front door: the caps, Cancel, the lease
 
                 def on_progress(text: str, frac: float) -> None:
                     progress(frac, desc=text)
                     if request is not None and client_gone(request.session_hash):
                         log.info("render cancelled: the client went away client=%s", who)
-                        cancel.set()  # a closed tab or a dropped script frees the GPU at the next step
+                        job.stop.set()  # a closed tab or a dropped script frees the GPU at the next step
 
-                path, info = studio.render(params, on_progress=on_progress, cancel=cancel, owner=owner_of(request))
+                # Sync for now (a render waiting here holds a Gradio worker thread): with the handler async,
+                # Gradio's progress tracker and validator misbehave in the browser (test_browser, cancel).
+                path, info = studio.render(params, on_progress=on_progress, cancel=job.stop, owner=owner_of(request))
             path = served(path)
             info = json.loads(json.dumps(info))  # plain JSON, built here
         except Cancelled:
@@ -491,11 +496,8 @@ def build(studio: Studio) -> gr.Blocks:
 
     @_guard
     def eject_choices():
-        """What may be unloaded: Ollama's models only where Ollama is the chat engine or a demo is not running
-        (the demo without Ollama has none to offer)."""
+        """What may be unloaded (Studio.ejectable: the demo without Ollama offers none of Ollama's models)."""
         names = studio.ejectable()
-        if cfg.demo and studio.ollama.tenant in names and studio.chat_backend()[0] is not studio.ollama:
-            names.pop(studio.ollama.tenant)
         return gr.Dropdown(choices=[(name, t) for t, name in names.items()], value=None)
 
     @_guard
@@ -503,15 +505,7 @@ def build(studio: Studio) -> gr.Blocks:
         backend, problem = studio.chat_backend()
         if problem:
             return f"⚠️ {problem}"
-        if backend is studio.local:
-            if cfg.demo and studio.local.model_id == "tiny":
-                return (
-                    "Chat engine: the demo's tiny in-process model (random weights over a small word list: its "
-                    "replies are readable gibberish)."
-                )
-            note = " Ollama is not reachable, so chat uses the in-process model." if cfg.chat_backend == "auto" else ""
-            return f"Chat engine: in-process model {studio.local.label}.{note}"
-        return f"Chat engine: Ollama at `{studio.ollama.url}`."
+        return backend.notice()
 
     @_guard
     def image_notice() -> str:
@@ -673,8 +667,7 @@ def build(studio: Studio) -> gr.Blocks:
         past = limits.plain_history(history, cfg)
         return next((m["content"] for m in reversed(past) if m["role"] == "user"), "")
 
-    @close_off_loop
-    def imagine_ui(message, history, model, request: gr.Request):
+    async def imagine_ui(message, history, model, request: gr.Request):
         """Imagine, in the Chat tab: the chat model writes an SDXL prompt and a negative prompt from the idea.
         Streams its progress; ends with both fields filled (with whatever came back) for the user to edit."""
         try:
@@ -686,49 +679,43 @@ def build(studio: Studio) -> gr.Blocks:
                 raise ClairError("Describe the image first: type the idea, or chat about it and then press Imagine.")
         except ClairError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        who = client_id(request)
-        which = jobs.try_take(who)
-        if which is not None:
-            raise gr.Error(jobs.busy_message(which), print_exception=False)
         reply = ""
-        try:
-            yield "⏳ Imagining…", gr.skip(), gr.skip(), gr.Group(visible=True), gr.Button(interactive=True)
-            with studio.cancel_scope(f"chat:{request.session_hash}") as stop:
+        with _job(studio, request, "chat") as job:  # the front door: the caps, Stop, the lease
+            try:
+                yield "⏳ Imagining…", gr.skip(), gr.skip(), gr.Group(visible=True), gr.Button(interactive=True)
                 context = [m for m in past if not _is_notice(m)]
                 if context and context[-1]["role"] == "user" and context[-1]["content"] == idea:
                     context = context[:-1]
-                for event in studio.imagine(idea, context, model=model, stop=stop):
-                    if isinstance(event, Waiting):
-                        yield _waiting_text(event), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-                    else:
-                        reply += event.text
-                        yield f"✍️ {reply[-300:]}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            prompt_text, negative_text = parse_imagined(reply, idea, cfg.max_prompt_chars)
-            yield (
-                "Edit the prompt if you like, then **Render it** (the Image tab opens).",
-                prompt_text, negative_text, gr.skip(), gr.Button(interactive=False),
-            )
-        except ClairError as exc:
-            yield f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.Button(interactive=False)
-        except Exception as exc:
-            yield f"⚠️ {limits.unexpected(log, exc, 'imagine')}", gr.skip(), gr.skip(), gr.skip(), gr.Button(interactive=False)
-        finally:
-            jobs.give_back(who)
+                async with contextlib.aclosing(job.imagine(idea, context, model=model)) as events:  # closed here, not left to the GC
+                    async for event in events:
+                        if isinstance(event, Waiting):
+                            yield _waiting_text(event), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                        else:
+                            reply += event.text
+                            yield f"✍️ {reply[-300:]}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                prompt_text, negative_text = parse_imagined(reply, idea, cfg.max_prompt_chars)
+                yield (
+                    "Edit the prompt if you like, then **Render it** (the Image tab opens).",
+                    prompt_text, negative_text, gr.skip(), gr.Button(interactive=False),
+                )
+            except ClairError as exc:
+                yield f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.Button(interactive=False)
+            except Exception as exc:
+                yield f"⚠️ {limits.unexpected(log, exc, 'imagine')}", gr.skip(), gr.skip(), gr.skip(), gr.Button(interactive=False)
 
-    @_guard
-    def imagine_api(idea: str, history: list[dict] | None = None, request: gr.Request = None) -> tuple[str, str]:  # type: ignore[assignment]
+    async def imagine_api(idea: str, history: list[dict] | None = None, request: gr.Request = None) -> tuple[str, str]:  # type: ignore[assignment]
         """Turn an idea (and an optional chat history) into an SDXL prompt and negative prompt, with the chat model."""
-        who = client_id(request)
-        past = limits.plain_history(history, cfg)
-        limits.check_message(idea, cfg, "idea")
-        which = jobs.try_take(who)
-        if which is not None:
-            raise GpuBusy(jobs.busy_message(which))
         try:
-            prompt_text, negative_text = studio.imagine_prompt(idea, past)
-        finally:
-            jobs.give_back(who)
-        return prompt_text, negative_text
+            past = limits.plain_history(history, cfg)
+            limits.check_message(idea, cfg, "idea")
+            with _job(studio, request, "api-chat") as job:
+                return await job.imagine_prompt(idea, past)
+        except gr.Error:
+            raise
+        except ClairError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:
+            raise gr.Error(limits.unexpected(log, exc, "imagine"), print_exception=False) from None
 
     @_guard
     def to_image_tab(prompt_text, negative_text):

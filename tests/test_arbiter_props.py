@@ -2,12 +2,21 @@
 
 A hypothesis state machine drives the real `Arbiter` (one thread: evictions run when a lease is polled)
 through random arrivals of chats and renders of random sizes, grants whose evictions complete or fail,
-releases and cancels, Ollama readings (sizes, "gone", stale ones) and failed readings, and memory held by
-other programs coming and going. The checks below are written independently of the policy's code: they
-recompute sizes and conflicts from the ledger instead of calling `_conflict`/`size`.
+releases and cancels, renders that pause for chats and resume, idle evictions (eject, keep-alive) and
+out-of-memory evictions, Ollama readings (sizes, "gone", stale ones) and failed readings, and memory held
+by other programs coming and going. Things also happen *while* a tenant leaves the GPU (a request
+arrives, a reading lands), inside its `evict()`. The checks below are written independently of the
+policy's code: they recompute sizes and conflicts from the ledger instead of calling `_conflict`/`size`.
+
+The runs are derandomized by default (the "ci" profile: the same examples on every run, so CI cannot pass
+by luck); `HYPOTHESIS_PROFILE=explore` searches afresh with more examples. What a search found is kept
+below as plain regression tests (`test_regression_*`), step by step.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -33,9 +42,23 @@ class ArbiterMachine(RuleBasedStateMachine):
         self.leases = []  # every lease ever requested
         self.granted_before: set[int] = set()
         self.evict_failed: list[str] = []
+        self.meanwhile: list = []  # what happens during the next evict() (a request arrives, a reading lands)
+        self.ran_meanwhile = False
+        self.resized_meanwhile = False
+        self.read_started: float | None = None  # time.monotonic() when an Ollama reading began
 
     def _evictor(self, name):
         def evict():
+            # The moment a tenant leaves: it is marked leaving, and no request runs on it (invariant 4).
+            res = self.arb._residents.get(name)
+            assert res is not None and res.evicting, (name, res)
+            assert not [ls.req for ls in self.running() if ls.req.tenant == name], name
+            while self.meanwhile:
+                self.ran_meanwhile = True
+                self.meanwhile.pop(0)()
+                # Whatever arrived meanwhile did not start on the tenant that is leaving.
+                assert not [ls.req for ls in self.running() if ls.req.tenant == name], name
+                self.pending_evictions_against_every_live_grant()
             if name in self.fail_evict:
                 self.fail_evict.discard(name)
                 raise EvictionFailed(f"{name} did not leave")
@@ -118,13 +141,36 @@ class ArbiterMachine(RuleBasedStateMachine):
             lease.release()  # idempotent (invariant 8)
         self._after_step(before)
 
-    @rule(gb=st.integers(0, 16), stale=st.booleans())
-    def ollama_reading(self, gb, stale):
-        """A successful /api/ps reading (0: nothing loaded), possibly started before the last change."""
+    @rule()
+    def ollama_reading_starts(self):
+        """A reading of /api/ps begins (outside the lock); it lands in `ollama_reading(..., started=True)`."""
+        self.read_started = time.monotonic()
+
+    @rule(gb=st.integers(0, 16), started=st.booleans())
+    def ollama_reading(self, gb, started):
+        """A successful /api/ps reading (0: nothing loaded); `started`: it began at the last
+        `ollama_reading_starts`, and is stale if the tenant was granted, released or evicted since."""
         before = {ls.req.id for ls in self.running()}
-        read_at = 0.0 if stale else None
+        read_at = self.read_started if started else None
+        old = self.arb._residents.get("ollama")
+        stale = read_at is not None and self.changed_since("ollama", read_at)
+        exceeded = self.arb.stats["budget_exceeded"]
         self.arb.set_resident("ollama", gb * GiB, read_at=read_at)
+        new = self.arb._residents.get("ollama")
+        if stale:
+            assert new == old, (old, new)  # a stale reading is dropped: the ledger is as it was
+        elif new != old:
+            # Invariant 3's count: a reading that puts two or more of Clair's tenants over the budget is counted.
+            residents = self.arb._residents
+            mine = [r for r in residents.values() if not r.fixed and r.bytes]
+            used = sum(r.bytes for r in residents.values())
+            if self.arb.budget > 0 and len(mine) > 1 and used > self.arb.budget:
+                assert self.arb.stats["budget_exceeded"] > exceeded, (residents, self.arb.budget)
         self._after_step(before)
+
+    def changed_since(self, tenant: str, t: float) -> bool:
+        """Was `tenant` granted, released or evicted after `t` (the shell's record of it)?"""
+        return t < self.arb._changed.get(tenant, 0.0)
 
     @rule(worst_gb=st.integers(1, 16))
     def ollama_reading_fails(self, worst_gb):
@@ -142,11 +188,108 @@ class ArbiterMachine(RuleBasedStateMachine):
         self.arb.set_other(gb * GiB)
         self._after_step(before)
 
+    @precondition(lambda self: any(ls.kind == "render" and ls.ready_at is not None for ls in self.running()))
+    @rule(ask=st.booleans())
+    def render_pauses(self, ask):
+        """A running render pauses at a step boundary: when `should_yield` says so, or (forced) whenever."""
+        lease = next(ls for ls in self.running() if ls.kind == "render" and ls.ready_at is not None)
+        why = self.arb.should_yield(lease) if ask else "forced"
+        if not why:
+            return
+        before = {ls.req.id for ls in self.running()}
+        nxt = self.arb.pause(lease, why)
+        self.leases.append(nxt)
+        assert lease.released_at is not None and nxt.paused and nxt.pauses == lease.pauses + 1
+        # A paused render holds no lease: its tenant counts at its idle size, not its need (invariant 9).
+        res = self.arb._residents.get("image")
+        if res is not None and not res.evicting and nxt.granted_at is None:
+            assert res.bytes == max(lease.req.idle, res.measured), (res, lease.req)
+        self._after_step(before)
+
+    @precondition(lambda self: any(ls.paused and ls.ready_at is None for ls in self.running()))
+    @rule(fail=st.sampled_from([None, *TENANTS]))
+    def paused_render_resumes(self, fail):
+        """A granted continuation runs its evictions (what the chats it paused for left behind) and resumes."""
+        lease = next(ls for ls in self.running() if ls.paused and ls.ready_at is None)
+        before = {ls.req.id for ls in self.running()}
+        if fail is not None and fail in lease._grant.evict:
+            self.fail_evict.add(fail)
+        try:
+            assert lease.poll(0)
+            assert self.arb._residents["image"].bytes >= lease.req.need
+        except EvictionFailed:
+            assert lease.released_at is not None
+        self.fail_evict.clear()
+        self._after_step(before)
+
+    @rule(tenant=st.sampled_from(TENANTS), fail=st.booleans(), idle_for=st.sampled_from([0.0, 3600.0]))
+    def idle_eviction(self, tenant, fail, idle_for):
+        """Eject, or the image keep-alive: an idle tenant leaves without a lease (Arbiter.evict_idle_tenant)."""
+        before = {ls.req.id for ls in self.running()}
+        was = self.arb._residents.get(tenant)
+        busy = any(ls.req.tenant == tenant for ls in self.running())
+        awaited = any(ls.req.tenant == tenant for ls in self.waiting())
+        recent = idle_for and self.changed_since(tenant, time.monotonic() - idle_for)  # used within idle_for
+        if fail:
+            self.fail_evict.add(tenant)
+        self.ran_meanwhile = False
+        why = self.arb.evict_idle_tenant(tenant, idle_for_s=idle_for, why="test")
+        self.fail_evict.discard(tenant)
+        now = self.arb._residents.get(tenant)
+        if was is None:
+            assert why == ""
+        elif busy or awaited or was.evicting or recent:
+            assert why and now is not None, (why, was, now)  # refused: it stays, untouched
+        elif fail:
+            assert why and now is not None  # unknown is never empty (invariant 7) ...
+            # ... and it is no longer leaving, unless a grant that arrived meanwhile is evicting it again.
+            assert not now.evicting or any(tenant in ls._grant.evict for ls in self.running() if ls.ready_at is None)
+        else:
+            assert why == "", why
+            assert now is None or self.ran_meanwhile, now
+        self._after_step(before)
+
+    @precondition(lambda self: any(ls.ready_at is not None for ls in self.running()))
+    @rule(i=st.integers(0, 50), fail=st.sampled_from([None, *TENANTS]))
+    def out_of_memory(self, i, fail):
+        """A running request ran out of memory: every idle tenant leaves, nobody new joins it (evict_idle)."""
+        lease = self.pick([ls for ls in self.running() if ls.ready_at is not None], i)
+        before = {ls.req.id for ls in self.running()}
+        busy = {ls.req.tenant for ls in self.running()}
+        idle = {n for n, r in self.arb._residents.items() if not r.fixed and n not in busy and not r.evicting}
+        fixed = {n: r for n, r in self.arb._residents.items() if r.fixed}
+        if fail is not None:
+            self.fail_evict.add(fail)
+        self.ran_meanwhile = False
+        gone = set(self.arb.evict_idle(lease))
+        self.fail_evict.clear()
+        assert gone == idle - {fail}, (gone, idle, fail)  # only idle ones; never a busy one
+        assert {n: r for n, r in self.arb._residents.items() if r.fixed} == fixed  # others' memory stays
+        if not self.ran_meanwhile:
+            assert not gone & set(self.arb._residents)
+        if self.arb.budget > 0:
+            assert lease.req.need >= self.arb.budget  # nothing is planned beside it any more
+        self._after_step(before)
+
+    @rule(tenant=st.sampled_from(["ollama", "local-chat"]), need=st.integers(1, 14), reading=st.booleans())
+    def something_happens_during_the_next_eviction(self, tenant, need, reading):
+        """While the next tenant leaves (inside its evict()): a chat arrives, or an Ollama reading lands."""
+        if reading:
+
+            def land():
+                self.arb.set_resident("ollama", need * GiB, read_at=time.monotonic())
+                self.resized_meanwhile = True  # sizes changed after this step's grants were planned
+
+            self.meanwhile.append(land)
+        else:
+            self.meanwhile.append(lambda: self.leases.append(self.arb.request("chat", tenant, need * GiB, need * GiB)))
+
     @precondition(lambda self: any(ls.kind == "render" for ls in self.waiting()))
     @rule()
     def no_new_arrivals_until_the_first_waiting_render_runs(self):
         """Starvation, bounded: with no new arrivals, the first waiting render is granted after at most as many
         releases as there were leases running or waiting ahead of it."""
+        self.meanwhile.clear()  # no new arrivals, not even inside an eviction
         head = min((ls for ls in self.waiting() if ls.kind == "render"), key=lambda ls: ls.req.order)
         bound = len(self.running()) + sum(1 for w in self.waiting() if w.req.order < head.req.order)
         releases = 0
@@ -169,6 +312,7 @@ class ArbiterMachine(RuleBasedStateMachine):
 
     # -- checks made with knowledge of the step ------------------------------------------------------
     def _after_step(self, before: set[int]):
+        resized, self.resized_meanwhile = self.resized_meanwhile, False
         residents = dict(self.arb._residents)
         new = [ls for ls in self.running() if ls.req.id not in before and ls.req.id not in self.granted_before]
         self.granted_before |= {ls.req.id for ls in self.running()}
@@ -180,7 +324,7 @@ class ArbiterMachine(RuleBasedStateMachine):
         # Invariant 3: every grant is planned within the budget, or leaves one of Clair's tenants alone.
         if self.arb.policy == "exclusive" or self.arb.budget <= 0:
             assert len(mine) <= 1, (mine, residents)
-        elif len(mine) > 1:
+        elif len(mine) > 1 and not resized:  # (a reading that landed after the grant is counted, not planned)
             assert sum(r.bytes for r in staying.values()) <= self.arb.budget, residents
         # Invariant 5: nothing granted overtakes a waiting request it could not run beside.
         for g in new:
@@ -196,6 +340,19 @@ class ArbiterMachine(RuleBasedStateMachine):
         assert not (leaving & busy), (leaving, busy)
 
     # -- invariants after every step -----------------------------------------------------------------
+    @invariant()
+    def pending_evictions_against_every_live_grant(self):
+        """Invariant 4: no running request, whenever it was granted, uses a tenant that a live grant is still
+        evicting (never start on a leaving tenant)."""
+        if not hasattr(self, "arb"):
+            return
+        for owner in self.running():
+            if owner.ready_at is not None:
+                continue
+            for name in owner._grant.evict:
+                users = [ls.req for ls in self.running() if ls is not owner and ls.req.tenant == name]
+                assert not users, (name, owner.req, users)
+
     @invariant()
     def one_render_at_a_time(self):
         if hasattr(self, "arb"):
@@ -226,10 +383,118 @@ class ArbiterMachine(RuleBasedStateMachine):
         assert all(r["other"] == (r["tenant"] == "other") for r in st_["resident"])
 
 
-ArbiterMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
-    deadline=None,
+# "ci" (the default): derandomized, so every run checks the same examples and a pass is not luck;
+# "explore": a fresh random search, longer (HYPOTHESIS_PROFILE=explore python -m pytest tests/test_arbiter_props.py).
+settings.register_profile(
+    "ci", max_examples=1000, stateful_step_count=50, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+settings.register_profile(
+    "explore", max_examples=2000, stateful_step_count=60, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+ArbiterMachine.TestCase.settings = settings.get_profile(PROFILE if PROFILE in ("ci", "explore") else "ci")
 TestArbiterInvariants = ArbiterMachine.TestCase
+
+
+# -- what searches found, kept as fixed cases (hypothesis prints a failing run as these steps) -----------------
+
+
+def run_steps(steps) -> None:
+    """Drive the machine through `steps` (name, kwargs), checking every invariant after each, as hypothesis does."""
+    m = ArbiterMachine()
+    checks = [
+        m.one_render_at_a_time,
+        m.no_idling_hence_no_starvation,
+        m.pending_evictions_against_every_live_grant,
+        m.the_ledger_agrees_with_the_leases,
+    ]
+    for name, kwargs in steps:
+        getattr(m, name)(**kwargs)
+        for check in checks:
+            check()
+    m.teardown()
+
+
+def test_regression_a_chat_never_starts_on_a_tenant_a_render_is_evicting():
+    """The render evicts the least recently used chat model only (the rest fits); a chat for that model then
+    fits beside the render by size, but its model is on its way out: it waits ("still leaving the GPU")."""
+    run_steps([
+        ("setup", {"policy": "budget", "budget_gb": 20, "priority": "next"}),
+        ("chat_arrives", {"tenant": "local-chat", "need": 6}),
+        ("evictions_run", {"i": 0, "fail": None}),  # it starts (its model is loaded) ...
+        ("release", {"i": 0, "twice": False}),  # ... and ends: local-chat idle, 6 GiB
+        ("chat_arrives", {"tenant": "ollama", "need": 6}),
+        ("evictions_run", {"i": 0, "fail": None}),
+        ("release", {"i": 0, "twice": False}),  # ollama idle, 6 GiB, used more recently
+        ("render_arrives", {"need": 12, "idle": 4}),  # granted; local-chat must leave first
+        ("chat_arrives", {"tenant": "local-chat", "need": 1}),
+        ("evictions_run", {"i": 0, "fail": None}),
+    ])
+
+
+def test_regression_a_chat_arriving_inside_the_eviction_waits_for_it():
+    run_steps([
+        ("setup", {"policy": "budget", "budget_gb": 20, "priority": "next"}),
+        ("chat_arrives", {"tenant": "local-chat", "need": 6}),
+        ("evictions_run", {"i": 0, "fail": None}),  # it starts (its model is loaded) ...
+        ("release", {"i": 0, "twice": False}),  # ... and ends: local-chat idle, 6 GiB
+        ("chat_arrives", {"tenant": "ollama", "need": 6}),
+        ("evictions_run", {"i": 0, "fail": None}),
+        ("release", {"i": 0, "twice": False}),  # ollama idle, 6 GiB, used more recently
+        ("render_arrives", {"need": 12, "idle": 4}),
+        ("something_happens_during_the_next_eviction", {"tenant": "local-chat", "need": 1, "reading": False}),
+        ("evictions_run", {"i": 0, "fail": None}),
+    ])
+
+
+def test_regression_a_reading_started_before_a_release_is_dropped():
+    run_steps([
+        ("setup", {"policy": "budget", "budget_gb": 24, "priority": "next"}),
+        ("chat_arrives", {"tenant": "ollama", "need": 4}),
+        ("evictions_run", {"i": 0, "fail": None}),
+        ("ollama_reading_starts", {}),
+        ("release", {"i": 0, "twice": False}),
+        ("ollama_reading", {"gb": 0, "started": True}),  # "nothing loaded", read before the release: stale
+    ])
+
+
+def test_regression_out_of_memory_keeps_other_programs_memory_in_the_ledger():
+    """Found by the search: the out-of-memory eviction took memory held by other programs (a fixed
+    tenant) out of the ledger, as if Clair could free it."""
+    run_steps([
+        ("setup", {"policy": "budget", "budget_gb": 0, "priority": "next"}),
+        ("render_arrives", {"need": 4, "idle": 1}),
+        ("other_programs", {"gb": 1}),
+        ("evictions_run", {"i": 0, "fail": None}),
+        ("out_of_memory", {"i": 0, "fail": None}),
+    ])
+
+
+def test_regression_out_of_memory_counts_the_holder_at_its_new_need():
+    """Found by the search: after an out-of-memory eviction the lease's need was the whole budget, but the
+    ledger still counted its tenant at the old size."""
+    run_steps([
+        ("setup", {"policy": "budget", "budget_gb": 12, "priority": "next"}),
+        ("render_arrives", {"need": 4, "idle": 1}),
+        ("evictions_run", {"i": 0, "fail": None}),
+        ("out_of_memory", {"i": 0, "fail": None}),
+    ])
+
+
+def test_a_reading_larger_than_the_plan_moves_budget_exceeded():
+    """Invariant 3: a tenant measured larger than planned is counted once it puts the ledger over the budget,
+    and every later plan uses the larger size; a failed reading's worst case is not counted."""
+    arb = Arbiter(budget_bytes=12 * GiB)
+    arb.request("render", "image", 6 * GiB, 4 * GiB).wait().release()  # image idle at 4 GiB
+    chat = arb.request("chat", "ollama", 4 * GiB).wait()  # 4 + 4 fits in 12
+    assert arb.stats["budget_exceeded"] == 0
+    arb.set_resident("ollama", 6 * GiB, at_least=True)  # a failed reading: assumed, not measured
+    assert arb.stats["budget_exceeded"] == 0
+    arb.set_resident("ollama", 10 * GiB)  # measured: 4 + 10 > 12
+    assert arb.stats["budget_exceeded"] == 1
+    chat.release()
+    late = arb.request("chat", "ollama", 4 * GiB)
+    assert late.poll(0) and late._grant.evict == ("image",)  # planned at the measured 10 GiB: image leaves
+    late.release()

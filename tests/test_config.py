@@ -102,7 +102,7 @@ def test_demo_keeps_explicitly_given_models() -> None:
         ({"CLAIR_TLS_CERT": "/nonexistent.pem"}, "CLAIR_TLS_KEY", "both"),
         ({"CLAIR_MAX_CONNECTIONS": "2"}, "CLAIR_MAX_CONNECTIONS", "at least 8"),
         ({"CLAIR_MAX_QUEUE": "0"}, "CLAIR_MAX_QUEUE", "at least 1"),
-        ({"CLAIR_MAX_QUEUE": "500"}, "CLAIR_MAX_QUEUE", "thread"),
+        ({"CLAIR_MAX_QUEUE": "513"}, "CLAIR_MAX_QUEUE", "512 or less"),
         ({"CLAIR_MAX_SIDE": "1001"}, "CLAIR_MAX_SIDE", "multiple of 8"),
         ({"CLAIR_MAX_GUIDANCE": "-1"}, "CLAIR_MIN_GUIDANCE", "min <= max"),
         ({"CLAIR_MAX_PROMPT_CHARS": "0"}, "CLAIR_MAX_PROMPT_CHARS", "at least 1"),

@@ -271,14 +271,14 @@ def test_case5_ollama_at_this_machines_lan_address_shares_the_gpu(standin, tmp_p
     with caplog.at_level(logging.INFO, logger="clair.studio"):
         studio = make(standin, tmp_path)
         studio = Studio(dataclasses.replace(studio.cfg, ollama_host=f"{lan}:{standin.port}"))
-    assert studio.ollama_local
+    assert studio.ollama.on_this_gpu
     assert "ollama" in studio.arbiter._tenants  # a render will evict it
     assert any("is an address of this machine" in r.getMessage() for r in caplog.records)
     # Another machine's address is not local, and the log says so and what to do.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="clair.studio"):
         remote = Studio(dataclasses.replace(studio.cfg, ollama_host="192.0.2.99:11434"))
-    assert not remote.ollama_local
+    assert not remote.ollama.on_this_gpu
     assert any("CLAIR_OLLAMA_SHARES_GPU=yes" in r.getMessage() for r in caplog.records)
 
 
@@ -307,7 +307,7 @@ def test_the_chat_model_is_warmed_again_after_a_render_evicted_it(standin, tmp_p
     assert reply(studio, "hi") == "You said: hi"
     info, seen = render_watching(studio, standin)
     assert "ollama" in info["evicted"] and all(loaded == [] for loaded in seen)
-    standin.wait_until(lambda: standin.loaded() == [MODEL] and studio.warmups == 1)
+    standin.wait_until(lambda: standin.loaded() == [MODEL] and studio.ollama.warmups == 1)
     standin.wait_until(studio.arbiter.is_idle)
     (res,) = [r for r in studio.status()["resident"] if r["tenant"] == "ollama"]
     assert res["gb"] == round(6_200_000_000 / GiB, 2)  # and the ledger read it back

@@ -467,7 +467,7 @@ def test_a_bug_reaches_an_ollama_client_as_an_error_id(gateway, standin, studio,
     def broken(*a, **kw):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(studio, "ollama_lease", broken)
+    monkeypatch.setattr(studio, "request_for", broken)
     with pytest.raises(ollama.ResponseError) as err:
         ollama.Client(host=gateway.url).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 500 and "error id" in err.value.error and "secret" not in err.value.error

@@ -334,7 +334,7 @@ def test_a_bug_reaches_the_client_as_an_error_id_and_the_server_goes_on(v1, stud
     def broken(*a, **kw):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(studio, "render", broken)
+    monkeypatch.setattr(studio, "render_steps", broken)
     with pytest.raises(openai.InternalServerError) as err:
         client(v1).images.generate(prompt="x", size="64x64", response_format="b64_json", extra_body={"steps": 1})
     message = err.value.body["message"]

@@ -41,8 +41,8 @@ def reply(studio: Studio, text: str) -> str:
 
 
 def test_auto_treats_a_loopback_ollama_as_sharing_the_gpu(standin, tmp_path):
-    assert make(standin, tmp_path).ollama_local
-    assert not make(standin, tmp_path, ollama_shares_gpu="no").ollama_local
+    assert make(standin, tmp_path).ollama.on_this_gpu
+    assert not make(standin, tmp_path, ollama_shares_gpu="no").ollama.on_this_gpu
 
 
 def test_an_ollama_on_another_machine_is_never_evicted_nor_held_back(standin, tmp_path):
