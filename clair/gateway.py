@@ -22,7 +22,10 @@ their requests go through the same arbiter as Clair's own tabs:
 * `GET /`, `/api/version`, `/api/tags`, `/api/ps` and `POST /api/show` need no GPU and pass straight
   through. Model management (`pull`, `push`, `create`, `copy`, `delete`, blobs) is refused: do it with
   the `ollama` command on the host.
-* `/v1/...` are Clair's OpenAI-compatible endpoints (clair/openai_api.py), as on Ollama's own port.
+* `/v1` is Ollama's own OpenAI-compatible API, as on Ollama's port: `GET /v1/models[/NAME]` passes
+  through; `POST /v1/chat/completions`, `/v1/completions` and `/v1/embeddings` wait for the GPU like
+  `/api/chat`. Nothing else under /v1 is forwarded, and no path that `..` would lead elsewhere (a
+  `/v1/../api/pull` must not reach Ollama's management). Clair's own /v1 is on the web port.
 
 Every GPU request counts against the UI's caps (`job_slot`: CLAIR_MAX_JOBS_PER_USER per key's user, or
 per address without a key; CLAIR_MAX_QUEUE for the house); past one it is answered 429.
@@ -40,6 +43,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import posixpath
 import time
 import weakref
 from typing import Any
@@ -72,6 +76,9 @@ log = logging.getLogger("clair.gateway")
 MAX_BODY = 64 * 1024 * 1024  # chat requests may carry base64 images
 PASS_GET = ("/", "/api/version", "/api/tags", "/api/ps")
 GPU_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
+# Ollama's own /v1 on this port: what passes through, and what waits for the GPU (everything else is 404).
+V1_GET = ("/v1/models", "/v1/models/{model:path}")
+V1_GPU = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MANAGE = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs")
 
 
@@ -92,6 +99,13 @@ def keep_alive_seconds(value: Any) -> float | None:
         return float("inf") if value < 0 else float(int(value))
     total = go_duration_s(value)
     return float("inf") if total < 0 else abs(total)  # "-0s" is 0 (unload), not forever
+
+
+def plain_path(path: str) -> bool:
+    """A path that means what it says: no `.` or `..` segment, no empty segment (the path is already
+    percent-decoded, so `%2e%2e` and `%2f` count as what they decode to). A path that fails this is never
+    forwarded: httpx would resolve `/v1/../api/pull` to Ollama's management endpoint."""
+    return path.startswith("/") and posixpath.normpath(path) == path and "\\" not in path
 
 
 def text_chars(value: Any) -> int:
@@ -209,7 +223,12 @@ class Gateway:
         return f"{user}@{addr}" if user else addr
 
     # -- pass-through -------------------------------------------------------------------------------
+    async def v1_unknown(self, request: Request) -> Response:
+        return openai_error(404, "Clair's Ollama port forwards /v1/models, /v1/chat/completions, /v1/completions and /v1/embeddings only.", "not_found")
+
     async def passthrough(self, request: Request) -> Response:
+        if not plain_path(request.url.path):
+            return ollama_error(404, "not found")
         body = await request.body() if request.method == "POST" else None  # read within the guard's cap
         try:
             r = await self.client().request(
@@ -400,8 +419,11 @@ class Gateway:
         # /v1 here is Ollama's own OpenAI-compatible API, as a client of Ollama's port expects (the same models
         # as /api/tags): GETs pass through, POSTs (chat, completions, embeddings) wait for the GPU like /api/chat.
         # Clair's own /v1 (its image model included) is on the web port.
-        app.add_api_route("/v1/{rest:path}", self.passthrough, methods=["GET", "HEAD"], include_in_schema=False)
-        app.add_api_route("/v1/{rest:path}", self.ollama_v1, methods=["POST"], include_in_schema=False)
+        for path in V1_GET:
+            app.add_api_route(path, self.passthrough, methods=["GET", "HEAD"], include_in_schema=False)
+        for path in V1_GPU:
+            app.add_api_route(path, self.ollama_v1, methods=["POST"], include_in_schema=False)
+        app.add_api_route("/v1/{rest:path}", self.v1_unknown, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
         from clair.web import Guard
 
         app.add_middleware(Guard, web=self.web, port=OLLAMA, max_body=MAX_BODY)  # the web port's guard, this port's rules

@@ -473,3 +473,38 @@ def test_a_bug_reaches_an_ollama_client_as_an_error_id(gateway, standin, studio,
     assert err.value.status_code == 500 and "error id" in err.value.error and "secret" not in err.value.error
     assert studio.jobs.snapshot()["total"] == 0
     assert ollama.Client(host=gateway.url).list().models  # still serving
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/v1/../api/pull",
+        "/v1/%2e%2e/api/pull",
+        "/v1/..%2fapi%2fcreate",
+        "/v1/models/../../api/copy",
+        "/v1/./chat/completions",
+        "/v1//api/push",
+        "/v1/files",
+    ],
+)
+def test_v1_on_the_ollama_port_forwards_its_own_endpoints_only(gateway, standin, raw_path):
+    """Ollama's /v1 on Clair's Ollama port forwards /v1/models, chat, completions and embeddings: no other path,
+    and no path whose `..` would lead elsewhere (httpx resolves `/v1/../api/pull` to Ollama's model management,
+    which the port refuses by name). Sent as raw bytes, so no client tidies the path first."""
+    import socket
+
+    host, port = gateway.url.removeprefix("http://").split(":")
+    body = b'{"model": "' + MODEL.encode() + b'", "prompt": "hi"}'
+    for method in ("POST", "GET"):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                f"{method} {raw_path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        status = int(reply.split(b" ", 2)[1])
+        assert status in (404, 405), (method, raw_path, reply[:300])
+    for path in ("/api/pull", "/api/create", "/api/copy", "/api/push", "/api/generate"):
+        assert not standin.requests_to(path), path
