@@ -57,6 +57,9 @@ SDXL_VAE_WEIGHTS = int(0.17e9)
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
 
+LEARN_MIN_MPX = 0.25  # the footprint is learned from renders of 512x512 and larger only
+
+
 @dataclass(frozen=True)
 class RenderPrior:
     """weights + activations (allocated) + fragmentation (reserved but not allocated), each a + b x megapixels."""
@@ -210,8 +213,8 @@ class ImageEngine(Engine):
         """
         weights = self._swap.nbytes if (self._swap is not None and gpu.present()) else SDXL_WEIGHTS
         mpx = width * height / 1e6
-        if self._per_mpx is not None:
-            return int(weights + self._per_mpx * mpx * 1.1), weights  # measured, with 10% margin
+        if self._per_mpx is not None:  # measured, with 10% margin, above the prior's fixed part
+            return int(weights + (self._fixed() + self._per_mpx * mpx) * 1.1), weights
         return PRIORS[self.vae_kind].need(weights, mpx), weights  # per VAE kind; see the table above
 
     def decode_footprint(self, width: int, height: int) -> int:
@@ -434,6 +437,11 @@ class ImageEngine(Engine):
         gpu.empty_cache()
         gpu.note_activity()
 
+    def _fixed(self) -> float:
+        """Bytes a render needs above the weights whatever its size (the prior's fixed part)."""
+        prior = PRIORS[self.vae_kind]
+        return (prior.act_gib + prior.frag_gib) * GiB
+
     def restore(self) -> float:
         """Weights back on the GPU (a render resuming after a pause). Seconds taken; 0 if they never left."""
         self._end_tail()
@@ -608,9 +616,13 @@ class ImageEngine(Engine):
         # Learn only from a clean peak: not a tiled or offloaded render (it says nothing about the normal one),
         # nor one during which anything else used this process's GPU memory (the in-process chat model, a
         # pause that evicted or restored weights): the peak is process-wide.
-        if peak and fallback is None and mark is not None and gpu.activity_mark() == mark and self.learns:
-            mpx = params.width * params.height / 1e6
-            self._learned.append(max(0.0, peak - baseline) / mpx)
+        # Nor from a small drawing: what a render needs whatever its size (the fixed part) divided by a few
+        # thousandths of a megapixel made a 64x64 render teach 120 GB for 512x512, and every render but tiny
+        # ones was refused from then on. The fixed part is the prior's; what is learned is the rest, per pixel.
+        mpx = params.width * params.height / 1e6
+        clean = mark is not None and gpu.activity_mark() == mark
+        if peak and fallback is None and clean and self.learns and mpx >= LEARN_MIN_MPX:
+            self._learned.append(max(0.0, peak - baseline - self._fixed()) / mpx)
             self._per_mpx = max(self._learned)
         return image, {"render_s": render_s, "restore_s": restore_s, "peak_reserved_gb": peak / GiB}
 
