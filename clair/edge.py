@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
@@ -143,6 +144,15 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number Python would read as infinity (`1e400`) is refused like the word Infinity: a float that
+    overflows is no number a client meant, and `int(inf)` deep in a handler answered 500."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:40]} is too large a number")
+    return value
+
+
 def parse_json(raw: bytes, limit: int = MAX_DEPTH) -> Any:
     """`raw` as JSON (NaN and Infinity refused, as Go's decoder and so Ollama refuse them), nesting at most
     `limit` levels and holding at most MAX_VALUES values. Raises BadJson.
@@ -154,7 +164,7 @@ def parse_json(raw: bytes, limit: int = MAX_DEPTH) -> Any:
     if values > MAX_VALUES:
         raise BadJson(f"the JSON holds more than {MAX_VALUES} values")
     try:
-        obj = json.loads(raw, parse_constant=_no_constant)
+        obj = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:
         raise BadJson(f"the JSON nests deeper than {limit} levels") from None
     except ValueError as exc:

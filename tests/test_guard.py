@@ -105,7 +105,8 @@ def test_bad_and_deeply_nested_json_get_400_never_500(studio):
         deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
         bad = b'{"model": "m", "messages": [}'
         for url in (web_v1.url + "/v1/chat/completions", ollama.url + "/v1/chat/completions", ollama.url + "/api/chat"):
-            for body in (deep, bad, b"[" * 1_000_000):
+            huge = b'{"model": "m", "keep_alive": 1e400, "messages": [], "input": "x"}'  # a float that is infinity
+            for body in (deep, bad, b"[" * 1_000_000, huge):
                 r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
                 assert r.status_code == 400, (url, r.status_code, r.text[:200])
                 err = r.json()["error"]
@@ -127,6 +128,8 @@ def test_json_nesting_and_size_limits():
         edge.parse_json(json.dumps([[1, 2]] * (edge.MAX_VALUES // 2 + 1)).encode())
     with pytest.raises(edge.BadJson, match="NaN"):
         edge.parse_json(b'{"x": NaN}')
+    with pytest.raises(edge.BadJson, match="too large"):
+        edge.parse_json(b'{"x": -1e400}')
     assert edge.nesting(7) == 0 and edge.nesting([]) == 1
 
 
