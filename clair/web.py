@@ -80,8 +80,8 @@ PUBLIC_EXACT = frozenset(
 )
 PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/")
 # Open without a login to this machine only (a local Prometheus): from any other address they need one.
-# A reverse proxy on this machine must send X-Forwarded-For (uvicorn trusts it from 127.0.0.1), or every
-# request it forwards looks local.
+# A reverse proxy on this machine is listed in CLAIR_TRUSTED_PROXIES (then uvicorn puts the client's address
+# in its place); a loopback request that carries a forwarding header from an untrusted proxy is not local.
 LOOPBACK_OPEN = frozenset({"/metrics"})
 LOGIN_PATHS = frozenset({"/login", "/login/"})
 LOGOUT_PATHS = frozenset({"/logout", "/logout/"})  # Clair's own routes: POST ends this session, GET nothing
@@ -101,6 +101,24 @@ def client_key(address: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
+
+
+FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+UNTRUSTED_PROXY = "untrusted-proxy"  # the address of a request forwarded by a proxy Clair does not trust
+_warned_proxy: set[str] = set()
+
+
+def _warn_untrusted_proxy(address: str) -> None:
+    if address not in _warned_proxy:
+        _warned_proxy.add(address)
+        log.warning(
+            "a request from %s carries X-Forwarded-For (a reverse proxy?) but CLAIR_TRUSTED_PROXIES does not name it: "
+            "its requests are treated as coming from elsewhere, and all of its clients share one address. "
+            "Set CLAIR_TRUSTED_PROXIES=%s if this is your proxy.",
+            address,
+            address,
+            extra=ALWAYS,
+        )
 
 
 def is_loopback_client(address: str) -> bool:
@@ -727,6 +745,13 @@ class Guard:
         web = self.web
         headers = Headers(scope=scope)
         address = (scope.get("client") or ("?", 0))[0]
+        if is_loopback_client(address) and any(h in headers for h in FORWARDING_HEADERS):
+            # A reverse proxy on this machine that Clair was not told to trust (CLAIR_TRUSTED_PROXIES: uvicorn
+            # then left the header alone): the client is somewhere else, so the request is not local. Without
+            # this, every LAN client behind it would reach /metrics and the Ollama port as this machine does.
+            _warn_untrusted_proxy(address)
+            address = UNTRUSTED_PROXY
+            scope = {**scope, "client": (address, 0)}
         method = scope.get("method", "GET") if kind == "http" else "WEBSOCKET"
         path = scope.get("path", "/")
         protocol = self.protocol(path)

@@ -120,3 +120,16 @@ def test_a_lan_scrape_needs_a_login(tmp_path, standin):
         refused = lan.get("/metrics")
         assert refused.status_code == 401
         assert "clair_" not in refused.text
+
+
+def test_a_scrape_forwarded_by_an_untrusted_local_proxy_needs_a_login(tmp_path, standin, caplog):
+    """A reverse proxy on this machine that CLAIR_TRUSTED_PROXIES does not name forwards LAN clients from
+    127.0.0.1: a request carrying X-Forwarded-For (or Forwarded, X-Real-IP) is not local, and Clair says once
+    how to trust the proxy. Without the header, this machine's own scraper still needs no login."""
+    _, app = build(tmp_path, standin, users=True)
+    with TestClient(app, base_url=BASE, client=LOCAL) as local:
+        assert local.get("/metrics").status_code == 200
+        for header in ({"X-Forwarded-For": "192.0.2.77"}, {"Forwarded": "for=192.0.2.77"}, {"X-Real-IP": "192.0.2.77"}):
+            refused = local.get("/metrics", headers=header)
+            assert refused.status_code == 401 and "clair_" not in refused.text, header
+    assert sum("CLAIR_TRUSTED_PROXIES=127.0.0.1" in r.getMessage() for r in caplog.records) == 1
