@@ -317,7 +317,7 @@ class Gateway:
         async def work(send: Send, gone: Gone) -> None:
             await self.relay(
                 send, gone, path, model, body, label, gpu=True, what="v1" + path[3:], user=user, address=address,
-                headers=request.headers,
+                headers=request.headers, protocol=OPENAI,
             )
 
         return Exchange(work, OPENAI)
@@ -335,8 +335,10 @@ class Gateway:
         user: str | None,
         address: str,
         headers: Headers | None = None,
+        protocol: str = OLLAMA,
     ) -> None:
         """Wait for the GPU (unless `gpu` is False), forward `body`, relay Ollama's answer as it comes.
+        Clair's own refusals are shaped as `protocol`'s errors (OpenAI's on Ollama's /v1).
 
         The job slot and the lease go back before the client sees the end of the answer, so a client
         that sends its next request at once is not refused for the one it has finished."""
@@ -349,7 +351,7 @@ class Gateway:
                 job = stack.enter_context(job_slot(self.studio, user, address, headers))
             except GpuBusy as exc:  # a per-user cap, not the GPU's queue
                 status = 429
-                await send_json(send, 429, error_body(OLLAMA, 429, str(exc)), {"retry-after": "5"})
+                await send_json(send, 429, error_body(protocol, 429, str(exc), "too_many_jobs"), {"retry-after": "5"})
                 return
             gone.link(job.stop)
             try:
@@ -359,10 +361,10 @@ class Gateway:
                 return
             except ClairError as exc:  # GpuBusy after CLAIR_QUEUE_TIMEOUT_S, an eviction that failed ...
                 status = 503
-                await send_json(send, 503, error_body(OLLAMA, 503, str(exc)))
+                await send_json(send, 503, error_body(protocol, 503, str(exc), "gpu_busy"))
                 return
             waited = time.monotonic() - t0
-            status = await self._forward(send, gone, path, body)
+            status = await self._forward(send, gone, path, body, protocol)
             # Read now: once the answer is complete the client closes, and `gone` is set for that too.
             left = gone.is_set()
         finally:
@@ -379,7 +381,7 @@ class Gateway:
                 " (client gone)" if left or (not status and gone.is_set()) else "",
             )
 
-    async def _forward(self, send: Send, gone: Gone, path: str, body: dict) -> int:
+    async def _forward(self, send: Send, gone: Gone, path: str, body: dict, protocol: str = OLLAMA) -> int:
         started = False
         try:
             async with self.client().stream("POST", self.url + path, json=body) as r:
@@ -396,10 +398,10 @@ class Gateway:
                 return r.status_code
         except httpx.HTTPError as exc:
             if not started:
-                await send_json(send, 502, error_body(OLLAMA, 502, self.unreachable()))
+                await send_json(send, 502, error_body(protocol, 502, self.unreachable(), "ollama_unreachable"))
                 return 502
             # Mid-stream, Ollama itself ends the stream with an error line under HTTP 200.
-            line = json.dumps(error_body(OLLAMA, 502, f"lost the connection to Ollama: {exc}")).encode() + b"\n"
+            line = json.dumps(error_body(protocol, 502, f"lost the connection to Ollama: {exc}")).encode() + b"\n"
             await send({"type": "http.response.body", "body": line})
             return 200
 
