@@ -839,6 +839,12 @@ class Arbiter:
                     "start", {"id": lease.req.id, "kind": lease.kind, "label": lease.label, "at": lease.ready_at}
                 )
             return
+        evicted, each = self._evict_for(lease, grant)
+        self._record_handover(lease, grant, evicted, each)
+
+    def _evict_for(self, lease: Lease, grant: Grant) -> tuple[list[str], dict[str, float]]:
+        """Evict the grant's tenants, then wait until the card has room. On a failure the lease is released
+        and EvictionFailed raised. Returns the tenants evicted and each one's seconds."""
         evicted: list[str] = []
         each: dict[str, float] = {}
         try:
@@ -870,6 +876,10 @@ class Arbiter:
             if isinstance(exc, EvictionFailed):
                 raise
             raise EvictionFailed(f"Could not free the GPU for this {lease.kind}: {exc}") from exc
+        return evicted, each
+
+    def _record_handover(self, lease: Lease, grant: Grant, evicted: list[str], each: dict[str, float]) -> None:
+        """The lease is ready: note the hand-over (when something was evicted) and tell the listeners."""
         lease.evicted = tuple(evicted)
         lease.evict_reason = grant.reason
         lease.ready_at = time.time()

@@ -12,7 +12,9 @@ Everything in Clair that needs a memory figure or an allocator action goes throu
 
 `NoDevice` (CPU-only torch, no simulated card) answers "unknown". `CudaDevice` wraps `torch.cuda`.
 `SimCard` (clair/simcard.py, `CLAIR_SIM_GPU_GB`) is a card shared with other processes through a
-JSON file, that says "out of memory" as CUDA does. Clair's code never asks which one it has.
+JSON file, that says "out of memory" as CUDA does; it subclasses `Device`, so it also owns configuring
+the cards from Clair's settings (`simcard.configure`), and this module never imports it. Clair's code
+never asks which one it has.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ def _detect() -> Device:
 def install(dev: Device | None) -> Device | None:
     """Make `dev` the device (None: detect again at the next `current()`). Returns the previous one.
 
-    It is card 0 from now on: other cards `configure_cards()` listed are forgotten."""
+    It is card 0 from now on: other cards `set_cards()` listed are forgotten."""
     global _current
     with _lock:
         old, _current = _current, dev
@@ -215,30 +217,10 @@ def install(dev: Device | None) -> Device | None:
 _cards: list[Device] = []
 
 
-def card_path(path: str, index: int) -> str:
-    """The state file of simulated card `index`: card 0's is `path` itself (as with one card), card i's
-    is `path` with -i before its extension (sim-gpu.json, sim-gpu-1.json, ...)."""
-    if index == 0:
-        return path
-    root, ext = os.path.splitext(path)
-    return f"{root}-{index}{ext}"
-
-
-def configure_cards(sizes_gb: tuple[float, ...] | list[float], sim_gpu_file: str) -> list[Device]:
-    """Set up every card from CLAIR_SIM_GPU_GB's sizes (Config.sim_gpu_sizes): card 0 exactly as `configure`
-    does with one size, and a simulated card, with its own state file, for each further size. Returns them."""
-    sizes = list(sizes_gb)
-    first = configure(sizes[0] if sizes else 0.0, sim_gpu_file)
-    if len(sizes) <= 1:
-        return [first]
-    from clair.simcard import SimCard
-
-    path = os.path.abspath(os.path.expanduser(sim_gpu_file))
-    more: list[Device] = [SimCard(card_path(path, i), total=int(gb * GiB)) for i, gb in enumerate(sizes) if i]
+def set_cards(listed: list[Device]) -> None:
+    """List every card, card 0 first (clair/simcard.py's `configure_cards`); card 0 must be `current()`."""
     with _lock:
-        _cards[:] = [first, *more]
-    log.info("simulated GPU cards=%d sizes_gib=%s", len(sizes), ",".join(f"{gb:g}" for gb in sizes))
-    return [first, *more]
+        _cards[:] = listed
 
 
 def cards() -> list[Device]:
@@ -251,23 +233,3 @@ def cards() -> list[Device]:
 def readings() -> list[Reading | None]:
     """Each card's reading, in card order (None where a card cannot say)."""
     return [card.reading() for card in cards()]
-
-
-def configure(sim_gpu_gb: float, sim_gpu_file: str) -> Device:
-    """Set the device from Clair's settings: a simulated card when CLAIR_SIM_GPU_GB > 0, else CUDA or none.
-
-    An existing simulated card on the same file is kept (several Studios in one process share it)."""
-    dev = current()
-    if sim_gpu_gb > 0:
-        from clair.simcard import SimCard
-
-        path = os.path.abspath(os.path.expanduser(sim_gpu_file))
-        if isinstance(dev, SimCard) and dev.path == path:
-            return dev
-        card = SimCard(path, total=int(sim_gpu_gb * GiB))
-        install(card)
-        log.info("simulated GPU card=%s total_gib=%.1f", path, sim_gpu_gb)
-        return card
-    if not isinstance(dev, CudaDevice) and dev.present:  # a simulated card from an earlier configuration
-        install(None)
-    return current()

@@ -33,29 +33,41 @@ log = logging.getLogger("clair")
 
 def make_app(studio, demo, users=None):
     """The whole web app: Gradio mounted at / behind clair.web's guard, with /healthz, /metrics and POST /logout."""
-    import gradio as gr
     from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
     from starlette.middleware.cors import CORSMiddleware
-    from starlette.routing import Mount
 
-    from clair import ui
+    from clair.access import AccessLog
     from clair.users import Users
-    from clair.web import Guard, Web, is_loopback_client, make_auth
+    from clair.web import Guard, Web
 
     cfg = studio.cfg
     users = users if users is not None else Users(cfg.users_path)
     web = Web(cfg, users)
-    no_docs = {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="Clair", **no_docs)
+    app = FastAPI(title="Clair", **NO_DOCS)
     # No origin is granted anything. A CORSMiddleware on the parent also makes Gradio's own CORS
     # middleware stand aside (gradio/route_utils.py CustomCORSMiddleware.parent_configures_cors).
     app.add_middleware(CORSMiddleware, allow_origins=[], allow_credentials=False)
     app.add_middleware(Guard, web=web)
-    from clair.access import AccessLog
-
     app.add_middleware(AccessLog, web=web, port="web")  # added last, so it runs first: refusals are logged too
     app.state.web = web
+    _add_health_routes(app, studio, web)
+    _add_session_routes(app, web)
+    # The OpenAI-compatible API (clair/openai_api.py): before Gradio takes "/"; the guard checks its keys.
+    from clair.openai_api import router as openai_router
+
+    app.include_router(openai_router(studio))
+    return _mount_gradio(app, studio, demo, web, users)
+
+
+NO_DOCS = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+
+
+def _add_health_routes(app, studio, web) -> None:
+    """/healthz (the holder and the problem for loopback and logged-in users only) and /metrics."""
+    from fastapi.responses import JSONResponse, Response
+
+    from clair.metrics import Metrics
+    from clair.web import is_loopback_client
 
     @app.get("/healthz")
     def healthz(request: Request):
@@ -73,10 +85,6 @@ def make_app(studio, demo, users=None):
             body["problem"] = None if ok else studio.last_health_problem
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    from fastapi.responses import Response
-
-    from clair.metrics import Metrics
-
     metrics = Metrics(studio)  # its own registry, per app
     app.state.metrics = metrics
 
@@ -85,6 +93,11 @@ def make_app(studio, demo, users=None):
         """Prometheus text format. The guard lets loopback in without a login (clair.web.LOOPBACK_OPEN)."""
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+
+def _add_session_routes(app, web) -> None:
+    """POST /logout ends this browser's session; GET /logout only offers the button."""
+    from fastapi.responses import HTMLResponse, RedirectResponse
 
     @app.post("/logout")
     def logout(request: Request):
@@ -108,10 +121,14 @@ def make_app(studio, demo, users=None):
             headers={"Allow": "POST"},
         )
 
-    # The OpenAI-compatible API (clair/openai_api.py): before Gradio takes "/"; the guard checks its keys.
-    from clair.openai_api import router as openai_router
 
-    app.include_router(openai_router(studio))
+def _mount_gradio(app, studio, demo, web, users):
+    """Mount the Gradio page at / with Clair's login (clair.web.make_auth), and hand the guard its sessions."""
+    import gradio as gr
+    from starlette.routing import Mount
+
+    from clair import ui
+    from clair.web import make_auth
 
     os.makedirs(studio.image.output_dir, exist_ok=True)
     demo.delete_cache = (900, 3600)  # every 15 min, drop Gradio's cached files older than an hour
@@ -121,7 +138,7 @@ def make_app(studio, demo, users=None):
         demo,
         path="/",
         auth=auth,
-        app_kwargs=no_docs,
+        app_kwargs=dict(NO_DOCS),  # a copy: Gradio adds its lifespan to the dict it is given
         allowed_paths=[str(studio.image.output_dir)],
         show_error=False,  # only gr.Error (Clair's own messages) reach clients; see docs/design.md
         max_file_size="1kb",  # Clair takes no uploads; the guard refuses /gradio_api/upload as well
@@ -313,12 +330,10 @@ def _warn_without_cuda(cfg: config.Config) -> None:
 
 def serve(cfg: config.Config, ready: threading.Event | None = None, stop: threading.Event | None = None):
     """Serve until `stop` is set (or SIGINT/SIGTERM in the main thread). Returns the studio."""
-    import uvicorn
-
     from clair.studio import Studio
     from clair.ui import build
     from clair.users import Users
-    from clair.web import install_log_filter, lan_urls, server_limits
+    from clair.web import install_log_filter
 
     users = Users(cfg.users_path)
     check_exposure(cfg, users)
@@ -326,6 +341,45 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
     studio = Studio(cfg)
     demo = build(studio)
     app = make_app(studio, demo, users)
+    server, thread = _start_server(cfg, app)
+    gateway = None
+    if cfg.ollama_port:
+        gateway = serve_gateway(cfg, studio, app.state.web)
+    scheme = "https" if cfg.tls_cert else "http"
+    url = _url(scheme, cfg.host, cfg.port)
+    _announce(cfg, studio, users, url, scheme)
+    if cfg.preload:
+        # READY=1 only once the models are in host memory; until then systemd's start timeout is extended.
+        threading.Thread(target=_preload_then_ready, args=(studio, url), name="clair-preload", daemon=True).start()
+    else:
+        sdnotify.ready(f"serving on {url}")
+    watchdog = _start_watchdog(url)
+    if ready is not None:
+        ready.set()
+    stop = stop or threading.Event()
+    try:
+        while thread.is_alive() and not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sdnotify.stopping()
+        if watchdog is not None:
+            watchdog.stop()
+        server.should_exit = True
+        if gateway is not None:
+            gateway[0].should_exit = True
+            gateway[1].join(10)
+        thread.join(10)
+    return studio
+
+
+def _start_server(cfg: config.Config, app):
+    """Start uvicorn on its own thread and wait until it listens. Returns (server, thread)."""
+    import uvicorn
+
+    from clair.web import server_limits
+
     tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key} if cfg.tls_cert else {}
     server = uvicorn.Server(
         uvicorn.Config(
@@ -348,11 +402,13 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
                 f"Clair could not start serving on {cfg.host}:{cfg.port} (is the port in use? --port picks another)."
             )
         time.sleep(0.05)
-    gateway = None
-    if cfg.ollama_port:
-        gateway = serve_gateway(cfg, studio, app.state.web)
-    scheme = "https" if cfg.tls_cert else "http"
-    url = _url(scheme, cfg.host, cfg.port)
+    return server, thread
+
+
+def _announce(cfg: config.Config, studio, users, url: str, scheme: str) -> None:
+    """Say where Clair serves (the log, the terminal, its LAN addresses), who may log in, and what to fix."""
+    from clair.web import lan_urls
+
     log.info(
         "serving url=%s demo=%s policy=%s budget_gb=%s", url, cfg.demo, cfg.gpu_policy, studio.status()["budget_gb"]
     )
@@ -368,50 +424,30 @@ def serve(cfg: config.Config, ready: threading.Event | None = None, stop: thread
             "behind a TLS reverse proxy (docs/install.md)"
         )
     _warn_without_cuda(cfg)
-    if cfg.preload:
-        # READY=1 only once the models are in host memory; until then systemd's start timeout is extended.
-        threading.Thread(target=_preload_then_ready, args=(studio, url), name="clair-preload", daemon=True).start()
-    else:
-        sdnotify.ready(f"serving on {url}")
-    watchdog = None
+
+
+def _start_watchdog(url: str):
+    """systemd's watchdog (WatchdogSec=), fed while /healthz answers 200; None when systemd asks for none."""
     interval = sdnotify.watchdog_interval()
-    if interval:
+    if not interval:
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own server, on loopback
 
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own server, on loopback
-
-        def check() -> bool:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=max(1.0, interval / 2), context=context) as resp:
+                return resp.status == 200
+        except urllib.error.HTTPError as err:  # 503: the reason goes to `systemctl status` (STATUS=)
             try:
-                with urllib.request.urlopen(url + "/healthz", timeout=max(1.0, interval / 2), context=context) as resp:
-                    return resp.status == 200
-            except urllib.error.HTTPError as err:  # 503: the reason goes to `systemctl status` (STATUS=)
-                try:
-                    problem = json.loads(err.read()).get("problem")
-                except Exception:
-                    problem = None
-                raise RuntimeError(problem or f"/healthz answered {err.code}") from None
+                problem = json.loads(err.read()).get("problem")
             except Exception:
-                return False
+                problem = None
+            raise RuntimeError(problem or f"/healthz answered {err.code}") from None
+        except Exception:
+            return False
 
-        watchdog = sdnotify.Watchdog(check, interval).start()
-    if ready is not None:
-        ready.set()
-    stop = stop or threading.Event()
-    try:
-        while thread.is_alive() and not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sdnotify.stopping()
-        if watchdog is not None:
-            watchdog.stop()
-        server.should_exit = True
-        if gateway is not None:
-            gateway[0].should_exit = True
-            gateway[1].join(10)
-        thread.join(10)
-    return studio
+    return sdnotify.Watchdog(check, interval).start()
 
 
 def serve_gateway(cfg: config.Config, studio, web):

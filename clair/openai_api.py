@@ -106,6 +106,39 @@ async def json_body(request: Request) -> dict | JSONResponse:
     return body
 
 
+async def _whole_reply(send: Send, gone: Gone, step, first, cid: str, created: int, name: str) -> int:
+    """A chat completion without `stream`: the reply gathered, then one JSON body. Returns the status sent."""
+    parts: list[str] = []
+    event = first
+    try:
+        while event is not None and not gone.is_set():
+            if isinstance(event, Token):
+                parts.append(event.text)
+            event = await step()
+    except ClairError as exc:
+        status, obj = clair_error(exc)
+        await send_json(send, status, obj)
+        return status
+    await send_json(
+        send,
+        200,
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(parts)},
+                    "finish_reason": "stop",
+                }
+            ],
+        },
+    )
+    return 200
+
+
 def router(studio) -> APIRouter:
     r = APIRouter(prefix="/v1")
     # Images /v1 rendered, by file name -> the key's user (None without users): /v1/files serves these
@@ -222,34 +255,7 @@ def router(studio) -> APIRouter:
                     await send_json(send, status, obj)
                 return
             if not stream:
-                parts: list[str] = []
-                event = first
-                try:
-                    while event is not None and not gone.is_set():
-                        if isinstance(event, Token):
-                            parts.append(event.text)
-                        event = await step()
-                except ClairError as exc:
-                    status, obj = clair_error(exc)
-                    await send_json(send, status, obj)
-                    return
-                await send_json(
-                    send,
-                    200,
-                    {
-                        "id": cid,
-                        "object": "chat.completion",
-                        "created": created,
-                        "model": name,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": "".join(parts)},
-                                "finish_reason": "stop",
-                            }
-                        ],
-                    },
-                )
+                status = await _whole_reply(send, gone, step, first, cid, created, name)
                 return
             await send(
                 {

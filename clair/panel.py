@@ -58,9 +58,37 @@ def panel_data(studio, now: float | None = None, viewer: str | None = None) -> d
     now = time.time() if now is None else now
     st = studio.status()
     hist = studio.arbiter.history()
-    budget = studio.arbiter.budget
+    vram = _vram(st, studio.arbiter.budget)
+    holders, queue = _holders(st, viewer), _queue(st, viewer)
+    events = [dict(e) for e in reversed(list(studio.recent))]
+    busy = {h["tenant"] for h in holders}
+    ejectable = [
+        {
+            "tenant": t,
+            "name": label,
+            "resident": any(s["tenant"] == t for s in vram["segments"]),
+            "busy": t in busy,
+        }
+        for t, label in studio.ejectable().items()
+    ]
+    return {
+        "at": now,
+        "cuda": bool(st.get("cuda")),
+        "vram": vram,
+        "holders": holders,
+        "queue": queue,
+        "handovers": _handovers(studio, hist)[:8],
+        "timeline": _timeline_data(hist, now),
+        "events": events[:8],
+        "ejectable": ejectable,
+        "image_keep_alive_s": st.get("image_keep_alive_s"),
+        "stats": st["stats"],
+        "policy": st["policy"],
+    }
 
-    # VRAM: the ledger's residents; on CUDA, what the device says is used beyond Clair's and Ollama's share.
+
+def _vram(st: dict, budget) -> dict:
+    """The memory bar: the ledger's residents; on a card, what it says is used beyond Clair's and Ollama's share."""
     segments = [
         {"tenant": r["tenant"], "name": _name(r["tenant"]), "bytes": r["bytes"], "busy": r["busy"], "evicting": r["evicting"]}
         for r in st["resident"]
@@ -78,6 +106,19 @@ def panel_data(studio, now: float | None = None, viewer: str | None = None) -> d
     others = device["others"] if device else 0
     free = device["free"] if device else (max(0, budget - ledger) if budget else None)
 
+    return {
+        "budget": budget,
+        "scale": scale,
+        "segments": segments,
+        "ledger": ledger,
+        "others": others,
+        "free": free,
+        "device": device,
+    }
+
+
+def _holders(st: dict, viewer: str | None) -> list[dict]:
+    """The jobs holding the GPU, as `viewer` may see them."""
     holders = [
         {
             "kind": h["kind"],
@@ -92,7 +133,11 @@ def panel_data(studio, now: float | None = None, viewer: str | None = None) -> d
         }
         for h in st["holders"]
     ]
-    holders = [_private(h, viewer) for h in holders]
+    return [_private(h, viewer) for h in holders]
+
+
+def _queue(st: dict, viewer: str | None) -> list[dict]:
+    """The jobs waiting for the GPU, in order, as `viewer` may see them."""
     queue = [
         {
             "kind": w["kind"],
@@ -105,9 +150,11 @@ def panel_data(studio, now: float | None = None, viewer: str | None = None) -> d
         }
         for w in st["waiting"]
     ]
-    queue = [_private(w, viewer) for w in queue]
+    return [_private(w, viewer) for w in queue]
 
-    # Hand-overs: evictions for a request, idle evictions, loads and restores, newest first.
+
+def _handovers(studio, hist: dict) -> list[dict]:
+    """Hand-overs: evictions for a request, idle evictions, loads and restores, newest first."""
     swaps = []
     for h in hist["handovers"]:
         for tenant, s in (h.get("evict_each_s") or {t: None for t in h["evicted"]}).items():
@@ -117,7 +164,11 @@ def panel_data(studio, now: float | None = None, viewer: str | None = None) -> d
     for e in list(studio.swaps):
         swaps.append({"at": e["at"], "what": e["event"], "tenant": e.get("tenant") or "image", "for": e.get("model", ""), "s": e["s"]})
     swaps.sort(key=lambda x: x["at"], reverse=True)
+    return swaps
 
+
+def _timeline_data(hist: dict, now: float) -> dict:
+    """The holds of the last TIMELINE_S at most, as seconds before `now`."""
     # The timeline spans the last TIMELINE_S at most, and shrinks to what happened (at least a minute).
     starts = [h["start"] for h in hist["holds"] if h["start"] is not None and h["start"] > now - TIMELINE_S]
     window = min(TIMELINE_S, max(60.0, 1.1 * (now - min(starts)))) if starts else 60.0
@@ -130,40 +181,7 @@ def panel_data(studio, now: float | None = None, viewer: str | None = None) -> d
             {"kind": h["kind"], "label": _shown(h["label"]), "start_s": max(-window, h["start"] - now), "end_s": end - now,
              "running": h["end"] is None}
         )
-
-    events = [dict(e) for e in reversed(list(studio.recent))]
-    busy = {h["tenant"] for h in holders}
-    ejectable = [
-        {
-            "tenant": t,
-            "name": label,
-            "resident": any(s["tenant"] == t for s in segments),
-            "busy": t in busy,
-        }
-        for t, label in studio.ejectable().items()
-    ]
-    return {
-        "at": now,
-        "cuda": bool(st.get("cuda")),
-        "vram": {
-            "budget": budget,
-            "scale": scale,
-            "segments": segments,
-            "ledger": ledger,
-            "others": others,
-            "free": free,
-            "device": device,
-        },
-        "holders": holders,
-        "queue": queue,
-        "handovers": swaps[:8],
-        "timeline": {"window_s": window, "holds": holds},
-        "events": events[:8],
-        "ejectable": ejectable,
-        "image_keep_alive_s": st.get("image_keep_alive_s"),
-        "stats": st["stats"],
-        "policy": st["policy"],
-    }
+    return {"window_s": window, "holds": holds}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,11 +28,15 @@ import contextlib
 import fcntl
 import itertools
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
 
+from clair import device
 from clair.device import Device, Reading
+
+log = logging.getLogger("clair.device")
 
 GiB = 1024**3
 GB = 1_000_000_000
@@ -344,3 +348,47 @@ class SimCard(Device):
             self._reserved = 0
             self._touched = False
             give_back(self.path, self.holder)
+
+
+# -- configuring the cards from Clair's settings (device.py lists them; only this module knows SimCard) ----
+
+
+def card_path(path: str, index: int) -> str:
+    """The state file of simulated card `index`: card 0's is `path` itself (as with one card), card i's
+    is `path` with -i before its extension (sim-gpu.json, sim-gpu-1.json, ...)."""
+    if index == 0:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}-{index}{ext}"
+
+
+def configure_cards(sizes_gb: tuple[float, ...] | list[float], sim_gpu_file: str) -> list[Device]:
+    """Set up every card from CLAIR_SIM_GPU_GB's sizes (Config.sim_gpu_sizes): card 0 exactly as `configure`
+    does with one size, and a simulated card, with its own state file, for each further size. Returns them."""
+    sizes = list(sizes_gb)
+    first = configure(sizes[0] if sizes else 0.0, sim_gpu_file)
+    if len(sizes) <= 1:
+        return [first]
+    path = os.path.abspath(os.path.expanduser(sim_gpu_file))
+    more: list[Device] = [SimCard(card_path(path, i), total=int(gb * GiB)) for i, gb in enumerate(sizes) if i]
+    device.set_cards([first, *more])
+    log.info("simulated GPU cards=%d sizes_gib=%s", len(sizes), ",".join(f"{gb:g}" for gb in sizes))
+    return [first, *more]
+
+
+def configure(sim_gpu_gb: float, sim_gpu_file: str) -> Device:
+    """Set the device from Clair's settings: a simulated card when CLAIR_SIM_GPU_GB > 0, else CUDA or none.
+
+    An existing simulated card on the same file is kept (several Studios in one process share it)."""
+    dev = device.current()
+    if sim_gpu_gb > 0:
+        path = os.path.abspath(os.path.expanduser(sim_gpu_file))
+        if isinstance(dev, SimCard) and dev.path == path:
+            return dev
+        card = SimCard(path, total=int(sim_gpu_gb * GiB))
+        device.install(card)
+        log.info("simulated GPU card=%s total_gib=%.1f", path, sim_gpu_gb)
+        return card
+    if not isinstance(dev, device.CudaDevice) and dev.present:  # a simulated card from an earlier configuration
+        device.install(None)
+    return device.current()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 
-from clair import device, gpu, limits
+from clair import gpu, limits, simcard
 from clair.arbiter import Arbiter, Kind, Lease
 from clair.chat import ChatBackend, LocalChat, OllamaChat
 from clair.config import Config, duration_s
@@ -94,7 +94,7 @@ class Studio:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         # The device every memory question goes to (CUDA, or the simulated card of CLAIR_SIM_GPU_GB).
-        device.configure(cfg.sim_gpu_gb, cfg.sim_gpu_path)
+        simcard.configure(cfg.sim_gpu_gb, cfg.sim_gpu_path)
         self.arbiter = Arbiter(
             policy=cfg.gpu_policy,  # type: ignore[arg-type]
             budget_bytes=gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb),

@@ -252,12 +252,12 @@ def test_reading_never_invents_another_program_while_we_allocate(tmp_path) -> No
 def test_configure_from_settings(tmp_path) -> None:
     old = device.install(None)
     try:
-        dev = device.configure(20, str(tmp_path / "card.json"))
+        dev = simcard.configure(20, str(tmp_path / "card.json"))
         assert dev.present and isinstance(dev, SimCard) and dev.total == 20 * GiB
-        assert device.configure(20, str(tmp_path / "card.json")) is dev  # one card per file and process
+        assert simcard.configure(20, str(tmp_path / "card.json")) is dev  # one card per file and process
         assert gpu.budget_bytes(0, 1.5) == int(18.5 * GiB)
         if not torch.cuda.is_available():
-            assert not device.configure(0, "").present
+            assert not simcard.configure(0, "").present
     finally:
         device.install(old)
     assert os.path.exists(tmp_path / "card.json")

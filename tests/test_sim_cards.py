@@ -45,7 +45,7 @@ def test_the_list_is_no_setting_of_its_own():
 
 def test_two_cards_one_file_each(tmp_path):
     path = str(tmp_path / "sim-gpu.json")
-    cards = device.configure_cards((12, 24), path)
+    cards = simcard.configure_cards((12, 24), path)
     try:
         assert len(cards) == 2 and device.cards() == cards
         assert device.current() is cards[0]  # today's single-card code runs on card 0
@@ -69,11 +69,11 @@ def test_two_cards_one_file_each(tmp_path):
 
 def test_another_process_sees_the_same_cards(tmp_path):
     path = str(tmp_path / "sim-gpu.json")
-    cards = device.configure_cards((12, 24), path)
+    cards = simcard.configure_cards((12, 24), path)
     try:
         cards[1].hold("unet", 3 * GiB)
         # A second holder (a worker, a stand-in) opening card 1's file reads what the first one holds.
-        other = SimCard(device.card_path(path, 1), total=24 * GiB, holder="worker:0:1")
+        other = SimCard(simcard.card_path(path, 1), total=24 * GiB, holder="worker:0:1")
         assert other.reading().free == cards[1].reading().free < 21 * GiB
     finally:
         for c in cards:
@@ -82,24 +82,24 @@ def test_another_process_sees_the_same_cards(tmp_path):
 
 def test_one_size_is_one_card_and_one_file(tmp_path):
     path = str(tmp_path / "sim-gpu.json")
-    cards = device.configure_cards((20,), path)
+    cards = simcard.configure_cards((20,), path)
     try:
         assert device.cards() == cards == [device.current()]
         assert isinstance(cards[0], SimCard) and cards[0].path == path and cards[0].total == 20 * GiB
         assert sorted(os.listdir(tmp_path)) == ["sim-gpu.json"]
         # configure() with the same file keeps the same card, as before.
-        assert device.configure(20, path) is cards[0]
+        assert simcard.configure(20, path) is cards[0]
     finally:
         cards[0].close()
 
 
 def test_no_simulated_card_lists_the_detected_device(tmp_path):
-    assert device.configure_cards((), str(tmp_path / "sim.json")) == device.cards() == [device.current()]
+    assert simcard.configure_cards((), str(tmp_path / "sim.json")) == device.cards() == [device.current()]
     assert not os.listdir(tmp_path)
 
 
 def test_install_forgets_the_other_cards(tmp_path):
-    cards = device.configure_cards((12, 24), str(tmp_path / "sim.json"))
+    cards = simcard.configure_cards((12, 24), str(tmp_path / "sim.json"))
     device.install(None)
     assert len(device.cards()) == 1 and device.cards()[0] is not cards[1]
 
@@ -108,7 +108,7 @@ def test_placement_on_read_cards(tmp_path):
     """The readings of two simulated cards, as placement sees them: chat's model on the 12 GB card, a render
     goes to the 24 GB card and evicts nothing."""
     path = str(tmp_path / "sim-gpu.json")
-    cards = device.configure_cards((12, 24), path)
+    cards = simcard.configure_cards((12, 24), path)
     try:
         cards[0].hold("local-chat", int(1.5 * GiB))
         budget = [r.total - int(1.5 * GiB) for r in device.readings()]  # CLAIR_VRAM_RESERVE_GB's margin
@@ -127,7 +127,7 @@ def test_ollamas_card_from_what_its_runner_holds(tmp_path):
     """Without CLAIR_OLLAMA_GPUS, Ollama's card is the one its runner holds memory on (the stand-in names its
     holders ollama:<pid>:...), and a render that cannot fit beside it elsewhere evicts it only there."""
     path = str(tmp_path / "sim-gpu.json")
-    cards = device.configure_cards((12, 24), path)
+    cards = simcard.configure_cards((12, 24), path)
     try:
         assert simcard.take(cards[1].path, f"ollama:{os.getpid()}:runner-1:llama3.1:8b", 6 * GiB)
         assert simcard.take(cards[0].path, f"blender:{os.getpid()}", 4 * GiB)
