@@ -3,7 +3,7 @@
     python bench/gateway.py --n 100
 
 The official `ollama` client sends the same small chat N times to the Ollama stand-in directly and
-then through Clair's Ollama-compatible port (clair/gateway.py: a lease from the arbiter, the ledger
+then through Clair's Ollama-compatible port (clair/adapters/gateway.py: a lease from the arbiter, the ledger
 synced from /api/ps before and after, the body forwarded with httpx and relayed chunk by chunk), and
 N times through /v1/chat/completions with the official `openai` client (Studio.chat). The stand-in
 answers at once (no load, no token delay, TCP_NODELAY as Go sets it), so the figures are Clair's own
@@ -49,8 +49,8 @@ def main() -> int:
     import ollama
     import openai
 
-    from clair.config import Config
-    from clair.studio import Studio
+    from clair.base.config import Config
+    from clair.service.studio import Studio
     from tests.gateway_support import Served, gateway_app, v1_app
     from tests.ollama_standin import OllamaStandin, _Handler
 

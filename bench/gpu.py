@@ -5,7 +5,7 @@ on both sides):
 
 1. Host<->device bandwidth with a 1 GiB buffer: pinned host->device and device->host, pageable both
    ways. The **PCIe bound** of a model is its bytes / the pinned host->device bandwidth of this run.
-2. SDXL's weights (UNet, VAE, both CLIP text encoders; 6.94 GB fp16) through ``clair.gpu.WeightSwap``
+2. SDXL's weights (UNet, VAE, both CLIP text encoders; 6.94 GB fp16) through ``clair.device.gpu.WeightSwap``
    with a pinned host copy (``pinned_mode="on"``): ``prepare()`` (making the pinned copy, once at load),
    ``evict()`` (time and GPU memory freed), ``restore()`` (time, GB/s, ratio to the PCIe bound), and
    that the weights are bitwise identical after the round trips.
@@ -71,16 +71,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Measure under the allocator Clair runs with (expandable segments, clair/allocator.py), unless the caller
+# Measure under the allocator Clair runs with (expandable segments, clair/device/allocator.py), unless the caller
 # chose one: it must be in the environment before torch first touches CUDA.
-from clair import allocator  # noqa: E402 (imports no torch)
+from clair.device import allocator  # noqa: E402 (imports no torch)
 
 ALLOC_VAR, ALLOC_CONF = allocator.apply()
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from clair.gpu import WeightSwap, module_bytes  # noqa: E402 (needs the repo root on sys.path first)
+from clair.device.gpu import WeightSwap, module_bytes  # noqa: E402 (needs the repo root on sys.path first)
 
 GB = 1e9  # bandwidths and model sizes in decimal GB, as in gpu-measurements.md
 GiB = 1024**3  # memory footprints in GiB, as torch and nvidia-smi report them
@@ -688,10 +688,10 @@ def render(b: Bench, comps: dict[str, torch.nn.Module], sdxl_info: dict[str, Any
         "reserved_over_weights_per_mpx_gib": (peak_reserved - weights_alloc) / GiB / mpx,
     }
     try:  # what the arbiter assumes before it has measured a render, to compare with peak_reserved_gib
-        from clair.image import PRIORS, SDXL_WEIGHTS
+        from clair.engines.image import PRIORS, SDXL_WEIGHTS
 
         out["clair_prior_gib"] = PRIORS["stock" if upcast else "fp16"].need(SDXL_WEIGHTS, mpx) / GiB
-    except Exception as exc:  # clair.image needs Pillow; the prior is a comparison, not a measurement
+    except Exception as exc:  # clair.engines.image needs Pillow; the prior is a comparison, not a measurement
         out["clair_prior_gib"] = None
         out["clair_prior_error"] = f"{type(exc).__name__}: {exc}"
     out["pause_resume"] = pause_resume(b, unet, randn, cond, steps, lat)
@@ -712,7 +712,7 @@ def pause_resume(b: Bench, unet: torch.nn.Module, randn, cond: dict, steps: int,
     own WeightSwap (a pointer swap to the pinned host copy) and the cache is emptied, then they come back and
     the loop carries on. Reports the time to yield and to resume, and whether the final latents are
     bit-identical to the same loop without a pause (the image is their decode)."""
-    from clair.gpu import WeightSwap
+    from clair.device.gpu import WeightSwap
 
     def loop(pause_at: int | None, swap: WeightSwap | None) -> tuple[torch.Tensor, float, float]:
         gen_state = torch.Generator(b.device).manual_seed(1)
@@ -766,7 +766,7 @@ def vae_peaks(b: Bench) -> dict[str, Any]:
     """A 1024² render's peak allocated and reserved memory with the stock VAE (fp32 decode) and the fp16-safe
     one (fp16 decode: same architecture, so the same memory as madebyollin/sdxl-vae-fp16-fix), each with
     and without expandable segments. The figures behind Clair's priors (docs/facts.md) and its allocator
-    setting (clair/allocator.py)."""
+    setting (clair/device/allocator.py)."""
     if b.args.skip_render:
         return {"skipped": "--skip-render"}
     steps = b.args.render_steps or 4  # the peak is the decode's: 4 steps show it as well as 30

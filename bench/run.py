@@ -6,7 +6,7 @@ It drives the real `Studio` (arbiter, Ollama client code, image engine) with the
 the Ollama stand-in from tests/ set to realistic delays: loading an 8B model takes 2 s (1-10 s is
 typical from page cache), its unload finishes 1 s after Ollama answers (0.5-1.5 s), and it streams at
 25 tokens/s (docs/facts.md, "Ollama"). Renders are paced to a consumer GPU's SDXL speed.
-Every scenario runs on a simulated 20 GB card (clair/simcard.py, a file of its own): the stand-in's runners
+Every scenario runs on a simulated 20 GB card (clair/device/simcard.py, a file of its own): the stand-in's runners
 and Clair's models take memory on it, and the device OOMs it counted are printed beside the ledger's figures.
 
 What is simulated, and why:
@@ -58,11 +58,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clair import simcard  # noqa: E402
 from clair.arbiter import Arbiter, GiB  # noqa: E402
-from clair.config import Config  # noqa: E402
-from clair.image import RenderParams  # noqa: E402
-from clair.studio import Studio, Token  # noqa: E402
+from clair.base.config import Config  # noqa: E402
+from clair.device import simcard  # noqa: E402
+from clair.engines.image import RenderParams  # noqa: E402
+from clair.service.studio import Studio, Token  # noqa: E402
 from tests.ollama_standin import OllamaStandin  # noqa: E402
 
 MODEL = "llama3.1:8b"
@@ -170,7 +170,7 @@ BASELINE = {
 def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: Path) -> dict:
     seed_card = scenario in SEED_CARD_SCENARIOS
     disk_gb = SEED_CARD_MODEL["disk_gb"] if seed_card else 4.9
-    # Every scenario runs on a simulated 20 GB card of its own (clair/simcard.py): the stand-in's runners and
+    # Every scenario runs on a simulated 20 GB card of its own (clair/device/simcard.py): the stand-in's runners and
     # Clair's models take and give back memory on it, and it counts every out-of-memory refusal itself.
     card = out_dir / f"{policy}-{scenario}-card.json"
     standin = OllamaStandin(

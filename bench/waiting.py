@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clair import service
 from clair.arbiter import Arbiter, GiB
-from clair.config import Config
-from clair.studio import Studio
+from clair.base.config import Config
+from clair.service import front as service
+from clair.service.studio import Studio
 from tests.ollama_standin import OllamaStandin
 
 MODEL = "llama3.1:8b"

@@ -23,22 +23,23 @@ import urllib.request
 
 from starlette.requests import Request  # module level: FastAPI resolves the routes' annotations here
 
-from clair import allocator, config, sdnotify
-from clair import keys as keys_mod
-from clair import users as users_mod
-from clair.errors import ConfigError
+from clair.base import config, sdnotify
+from clair.base.errors import ConfigError
+from clair.device import allocator
+from clair.edge import keys as keys_mod
+from clair.edge import users as users_mod
 
 log = logging.getLogger("clair")
 
 
 def make_app(studio, demo, users=None):
-    """The whole web app: Gradio mounted at / behind clair.web's guard, with /healthz, /metrics and POST /logout."""
+    """The whole web app: Gradio mounted at / behind clair.edge.web's guard, with /healthz, /metrics and POST /logout."""
     from fastapi import FastAPI
     from starlette.middleware.cors import CORSMiddleware
 
-    from clair.access import AccessLog
-    from clair.users import Users
-    from clair.web import Guard, Web
+    from clair.edge.access import AccessLog
+    from clair.edge.users import Users
+    from clair.edge.web import Guard, Web
 
     cfg = studio.cfg
     users = users if users is not None else Users(cfg.users_path)
@@ -52,8 +53,8 @@ def make_app(studio, demo, users=None):
     app.state.web = web
     _add_health_routes(app, studio, web)
     _add_session_routes(app, web)
-    # The OpenAI-compatible API (clair/openai_api.py): before Gradio takes "/"; the guard checks its keys.
-    from clair.openai_api import router as openai_router
+    # The OpenAI-compatible API (clair/adapters/openai_api.py): before Gradio takes "/"; the guard checks its keys.
+    from clair.adapters.openai_api import router as openai_router
 
     app.include_router(openai_router(studio))
     return _mount_gradio(app, studio, demo, web, users)
@@ -66,8 +67,8 @@ def _add_health_routes(app, studio, web) -> None:
     """/healthz (the holder and the problem for loopback and logged-in users only) and /metrics."""
     from fastapi.responses import JSONResponse, Response
 
-    from clair.metrics import Metrics
-    from clair.web import is_loopback_client
+    from clair.edge.web import is_loopback_client
+    from clair.service.metrics import Metrics
 
     @app.get("/healthz")
     def healthz(request: Request):
@@ -78,7 +79,7 @@ def _add_health_routes(app, studio, web) -> None:
         if is_loopback_client(client) or viewer is not None:
             st = studio.arbiter.status()
             if not is_loopback_client(client):
-                from clair.panel import private_status  # another user's job: no name or address
+                from clair.service.panel import private_status  # another user's job: no name or address
 
                 st = private_status(st, viewer)
             body["holder"] = st["holder"] if ok else None
@@ -90,7 +91,7 @@ def _add_health_routes(app, studio, web) -> None:
 
     @app.get("/metrics")
     def metrics_route():
-        """Prometheus text format. The guard lets loopback in without a login (clair.web.LOOPBACK_OPEN)."""
+        """Prometheus text format. The guard lets loopback in without a login (clair.edge.web.LOOPBACK_OPEN)."""
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
@@ -123,12 +124,12 @@ def _add_session_routes(app, web) -> None:
 
 
 def _mount_gradio(app, studio, demo, web, users):
-    """Mount the Gradio page at / with Clair's login (clair.web.make_auth), and hand the guard its sessions."""
+    """Mount the Gradio page at / with Clair's login (clair.edge.web.make_auth), and hand the guard its sessions."""
     import gradio as gr
     from starlette.routing import Mount
 
-    from clair import ui
-    from clair.web import make_auth
+    from clair.adapters import ui
+    from clair.edge.web import make_auth
 
     os.makedirs(studio.image.output_dir, exist_ok=True)
     demo.delete_cache = (900, 3600)  # every 15 min, drop Gradio's cached files older than an hour
@@ -151,7 +152,7 @@ def _mount_gradio(app, studio, demo, web, users):
     )
     mounted = [r for r in app.routes if isinstance(r, Mount)]
     web.gradio = mounted[-1].app
-    web.gradio.tokens = web.sessions  # issue times and expiry (clair.web.Sessions)
+    web.gradio.tokens = web.sessions  # issue times and expiry (clair.edge.web.Sessions)
     web.auth = auth
     web.sync_auth()
     return app
@@ -315,7 +316,7 @@ def _preload_then_ready(studio, url: str) -> None:
 
 
 def _warn_without_cuda(cfg: config.Config) -> None:
-    from clair import gpu
+    from clair.device import gpu
 
     models = [cfg.image_model] + ([cfg.local_chat_model] if cfg.chat_backend != "ollama" else [])
     real = [m for m in models if m != "tiny"]
@@ -330,10 +331,10 @@ def _warn_without_cuda(cfg: config.Config) -> None:
 
 def serve(cfg: config.Config, ready: threading.Event | None = None, stop: threading.Event | None = None):
     """Serve until `stop` is set (or SIGINT/SIGTERM in the main thread). Returns the studio."""
-    from clair.studio import Studio
-    from clair.ui import build
-    from clair.users import Users
-    from clair.web import install_log_filter
+    from clair.adapters.ui import build
+    from clair.edge.users import Users
+    from clair.edge.web import install_log_filter
+    from clair.service.studio import Studio
 
     users = Users(cfg.users_path)
     check_exposure(cfg, users)
@@ -378,7 +379,7 @@ def _start_server(cfg: config.Config, app):
     """Start uvicorn on its own thread and wait until it listens. Returns (server, thread)."""
     import uvicorn
 
-    from clair.web import server_limits
+    from clair.edge.web import server_limits
 
     tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key} if cfg.tls_cert else {}
     server = uvicorn.Server(
@@ -407,7 +408,7 @@ def _start_server(cfg: config.Config, app):
 
 def _announce(cfg: config.Config, studio, users, url: str, scheme: str) -> None:
     """Say where Clair serves (the log, the terminal, its LAN addresses), who may log in, and what to fix."""
-    from clair.web import lan_urls
+    from clair.edge.web import lan_urls
 
     log.info(
         "serving url=%s demo=%s policy=%s budget_gb=%s", url, cfg.demo, cfg.gpu_policy, studio.status()["budget_gb"]
@@ -451,17 +452,17 @@ def _start_watchdog(url: str):
 
 
 def serve_gateway(cfg: config.Config, studio, web):
-    """The Ollama-compatible API (clair/gateway.py) on CLAIR_OLLAMA_PORT, bound like Clair, plain HTTP
+    """The Ollama-compatible API (clair/adapters/gateway.py) on CLAIR_OLLAMA_PORT, bound like Clair, plain HTTP
     (as Ollama's clients expect). Returns (server, thread)."""
     import uvicorn
 
-    from clair.access import AccessLog
-    from clair.gateway import Gateway
-    from clair.web import server_limits
+    from clair.adapters.gateway import Gateway
+    from clair.edge.access import AccessLog
+    from clair.edge.web import server_limits
 
     server = uvicorn.Server(
         uvicorn.Config(
-            AccessLog(Gateway(studio, web).app(), web, "ollama"),  # one line per request (clair/access.py)
+            AccessLog(Gateway(studio, web).app(), web, "ollama"),  # one line per request (clair/edge/access.py)
             host=cfg.host,
             port=cfg.ollama_port,
             log_level="warning",
@@ -487,7 +488,7 @@ def serve_gateway(cfg: config.Config, studio, web):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # CUDA allocator (issue 11): before anything imports torch or touches CUDA; see clair/allocator.py.
+    # CUDA allocator (issue 11): before anything imports torch or touches CUDA; see clair/device/allocator.py.
     alloc_var, alloc_conf = allocator.apply()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in users_mod.COMMANDS + keys_mod.COMMANDS:
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if cfg.log_level != "DEBUG":
         # Offline, the hub client logs every retry of every file (twice: its own handler and ours); Clair
-        # explains the failure once (clair/loadgate.py).
+        # explains the failure once (clair/engines/loadgate.py).
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     offline = go_offline_if_the_hub_is_unreachable(cfg)  # before anything imports the Hugging Face client

@@ -29,7 +29,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 def _fresh_device():
     """Every test starts and ends on the detected device (CUDA or none): a simulated card a Studio installed
     (CLAIR_SIM_GPU_GB) must not carry over into the next test."""
-    from clair import device
+    from clair.device import card as device
 
     device.install(None)
     yield

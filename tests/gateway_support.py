@@ -10,10 +10,10 @@ from pathlib import Path
 
 import uvicorn
 
-from clair.config import Config
-from clair.studio import Studio
-from clair.users import Users
-from clair.web import Web
+from clair.base.config import Config
+from clair.edge.users import Users
+from clair.edge.web import Web
+from clair.service.studio import Studio
 from tests.support import free_port
 
 
@@ -53,7 +53,7 @@ def make_studio(standin, tmp_path: Path, **kw) -> Studio:
 
 
 def gateway_app(studio: Studio):
-    from clair.gateway import Gateway
+    from clair.adapters.gateway import Gateway
 
     return Gateway(studio, Web(studio.cfg, Users(studio.cfg.users_path))).app()
 
@@ -62,8 +62,8 @@ def v1_app(studio: Studio):
     """The /v1 routes behind the same guard as on Clair's web port (no Gradio: not needed here)."""
     from fastapi import FastAPI
 
-    from clair.openai_api import router
-    from clair.web import Guard
+    from clair.adapters.openai_api import router
+    from clair.edge.web import Guard
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(router(studio))
@@ -76,7 +76,7 @@ def hold_render(studio: Studio, steps: int = 2):
 
     Returns (entered, leave, thread, result): result["info"] is the render's info once done.
     """
-    from clair.image import RenderParams
+    from clair.engines.image import RenderParams
 
     entered, leave = threading.Event(), threading.Event()
     result: dict = {}

@@ -1,4 +1,4 @@
-"""The access log (clair/access.py): one line per request, with status, client, user and seconds; a refusal
+"""The access log (clair/edge/access.py): one line per request, with status, client, user and seconds; a refusal
 logged too; what a page polls by itself kept at DEBUG; a client's path never breaks a line."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from clair.access import AccessLog
+from clair.edge.access import AccessLog
 
 
 class FakeWeb:
     """The two lookups the access log makes, with their own data: a key's name and a browser's login."""
 
-    class keys:  # shaped like clair.keys.Keys
+    class keys:  # shaped like clair.edge.keys.Keys
         @staticmethod
         def verify(key):
             return {"clair-good": "ann"}.get(key)
@@ -38,7 +38,7 @@ def app():
 
 
 def lines(caplog, level=logging.INFO):
-    return [r.getMessage() for r in caplog.records if r.name == "clair.access" and r.levelno >= level]
+    return [r.getMessage() for r in caplog.records if r.name == "clair.edge.access" and r.levelno >= level]
 
 
 async def _get(path, **kw):
@@ -49,7 +49,7 @@ async def _get(path, **kw):
 def test_each_request_gets_one_line_with_whose_it_was(caplog):
     import asyncio
 
-    caplog.set_level(logging.DEBUG, logger="clair.access")
+    caplog.set_level(logging.DEBUG, logger="clair.edge.access")
     asyncio.run(_get("/v1/models", headers={"Authorization": "Bearer clair-good"}))
     asyncio.run(_get("/v1/models", headers={"cookie": "session=ok"}))
     asyncio.run(_get("/denied", headers={"Authorization": "Bearer clair-wrong"}))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clair import allocator
+from clair.device import allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from clair.arbiter import Arbiter, GiB
-from clair.errors import Cancelled, EvictionFailed, GpuBusy
+from clair.base.errors import Cancelled, EvictionFailed, GpuBusy
 
 CHAT = 5 * GiB
 RENDER = 16 * GiB

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from clair.arbiter import Arbiter
-from clair.errors import EvictionFailed
+from clair.base.errors import EvictionFailed
 
 GiB = 1024**3
 

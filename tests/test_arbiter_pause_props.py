@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import clair.arbiter as arbiter_module
+import clair.arbiter.shell as arbiter_module
 from clair.arbiter import Arbiter, GiB
 
 STEPS = 12

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from clair.arbiter import Arbiter, GiB
-from clair.errors import EvictionFailed
+from clair.base.errors import EvictionFailed
 
 TENANTS = ("ollama", "local-chat", "image")
 

@@ -208,7 +208,7 @@ def target(standin, tmp_path_factory):
 def _uploaded_ref(app: App) -> str | None:
     r = httpx.post(app.url + "/gradio_api/upload", files={"files": ("note.txt", UPLOADED.encode())}, timeout=10)
     if r.status_code == 403:
-        return None  # Clair takes no uploads (clair/web.py refuses the route): nothing uploaded to aim at
+        return None  # Clair takes no uploads (clair/edge/web.py refuses the route): nothing uploaded to aim at
     r.raise_for_status()
     (path,) = r.json()
     return path

@@ -291,7 +291,7 @@ def set_number(page, name: str, value: str) -> None:
 def test_imagine_gallery_settings_png_drop_and_a_phone(app, app_dir, standin, browser, tmp_path):
     """Imagine fills an SDXL prompt from the chat model and renders it in the Image tab with one click; the
     gallery's "Use these settings" and a dropped PNG fill the fields; both tabs fit a 390 px phone."""
-    from clair.studio import IMAGINE_SYSTEM
+    from clair.service.studio import IMAGINE_SYSTEM
 
     def answer(body):
         system = next((m["content"] for m in body.get("messages", []) if m["role"] == "system"), "")
@@ -356,7 +356,7 @@ def test_imagine_gallery_settings_png_drop_and_a_phone(app, app_dir, standin, br
         expect(page.locator("#render-summary")).to_contain_text("256×192 · 3 steps", timeout=15_000)
         expect(page.get_by_role("button", name="Cancel")).to_be_disabled(timeout=10_000)
         newest = max((app_dir / "outputs").glob("*.png"), key=lambda p: p.stat().st_mtime)
-        from clair.image import read_metadata
+        from clair.engines.image import read_metadata
 
         meta = read_metadata(newest)
         assert (meta["prompt"], meta["negative_prompt"]) == (edited, IMAGINED[1])

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clair.chat import LocalChat, flatten_history, token_streamer
-from clair.config import Config
-from clair.errors import ChatUnavailable
-from clair.tiny import build_tiny_chat, save_tiny_chat
+from clair.base.config import Config
+from clair.base.errors import ChatUnavailable
+from clair.engines.chat import LocalChat, flatten_history, token_streamer
+from clair.engines.tiny import build_tiny_chat, save_tiny_chat
 
 GiB = 1024**3
 pytestmark = pytest.mark.usefixtures("offline")
@@ -222,7 +222,7 @@ def test_closing_the_stream_stops_the_worker() -> None:
 def test_loads_a_saved_folder_through_from_pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers
 
-    import clair.tiny
+    import clair.engines.tiny
 
     folder = save_tiny_chat(tmp_path / "chat")
     loaded: list[str] = []
@@ -239,7 +239,7 @@ def test_loads_a_saved_folder_through_from_pretrained(tmp_path: Path, monkeypatc
     def no_tiny(*args: object, **kwargs: object):
         raise AssertionError("a folder must not be built in code")
 
-    monkeypatch.setattr(clair.tiny, "build_tiny_chat", no_tiny)
+    monkeypatch.setattr(clair.engines.tiny, "build_tiny_chat", no_tiny)
 
     chat = _local(folder, max_new_tokens=16)
     assert chat.models() == [str(folder)]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from clair import config
-from clair.config import Config, env_example, env_name, load, markdown_table, ollama_url, parse_keep_alive
-from clair.errors import ConfigError
+from clair.base import config
+from clair.base.config import Config, env_example, env_name, load, markdown_table, ollama_url, parse_keep_alive
+from clair.base.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_ENV_NAMES = [env_name(f) for f in config.fields()]

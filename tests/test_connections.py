@@ -1,4 +1,4 @@
-"""Connection limits below the HTTP layer (clair.web.guarded_protocol, clair.web.server_limits): a slowloris
+"""Connection limits below the HTTP layer (clair.edge.web.guarded_protocol, clair.edge.web.server_limits): a slowloris
 from other machines cannot make Clair answer 503 to everyone, nor to the watchdog's /healthz on loopback.
 
 The "machines" are real other addresses: each scenario runs in a network namespace of its own
@@ -24,7 +24,7 @@ COMMON = """
 import json, socket, threading, time
 import uvicorn
 from types import SimpleNamespace
-from clair.web import server_limits
+from clair.edge.web import server_limits
 
 async def app(scope, receive, send):
     if scope["type"] != "http":
@@ -36,7 +36,7 @@ async def app(scope, receive, send):
 def serve(max_connections, header_timeout_s=None, proxies=""):
     limits = server_limits(SimpleNamespace(max_connections=max_connections, trusted_proxies=proxies))
     if header_timeout_s is not None:
-        from clair.web import guarded_protocol
+        from clair.edge.web import guarded_protocol
         limits["http"] = guarded_protocol(max_connections, header_timeout_s, trusted=[p for p in proxies.split(",") if p])
     server = uvicorn.Server(uvicorn.Config(app, host="0.0.0.0", port=8000, log_level="error", **limits))
     threading.Thread(target=server.run, daemon=True).start()
@@ -154,7 +154,7 @@ def test_one_machine_cannot_hold_every_connection_and_slow_headers_are_cut():
 
 
 def test_ipv6_addresses_of_one_64_and_loopback_addresses_count_as_one_machine():
-    from clair.web import machine
+    from clair.edge.web import machine
 
     assert machine("2001:db8:1:2::1") == machine("2001:db8:1:2::ffff") != machine("2001:db8:1:3::1")
     assert machine("127.0.0.1") == machine("127.0.0.2") == machine("::1") == "loopback"

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from clair.config import Config
-from clair.conversations import ConversationStore, valid_id
-from clair.errors import BadRequest
+from clair.base.config import Config
+from clair.base.errors import BadRequest
+from clair.service.conversations import ConversationStore, valid_id
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The device interface (clair/device.py), run against the simulated card and, where there is one, CUDA.
+"""The device interface (clair/device/card.py), run against the simulated card and, where there is one, CUDA.
 
 The same tests for both: what Clair relies on a card to do. The CUDA runs are marked `gpu` and skipped,
 visibly, without a CUDA device (`pytest -m gpu` on a GPU machine). Then the simulated card's own behaviour:
@@ -21,8 +21,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from clair import device, gpu, simcard
-from clair.simcard import GiB, SimCard
+from clair.device import card as device
+from clair.device import gpu, simcard
+from clair.device.simcard import GiB, SimCard
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024**2
@@ -148,7 +149,7 @@ def test_another_process_takes_memory_by_raising_its_entry(tmp_path) -> None:
     dev = SimCard(path, total=20 * GiB)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from clair import simcard; print(simcard.take(sys.argv[2], 'other:1', 3 * 1024**3))"
+        "from clair.device import simcard; print(simcard.take(sys.argv[2], 'other:1', 3 * 1024**3))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(REPO), path], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "True", out.stderr

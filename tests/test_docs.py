@@ -1,21 +1,21 @@
-"""The configuration table (docs/configuration.md) and the example env file are generated from clair/config.py:
+"""The configuration table (docs/configuration.md) and the example env file are generated from clair/base/config.py:
 keep them current."""
 
 from pathlib import Path
 
-from clair import config
+from clair.base import config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_config_table_is_current():
     page = (ROOT / "docs" / "configuration.md").read_text()
-    assert config.markdown_table() in page, "regenerate docs/configuration.md's table with `python -m clair.config`"
+    assert config.markdown_table() in page, "regenerate docs/configuration.md's table with `python -m clair.base.config`"
 
 
 def test_env_example_is_current():
     example = (ROOT / "systemd" / "clair.env.example").read_text()
-    assert example == config.env_example(), "regenerate with `python -m clair.config --env > systemd/clair.env.example`"
+    assert example == config.env_example(), "regenerate with `python -m clair.base.config --env > systemd/clair.env.example`"
 
 
 def test_the_docs_put_no_password_on_a_command_line():

@@ -178,7 +178,7 @@ def test_starts_without_ollama_or_checkpoint_says_why_and_recovers(tmp_path):
         assert a.status()["holder"] is None
 
         # The causes go away: Ollama starts, the checkpoint appears. No restart needed.
-        from clair.tiny import save_tiny_sdxl
+        from clair.engines.tiny import save_tiny_sdxl
 
         save_tiny_sdxl(broken)
         with OllamaStandin({MODEL: 4.9}, port=port) as s:

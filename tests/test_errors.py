@@ -1,6 +1,6 @@
 """Load failures are explained for a person, not pasted from a library."""
 
-from clair.errors import load_failure
+from clair.base.errors import load_failure
 
 
 def test_a_model_missing_offline_says_to_connect_or_use_a_local_folder():

@@ -15,10 +15,10 @@ from collections import namedtuple
 
 import pytest
 
-from clair.config import Config
-from clair.errors import EvictionFailed
-from clair.image import RenderParams
-from clair.studio import Studio, Token, Waiting
+from clair.base.config import Config
+from clair.base.errors import EvictionFailed
+from clair.engines.image import RenderParams
+from clair.service.studio import Studio, Token, Waiting
 from tests.ollama_standin import OllamaStandin
 
 MODEL = "llama3.1:8b"
@@ -237,7 +237,7 @@ def test_case4_a_partial_offload_is_logged_and_counted(standin, tmp_path, caplog
     standin.vram_total_bytes = 8 * GiB
     standin.vram_used_elsewhere = 4 * GiB  # a desktop and a browser, say: the model does not fit
     studio = make(standin, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="clair.chat"):
+    with caplog.at_level(logging.WARNING, logger="clair.engines.chat"):
         assert reply(studio, "hi") == "You said: hi"
         assert reply(studio, "again") == "You said: again"  # the same load, read again
     (entry,) = standin.ps()
@@ -268,7 +268,7 @@ def test_case5_ollama_at_this_machines_lan_address_shares_the_gpu(standin, tmp_p
             "eth0": [Snic(socket.AF_INET, lan, "255.255.255.0", None, None)],
         },
     )
-    with caplog.at_level(logging.INFO, logger="clair.studio"):
+    with caplog.at_level(logging.INFO, logger="clair.service.studio"):
         studio = make(standin, tmp_path)
         studio = Studio(dataclasses.replace(studio.cfg, ollama_host=f"{lan}:{standin.port}"))
     assert studio.ollama.on_this_gpu
@@ -276,7 +276,7 @@ def test_case5_ollama_at_this_machines_lan_address_shares_the_gpu(standin, tmp_p
     assert any("is an address of this machine" in r.getMessage() for r in caplog.records)
     # Another machine's address is not local, and the log says so and what to do.
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="clair.studio"):
+    with caplog.at_level(logging.INFO, logger="clair.service.studio"):
         remote = Studio(dataclasses.replace(studio.cfg, ollama_host="192.0.2.99:11434"))
     assert not remote.ollama.on_this_gpu
     assert any("CLAIR_OLLAMA_SHARES_GPU=yes" in r.getMessage() for r in caplog.records)
@@ -285,7 +285,7 @@ def test_case5_ollama_at_this_machines_lan_address_shares_the_gpu(standin, tmp_p
 def test_case5_every_real_interface_address_counts_as_local():
     import psutil
 
-    from clair.config import ollama_locality
+    from clair.base.config import ollama_locality
 
     addrs = [
         a.address.split("%")[0]

@@ -102,7 +102,7 @@ def test_pip_install_gives_a_clair_command_that_serves_the_demo(tmp_path: Path) 
     assert proc.stdout.startswith("usage: clair") and "--demo" in proc.stdout and "CLAIR_MAX_QUEUE" in proc.stdout
     # The installed package is what runs, not this checkout.
     where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import clair.ui as u; print(u.__file__); print(u.ASSETS)"],
+        [str(venv / "bin" / "python"), "-c", "import clair.adapters.ui as u; print(u.__file__); print(u.ASSETS)"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     ).stdout.split()
     assert where[0].startswith(str(venv)) and where[1] == str(venv / "share" / "clair" / "assets"), where

@@ -1,4 +1,4 @@
-"""Clair's Ollama-compatible port (clair/gateway.py), driven by the official `ollama` client as another
+"""Clair's Ollama-compatible port (clair/adapters/gateway.py), driven by the official `ollama` client as another
 program on the box would, with Ollama played by the stand-in. In-process: Studio + the gateway app on
 uvicorn in a thread; what reached "Ollama" is read from the stand-in's own logs."""
 
@@ -200,7 +200,7 @@ def test_load_takes_the_gpu_and_unload_only_updates_the_ledger(gateway, standin,
 def test_a_model_loaded_behind_clairs_back_is_seen_and_evicted_before_a_render_it_does_not_fit_beside(
     standin, tmp_path, policy, budget_gb, model, evicted
 ):
-    from clair.image import RenderParams
+    from clair.engines.image import RenderParams
 
     studio = make_studio(standin, tmp_path, gpu_policy=policy, vram_budget_gb=budget_gb)
     # Another program talks to Ollama directly, not through Clair.
@@ -227,8 +227,8 @@ def test_from_another_machine_the_ollama_port_needs_a_key(standin, tmp_path):
     stamps it), and from loopback, which needs no key (Ollama answers loopback without one anyway)."""
     import asyncio
 
-    from clair.keys import Keys, keys_path
-    from clair.users import Users
+    from clair.edge.keys import Keys, keys_path
+    from clair.edge.users import Users
 
     studio = make_studio(standin, tmp_path, host="0.0.0.0")
     Users(studio.cfg.users_path).set_password("alice", "correct horse battery")
@@ -331,7 +331,7 @@ def test_many_clients_at_once_never_reach_ollama_while_a_render_holds_the_gpu(ga
     and the model is out of Ollama's memory for every render."""
     import openai
 
-    from clair.image import RenderParams
+    from clair.engines.image import RenderParams
     from tests.gateway_support import Served, v1_app
 
     studio.image.load()  # from disk first, so the chats really meet the renders
@@ -419,7 +419,7 @@ def test_many_clients_at_once_never_reach_ollama_while_a_render_holds_the_gpu(ga
 
 def test_ollama_port_requests_count_against_the_per_user_caps(gateway, standin, studio):
     """The same caps on the Ollama port: an anonymous loopback client counts by its address."""
-    from clair.limits import JobCounter
+    from clair.service.limits import JobCounter
 
     studio.jobs = JobCounter(max_per_user=1, max_total=16)
     assert studio.jobs.try_take("address:127.0.0.1") is None  # e.g. a render from a browser on this machine
@@ -435,7 +435,7 @@ def test_ollama_port_requests_count_against_the_per_user_caps(gateway, standin, 
 def test_with_preemption_a_chat_pauses_the_render_like_a_chat_tab_message(standin, tmp_path):
     """CLAIR_PREEMPT=auto (the default): an API chat that does not fit beside a render pauses it at a step
     boundary, as a Chat-tab message does, instead of waiting for the whole render."""
-    from clair.image import RenderParams
+    from clair.engines.image import RenderParams
 
     studio = make_studio(standin, tmp_path, preempt="auto", render_slice_s=0.0)
     served = Served(gateway_app(studio))

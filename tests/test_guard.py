@@ -1,4 +1,4 @@
-"""The one guard of every port (clair/web.py `Guard`, clair/edge.py), attacked as a LAN client would:
+"""The one guard of every port (clair/edge/web.py `Guard`, clair/edge/guard.py), attacked as a LAN client would:
 bodies of any size, chunked or not; JSON that is bad or nested deep; a body parsed while another client
 asks /healthz; cookies under TLS; another user's Gradio session hash and files; keys of an earlier user;
 and the files Clair keeps. Each test is named for the guard it checks and fails without it.
@@ -23,13 +23,13 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from clair import edge
-from clair.config import Config
-from clair.conversations import ConversationStore
-from clair.gateway import over_limits
-from clair.keys import Keys, keys_path
-from clair.users import Users, command
-from clair.web import OLLAMA_PORT, Guard, Web
+from clair.adapters.gateway import over_limits
+from clair.base.config import Config
+from clair.edge import guard as edge
+from clair.edge.keys import Keys, keys_path
+from clair.edge.users import Users, command
+from clair.edge.web import OLLAMA_PORT, Guard, Web
+from clair.service.conversations import ConversationStore
 from tests.gateway_support import Served, gateway_app, make_studio, v1_app
 from tests.ollama_standin import OllamaStandin
 
@@ -146,7 +146,7 @@ def test_json_is_parsed_off_the_event_loop_so_healthz_answers_meanwhile(studio, 
     monkeypatch.setattr(edge, "parse_json", slow_parse)
     app = FastAPI()
     app.get("/healthz")(lambda: {"ok": True})
-    from clair.openai_api import router
+    from clair.adapters.openai_api import router
 
     app.include_router(router(studio))
     app.add_middleware(Guard, web=Web(studio.cfg, Users(studio.cfg.users_path)))
@@ -338,11 +338,11 @@ def test_conversations_are_private_and_not_named_by_a_plain_hash(tmp_path):
 
 
 def test_output_images_and_state_are_created_private(studio, tmp_path):
-    from clair.image import RenderParams
+    from clair.engines.image import RenderParams
 
     path, _ = studio.render(RenderParams("a private picture", steps=1, width=64, height=64), owner="alice")
     assert _mode(Path(path)) == 0o600 and _mode(Path(path).parent) == 0o700
-    from clair.engines import StateFile
+    from clair.engines.base import StateFile
 
     state = StateFile(tmp_path / "state" / "clair-state.json")
     state.put("ollama", "m", 1)
@@ -360,7 +360,7 @@ def test_users_and_keys_files_are_0600(tmp_path):
 
 
 def test_the_ollama_port_guard_is_the_web_guard():
-    from clair import gateway
+    from clair.adapters import gateway
 
     assert not hasattr(gateway, "GatewayGuard")
     assert OLLAMA_PORT == "ollama"
@@ -369,7 +369,7 @@ def test_the_ollama_port_guard_is_the_web_guard():
 def test_gradio_routes_take_bodies_no_larger_than_their_texts_need(lan_web):
     """Gradio parses and checks a body on the event loop (an 8 MB one held other clients for seconds): its
     routes take what Clair's text limits allow, chunked or not."""
-    from clair.web import text_max_body
+    from clair.edge.web import text_max_body
 
     cap = text_max_body(lan_web.cfg)
     assert 1_000_000 < cap < 2_000_000  # the defaults: a 48 000-character history fits, 8 MB does not

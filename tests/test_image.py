@@ -18,11 +18,11 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from clair import gpu
-from clair.config import Config
-from clair.errors import BadRequest, Cancelled, ImageModelUnavailable
-from clair.image import MAX_SEED, SDXL_WEIGHTS, ImageEngine, RenderParams, read_metadata
-from clair.tiny import save_tiny_sdxl
+from clair.base.config import Config
+from clair.base.errors import BadRequest, Cancelled, ImageModelUnavailable
+from clair.device import gpu
+from clair.engines.image import MAX_SEED, SDXL_WEIGHTS, ImageEngine, RenderParams, read_metadata
+from clair.engines.tiny import save_tiny_sdxl
 
 GiB = 1024**3
 
@@ -68,7 +68,7 @@ def test_loads_a_local_folder_through_from_pretrained_and_saves_a_png(
         return original(source, **kwargs)
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", spy)
-    caplog.set_level(logging.INFO, logger="clair.image")
+    caplog.set_level(logging.INFO, logger="clair.engines.image")
     out = tmp_path / "outputs" / "nested"  # created on first save
     engine = _engine(sdxl_dir, out)
     assert engine.recent(5) == []  # no folder yet: an empty gallery, not an error
@@ -80,7 +80,7 @@ def test_loads_a_local_folder_through_from_pretrained_and_saves_a_png(
     assert [c.get("variant") for c in calls] == ["fp16", None]
     assert all(c["source"] == str(sdxl_dir) and c["use_safetensors"] is True for c in calls)
     assert calls[-1]["dtype"] == (torch.float16 if gpu.cuda() else torch.float32)
-    messages = [r.getMessage() for r in caplog.records if r.name == "clair.image"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "clair.engines.image"]
     assert any(m.startswith("no fp16 variant") for m in messages), messages
     assert any(m.startswith("image model loaded") for m in messages), messages
     assert engine.problem() is None
@@ -232,13 +232,13 @@ def test_missing_folder_then_created(tmp_path: Path) -> None:
 
 def test_unknown_hub_id_offline_is_explained(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     engine = _engine("example-org/no-such-sdxl", tmp_path / "out")
-    with caplog.at_level(logging.DEBUG, logger="clair.image"), pytest.raises(ImageModelUnavailable) as err:
+    with caplog.at_level(logging.DEBUG, logger="clair.engines.image"), pytest.raises(ImageModelUnavailable) as err:
         engine.render(_params())
     message = str(err.value)
     assert "example-org/no-such-sdxl" in message and "CLAIR_IMAGE_MODEL" in message
     assert "\n" not in message and "Traceback" not in message  # the trace goes to the log, not the user
     # Offline is an expected condition: the explanation at WARNING, the traceback only at DEBUG.
-    records = [r for r in caplog.records if r.name == "clair.image"]
+    records = [r for r in caplog.records if r.name == "clair.engines.image"]
     assert any(r.exc_info for r in records if r.levelno == logging.DEBUG)
     assert not [r for r in records if r.exc_info and r.levelno > logging.DEBUG]
     assert not [r for r in records if r.levelno >= logging.ERROR]

@@ -1,4 +1,4 @@
-"""API keys (clair/keys.py) and what the gateway decides for the GPU (clair/gateway.py: keep_alive, num_ctx)."""
+"""API keys (clair/edge/keys.py) and what the gateway decides for the GPU (clair/adapters/gateway.py: keep_alive, num_ctx)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clair.config import Config
-from clair.gateway import decide, keep_alive_seconds
-from clair.keys import Keys, bearer, command, keys_path
-from clair.users import UserError
+from clair.adapters.gateway import decide, keep_alive_seconds
+from clair.base.config import Config
+from clair.edge.keys import Keys, bearer, command, keys_path
+from clair.edge.users import UserError
 
 
 def test_a_key_is_stored_as_a_hash_only_and_verifies(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ import pytest
 import torch
 from gradio.utils import SyncToAsyncIterator
 
-from clair import ui
-from clair.config import Config
-from clair.errors import Cancelled
-from clair.studio import Studio, Token
+from clair.adapters import ui
+from clair.base.config import Config
+from clair.base.errors import Cancelled
+from clair.service.studio import Studio, Token
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -188,7 +188,7 @@ def test_chats_and_renders_have_their_own_gradio_slots(tmp_path) -> None:
         name = getattr(fn.fn, "__name__", "")
         if name in ("chat_ui", "chat_api", "render"):
             ids.setdefault(name, set()).add((fn.concurrency_id, fn.concurrency_limit))
-            # The GPU handlers are async (the front door, clair/service.py): they wait for the GPU on the loop,
+            # The GPU handlers are async (the front door, clair/service/front.py): they wait for the GPU on the loop,
             # and Job._drive closes Studio's generators in a worker thread, off the loop.
             if name != "render":  # the Image tab's render is still a plain function (docs/design.md)
                 assert inspect.isasyncgenfunction(fn.fn) or inspect.iscoroutinefunction(fn.fn), name

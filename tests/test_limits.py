@@ -1,6 +1,6 @@
 """Fair limits: every limit refused with a clear message before any GPU work, and the caps on GPU jobs.
 
-The unit tests drive `clair.limits`, `RenderParams.validated` and `Studio.check_fits` directly; the slow
+The unit tests drive `clair.service.limits`, `RenderParams.validated` and `Studio.check_fits` directly; the slow
 ones start `python app.py` against the Ollama stand-in and check, from Ollama's side, that a refused request
 caused no chat and no unload, and that one client past its cap does not hold up another.
 """
@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from clair.config import Config
-from clair.errors import BadRequest, GpuBusy
-from clair.image import RenderParams
-from clair.limits import JobCounter, check_chat, plain_history
+from clair.base.config import Config
+from clair.base.errors import BadRequest, GpuBusy
+from clair.engines.image import RenderParams
+from clair.service.limits import JobCounter, check_chat, plain_history
 from tests.ollama_standin import OllamaStandin
 from tests.support import App, Raw, wait_until
 from tests.test_attack import histories
@@ -156,7 +156,7 @@ def test_render_limits_are_settings(change, needle):
 
 
 def test_a_render_that_can_never_fit_is_refused_with_the_largest_size_that_fits():
-    from clair.studio import Studio
+    from clair.service.studio import Studio
 
     studio = Studio(dataclasses.replace(Config(), vram_budget_gb=8.0, output_dir="/nonexistent-never-written"))
     budget = studio.arbiter.budget
@@ -409,7 +409,7 @@ def test_the_gallery_lists_an_owners_own_images_from_the_servers_listing(tmp_pat
 
     from PIL import Image
 
-    from clair.image import ImageEngine, read_metadata
+    from clair.engines.image import ImageEngine, read_metadata
 
     out = tmp_path / "outputs"
     engine = ImageEngine(dataclasses.replace(Config(), output_dir=str(out)))
@@ -454,7 +454,7 @@ def test_who_is_asking_is_the_user_else_the_address():
     import gradio as gr
     from starlette.requests import Request
 
-    from clair.ui import client_id, owner_of
+    from clair.adapters.ui import client_id, owner_of
 
     def req(username=None, host="192.168.1.20"):
         scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "client": (host, 5555)}
@@ -470,8 +470,8 @@ def test_who_is_asking_is_the_user_else_the_address():
 def test_an_unexpected_error_reaches_the_client_as_an_id_and_the_log_has_the_details(tmp_path, caplog):
     import gradio as gr
 
-    from clair.studio import Studio
-    from clair.ui import build
+    from clair.adapters.ui import build
+    from clair.service.studio import Studio
 
     studio = Studio(dataclasses.replace(Config(), output_dir=str(tmp_path / "out")))
     demo = build(studio)

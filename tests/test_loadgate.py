@@ -12,12 +12,12 @@ import time
 import pytest
 
 from clair import main
-from clair.config import Config
-from clair.errors import ChatUnavailable, ImageModelUnavailable
-from clair.image import ImageEngine, RenderParams, _short
-from clair.loadgate import LoadGate
-from clair.studio import Studio
-from clair.tiny import save_tiny_sdxl
+from clair.base.config import Config
+from clair.base.errors import ChatUnavailable, ImageModelUnavailable
+from clair.engines.image import ImageEngine, RenderParams, _short
+from clair.engines.loadgate import LoadGate
+from clair.engines.tiny import save_tiny_sdxl
+from clair.service.studio import Studio
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -97,7 +97,7 @@ def test_an_offline_image_model_is_refused_at_once_and_the_problem_sticks(
     assert studio.arbiter.is_idle()
 
     # Due: the request is still answered at once; the re-check runs in the background.
-    caplog.set_level(logging.DEBUG, logger="clair.loadgate")
+    caplog.set_level(logging.DEBUG, logger="clair.engines.loadgate")
     studio.image.gate.retry_at = 0
     with pytest.raises(ImageModelUnavailable):
         studio.render(params)
@@ -167,7 +167,7 @@ def test_log_lines_are_cut_at_a_word() -> None:
 
 
 def test_warns_at_start_up_when_real_models_have_no_cuda(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
-    from clair import gpu
+    from clair.device import gpu
 
     monkeypatch.setattr(gpu, "cuda", lambda: False)
     caplog.set_level(logging.WARNING, logger="clair")

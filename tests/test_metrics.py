@@ -15,12 +15,12 @@ import re
 import pytest
 from starlette.testclient import TestClient
 
-from clair.config import Config
-from clair.errors import ChatUnavailable
-from clair.image import RenderParams
-from clair.metrics import SERIES
-from clair.studio import Studio, Token
-from clair.users import Users
+from clair.base.config import Config
+from clair.base.errors import ChatUnavailable
+from clair.edge.users import Users
+from clair.engines.image import RenderParams
+from clair.service.metrics import SERIES
+from clair.service.studio import Studio, Token
 from tests.ollama_standin import OllamaStandin
 
 MODEL = "llama3.1:8b"
@@ -37,8 +37,8 @@ def standin():
 
 
 def build(tmp_path, standin, users: bool):
+    from clair.adapters.ui import build as build_ui
     from clair.main import make_app
-    from clair.ui import build as build_ui
 
     cfg = dataclasses.replace(
         Config(),

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from clair import gpu
-from clair.chat import estimate_loaded_bytes, model_key, model_name
-from clair.config import Config
-from clair.engines import StateFile
-from clair.studio import Studio
+from clair.base.config import Config
+from clair.device import gpu
+from clair.engines.base import StateFile
+from clair.engines.chat import estimate_loaded_bytes, model_key, model_name
+from clair.service.studio import Studio
 from tests.ollama_standin import GB, LOADED_SIZES, OllamaStandin, loaded_size_bytes
 
 GiB = 1024**3
@@ -94,7 +94,7 @@ def standin():
 def test_memory_held_by_other_programs_is_a_tenant_that_shrinks_the_budget(standin, tmp_path, monkeypatch):
     """On a card (the simulated one: the same device interface as CUDA): device used - what this process holds
     - what Ollama holds = other programs' memory."""
-    from clair import simcard
+    from clair.device import simcard
 
     card = str(tmp_path / "card.json")
     asked = []

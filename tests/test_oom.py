@@ -14,10 +14,10 @@ import weakref
 import pytest
 import torch
 
-from clair.config import Config
-from clair.errors import ImageModelUnavailable
-from clair.image import ImageEngine, RenderParams
-from clair.studio import Studio, Token
+from clair.base.config import Config
+from clair.base.errors import ImageModelUnavailable
+from clair.engines.image import ImageEngine, RenderParams
+from clair.service.studio import Studio, Token
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -86,7 +86,7 @@ def test_first_attempt_out_of_memory_heals_with_vae_tiling_after_freeing_and_evi
 def test_two_failures_heal_with_model_cpu_offload(engine, caplog: pytest.LogCaptureFixture) -> None:
     pipe = _wrap(engine, fail={1, 2})
     calls: list[int] = []
-    caplog.set_level(logging.INFO, logger="clair.image")
+    caplog.set_level(logging.INFO, logger="clair.engines.image")
     _, facts = engine.render(_params(), on_oom=lambda: calls.append(pipe.calls))
     assert facts["fallback"] == "cpu-offload"
     assert calls == [1]  # the others are evicted once, after the first failure
@@ -171,7 +171,7 @@ def test_studio_failure_releases_the_lease_and_is_counted(tmp_path) -> None:
 
 
 def test_the_summary_under_the_image_names_the_fallback(tmp_path) -> None:
-    from clair import ui
+    from clair.adapters import ui
 
     summary = ui.summary_text
     info = {"seed": 1, "width": 64, "height": 64, "steps": 2, "wait_s": 0, "render_s": 1, "path": "/x/a.png"}

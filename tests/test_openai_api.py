@@ -1,5 +1,5 @@
-"""Clair's /v1 (clair/openai_api.py) driven by the official `openai` client, behind the same guard as on
-Clair's web port (clair/web.py), Ollama played by the stand-in. In-process: no Gradio is needed here; the
+"""Clair's /v1 (clair/adapters/openai_api.py) driven by the official `openai` client, behind the same guard as on
+Clair's web port (clair/edge/web.py), Ollama played by the stand-in. In-process: no Gradio is needed here; the
 whole app is covered by tests/test_gateway_app.py."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import openai
 import pytest
 from PIL import Image
 
-from clair.keys import Keys, keys_path
-from clair.users import Users
+from clair.edge.keys import Keys, keys_path
+from clair.edge.users import Users
 from tests.gateway_support import Served, hold_render, make_studio, v1_app
 from tests.ollama_standin import OllamaStandin
 from tests.support import wait_until
@@ -286,7 +286,7 @@ def test_chat_with_the_in_process_model_ignores_openais_model_names(standin, tmp
 
 def test_api_requests_count_against_the_per_user_caps(lan):
     """CLAIR_MAX_JOBS_PER_USER: a key's requests count as its user's, in the counter the UI uses."""
-    from clair.limits import JobCounter
+    from clair.service.limits import JobCounter
 
     served, key, studio = lan
     studio.jobs = JobCounter(max_per_user=1, max_total=16)
@@ -312,7 +312,7 @@ def test_api_requests_count_against_the_per_user_caps(lan):
 
 def test_an_image_url_serves_only_the_user_who_asked_for_it(lan):
     served, key, studio = lan
-    from clair.users import Users
+    from clair.edge.users import Users
 
     Users(studio.cfg.users_path).set_password("bob", "bobpass000")  # a key acts for an existing user
     other, _ = Keys(keys_path(studio.cfg.users_path), Users(studio.cfg.users_path)).add("bob")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clair import config
+from clair.base import config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def test_open_webui_is_under_a_profile_and_goes_through_clair(compose: dict) -> 
     assert env["ENABLE_OLLAMA_API"] == "false"  # not straight to Ollama: around the traffic cop
     assert env["IMAGE_GENERATION_ENGINE"] == "openai" and env["ENABLE_IMAGE_GENERATION"] == "true"
     assert env["ENABLE_FORWARD_USER_INFO_HEADERS"] == "true"
-    # ... and Clair believes those headers from Open WebUI's key only (clair/forwarded.py).
+    # ... and Clair believes those headers from Open WebUI's key only (clair/service/forwarded.py).
     assert compose["services"]["clair"]["environment"]["CLAIR_FORWARDED_USERS_FROM"] == "webui"
     # Clair answers only to its own names: the one Open WebUI uses must be allowed.
     assert "clair" in compose["services"]["clair"]["environment"]["CLAIR_ALLOWED_HOSTS"].split(",")

@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from clair import gpu, panel
-from clair.config import Config
-from clair.image import RenderParams
-from clair.studio import Studio, Token
+from clair.base.config import Config
+from clair.device import gpu
+from clair.engines.image import RenderParams
+from clair.service import panel
+from clair.service.studio import Studio, Token
 from tests.ollama_standin import OllamaStandin
 from tests.support import wait_until
 

@@ -1,4 +1,4 @@
-"""The placement rule across cards (clair/placement.py): a table, then a two-card hypothesis machine.
+"""The placement rule across cards (clair/arbiter/placement.py): a table, then a two-card hypothesis machine.
 
 Sizes are in GiB throughout (the rule is the same at any scale); the machine keeps its own ledger of what each
 card holds and checks, after every step, what the rule promises, with its own arithmetic.
@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from clair.placement import OLLAMA, Card, Held, Placement, Request, ollama_cards_from, place
+from clair.arbiter.placement import OLLAMA, Card, Held, Placement, Request, ollama_cards_from, place
 
 G = 1024**3
 

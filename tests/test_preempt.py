@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from clair.arbiter import Arbiter, GiB, Req, Resident, Snapshot, joins_pause, plan, should_yield
-from clair.config import Config
-from clair.errors import Cancelled
-from clair.image import RenderParams
-from clair.studio import Studio, Token
+from clair.base.config import Config
+from clair.base.errors import Cancelled
+from clair.engines.image import RenderParams
+from clair.service.studio import Studio, Token
 from tests.ollama_standin import OllamaStandin
 from tests.support import wait_until
 
@@ -302,7 +302,7 @@ def test_a_render_paused_several_times_gives_the_very_same_image(standin, tmp_pa
 
 def test_the_real_weight_swap_round_trips_through_pauses_to_the_same_image(standin, tmp_path):
     """The same, with Clair's own WeightSwap re-pointing the weights between two copies (device "cpu")."""
-    from clair import gpu
+    from clair.device import gpu
 
     studio = make(standin, tmp_path)
     pipe = studio.image.load()
@@ -496,7 +496,7 @@ def test_the_tail_takes_the_denoisers_off_before_the_decode_starts_the_reload_be
     """A render that evicted the chat model: at its tail the UNet and text encoders leave (Clair's WeightSwap,
     device "cpu"), the VAE alone decodes, the chat model's reload is granted beside the decode (the decode's
     peak and the model fit the budget), and the image is pixel for pixel the one rendered without a tail."""
-    from clair import gpu
+    from clair.device import gpu
 
     studio = make(standin, tmp_path, warmup=True, vram_budget_gb=20)
     studio.image.footprint = lambda w, h: (int(16.4 * GiB), int(6.46 * GiB))  # 1024², stock VAE: no fit beside the chat

@@ -7,10 +7,12 @@ import os
 
 import pytest
 
-from clair import config, device, simcard
-from clair.errors import ConfigError
-from clair.placement import Card, Held, Request, ollama_cards_from, place
-from clair.simcard import GiB, SimCard
+from clair.arbiter.placement import Card, Held, Request, ollama_cards_from, place
+from clair.base import config
+from clair.base.errors import ConfigError
+from clair.device import card as device
+from clair.device import simcard
+from clair.device.simcard import GiB, SimCard
 
 
 def test_a_list_of_sizes_is_several_cards():

@@ -1,7 +1,7 @@
 """The GPU-path defects a real card would turn into crashes (issue 14), each shown on the simulated card.
 
 Every test runs Clair's real code (Studio, ImageEngine, LocalChat, the `ollama` client against the
-stand-in) on a simulated 20 GB card (clair/simcard.py) whose figures are its own measured ones. Device
+stand-in) on a simulated 20 GB card (clair/device/simcard.py) whose figures are its own measured ones. Device
 out-of-memory errors are read from the card's file, not from Clair's ledger. Tiny models draw small images
 and declare a real render's memory (`pipe.sim_render_size`); the arithmetic stays on the CPU.
 """
@@ -15,13 +15,14 @@ import threading
 import pytest
 import torch
 
-from clair import device, gpu, simcard
-from clair.chat import load_dtype
-from clair.config import Config
-from clair.image import ImageEngine, RenderParams
-from clair.simcard import GiB, SimCard
-from clair.studio import Studio
-from clair.tiny import save_tiny_chat
+from clair.base.config import Config
+from clair.device import card as device
+from clair.device import gpu, simcard
+from clair.device.simcard import GiB, SimCard
+from clair.engines.chat import load_dtype
+from clair.engines.image import ImageEngine, RenderParams
+from clair.engines.tiny import save_tiny_chat
+from clair.service.studio import Studio
 from tests.ollama_standin import OllamaStandin
 from tests.support import wait_until
 

@@ -19,10 +19,10 @@ import time
 import psutil
 import pytest
 
-from clair.config import Config
-from clair.errors import Cancelled, ClairError
-from clair.image import RenderParams
-from clair.studio import Studio, Token, Waiting
+from clair.base.config import Config
+from clair.base.errors import Cancelled, ClairError
+from clair.engines.image import RenderParams
+from clair.service.studio import Studio, Token, Waiting
 from tests.ollama_standin import OllamaStandin
 
 pytestmark = pytest.mark.slow
@@ -204,14 +204,14 @@ def test_soak(tmp_path):
 
 
 def test_soak_on_a_simulated_card(tmp_path):
-    """The same kind of soak on a simulated 20 GB card (clair/simcard.py), where the device itself says no:
+    """The same kind of soak on a simulated 20 GB card (clair/device/simcard.py), where the device itself says no:
     Clair's models and the stand-in's runners take memory on it, another program takes 3 GB for a while in
     the middle of a render, Ollama restarts once and /api/ps fails now and then. Nothing is lost (every
     request answered, cancelled or refused with a message), the card counted no out-of-memory at all, and
     Ollama never had to load a model partly on the CPU (what it does instead of failing when VRAM is short).
     Renders draw 64² and take a 1024² render's memory with the fp16-safe VAE (11.9 GiB on the card with our
     context), so the 8B model (5.8 GiB) fits beside them until the other program comes."""
-    from clair import simcard
+    from clair.device import simcard
 
     card = str(tmp_path / "card.json")
     standin = OllamaStandin(

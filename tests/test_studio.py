@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from clair.config import Config
-from clair.image import RenderParams
-from clair.studio import Studio, Token, Waiting
+from clair.base.config import Config
+from clair.engines.image import RenderParams
+from clair.service.studio import Studio, Token, Waiting
 from tests.ollama_standin import OllamaStandin
 
 MODEL = "llama3.1:8b"
@@ -119,7 +119,7 @@ def test_closing_a_held_chat_releases_its_place(standin, tmp_path):
 def test_imagine_makes_a_prompt_and_the_render_reaches_the_gpu_only_after_the_chat_lets_go(tmp_path):
     """Imagine asks the chat model with its fixed instruction, reads the stand-in's scripted answer, and the
     render that follows (asked for while the reply still streams) takes the GPU only after the chat let go."""
-    from clair.studio import IMAGINE_SYSTEM
+    from clair.service.studio import IMAGINE_SYSTEM
 
     seen = []
 
@@ -140,7 +140,7 @@ def test_imagine_makes_a_prompt_and_the_render_reaches_the_gpu_only_after_the_ch
         )
         t.start()
         reply = first.text + "".join(e.text for e in stream if isinstance(e, Token))
-        from clair.studio import parse_imagined
+        from clair.service.studio import parse_imagined
 
         prompt, negative = parse_imagined(reply)
         assert (prompt, negative) == ("a red lighthouse at dusk, oil painting", "blurry, people")
@@ -166,7 +166,7 @@ def test_imagine_makes_a_prompt_and_the_render_reaches_the_gpu_only_after_the_ch
 
 def test_imagine_falls_back_to_whatever_came_back(standin, tmp_path):
     """A model that ignores the instruction (the demo's tiny one) still fills the fields."""
-    from clair.studio import DEFAULT_NEGATIVE
+    from clair.service.studio import DEFAULT_NEGATIVE
 
     studio = make(standin, tmp_path)
     prompt, negative = studio.imagine_prompt("stormy sea")  # the stand-in answers "You said: ..."
@@ -188,7 +188,7 @@ def test_imagine_falls_back_to_whatever_came_back(standin, tmp_path):
     ],
 )
 def test_parse_imagined_reads_what_models_write(reply, expected):
-    from clair.studio import DEFAULT_NEGATIVE, parse_imagined
+    from clair.service.studio import DEFAULT_NEGATIVE, parse_imagined
 
     prompt, negative = parse_imagined(reply, "the idea")
     assert prompt == expected[0]

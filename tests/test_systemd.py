@@ -1,4 +1,4 @@
-"""The systemd units (systemd/) and the sd_notify client (clair/sdnotify.py).
+"""The systemd units (systemd/) and the sd_notify client (clair/base/sdnotify.py).
 
 Three groups:
 
@@ -7,7 +7,7 @@ Three groups:
   only prints them (docs/facts.md, "Gradio and systemd details"), so any output is a failure.
 * The properties Clair relies on, read from the unit files, so an edit that drops one
   fails here even though the unit would still be valid.
-* clair.sdnotify against real AF_UNIX datagram sockets (a path and an abstract name).
+* clair.base.sdnotify against real AF_UNIX datagram sockets (a path and an abstract name).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from clair import sdnotify
+from clair.base import sdnotify
 
 ROOT = Path(__file__).resolve().parent.parent
-CLAIR_UNIT = ROOT / "systemd" / "clair.service"
+CLAIR_UNIT = ROOT / "systemd" / "clair.service.front"
 OLLAMA_DROPIN = ROOT / "systemd" / "ollama.service.d" / "override.conf"
 # Optional: Ollama on a private port, Clair's Ollama-compatible API on 11434 (docs/gateway.md).
 PRIVATE_PORT_DROPIN = ROOT / "systemd" / "ollama.service.d" / "private-port.conf"
@@ -104,7 +104,7 @@ def verify_root(tmp_path: Path) -> Path:
         stub.chmod(0o755)
     etc_units = root / "etc/systemd/system"
     (etc_units / "ollama.service.d").mkdir(parents=True)
-    shutil.copy(CLAIR_UNIT, etc_units / "clair.service")
+    shutil.copy(CLAIR_UNIT, etc_units / "clair.service.front")
     (etc_units / "ollama.service").write_text(OLLAMA_UNIT)
     shutil.copy(OLLAMA_DROPIN, etc_units / "ollama.service.d" / "override.conf")
     return root
@@ -129,9 +129,9 @@ def _output(result: subprocess.CompletedProcess[str]) -> str:
     return (result.stdout + result.stderr).strip()
 
 
-@pytest.mark.parametrize("unit", ["clair.service", "ollama.service"])
+@pytest.mark.parametrize("unit", ["clair.service.front", "ollama.service"])
 def test_units_verify_without_any_output(verify_root: Path, unit: str) -> None:
-    # ollama.service is verified with Clair's drop-in applied; clair.service pulls in
+    # ollama.service is verified with Clair's drop-in applied; clair.service.front pulls in
     # ollama.service too (Wants=), and verify reports errors of dependencies as well.
     result = run_verify(verify_root, unit)
     assert _output(result) == "", f"systemd-analyze verify {unit} printed:\n{_output(result)}"
@@ -140,7 +140,7 @@ def test_units_verify_without_any_output(verify_root: Path, unit: str) -> None:
 
 @pytest.mark.parametrize(
     "edited",
-    ["etc/systemd/system/clair.service", "etc/systemd/system/ollama.service.d/override.conf"],
+    ["etc/systemd/system/clair.service.front", "etc/systemd/system/ollama.service.d/override.conf"],
 )
 def test_verify_harness_sees_mistakes(verify_root: Path, edited: str) -> None:
     """The check above is not vacuous: a typo in either file shows up in the output.
@@ -149,7 +149,7 @@ def test_verify_harness_sees_mistakes(verify_root: Path, edited: str) -> None:
     """
     path = verify_root / edited
     path.write_text(path.read_text() + "\n[Service]\nNicee=-5\n")
-    unit = "clair.service" if edited.endswith("clair.service") else "ollama.service"
+    unit = "clair.service.front" if edited.endswith("clair.service.front") else "ollama.service"
     out = _output(run_verify(verify_root, unit))
     assert "Unknown key 'Nicee'" in out, out
     assert edited in out, out
@@ -158,7 +158,7 @@ def test_verify_harness_sees_mistakes(verify_root: Path, edited: str) -> None:
 def test_verify_harness_checks_execstart(verify_root: Path) -> None:
     """Without the stub, verify fails: the root (not the host) is what it checks."""
     (verify_root / STUB_EXECUTABLES[0]).unlink()
-    result = run_verify(verify_root, "clair.service")
+    result = run_verify(verify_root, "clair.service.front")
     assert result.returncode != 0
     assert "/opt/clair/.venv/bin/clair is not executable" in _output(result)
 
@@ -258,7 +258,7 @@ def test_clair_is_a_notify_service_with_watchdog(clair: Unit) -> None:
 
 
 def test_clair_serves_the_lan_with_users_and_room_for_connections(clair: Unit) -> None:
-    from clair.config import Config
+    from clair.base.config import Config
 
     env = clair.environment()
     assert _is_yes(env.get("CLAIR_LISTEN"))
@@ -342,7 +342,7 @@ def test_private_port_dropin_verifies_and_moves_ollama_off_11434(verify_root: Pa
     assert env["OLLAMA_HOST"] == "127.0.0.1:11435"
     assert env["OLLAMA_MAX_LOADED_MODELS"] == "1"  # override.conf still applies
     # What docs/gateway.md tells Clair, and what Clair accepts together.
-    from clair import config
+    from clair.base import config
 
     doc = (ROOT / "docs" / "gateway.md").read_text()
     assert "OLLAMA_HOST=127.0.0.1:11435" in doc and "CLAIR_OLLAMA_PORT=11434" in doc
@@ -364,7 +364,7 @@ def test_ollama_dropin(dropin: Unit) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# clair.sdnotify against real sockets
+# clair.base.sdnotify against real sockets
 # --------------------------------------------------------------------------------------
 
 RECV_TIMEOUT = 2.0  # upper bound for a datagram that should arrive; normally instant

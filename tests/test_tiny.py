@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-from clair.tiny import build_tiny_chat, build_tiny_sdxl, save_tiny_chat, save_tiny_sdxl
+from clair.engines.tiny import build_tiny_chat, build_tiny_sdxl, save_tiny_chat, save_tiny_sdxl
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -152,7 +152,7 @@ def test_chat_tokenizer_is_byte_level_and_lossless(chat) -> None:
 
 def test_chat_replies_are_readable_words_that_stream_word_by_word(chat) -> None:
     """Sampled as Clair's LocalChat does, the random model writes words of its vocabulary, not byte noise."""
-    from clair.tiny import WORDS, word_token_ids
+    from clair.engines.tiny import WORDS, word_token_ids
 
     model, tokenizer = chat
     words = set(word_token_ids(tokenizer))

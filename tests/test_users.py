@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from clair import users as users_mod
-from clair.users import UserError, Users, command
+from clair.edge import users as users_mod
+from clair.edge.users import UserError, Users, command
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery staple"

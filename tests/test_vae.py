@@ -23,13 +23,13 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clair import gpu
 from clair.arbiter import Arbiter
-from clair.config import Config
-from clair.errors import ImageModelUnavailable
-from clair.image import FP16_FIX_VAE, SDXL_WEIGHTS, ImageEngine, RenderParams, read_metadata
-from clair.studio import Studio
-from clair.tiny import save_tiny_sdxl, save_tiny_vae
+from clair.base.config import Config
+from clair.base.errors import ImageModelUnavailable
+from clair.device import gpu
+from clair.engines.image import FP16_FIX_VAE, SDXL_WEIGHTS, ImageEngine, RenderParams, read_metadata
+from clair.engines.tiny import save_tiny_sdxl, save_tiny_vae
+from clair.service.studio import Studio
 
 GiB = 1024**3
 pytestmark = pytest.mark.usefixtures("offline")
@@ -164,7 +164,7 @@ def test_auto_offline_without_the_vae_falls_back_to_the_checkpoints_own_and_says
         local_chat_model="tiny",
     )  # fmt: skip
     studio = Studio(cfg)
-    with caplog.at_level(logging.WARNING, logger="clair.image"):
+    with caplog.at_level(logging.WARNING, logger="clair.engines.image"):
         image, _ = studio.image.render(_params())
     assert image.size == (64, 64)
     assert vaes.calls == []  # offline and not cached: not even tried
@@ -342,7 +342,7 @@ def test_on_the_seed_card_only_the_stock_vae_needs_the_llm_gone(hub_cache: Path,
     dw=st.integers(0, 64).map(lambda n: n * 8),
 )
 def test_priors_grow_with_the_image_and_the_fp16_safe_vae_always_needs_less(w: int, h: int, dw: int) -> None:
-    from clair.image import PRIORS
+    from clair.engines.image import PRIORS
 
     mpx, bigger = w * h / 1e6, (w + dw) * h / 1e6
     for prior in PRIORS.values():

@@ -1,4 +1,4 @@
-"""A waiting request costs no thread (arbiter invariant 11, clair/service.py).
+"""A waiting request costs no thread (arbiter invariant 11, clair/service/front.py).
 
 256 requests wait at once, behind a render that holds the GPU, and the process's thread count is what it was
 before they came: each is a future the arbiter completes when it grants, not a thread blocked on a condition.
@@ -18,12 +18,12 @@ import tracemalloc
 
 import pytest
 
-from clair import service
 from clair.arbiter import Arbiter, GiB
-from clair.config import Config
-from clair.errors import Cancelled, GpuBusy
-from clair.events import Token, Waiting
-from clair.studio import Studio
+from clair.base.config import Config
+from clair.base.errors import Cancelled, GpuBusy
+from clair.service import front as service
+from clair.service.events import Token, Waiting
+from clair.service.studio import Studio
 from tests.ollama_standin import OllamaStandin
 
 N = 256

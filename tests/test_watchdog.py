@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from clair import main
-from clair.config import Config
-from clair.image import RenderParams
+from clair.base.config import Config
+from clair.engines.image import RenderParams
 from tests.support import free_port
 
 
@@ -56,12 +56,12 @@ def test_a_hung_render_stops_the_heartbeat_and_ready_waits_for_the_preload(
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     monkeypatch.setattr(main, "EXTEND_EVERY_S", 0.1)
 
-    import clair.studio
+    import clair.service.studio
 
     studios: list = []
     preload_done = threading.Event()
 
-    class SlowPreload(clair.studio.Studio):
+    class SlowPreload(clair.service.studio.Studio):
         def __init__(self, cfg):
             super().__init__(cfg)
             studios.append(self)
@@ -71,7 +71,7 @@ def test_a_hung_render_stops_the_heartbeat_and_ready_waits_for_the_preload(
             super().preload()
             preload_done.set()
 
-    monkeypatch.setattr(clair.studio, "Studio", SlowPreload)
+    monkeypatch.setattr(clair.service.studio, "Studio", SlowPreload)
     port = free_port()
     cfg = dataclasses.replace(
         Config(),

@@ -26,9 +26,9 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AuthenticationError
 
-from clair import web
-from clair.users import Users
-from clair.web import Hosts, LoginLimiter, RepeatFilter, Sessions, client_key, lan_urls
+from clair.edge import web
+from clair.edge.users import Users
+from clair.edge.web import Hosts, LoginLimiter, RepeatFilter, Sessions, client_key, lan_urls
 from tests.support import ROOT, App, wait_until
 
 PASSWORD = "a long household password"
@@ -109,9 +109,9 @@ def test_sessions_expire_and_end_with_their_user() -> None:
 
 def test_a_new_password_ends_the_old_sessions_and_a_deleted_users_key_stops(tmp_path) -> None:
     """Through the real users and keys files, as `adduser` and `deluser` change them."""
-    from clair.config import Config
-    from clair.users import Users
-    from clair.web import Web
+    from clair.base.config import Config
+    from clair.edge.users import Users
+    from clair.edge.web import Web
 
     users = Users(tmp_path / "users.json")
     users.set_password("carol", "carolpass99")
@@ -179,7 +179,7 @@ def test_repeat_filter_keeps_a_flood_out_of_the_log() -> None:
     assert "9995 more like this were dropped" in r.getMessage()
     logins = [rec("login failed user=%r addr=%s") for _ in range(50)]
     for r in logins:
-        r.clair_always = True  # as clair.web logs each login: every one is kept
+        r.clair_always = True  # as clair.edge.web logs each login: every one is kept
     assert all(f.filter(r) for r in logins)
 
 

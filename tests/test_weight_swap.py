@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from clair import gpu
+from clair.device import gpu
 
 
 class Tied(nn.Module):

@@ -1,0 +1,419 @@
+"""OpenAI-compatible endpoints under /v1, on Clair's web port (and on its Ollama port), through the arbiter.
+
+* `GET /v1/models`: the chat models (Ollama's, or the in-process one) and the image model, apart (its id is
+  `sdxl:<model>`, owned_by `clair-image`; a chat asking for it is refused with a message).
+* `POST /v1/chat/completions`: `Studio.chat` (so the Chat tab's protocol: a chat lease, held during a
+  render, listed in the queue as `api:<model> (<client>)`). `stream: true` answers Server-Sent Events:
+  `chat.completion.chunk` objects, then `data: [DONE]`; while the request waits for the GPU, SSE comment
+  lines (`: waiting for the GPU ...`) tell where it stands (clients ignore them). Clair decides the
+  context size and the longest reply (CLAIR_CHAT_NUM_CTX, CLAIR_MAX_NEW_TOKENS), and there is no system
+  prompt unless the messages carry one. Sampling fields (temperature, top_p, max_tokens, stop, seed,
+  tools ...) are not passed on.
+* `POST /v1/images/generations`: `Studio.render` (a render lease; the image is saved with its parameters
+  in PNG text chunks, as from the Image tab). `size` is "WIDTHxHEIGHT" (multiples of 8, 64 to CLAIR_MAX_SIDE;
+  default 1024x1024); extra body fields, Clair's own: `steps` (default 30), `seed` (-1: random),
+  `negative_prompt`, `guidance` (default 7). `n` is 1 to 4 (seeds seed, seed+1, ...). `response_format`
+  `b64_json` returns the PNG itself; `url` (the default, as OpenAI's) a link to `/v1/files/<name>`,
+  which serves only the PNGs /v1 rendered, to the user (key) that asked for them, from Clair's output
+  folder by exact name, until Clair restarts.
+
+Each request counts against the UI's caps (clair.edge.guard.job_slot; 429 past one). Errors are OpenAI-shaped: `{"error": {"message", "type", "code"}}`, 400 for a bad request, 401/429 for
+keys (clair/edge/web.py), 503 when the engine or the GPU cannot serve. Who may call: clair/edge/keys.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import math
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from clair.base.errors import BadRequest, Cancelled, ChatUnavailable, ClairError, GpuBusy
+from clair.edge.guard import (
+    OPENAI,
+    BadJson,
+    Exchange,
+    Gone,
+    Send,
+    closing_send,
+    error_body,
+    in_thread,
+    job_slot,
+    json_of,
+    send_json,
+)
+from clair.engines.chat import flatten_history
+from clair.engines.image import RenderParams
+from clair.service.studio import Token, Waiting
+
+log = logging.getLogger("clair.openai")
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
+MAX_IMAGES = 4
+MAX_ISSUED = 4096  # image URLs remembered for /v1/files
+
+
+def error(status: int, message: str, code: str = "") -> JSONResponse:
+    return JSONResponse(error_body(OPENAI, status, message, code), status_code=status)
+
+
+def clair_error(exc: ClairError) -> tuple[int, dict]:
+    """A ClairError as (status, OpenAI error object)."""
+    if isinstance(exc, BadRequest):
+        status, code = 400, "bad_request"
+    elif isinstance(exc, GpuBusy):
+        status, code = 503, "gpu_busy"
+    elif isinstance(exc, ChatUnavailable):
+        status, code = 503, "model_unavailable"
+    else:
+        status, code = 503, type(exc).__name__
+    return status, error_body(OPENAI, status, str(exc), code)
+
+
+# The image model's id in /v1/models lives in its own namespace, so it never equals a chat model's id (in demo
+# mode both models are "tiny") and a client's model picker can tell the two kinds apart.
+IMAGE_ID_PREFIX = "sdxl:"
+
+
+def image_model_id(studio) -> str:
+    return IMAGE_ID_PREFIX + studio.image.model_id
+
+
+def client_name(request: Request) -> str:
+    user = request.scope.get("clair_api_user")
+    addr = request.client.host if request.client else "?"
+    return f"{user}@{addr}" if user else addr
+
+
+async def json_body(request: Request) -> dict | JSONResponse:
+    try:
+        body = await json_of(request)  # the guard's reading: within its cap, parsed off the event loop
+    except BadJson as exc:
+        return error(400, f"The body is not valid JSON: {exc}", "invalid_json")
+    if not isinstance(body, dict):
+        return error(400, "The body must be a JSON object.", "invalid_json")
+    return body
+
+
+async def _whole_reply(send: Send, gone: Gone, step, first, cid: str, created: int, name: str) -> int:
+    """A chat completion without `stream`: the reply gathered, then one JSON body. Returns the status sent."""
+    parts: list[str] = []
+    event = first
+    try:
+        while event is not None and not gone.is_set():
+            if isinstance(event, Token):
+                parts.append(event.text)
+            event = await step()
+    except ClairError as exc:
+        status, obj = clair_error(exc)
+        await send_json(send, status, obj)
+        return status
+    await send_json(
+        send,
+        200,
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(parts)},
+                    "finish_reason": "stop",
+                }
+            ],
+        },
+    )
+    return 200
+
+
+def router(studio) -> APIRouter:
+    r = APIRouter(prefix="/v1")
+    # Images /v1 rendered, by file name -> the key's user (None without users): /v1/files serves these
+    # only, to the same user, until Clair restarts. Other people's images stay theirs.
+    issued: OrderedDict[str, str | None] = OrderedDict()
+    issued_lock = threading.Lock()
+
+    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str, gone: Gone, headers=None):
+        """The front door's job, counted against its user's cap (clair.edge.guard.job_slot) and stopped when the
+        client goes away; None (429 sent) past a cap."""
+        try:
+            job = stack.enter_context(job_slot(studio, user, address, headers))
+        except GpuBusy as exc:
+            await send_json(send, 429, error_body(OPENAI, 429, str(exc), "too_many_jobs"), {"retry-after": "5"})
+            return None
+        gone.link(job.stop)
+        return job
+
+    @r.get("/models")
+    def models() -> Response:
+        created = int(time.time())
+        backend, _ = studio.chat_backend()
+        image_id = image_model_id(studio)
+        data = [
+            {"id": m, "object": "model", "created": created, "owned_by": backend.name}
+            for m in studio.chat_models()
+            if m != image_id
+        ]
+        data.append({"id": image_id, "object": "model", "created": created, "owned_by": "clair-image"})
+        return JSONResponse({"object": "list", "data": data})
+
+    # -- chat ---------------------------------------------------------------------------------------
+    @r.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await json_body(request)
+        if isinstance(body, Response):
+            return body
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            return error(400, "`messages` must be a non-empty list of {role, content} objects.", "invalid_messages")
+        last = messages[-1]
+        if last.get("role") != "user":
+            return error(400, "The last message must be the user's: Clair answers it.", "invalid_messages")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            return error(400, "`model` must be a string.", "invalid_model")
+        if model == image_model_id(studio):
+            return error(
+                400,
+                f"{model} is Clair's image model: it makes pictures (POST /v1/images/generations) and does not chat. "
+                "Pick a chat model from GET /v1/models (those not owned by clair-image).",
+                "model_not_for_chat",
+            )
+        # OpenAI's newer name for the system role; tool calls are not supported (Clair passes no tools).
+        messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+        if any(m.get("role") not in ("system", "user", "assistant") for m in messages):
+            return error(400, "Clair takes system, user and assistant messages only (no tools).", "invalid_messages")
+        last = messages[-1]
+        try:
+            text = flatten_history([last])
+            history = flatten_history(messages[:-1])
+        except ValueError as exc:
+            return error(400, str(exc), "invalid_messages")
+        if not text:
+            return error(400, "The last message is empty.", "invalid_messages")
+        model = model or None
+
+        def engine() -> tuple[bool, str]:  # may ask Ollama (HTTP): not on the event loop
+            backend, _ = studio.chat_backend()
+            return backend.single_model, studio.default_chat_model()
+
+        in_process, default = await in_thread(engine)
+        # A model name that is not one of Clair's (OpenAI clients default to theirs) falls back to the
+        # default chat model when the engine is the in-process one, which has only that.
+        if model and in_process:
+            model = None
+        stream = bool(body.get("stream"))
+        client = client_name(request)
+        user = request.scope.get("clair_api_user")
+        name = (model or default)[:80]
+        cid = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+
+        address = request.client.host if request.client else "?"
+
+        async def work(send: Send, gone: Gone) -> None:
+            with contextlib.ExitStack() as stack:
+                send = closing_send(send, stack)  # the slot goes back before the client sees the end
+                job = await take_slot(stack, send, user, address, gone, request.headers)
+                if job is None:
+                    return
+                await _chat(send, gone, job, text[0]["content"], history, model, name, cid, created, stream, client)
+
+        return Exchange(work, OPENAI)
+
+    async def _chat(send, gone: Gone, job, message, history, model, name, cid, created, stream, client) -> None:
+        t0 = time.monotonic()
+        # The front door: waiting for the GPU holds no thread; the reply streams from a worker thread.
+        events = job.chat(message, history, model=model, system="", label=f"api:{name} ({client})")
+
+        async def step():
+            try:
+                return await events.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        status = 200
+        try:
+            try:
+                first = await step()
+            except ClairError as exc:
+                status, obj = clair_error(exc)
+                if not isinstance(exc, Cancelled):
+                    await send_json(send, status, obj)
+                return
+            if not stream:
+                status = await _whole_reply(send, gone, step, first, cid, created, name)
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
+                }
+            )
+
+            def chunk(delta: dict, finish: str | None = None) -> bytes:
+                obj = {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+                return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+            async def out(data: bytes) -> None:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+            await out(chunk({"role": "assistant", "content": ""}))
+            event = first
+            try:
+                while event is not None and not gone.is_set():
+                    if isinstance(event, Waiting):
+                        note = f": waiting for the GPU: {event.reason} (position {event.position}, about {event.eta_s:.0f} s)"
+                        await out(note.replace("\n", " ").encode() + b"\n\n")
+                    elif event.text:
+                        await out(chunk({"content": event.text}))
+                    event = await step()
+            except ClairError as exc:
+                # The stream has begun: the error goes in the stream, where OpenAI's client raises it.
+                _, obj = clair_error(exc)
+                await send({"type": "http.response.body", "body": b"data: " + json.dumps(obj).encode() + b"\n\n"})
+                status = 599
+                return
+            await out(chunk({}, "stop"))
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        finally:
+            job.stop.set()  # stops the reply if it is still running
+            await events.aclose()  # releases the lease (Studio.chat's finally, run in a worker thread)
+            log.info(
+                "api chat model=%r client=%s stream=%s status=%s s=%.3f", name, client, stream, status, time.monotonic() - t0
+            )
+
+    # -- images -------------------------------------------------------------------------------------
+    @r.post("/images/generations")
+    async def images(request: Request) -> Response:
+        body = await json_body(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            params, n, fmt = image_request(body, studio.cfg)
+        except BadRequest as exc:
+            return error(400, str(exc), "invalid_request")
+        user = request.scope.get("clair_api_user")
+        client = client_name(request)
+        address = request.client.host if request.client else "?"
+
+        async def work(send: Send, gone: Gone) -> None:
+            data = []
+            t0 = time.monotonic()
+            with contextlib.ExitStack() as stack:
+                send = closing_send(send, stack)  # the slot goes back before the client sees the end
+                job = await take_slot(stack, send, user, address, gone, request.headers)
+                if job is None:
+                    return
+                for i in range(n):
+                    p = params if params.seed < 0 else RenderParams(**{**params.__dict__, "seed": params.seed + i})
+                    try:
+                        path, info = await job.render(p)  # the owner's galleries; the wait holds no thread
+                    except Cancelled:
+                        return
+                    except ClairError as exc:
+                        status, obj = clair_error(exc)
+                        await send_json(send, status, obj)
+                        return
+                    item: dict[str, Any] = {"revised_prompt": info["prompt"]}
+                    if fmt == "b64_json":
+                        item["b64_json"] = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+                    else:
+                        with issued_lock:
+                            issued[Path(path).name] = user
+                            while len(issued) > MAX_ISSUED:
+                                issued.popitem(last=False)
+                        item["url"] = str(request.base_url).rstrip("/") + "/v1/files/" + Path(path).name
+                    item["clair"] = {k: info[k] for k in ("seed", "steps", "guidance", "width", "height", "model")}
+                    data.append(item)
+            log.info("api images n=%d client=%s s=%.3f", n, client, time.monotonic() - t0)
+            await send_json(send, 200, {"created": int(time.time()), "data": data})
+
+        return Exchange(work, OPENAI)
+
+    @r.get("/files/{name}")
+    def files(name: str, request: Request) -> Response:
+        """A PNG this API rendered for the same user, from the output folder, by exact name; nothing else."""
+        folder = Path(studio.image.output_dir).resolve()
+        with issued_lock:
+            known = name in issued and issued[name] == request.scope.get("clair_api_user")
+        if not known or not FILE_NAME.match(name):
+            return error(404, "No such image.", "not_found")
+        try:
+            entries = {e.name: e for e in folder.iterdir()}
+        except OSError:
+            return error(404, "No such image.", "not_found")
+        entry = entries.get(name)
+        if entry is None or entry.is_symlink() or not entry.is_file():
+            return error(404, "No such image.", "not_found")
+        return FileResponse(entry, media_type="image/png")
+
+    return r
+
+
+def image_request(body: dict, cfg) -> tuple[RenderParams, int, str]:
+    """(params, n, response_format) from an images/generations body. Raises BadRequest."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("`prompt` is required: describe the image you want.")
+    size = body.get("size") or "1024x1024"
+    m = re.fullmatch(r"(\d{1,4})x(\d{1,4})", size) if isinstance(size, str) else None
+    if not m:
+        raise BadRequest(f"`size` must be WIDTHxHEIGHT, e.g. 1024x1024 (got {size!r}).")
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise BadRequest(f"`n` must be from 1 to {MAX_IMAGES} (got {n!r}).")
+    fmt = body.get("response_format") or "url"
+    if fmt not in ("url", "b64_json"):
+        raise BadRequest(f"`response_format` must be url or b64_json (got {fmt!r}).")
+
+    def number(key: str, default, kind):
+        value = body.get(key, default)
+        if value is None:
+            return default
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or (kind is int and int(value) != value)
+        ):
+            raise BadRequest(f"`{key}` must be a{'n integer' if kind is int else ' number'} (got {value!r}).")
+        return kind(value)
+
+    negative = body.get("negative_prompt") or ""
+    if not isinstance(negative, str):
+        raise BadRequest("`negative_prompt` must be a string.")
+    params = RenderParams(
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=number("steps", 30, int),
+        guidance=number("guidance", 7.0, float),
+        width=int(m.group(1)),
+        height=int(m.group(2)),
+        seed=number("seed", -1, int),
+    )
+    checked = params.validated(cfg)  # the limits (CLAIR_MAX_SIDE, CLAIR_MAX_STEPS ...); raises BadRequest
+    # A random seed (-1) is drawn by Studio.render, per image.
+    return (checked if params.seed >= 0 else params), n, fmt

@@ -1,0 +1,318 @@
+"""The web edge's shared pieces, for every port and protocol (the guard is clair/edge/web.py's `Guard`):
+
+* reading a request body within a cap while it arrives (chunked or not), and only while it keeps moving;
+* JSON parsed off the event loop, its size in values bounded before the parser sees it and its nesting
+  checked after;
+* one error body per protocol: OpenAI's `{"error": {"message", "type", "code"}}` for /v1, Ollama's
+  `{"error": "..."}` on the Ollama-compatible port, `{"detail": "..."}` (Gradio's and FastAPI's) elsewhere;
+* `Exchange`, the response the API adapters (clair/adapters/gateway.py, clair/adapters/openai_api.py) answer with: it
+  runs the request's work itself, so a job slot or a lease goes back whatever happens.
+
+Neither adapter imports the other: both build on this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.responses import Response
+
+from clair.base.errors import GpuBusy
+from clair.service.forwarded import busy_note, counted_as
+
+log = logging.getLogger("clair.edge.guard")
+
+OPENAI, OLLAMA, WEB = "openai", "ollama", "web"  # the error shapes
+MAX_DEPTH = 64  # JSON nesting: a chat with list-form content and tool schemas nests about ten deep
+BODY_IDLE_S = 10.0  # a body must keep moving: at most this long between two of its chunks
+BODY_TOTAL_S = 120.0  # and all of it within this long (64 MiB at 4.5 Mbit/s)
+
+Send = Callable[[dict], Awaitable[None]]
+
+
+# --- error bodies ---------------------------------------------------------------------------------
+
+
+def error_body(protocol: str, status: int, message: str, code: str | None = None) -> dict:
+    """The one error body of each protocol."""
+    if protocol == OPENAI:
+        kind = "rate_limit_error" if status == 429 else ("invalid_request_error" if status < 500 else "server_error")
+        return {"error": {"message": message, "type": kind, "code": code or None}}
+    if protocol == OLLAMA:
+        return {"error": message}
+    return {"detail": message}
+
+
+async def send_json(send: Send, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(obj).encode()
+    raw = [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+# --- bodies -----------------------------------------------------------------------------------------
+
+
+class BodyRefused(Exception):
+    """A body Clair will not read: `status` 413 (too large) or 408 (stopped moving)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(receive, limit: int, idle_s: float = BODY_IDLE_S, total_s: float = BODY_TOTAL_S) -> bytes | None:
+    """The whole body, read as it arrives and refused the moment it passes `limit` (nothing past it is kept).
+    None when the client went away. Raises BodyRefused."""
+    chunks: list[bytes] = []
+    size = 0
+    with anyio.move_on_after(total_s) as whole:
+        while True:
+            with anyio.move_on_after(idle_s) as idle:
+                message = await receive()
+            if idle.cancelled_caught:
+                raise BodyRefused(408, f"The request body stopped arriving: Clair waits at most {idle_s:.0f} s for the next part.")
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyRefused(413, too_large(limit))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    assert whole.cancelled_caught
+    raise BodyRefused(408, f"The request body took too long: Clair reads one for at most {total_s:.0f} s.")
+
+
+def too_large(limit: int) -> str:
+    mib = limit / 2**20
+    return f"Request too large: Clair takes at most {mib:.0f} MB here." if mib >= 10 or mib == int(mib) else (
+        f"Request too large: Clair takes at most {mib:.1f} MB here."
+    )
+
+
+def replay(body: bytes, receive):
+    """A `receive` that hands the app the body already read, then the client's own messages (a disconnect)."""
+    sent = False
+
+    async def again() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
+
+
+# --- JSON ---------------------------------------------------------------------------------------------
+
+
+class BadJson(ValueError):
+    """A body that is not JSON Clair reads; the message says what is wrong, never what was sent."""
+
+
+MAX_VALUES = 250_000  # commas and colons in a body: what json.loads costs (about 50 ms at this many)
+
+
+def nesting(obj: Any) -> int:
+    """How deep a parsed JSON value nests (a scalar: 0). Iterative, in Python: in a worker thread it shares
+    the interpreter with the event loop, where C code (json.loads) would hold it throughout."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (list, dict)))
+    return deepest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number Python would read as infinity (`1e400`) is refused like the word Infinity: a float that
+    overflows is no number a client meant, and `int(inf)` deep in a handler answered 500."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:40]} is too large a number")
+    return value
+
+
+def parse_json(raw: bytes, limit: int = MAX_DEPTH) -> Any:
+    """`raw` as JSON (NaN and Infinity refused, as Go's decoder and so Ollama refuse them), nesting at most
+    `limit` levels and holding at most MAX_VALUES values. Raises BadJson.
+
+    json.loads is C code: in any thread it holds the interpreter until it is done, so what it is given is
+    bounded first (a count of commas and colons, in C at memory speed); nesting deeper than the
+    interpreter's recursion limit is refused by json.loads itself."""
+    values = raw.count(b",") + raw.count(b":")
+    if values > MAX_VALUES:
+        raise BadJson(f"the JSON holds more than {MAX_VALUES} values")
+    try:
+        obj = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise BadJson(f"the JSON nests deeper than {limit} levels") from None
+    except ValueError as exc:
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise BadJson(f"{message}{where}") from None
+    if nesting(obj) > limit:
+        raise BadJson(f"the JSON nests deeper than {limit} levels")
+    return obj
+
+
+async def parse_json_async(raw: bytes) -> Any:
+    """parse_json in a worker thread: a large body never holds the event loop (other clients, /healthz)."""
+    return await anyio.to_thread.run_sync(parse_json, raw)
+
+
+PARSED = "clair.json"  # the scope key under which the guard leaves a request's parsed JSON body
+
+
+async def json_of(request) -> Any:
+    """The request's JSON body: as the guard parsed it, else parsed here (off the event loop); None when
+    empty. Raises BadJson."""
+    if PARSED in request.scope:
+        return request.scope[PARSED]
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    return await parse_json_async(raw)
+
+
+# --- running blocking work without starving the server ---------------------------------------------
+
+_limiters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def limiter() -> anyio.CapacityLimiter:
+    """Worker threads for requests that wait for the GPU, apart from the server's (and Gradio's) own pool:
+    a queue of held API requests must not take every thread the UI needs (CLAIR_MAX_QUEUE bounds how many
+    wait at once). One per event loop."""
+    loop = asyncio.get_running_loop()
+    lim = _limiters.get(loop)
+    if lim is None:
+        lim = _limiters[loop] = anyio.CapacityLimiter(256)
+    return lim
+
+
+async def in_thread(fn: Callable, *args: Any) -> Any:
+    return await anyio.to_thread.run_sync(fn, *args, limiter=limiter())
+
+
+class Gone(threading.Event):
+    """Set once the client has disconnected; also sets the events linked to it. Pass a linked event, not
+    this one, to code that may set it itself (an engine sets its `stop` when its reply ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._linked: list[threading.Event] = []
+
+    def link(self, event: threading.Event) -> threading.Event:
+        self._linked.append(event)
+        if self.is_set():
+            event.set()
+        return event
+
+    def set(self) -> None:
+        super().set()
+        for event in self._linked:
+            event.set()
+
+
+class Exchange(Response):
+    """A response that runs `work(send, gone)` itself, so what it holds is released whatever happens.
+
+    `work` sends the response (it decides the status once it knows it, e.g. after the GPU was granted
+    and Ollama answered). `gone` is set as soon as the client disconnects, also while nothing is being
+    sent (a request held for a render), so the wait ends and the lease goes back. A bug in `work` is
+    answered 500 in the adapter's error shape (`protocol`), with an id, never the exception.
+    """
+
+    def __init__(self, work: Callable[[Send, Gone], Awaitable[None]], protocol: str = OLLAMA):
+        self.work = work
+        self.protocol = protocol
+        self.background = None
+        self.status_code = 200
+        self.raw_headers: list = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        gone = Gone()
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone.set()
+                    return
+
+        started = False
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if gone.is_set():
+                raise OSError("the client went away")
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            try:
+                await self.work(guarded_send, gone)
+            except OSError:
+                gone.set()
+            except Exception as exc:  # a bug: logged with an id; the client gets the id, not the exception
+                from clair.service.limits import unexpected
+
+                text = unexpected(log, exc, "an API request")
+                if not started and not gone.is_set():
+                    await send_json(send, 500, error_body(self.protocol, 500, text, "internal_error"))
+            finally:
+                tg.cancel_scope.cancel()
+
+
+def closing_send(send: Send, stack: contextlib.ExitStack) -> Send:
+    """`send`, closing `stack` (a job slot, a lease) just before the last bytes of the response go out."""
+
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with anyio.CancelScope(shield=True):
+                await in_thread(stack.close)
+        await send(message)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def job_slot(studio, user: str | None, address: str, headers=None):
+    """The front door's job (`Studio.job`) for one GPU request, counted against its user's cap for the block (`studio.jobs`, clair/service/limits.py: the
+    caps the UI uses, CLAIR_MAX_JOBS_PER_USER and CLAIR_MAX_QUEUE). A key's requests count as its name's
+    (`user:NAME`, as a logged-in browser's), anonymous loopback ones by address; a client trusted to name its
+    people counts each apart (clair/service/forwarded.py, given the request's `headers`). Raises GpuBusy past a cap,
+    saying whose requests were counted.
+    """
+    who, counted = counted_as(studio.cfg, user, address, headers)
+    job = studio.job(who, owner=user)  # the front door (clair/service/front.py): yields the Job
+    try:
+        job.__enter__()
+    except GpuBusy as exc:
+        raise GpuBusy(busy_note(str(exc), counted)) from None
+    try:
+        yield job
+    finally:
+        job.__exit__(None, None, None)
