@@ -190,8 +190,7 @@ def test_chats_and_renders_have_their_own_gradio_slots(tmp_path) -> None:
             ids.setdefault(name, set()).add((fn.concurrency_id, fn.concurrency_limit))
             # The GPU handlers are async (the front door, clair/service/front.py): they wait for the GPU on the loop,
             # and Job._drive closes Studio's generators in a worker thread, off the loop.
-            if name != "render":  # the Image tab's render is still a plain function (docs/design.md)
-                assert inspect.isasyncgenfunction(fn.fn) or inspect.iscoroutinefunction(fn.fn), name
+            assert inspect.isasyncgenfunction(fn.fn) or inspect.iscoroutinefunction(fn.fn), name
     assert ids == {"chat_ui": {("chat", 12)}, "chat_api": {("chat", 12)}, "render": {("render", 12)}}
     # Gradio runs at most max_threads jobs over all ids: full render slots must leave room for every chat.
     assert demo.max_threads >= 12 + 12 + 8

@@ -56,7 +56,7 @@ class ImageHandlers:
             raise RuntimeError(f"refusing to hand back a path outside the output folder: {p}")
         return str(p)
 
-    def render(
+    async def render(
         self,
         prompt: str,
         negative_prompt: str = "",
@@ -82,9 +82,7 @@ class ImageHandlers:
                         log.info("render cancelled: the client went away client=%s", who)
                         job.stop.set()  # a closed tab or a dropped script frees the GPU at the next step
 
-                # Sync for now (a render waiting here holds a Gradio worker thread): with the handler async,
-                # Gradio's progress tracker and validator misbehave in the browser (test_browser, cancel).
-                path, info = self.studio.render(params, on_progress=on_progress, cancel=job.stop, owner=owner_of(request))
+                path, info = await job.render(params, on_progress=on_progress)  # waits on the event loop, no thread
             path = self.served(path)
             info = json.loads(json.dumps(info))  # plain JSON, built here
         except Cancelled:
@@ -136,7 +134,10 @@ class ImageHandlers:
             return gr.skip()
         return int(info["seed"])
 
-    def validate_render(self, prompt, negative_prompt, steps, guidance, width, height, seed, request: gr.Request):
+    # `progress`: Gradio builds the validator's BlockFunction with the handler's `tracks_progress`
+    # (gradio/queueing.py, create_validator_fn), and with the handler async it hands the validator the
+    # progress tracker too; without the parameter the call fails and the message never shows (test_browser).
+    def validate_render(self, prompt, negative_prompt, steps, guidance, width, height, seed, request: gr.Request, progress=None):
         """Checked when the render is queued (HTTP 422 at /queue/join for API clients), so a mistake does
         not wipe the last result. The handler checks all of it again; this only answers sooner."""
         problem, at = None, 6
