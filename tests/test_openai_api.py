@@ -521,6 +521,17 @@ def test_the_in_process_model_answers_with_tools_offered_and_refuses_a_required_
                 model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="required"
             )
         assert "need an Ollama model" in err.value.body["message"]
+        call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+        with pytest.raises(openai.BadRequestError) as err:  # its chat template has no tool role
+            c.chat.completions.create(
+                model="tiny",
+                messages=[
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "snow"},
+                ],
+            )
+        assert "Tools need an Ollama model" in err.value.body["message"]
         assert not standin.requests_to("/api/chat")
     finally:
         served.stop()

@@ -13,7 +13,8 @@
   `stream_options.include_usage` asks for it, as OpenAI does. `tools` go to Ollama's /api/chat; the model's
   calls come back as OpenAI's `tool_calls` (finish_reason "tool_calls"), and the history may carry them
   and `tool` results. The in-process model calls no tools: it answers as if none were offered (clients
-  such as Open WebUI send tools with every chat), and a `tool_choice` that demands a call is refused (400).
+  such as Open WebUI send tools with every chat); a `tool_choice` that demands a call, or a history with
+  tool calls or results (its chat template has no tool role), is refused (400).
 * `POST /v1/images/generations`: `Studio.render` (a render lease; the image is saved with its parameters
   in PNG text chunks, as from the Image tab). `size` is "WIDTHxHEIGHT" (multiples of 8, 64 to CLAIR_MAX_SIDE;
   default 1024x1024); extra body fields, Clair's own: `steps` (default 30), `seed` (-1: random),
@@ -311,6 +312,13 @@ def router(studio) -> APIRouter:
                 400,
                 "The in-process chat model cannot call tools, and `tool_choice` asks for a call. Tools need an "
                 "Ollama model (start Ollama: chat uses it whenever it answers), or leave tool_choice out.",
+                "tools_unsupported",
+            )
+        if in_process and any(m["role"] == "tool" or m.get("tool_calls") for m in history):
+            return error(
+                400,
+                "The in-process chat model cannot read tool calls or tool results. Tools need an Ollama model "
+                "(start Ollama: chat uses it whenever it answers), or send the conversation without them.",
                 "tools_unsupported",
             )
         if in_process:
