@@ -276,6 +276,8 @@ class RequestRecord:
     error: str | None = None  # the error text sent, as an error body or a mid-stream error line
     lines: int = 0  # NDJSON lines written by a streaming response, the final and error lines included
     aborted: bool = False  # the client went away before the response was complete
+    counts: tuple[int, int] | None = None  # (prompt_eval_count, eval_count) the final line reported
+    tool_calls: list[dict[str, Any]] | None = None  # the tool calls the reply made (when `tools` were offered)
 
     @property
     def model(self) -> str | None:
@@ -1228,6 +1230,8 @@ class OllamaStandin:
             reply = scripted
         elif reply_fn is not None:
             reply = reply_fn(body)
+        elif kind == "chat" and (body.get("messages") or [{}])[-1].get("role") == "tool":
+            reply = f"Tool said: {body['messages'][-1].get('content') or ''}"
         else:
             reply = f"You said: {self._last_user_text(kind, body)}"
         return split_tokens(reply) if isinstance(reply, str) else [str(token) for token in reply]
@@ -1240,6 +1244,23 @@ class OllamaStandin:
             if isinstance(message, dict) and message.get("role") == "user":
                 return str(message.get("content") or "")
         return ""
+
+    # What a tool call costs in reply tokens: a fixed figure of the stand-in's own (a real model's call is
+    # a few dozen tokens of JSON).
+    tool_call_tokens = 17
+
+    @staticmethod
+    def _tool_calls(body: dict[str, Any]) -> list[dict[str, Any]]:
+        """With `tools` offered and a user's message last, the stand-in calls the first tool, every required
+        parameter given the user's text; after a tool's result it answers in text ("Tool said: ...")."""
+        tools = body.get("tools") or []
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        if not tools or not messages or messages[-1].get("role") != "user":
+            return []
+        fn = tools[0].get("function") or {}
+        required = (fn.get("parameters") or {}).get("required") or []
+        text = str(messages[-1].get("content") or "")
+        return [{"function": {"name": fn.get("name"), "arguments": {p: text for p in required}}}]
 
     @staticmethod
     def _prompt_eval_count(kind: str, body: dict[str, Any]) -> int:
@@ -1296,6 +1317,9 @@ class OllamaStandin:
             if failure is not None and failure.status is not None:
                 return self._fail(handler, record, failure.status, failure.error)
 
+            calls = self._tool_calls(body) if kind == "chat" else []
+            if calls:  # a model that calls a tool writes the call, not text (Ollama sends it in one chunk)
+                tokens, done_reason = [], "stop"
             if stream:
                 handler.start_stream()
             eval_started = time.monotonic()
@@ -1316,16 +1340,27 @@ class OllamaStandin:
                 handler.send_line({"error": failure.error})
                 return handler.end_stream()
 
+            if calls:
+                call_chunk = self._chunk(kind, name, "")
+                call_chunk["message"]["tool_calls"] = calls
+                if stream:
+                    handler.send_line(call_chunk)
+                sent.append(json.dumps(calls))  # counted as the reply's tokens below
             now = time.monotonic()
-            final = self._chunk(kind, name, "" if stream else "".join(sent))
+            final = self._chunk(kind, name, "" if stream else "".join(sent[: len(sent) - bool(calls)]))
+            if calls and not stream:
+                final["message"]["tool_calls"] = calls
+            eval_count = len(sent) + (self.tool_call_tokens - 1 if calls else 0)
+            prompt_count = self._prompt_eval_count(kind, body)
+            self._update(record, counts=(prompt_count, eval_count), tool_calls=calls or None)
             final.update(
                 done=True,
                 done_reason=done_reason,
                 total_duration=max(1, int((now - started) * 1e9)),
                 load_duration=load_ns,
-                prompt_eval_count=self._prompt_eval_count(kind, body),
+                prompt_eval_count=prompt_count,
                 prompt_eval_duration=max(1, int((eval_started - prompt_started) * 1e9)),
-                eval_count=len(sent),
+                eval_count=eval_count,
                 eval_duration=max(1, int((now - eval_started) * 1e9)),
             )
             if stream:

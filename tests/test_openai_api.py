@@ -99,10 +99,15 @@ def test_chat_not_streaming_and_bad_requests(v1, standin):
     (sent,) = [r for r in standin.requests_to("/api/chat") if r.messages]
     assert sent.messages == [{"role": "system", "content": "terse"}, {"role": "user", "content": "one"}]
     with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}])
+    assert "Each tool must be" in err.value.body["message"]
+    bad_call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "not json"}}
+    with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(
-            model=MODEL, messages=[{"role": "tool", "content": "42", "tool_call_id": "a"}, {"role": "user", "content": "x"}]
+            model=MODEL,
+            messages=[{"role": "assistant", "tool_calls": [bad_call]}, {"role": "tool", "content": "42", "tool_call_id": "c1"}],
         )
-    assert "no tools" in err.value.body["message"]
+    assert "arguments" in err.value.body["message"]
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(model=MODEL, messages=[{"role": "assistant", "content": "hm"}])
     assert "last message" in err.value.body["message"]
@@ -430,3 +435,103 @@ def test_an_open_webui_household_each_person_sending_a_message_is_not_refused(st
             t.join(120)
         served.stop()
     assert sorted(code for _, code, _ in answers) == [200] * 12, answers
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_usage_is_ollamas_own_count_whole_and_streamed(v1, standin):
+    c = client(v1)
+    done = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "count these words"}])
+    (sent,) = [r for r in standin.requests_to("/api/chat") if r.messages]
+    prompt, reply = sent.counts  # what the stand-in's final line reported
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (prompt, reply)
+    assert done.usage.total_tokens == prompt + reply and reply > 0
+
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "again"}], stream=True, stream_options={"include_usage": True}
+        )
+    )
+    last = [r for r in standin.requests_to("/api/chat") if r.messages][-1]
+    assert chunks[-1].choices == [] and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == last.counts
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    # Without include_usage, no usage chunk (as OpenAI).
+    plain = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True))
+    assert all(ch.choices and ch.usage is None for ch in plain)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_reach_ollama_and_its_calls_come_back_in_openais_shape(v1, standin, studio, stream):
+    c = client(v1)
+    ask = [{"role": "user", "content": "Paris"}]
+    if stream:
+        chunks = list(c.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER], stream=True))
+        (delta,) = [ch.choices[0].delta.tool_calls for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls]
+        (call,) = delta
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    else:
+        done = c.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER])
+        assert done.choices[0].finish_reason == "tool_calls" and not done.choices[0].message.content
+        (call,) = done.choices[0].message.tool_calls
+        assert done.usage.completion_tokens == standin.requests_to("/api/chat")[-1].counts[1]
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    (sent,) = [r for r in standin.requests_to("/api/chat") if r.messages]
+    assert sent.body["tools"][0]["function"]["name"] == "weather"
+    assert sent.body["tools"][0]["function"]["parameters"]["required"] == ["city"]
+
+    # The call and its result go back in the history; Ollama gets them in its shape and answers the result.
+    follow = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+    ]
+    answer = c.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER])
+    assert answer.choices[0].message.content == "Tool said: sunny, 21 C"
+    assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
+    second = [r for r in standin.requests_to("/api/chat") if r.messages][-1]
+    assert second.messages[1:] == [
+        {"role": "assistant", "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny, 21 C", "tool_name": "weather"},
+    ]
+    standin.wait_until(studio.arbiter.is_idle)
+
+
+def test_the_in_process_model_answers_with_tools_offered_and_refuses_a_required_call(standin, tmp_path):
+    studio = make_studio(standin, tmp_path, chat_backend="local", local_chat_model="tiny")
+    served = Served(v1_app(studio))
+    try:
+        c = client(served)
+        done = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
+        assert done.choices[0].finish_reason == "stop" and not done.choices[0].message.tool_calls
+        # The tokenizer's own count of the prompt as the model saw it (the chat template around "hi").
+        prompt = studio.local._tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        assert done.usage.prompt_tokens == len(prompt["input_ids"]) and 0 < done.usage.completion_tokens <= 256
+        assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="required"
+            )
+        assert "need an Ollama model" in err.value.body["message"]
+        call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+        with pytest.raises(openai.BadRequestError) as err:  # its chat template has no tool role
+            c.chat.completions.create(
+                model="tiny",
+                messages=[
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "snow"},
+                ],
+            )
+        assert "Tools need an Ollama model" in err.value.body["message"]
+        assert not standin.requests_to("/api/chat")
+    finally:
+        served.stop()

@@ -7,8 +7,14 @@
   `chat.completion.chunk` objects, then `data: [DONE]`; while the request waits for the GPU, SSE comment
   lines (`: waiting for the GPU ...`) tell where it stands (clients ignore them). Clair decides the
   context size and the longest reply (CLAIR_CHAT_NUM_CTX, CLAIR_MAX_NEW_TOKENS), and there is no system
-  prompt unless the messages carry one. Sampling fields (temperature, top_p, max_tokens, stop, seed,
-  tools ...) are not passed on.
+  prompt unless the messages carry one. Sampling fields (temperature, top_p, max_tokens, stop, seed ...)
+  are not passed on. `usage` is the engine's count (Ollama's prompt_eval_count and eval_count; the
+  in-process model's tokenizer), in the answer, and streamed as a last chunk with no choices when
+  `stream_options.include_usage` asks for it, as OpenAI does. `tools` go to Ollama's /api/chat; the model's
+  calls come back as OpenAI's `tool_calls` (finish_reason "tool_calls"), and the history may carry them
+  and `tool` results. The in-process model calls no tools: it answers as if none were offered (clients
+  such as Open WebUI send tools with every chat); a `tool_choice` that demands a call, or a history with
+  tool calls or results (its chat template has no tool role), is refused (400).
 * `POST /v1/images/generations`: `Studio.render` (a render lease; the image is saved with its parameters
   in PNG text chunks, as from the Image tab). `size` is "WIDTHxHEIGHT" (multiples of 8, 64 to CLAIR_MAX_SIDE;
   default 1024x1024); extra body fields, Clair's own: `steps` (default 30), `seed` (-1: random),
@@ -106,36 +112,119 @@ async def json_body(request: Request) -> dict | JSONResponse:
     return body
 
 
+MAX_TOOLS = 128
+
+
+def openai_tools(tools: Any, tool_choice: Any) -> list[dict] | None:
+    """The request's `tools` in Ollama's shape (function name, description, parameters), or None. BadRequest."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise BadRequest(f"`tools` must be a list of at most {MAX_TOOLS} functions.")
+    out = []
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest('Each tool must be {"type": "function", "function": {"name", "parameters"}}.')
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise BadRequest("A tool's `parameters` must be a JSON Schema object.")
+        desc = fn.get("description") or ""
+        out.append({"type": "function", "function": {"name": fn["name"], "description": str(desc), "parameters": params}})
+    if tool_choice == "none":
+        return None
+    return out
+
+
+def ollama_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI's history in Ollama's shape: an assistant's tool_calls with arguments as objects, a `tool`
+    result named by the call it answers (Ollama's tool_name). Raises BadRequest or ValueError."""
+    names: dict[str, str] = {}
+    out: list[dict] = []
+    for m in messages:
+        role = m.get("role")
+        if role == "assistant" and m.get("tool_calls"):
+            calls = m["tool_calls"]
+            if not isinstance(calls, list):
+                raise BadRequest("An assistant's `tool_calls` must be a list.")
+            shaped = []
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise BadRequest("Each of an assistant's tool_calls needs a function name.")
+                args = fn.get("arguments") or "{}"
+                try:
+                    args = json.loads(args) if isinstance(args, str) else args
+                except ValueError:
+                    raise BadRequest("A tool call's `arguments` must be a JSON object (as a string).") from None
+                if not isinstance(args, dict):
+                    raise BadRequest("A tool call's `arguments` must be a JSON object (as a string).")
+                if isinstance(call.get("id"), str):
+                    names[call["id"]] = fn["name"]
+                shaped.append({"function": {"name": fn["name"], "arguments": args}})
+            text = flatten_history([{"role": "assistant", "content": m.get("content")}])
+            out.append({"role": "assistant", "content": text[0]["content"] if text else "", "tool_calls": shaped})
+        elif role == "tool":
+            text = flatten_history([{"role": "user", "content": m.get("content")}])
+            entry = {"role": "tool", "content": text[0]["content"] if text else ""}
+            name = names.get(m.get("tool_call_id")) if isinstance(m.get("tool_call_id"), str) else None
+            if name:
+                entry["tool_name"] = name
+            out.append(entry)
+        else:
+            out.extend(flatten_history([m]))
+    return out
+
+
+def openai_calls(calls: list[dict]) -> list[dict]:
+    """The model's tool calls in OpenAI's shape: an id each, arguments as a JSON string."""
+    return [
+        {
+            "id": "call_" + secrets.token_hex(12),
+            "type": "function",
+            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])},
+        }
+        for c in calls
+    ]
+
+
+def usage_of(counts: tuple[int, int] | None) -> dict | None:
+    if counts is None:
+        return None
+    prompt, reply = counts
+    return {"prompt_tokens": prompt, "completion_tokens": reply, "total_tokens": prompt + reply}
+
+
 async def _whole_reply(send: Send, gone: Gone, step, first, cid: str, created: int, name: str) -> int:
     """A chat completion without `stream`: the reply gathered, then one JSON body. Returns the status sent."""
     parts: list[str] = []
+    calls: list[dict] = []
+    usage = None
     event = first
     try:
         while event is not None and not gone.is_set():
             if isinstance(event, Token):
                 parts.append(event.text)
+                calls += event.tool_calls or []
+                usage = event.usage or usage
             event = await step()
     except ClairError as exc:
         status, obj = clair_error(exc)
         await send_json(send, status, obj)
         return status
-    await send_json(
-        send,
-        200,
-        {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(parts)},
-                    "finish_reason": "stop",
-                }
-            ],
-        },
-    )
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(parts)}
+    if calls:
+        message.update(content=message["content"] or None, tool_calls=openai_calls(calls))
+    answer: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": name,
+        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}],
+    }
+    if usage is not None:
+        answer["usage"] = usage_of(usage)
+    await send_json(send, 200, answer)
     return 200
 
 
@@ -180,8 +269,10 @@ def router(studio) -> APIRouter:
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             return error(400, "`messages` must be a non-empty list of {role, content} objects.", "invalid_messages")
         last = messages[-1]
-        if last.get("role") != "user":
-            return error(400, "The last message must be the user's: Clair answers it.", "invalid_messages")
+        if last.get("role") not in ("user", "tool"):
+            return error(
+                400, "The last message must be the user's (or a tool's result): Clair answers it.", "invalid_messages"
+            )
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             return error(400, "`model` must be a string.", "invalid_model")
@@ -192,15 +283,20 @@ def router(studio) -> APIRouter:
                 "Pick a chat model from GET /v1/models (those not owned by clair-image).",
                 "model_not_for_chat",
             )
-        # OpenAI's newer name for the system role; tool calls are not supported (Clair passes no tools).
+        # OpenAI's newer name for the system role.
         messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
-        if any(m.get("role") not in ("system", "user", "assistant") for m in messages):
-            return error(400, "Clair takes system, user and assistant messages only (no tools).", "invalid_messages")
-        last = messages[-1]
+        if any(m.get("role") not in ("system", "user", "assistant", "tool") for m in messages):
+            return error(400, "Clair takes system, user, assistant and tool messages only.", "invalid_messages")
+        stream_options = body.get("stream_options")
+        want_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        tool_choice = body.get("tool_choice")
         try:
-            text = flatten_history([last])
-            history = flatten_history(messages[:-1])
-        except ValueError as exc:
+            tools = openai_tools(body.get("tools"), tool_choice)
+            if last.get("role") == "tool":  # the model answers a tool's result: no new message
+                text, history = [{"role": "user", "content": ""}], ollama_messages(messages)
+            else:
+                text, history = flatten_history([last]), ollama_messages(messages[:-1])
+        except (BadRequest, ValueError) as exc:
             return error(400, str(exc), "invalid_messages")
         if not text:
             return error(400, "The last message is empty.", "invalid_messages")
@@ -211,6 +307,22 @@ def router(studio) -> APIRouter:
             return backend.single_model, studio.default_chat_model()
 
         in_process, default = await in_thread(engine)
+        if in_process and (tool_choice == "required" or isinstance(tool_choice, dict)) and tools:
+            return error(
+                400,
+                "The in-process chat model cannot call tools, and `tool_choice` asks for a call. Tools need an "
+                "Ollama model (start Ollama: chat uses it whenever it answers), or leave tool_choice out.",
+                "tools_unsupported",
+            )
+        if in_process and any(m["role"] == "tool" or m.get("tool_calls") for m in history):
+            return error(
+                400,
+                "The in-process chat model cannot read tool calls or tool results. Tools need an Ollama model "
+                "(start Ollama: chat uses it whenever it answers), or send the conversation without them.",
+                "tools_unsupported",
+            )
+        if in_process:
+            tools = None  # it answers as if none were offered (see the module docstring)
         # A model name that is not one of Clair's (OpenAI clients default to theirs) falls back to the
         # default chat model when the engine is the in-process one, which has only that.
         if model and in_process:
@@ -230,14 +342,18 @@ def router(studio) -> APIRouter:
                 job = await take_slot(stack, send, user, address, gone, request.headers)
                 if job is None:
                     return
-                await _chat(send, gone, job, text[0]["content"], history, model, name, cid, created, stream, client)
+                await _chat(
+                    send, gone, job, text[0]["content"], history, model, name, cid, created, stream, client, tools, want_usage
+                )
 
         return Exchange(work, OPENAI)
 
-    async def _chat(send, gone: Gone, job, message, history, model, name, cid, created, stream, client) -> None:
+    async def _chat(
+        send, gone: Gone, job, message, history, model, name, cid, created, stream, client, tools=None, want_usage=False
+    ) -> None:
         t0 = time.monotonic()
         # The front door: waiting for the GPU holds no thread; the reply streams from a worker thread.
-        events = job.chat(message, history, model=model, system="", label=f"api:{name} ({client})")
+        events = job.chat(message, history, model=model, system="", label=f"api:{name} ({client})", tools=tools)
 
         async def step():
             try:
@@ -280,13 +396,20 @@ def router(studio) -> APIRouter:
 
             await out(chunk({"role": "assistant", "content": ""}))
             event = first
+            usage, called = None, False
             try:
                 while event is not None and not gone.is_set():
                     if isinstance(event, Waiting):
                         note = f": waiting for the GPU: {event.reason} (position {event.position}, about {event.eta_s:.0f} s)"
                         await out(note.replace("\n", " ").encode() + b"\n\n")
-                    elif event.text:
-                        await out(chunk({"content": event.text}))
+                    else:
+                        if event.text:
+                            await out(chunk({"content": event.text}))
+                        if event.tool_calls:
+                            calls = [{"index": i, **c} for i, c in enumerate(openai_calls(event.tool_calls))]
+                            await out(chunk({"tool_calls": calls}))
+                            called = True
+                        usage = event.usage or usage
                     event = await step()
             except ClairError as exc:
                 # The stream has begun: the error goes in the stream, where OpenAI's client raises it.
@@ -294,7 +417,11 @@ def router(studio) -> APIRouter:
                 await send({"type": "http.response.body", "body": b"data: " + json.dumps(obj).encode() + b"\n\n"})
                 status = 599
                 return
-            await out(chunk({}, "stop"))
+            await out(chunk({}, "tool_calls" if called else "stop"))
+            if want_usage and usage is not None:  # OpenAI's last chunk: no choices, the usage
+                last_chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name}
+                last_chunk.update(choices=[], usage=usage_of(usage))
+                await out(b"data: " + json.dumps(last_chunk).encode() + b"\n\n")
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         finally:
             job.stop.set()  # stops the reply if it is still running

@@ -78,7 +78,12 @@ class ChatBackend(Engine):
     def default_model(self) -> str:
         raise NotImplementedError
 
-    def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
+    def stream(
+        self, model: str, messages: list[dict], stop: threading.Event, tools: list | None = None, meta: dict | None = None
+    ) -> Iterator[str]:
+        """Yield the reply's text. `meta`, when given, is filled at the end: `usage` (prompt tokens, reply
+        tokens) as the engine counts them, and `tool_calls` ([{name, arguments: dict}]) when `tools` were
+        offered and the model called one."""
         raise NotImplementedError
 
 
@@ -393,11 +398,15 @@ class OllamaChat(ChatBackend):
                 self.sync(arbiter)
 
     # -- use -------------------------------------------------------------------------------------
-    def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
+    def stream(
+        self, model: str, messages: list[dict], stop: threading.Event, tools: list | None = None, meta: dict | None = None
+    ) -> Iterator[str]:
+        meta = {} if meta is None else meta
         try:
             chunks = self.client.chat(
                 model=model,
                 messages=messages,
+                tools=tools or None,
                 stream=True,
                 keep_alive=self.cfg.keep_alive_value,
                 options={"num_ctx": self.cfg.chat_num_ctx, "num_predict": self.cfg.max_new_tokens},
@@ -407,6 +416,13 @@ class OllamaChat(ChatBackend):
                     if stop.is_set():
                         break
                     text = chunk.message.content or ""
+                    calls = chunk.message.tool_calls or []
+                    if calls:  # Ollama sends a call whole, in one chunk
+                        meta.setdefault("tool_calls", []).extend(
+                            {"name": c.function.name, "arguments": dict(c.function.arguments or {})} for c in calls
+                        )
+                    if chunk.done:  # Ollama's own counts, on the final chunk
+                        meta["usage"] = (int(chunk.prompt_eval_count or 0), int(chunk.eval_count or 0))
                     if text:
                         yield text
             finally:
@@ -692,8 +708,13 @@ class LocalChat(ChatBackend):
             need = int(0.05 * GiB) if self.model_id == "tiny" else int(1.2 * GiB)  # prior: ~0.5B fp16
         return int(need * 1.15), need  # ~15% for the KV cache and activations while answering
 
-    def stream(self, model: str, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
+    def stream(
+        self, model: str, messages: list[dict], stop: threading.Event, tools: list | None = None, meta: dict | None = None
+    ) -> Iterator[str]:
         """Stream a reply. Yields "" (a heartbeat, no text) while another reply still has the model.
+
+        `tools` are not offered (this model is not asked to call any; the /v1 adapter refuses them first);
+        `meta["usage"]` counts the tokenizer's tokens: the prompt's, and the reply's that generate() made.
 
         The caller holds its GPU lease meanwhile, so the wait must stay cancellable (`stop`) and visibly alive.
         """
@@ -706,11 +727,11 @@ class LocalChat(ChatBackend):
                 raise Cancelled("Stopped while waiting for the chat model.")
             yield ""
         try:
-            yield from self._stream_locked(messages, stop)
+            yield from self._stream_locked(messages, stop, {} if meta is None else meta)
         finally:
             self._lock.release()
 
-    def _stream_locked(self, messages: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
+    def _stream_locked(self, messages: list[dict], stop: threading.Event, meta: dict) -> Iterator[str]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         from clair.device import gpu
@@ -721,6 +742,7 @@ class LocalChat(ChatBackend):
         model_, tok = self._model, self._tok
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         ids = {k: v.to(model_.device) for k, v in ids.items()}
+        prompt_tokens = int(ids["input_ids"].shape[-1])
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
@@ -729,10 +751,11 @@ class LocalChat(ChatBackend):
         # timeout: a dead generate() must not hang the reader forever.
         streamer = token_streamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
         failure: list[BaseException] = []
+        made: list[int] = []
 
         def run():
             try:
-                model_.generate(
+                out = model_.generate(
                     **ids,
                     streamer=streamer,
                     max_new_tokens=min(self.cfg.max_new_tokens, 256 if self.model_id == "tiny" else 4096),
@@ -741,6 +764,7 @@ class LocalChat(ChatBackend):
                     stopping_criteria=StoppingCriteriaList([_Stop()]),
                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                 )
+                made.append(int(out.shape[-1]) - prompt_tokens)  # generate() returns the prompt and the reply
             except BaseException as exc:  # surfaced to the reader below
                 failure.append(exc)
                 streamer.end()
@@ -766,6 +790,8 @@ class LocalChat(ChatBackend):
             gpu.end_use()
         if failure:
             raise ChatUnavailable(f"The in-process chat model failed: {failure[0]}")
+        if made:
+            meta["usage"] = (prompt_tokens, made[0])
 
     # How often a generate() that ignores the stop flag is reported while we wait for it.
     STOP_WARN_S = 30.0

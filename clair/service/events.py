@@ -35,4 +35,10 @@ class Queued(Waiting):
 
 @dataclass
 class Token:
+    """A piece of the reply. The last Token of a reply may carry no text and what the engine counted:
+    `usage` (prompt tokens, reply tokens) and `tool_calls` ([{name, arguments: dict}]) when tools were offered.
+    Callers that only join `text` see nothing of these."""
+
     text: str
+    usage: tuple[int, int] | None = None
+    tool_calls: list[dict] | None = None

@@ -163,11 +163,13 @@ class Job:
         model: str | None = None,
         system: str | None = None,
         label: str | None = None,
+        tools: list | None = None,
     ) -> AsyncGenerator[Waiting | Token, None]:
-        """A reply to `message`: `Waiting` while held back, then `Token`s (Studio.chat's checks and lease).
+        """A reply to `message`: `Waiting` while held back, then `Token`s (Studio.chat's checks and lease;
+        `tools` and the last Token's usage and tool calls: see Studio.chat).
 
         The caller's `aclose()` (a client gone) reaches the generator itself: its lease is released then."""
-        gen = self.studio.chat(message, history, model=model, system=system, stop=self.stop, label=label, owner=self.owner)
+        gen = self.studio.chat(message, history, model=model, system=system, stop=self.stop, label=label, owner=self.owner, tools=tools)
         return self._drive(gen)
 
     def imagine(self, idea: str, history: list | None = None, model: str | None = None) -> AsyncGenerator[Waiting | Token, None]:

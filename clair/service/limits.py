@@ -76,7 +76,7 @@ def plain_history(history: Sequence[Any] | None, cfg: Config) -> list[dict[str, 
         if not isinstance(item, dict):
             raise BadRequest("Each chat history entry must be a {role, content} message.")
         role, content = item.get("role"), item.get("content")
-        if role not in ROLES:
+        if role not in ROLES and role != "tool":
             raise BadRequest(f"History entries need a role of system, user or assistant, not {str(role)[:40]!r}.")
         if content is None:
             text = ""
@@ -92,8 +92,29 @@ def plain_history(history: Sequence[Any] | None, cfg: Config) -> list[dict[str, 
                 f"The conversation is too long (over {cfg.max_history_chars} characters, CLAIR_MAX_HISTORY_CHARS). "
                 "Start a new conversation (New chat), or send fewer past messages."
             )
-        if text.strip():
+        calls = tool_calls(item.get("tool_calls")) if role == "assistant" else []
+        if role == "tool":  # a tool's result (the /v1 adapter's, for Ollama): kept even when empty
+            name = item.get("tool_name")
+            out.append({"role": "tool", "content": str(text), **({"tool_name": name} if isinstance(name, str) else {})})
+        elif calls:
+            out.append({"role": "assistant", "content": str(text), "tool_calls": calls})
+        elif text.strip():
             out.append({"role": str(role), "content": str(text)})
+    return out
+
+
+def tool_calls(calls: Any) -> list[dict]:
+    """An assistant's tool calls in Ollama's shape ([{function: {name, arguments: dict}}]), checked. BadRequest."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise BadRequest("An assistant's tool_calls must be a list.")
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), dict):
+            raise BadRequest("Each tool call needs a function with a name and an arguments object.")
+        out.append({"function": {"name": fn["name"][:200], "arguments": fn["arguments"]}})
     return out
 
 
@@ -126,11 +147,12 @@ def check_model_name(model: Any) -> str | None:
 
 
 def check_chat(
-    cfg: Config, message: Any, history: Any, system: Any = None, model: Any = None
+    cfg: Config, message: Any, history: Any, system: Any = None, model: Any = None, after_tool: bool = False
 ) -> tuple[str, list[dict[str, str]], str | None, str | None]:
-    """(message, plain history, system, model), all checked. Raises BadRequest."""
+    """(message, plain history, system, model), all checked. Raises BadRequest. `after_tool`: the history ends
+    with a tool's result, which the model answers: no message then."""
     message = check_message(message, cfg)
-    if not message.strip():
+    if not message.strip() and not after_tool:
         raise BadRequest("Type a message first.")
     if system is not None:
         system = check_message(system, cfg, "system prompt")

@@ -226,25 +226,32 @@ class Studio:
         stop: threading.Event | None = None,
         label: str | None = None,
         owner: str | None = None,
+        tools: list | None = None,
     ) -> Iterator[Waiting | Token]:
         """Stream a reply: `Waiting` events while held back, then `Token`s. Raises ClairError subclasses.
+
+        The last Token may carry no text and the engine's counts and tool calls (see Token); `tools` (Ollama's
+        shape) are offered to the model. A history that ends with a tool's result needs no `message`.
 
         `label` names the request in the queue (default `chat:<model>`; the gateway's `api:<model> (<client>)`).
         `owner` (the user, None without accounts) is shown in the GPU panel's queue.
         """
         try:
-            yield from self._chat(message, history, model, system, stop, owner, label)
+            yield from self._chat(message, history, model, system, stop, owner, label, tools)
         except ClairError as exc:
             self._error("chat", exc)
             raise
 
-    def _chat(self, message, history, model, system, stop, owner=None, label=None) -> Iterator[Waiting | Token]:
+    def _chat(self, message, history, model, system, stop, owner=None, label=None, tools=None) -> Iterator[Waiting | Token]:
         # Limits first: a refused request makes no Ollama call and takes no lease (clair.service.limits).
-        message, messages, system, model = limits.check_chat(self.cfg, message, history, system, model)
+        after_tool = bool(history) and isinstance(history[-1], dict) and history[-1].get("role") == "tool"
+        message, messages, system, model = limits.check_chat(self.cfg, message, history, system, model, after_tool)
         system = self.cfg.system_prompt if system is None else system
         if system.strip() and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
-        messages.append({"role": "user", "content": message})
+        if message.strip() or not after_tool:
+            messages.append({"role": "user", "content": message})
+        meta: dict = {}  # what the engine counted (usage) and the tools it called: the last Token carries them
 
         backend, problem = self.chat_backend(fresh=True, model=model)
         if problem and not backend.needs_load():  # an engine that loads answers with its load, below
@@ -259,10 +266,12 @@ class Studio:
         stop = stop or threading.Event()
         if not backend.on_this_gpu:
             t0, first, n = time.monotonic(), None, 0
-            for text in backend.stream(model, messages, stop):
+            for text in backend.stream(model, messages, stop, tools=tools, meta=meta):
                 if text:
                     first, n = first or time.monotonic(), n + 1
                 yield Token(text)
+            if meta:
+                yield Token("", usage=meta.get("usage"), tool_calls=meta.get("tool_calls"))
             self._chat_done(backend.name, t0, first, n)
             return
         lease = self._request(backend, "chat", backend.footprint(model), label or f"chat:{model}")
@@ -273,7 +282,7 @@ class Studio:
             t0 = time.monotonic()
             lease.progress(0)
             backend.after_grant(lease, model)
-            for text in backend.stream(model, messages, stop):
+            for text in backend.stream(model, messages, stop, tools=tools, meta=meta):
                 if text:  # a chunk of the reply: counted as one token (Ollama streams about one per chunk)
                     first, n = first or time.monotonic(), n + 1
                     lease.progress(n)
@@ -281,6 +290,8 @@ class Studio:
                     lease.progress()  # the watchdog's sign of life (see healthy()); "" is a heartbeat
                 if text:
                     yield Token(text)
+            if meta:
+                yield Token("", usage=meta.get("usage"), tool_calls=meta.get("tool_calls"))
         finally:
             self._release(lease)
         self._chat_done(backend.name, t0, first, n)
