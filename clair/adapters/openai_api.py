@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -228,6 +229,38 @@ async def _whole_reply(send: Send, gone: Gone, step, first, cid: str, created: i
     return 200
 
 
+def sse_chunk(cid: str, created: int, name: str, delta: dict, finish: str | None = None) -> bytes:
+    """One streamed chat.completion.chunk, as OpenAI sends it (a server-sent event)."""
+    obj = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": name,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def in_process_refusal(tool_choice, tools, history) -> Response | None:
+    """The in-process model cannot call tools: a request that needs a call, or a history holding calls or their
+    results, is refused with what to do; plain tools offered are ignored (module docstring)."""
+    if (tool_choice == "required" or isinstance(tool_choice, dict)) and tools:
+        return error(
+            400,
+            "The in-process chat model cannot call tools, and `tool_choice` asks for a call. Tools need an "
+            "Ollama model (start Ollama: chat uses it whenever it answers), or leave tool_choice out.",
+            "tools_unsupported",
+        )
+    if any(m["role"] == "tool" or m.get("tool_calls") for m in history):
+        return error(
+            400,
+            "The in-process chat model cannot read tool calls or tool results. Tools need an Ollama model "
+            "(start Ollama: chat uses it whenever it answers), or send the conversation without them.",
+            "tools_unsupported",
+        )
+    return None
+
+
 def router(studio) -> APIRouter:
     r = APIRouter(prefix="/v1")
     # Images /v1 rendered, by file name -> the key's user (None without users): /v1/files serves these
@@ -307,20 +340,9 @@ def router(studio) -> APIRouter:
             return backend.single_model, studio.default_chat_model()
 
         in_process, default = await in_thread(engine)
-        if in_process and (tool_choice == "required" or isinstance(tool_choice, dict)) and tools:
-            return error(
-                400,
-                "The in-process chat model cannot call tools, and `tool_choice` asks for a call. Tools need an "
-                "Ollama model (start Ollama: chat uses it whenever it answers), or leave tool_choice out.",
-                "tools_unsupported",
-            )
-        if in_process and any(m["role"] == "tool" or m.get("tool_calls") for m in history):
-            return error(
-                400,
-                "The in-process chat model cannot read tool calls or tool results. Tools need an Ollama model "
-                "(start Ollama: chat uses it whenever it answers), or send the conversation without them.",
-                "tools_unsupported",
-            )
+        refused = in_process_refusal(tool_choice, tools, history) if in_process else None
+        if refused is not None:
+            return refused
         if in_process:
             tools = None  # it answers as if none were offered (see the module docstring)
         # A model name that is not one of Clair's (OpenAI clients default to theirs) falls back to the
@@ -381,15 +403,7 @@ def router(studio) -> APIRouter:
                 }
             )
 
-            def chunk(delta: dict, finish: str | None = None) -> bytes:
-                obj = {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                }
-                return b"data: " + json.dumps(obj).encode() + b"\n\n"
+            chunk = functools.partial(sse_chunk, cid, created, name)
 
             async def out(data: bytes) -> None:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
