@@ -32,7 +32,7 @@ import pytest
 from clair.base import sdnotify
 
 ROOT = Path(__file__).resolve().parent.parent
-CLAIR_UNIT = ROOT / "systemd" / "clair.service.front"
+CLAIR_UNIT = ROOT / "systemd" / "clair.service"
 OLLAMA_DROPIN = ROOT / "systemd" / "ollama.service.d" / "override.conf"
 # Optional: Ollama on a private port, Clair's Ollama-compatible API on 11434 (docs/gateway.md).
 PRIVATE_PORT_DROPIN = ROOT / "systemd" / "ollama.service.d" / "private-port.conf"
@@ -104,7 +104,7 @@ def verify_root(tmp_path: Path) -> Path:
         stub.chmod(0o755)
     etc_units = root / "etc/systemd/system"
     (etc_units / "ollama.service.d").mkdir(parents=True)
-    shutil.copy(CLAIR_UNIT, etc_units / "clair.service.front")
+    shutil.copy(CLAIR_UNIT, etc_units / "clair.service")
     (etc_units / "ollama.service").write_text(OLLAMA_UNIT)
     shutil.copy(OLLAMA_DROPIN, etc_units / "ollama.service.d" / "override.conf")
     return root
@@ -129,9 +129,9 @@ def _output(result: subprocess.CompletedProcess[str]) -> str:
     return (result.stdout + result.stderr).strip()
 
 
-@pytest.mark.parametrize("unit", ["clair.service.front", "ollama.service"])
+@pytest.mark.parametrize("unit", ["clair.service", "ollama.service"])
 def test_units_verify_without_any_output(verify_root: Path, unit: str) -> None:
-    # ollama.service is verified with Clair's drop-in applied; clair.service.front pulls in
+    # ollama.service is verified with Clair's drop-in applied; clair.service pulls in
     # ollama.service too (Wants=), and verify reports errors of dependencies as well.
     result = run_verify(verify_root, unit)
     assert _output(result) == "", f"systemd-analyze verify {unit} printed:\n{_output(result)}"
@@ -140,7 +140,7 @@ def test_units_verify_without_any_output(verify_root: Path, unit: str) -> None:
 
 @pytest.mark.parametrize(
     "edited",
-    ["etc/systemd/system/clair.service.front", "etc/systemd/system/ollama.service.d/override.conf"],
+    ["etc/systemd/system/clair.service", "etc/systemd/system/ollama.service.d/override.conf"],
 )
 def test_verify_harness_sees_mistakes(verify_root: Path, edited: str) -> None:
     """The check above is not vacuous: a typo in either file shows up in the output.
@@ -149,7 +149,7 @@ def test_verify_harness_sees_mistakes(verify_root: Path, edited: str) -> None:
     """
     path = verify_root / edited
     path.write_text(path.read_text() + "\n[Service]\nNicee=-5\n")
-    unit = "clair.service.front" if edited.endswith("clair.service.front") else "ollama.service"
+    unit = "clair.service" if edited.endswith("clair.service") else "ollama.service"
     out = _output(run_verify(verify_root, unit))
     assert "Unknown key 'Nicee'" in out, out
     assert edited in out, out
@@ -158,7 +158,7 @@ def test_verify_harness_sees_mistakes(verify_root: Path, edited: str) -> None:
 def test_verify_harness_checks_execstart(verify_root: Path) -> None:
     """Without the stub, verify fails: the root (not the host) is what it checks."""
     (verify_root / STUB_EXECUTABLES[0]).unlink()
-    result = run_verify(verify_root, "clair.service.front")
+    result = run_verify(verify_root, "clair.service")
     assert result.returncode != 0
     assert "/opt/clair/.venv/bin/clair is not executable" in _output(result)
 
