@@ -234,11 +234,12 @@ class Config:
         choices=("next", "fifo"),
     )
     preempt: str = setting(
-        "always",
+        "auto",
         "Pause a render at its next step for a chat that cannot run beside it, so the chat never waits for a "
-        "whole render; the image comes out exactly the same. auto: only when the chat does not fit beside the "
-        "render. always (the default, chosen from docs/performance.md's measurements): every chat gets the GPU "
-        "alone. off: chats wait for the render to finish.",
+        "whole render; the image comes out exactly the same. auto (the default): only when the chat does not "
+        "fit beside the render. always: every chat gets the GPU alone (faster chats beside a render in "
+        "docs/performance.md, but not the default: on the simulated card it let a render meet memory still "
+        "held, see docs/performance.md). off: chats wait for the render to finish.",
         choices=("auto", "off", "always"),
     )
     render_slice_s: float = setting(
