@@ -764,7 +764,8 @@ class LocalChat(ChatBackend):
                     stopping_criteria=StoppingCriteriaList([_Stop()]),
                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                 )
-                made.append(int(out.shape[-1]) - prompt_tokens)  # generate() returns the prompt and the reply
+                if getattr(out, "shape", None) is not None:  # generate() returns the prompt and the reply
+                    made.append(int(out.shape[-1]) - prompt_tokens)
             except BaseException as exc:  # surfaced to the reader below
                 failure.append(exc)
                 streamer.end()
