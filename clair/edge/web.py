@@ -37,6 +37,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -469,7 +470,6 @@ class Web:
         self.users_required_cached = False  # sync_auth's last answer
         self.text_max_body = text_max_body(cfg)
         self.session_owners = SessionOwners()
-        self.output_dir = os.path.realpath(os.path.expanduser(cfg.output_dir))
 
     def api_key_check(self, headers: Headers, address: str) -> Verdict:
         """The key an API request carries: needed whenever Clair has users (clair/edge/keys.py).
@@ -616,20 +616,29 @@ class SessionOwners:
             return owner == user
 
 
-def file_owner(path: str, folder: str) -> tuple[bool, str | None]:
-    """(whether `path` names a file in Clair's output folder, the owner its PNG metadata records)."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def file_owner(path: str) -> str | None:
+    """The owner a PNG of Clair's records in its metadata, wherever the file a file route names lies: the
+    output folder, or the copy Gradio keeps in its cache of every image a handler returned (`/gradio_api/
+    file=/tmp/gradio/<hash>/...`: the same bytes, so the same metadata). None for anything else, which
+    Gradio's own rules decide on. Only regular files are opened (a FIFO would hold the thread)."""
     if path.startswith(("http://", "https://")):
-        return False, None
-    real = os.path.realpath(path)
-    if os.path.commonpath([real, folder]) != folder:
-        return False, None
+        return None
     try:
+        real = os.path.realpath(path)
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            return None
+        with open(real, "rb") as f:
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                return None
         from clair.engines.image import read_metadata
 
         owner = read_metadata(real).get("owner")
     except Exception:
-        owner = None
-    return True, owner if isinstance(owner, str) else None
+        return None
+    return owner if isinstance(owner, str) else None
 
 
 class Guard:
@@ -731,9 +740,12 @@ class Guard:
                 log.warning("refused another user's session user=%s path=%s", user, path[:100])
                 return Refusal(404, "No such session: reload the page.")
         if path.startswith(FILE_ROUTES) and not self.web.cfg.shared_gallery:
+            # Any file these routes serve that is one of Clair's images (in the output folder, or Gradio's
+            # cache copy of one a handler returned) is its owner's only.
             target = path.split("=", 1)[1] if path.startswith(FILE_ROUTES[0]) else path[len(FILE_ROUTES[1]):]
-            inside, owner = await anyio.to_thread.run_sync(file_owner, target, self.web.output_dir)
-            if inside and owner is not None and owner != user:
+            owner = await anyio.to_thread.run_sync(file_owner, target)
+            if owner is not None and owner != user:
+                log.warning("refused another user's image user=%s path=%s", user, path[:100])
                 return Refusal(404, "No such file.")
         return None
 
