@@ -9,6 +9,7 @@ httpx's ASGI transport where a client address or TLS must be stamped on the requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from clair.edge.web import OLLAMA_PORT, Guard, Web
 from clair.service.conversations import ConversationStore
 from tests.gateway_support import Served, gateway_app, make_studio, v1_app
 from tests.ollama_standin import OllamaStandin
+from tests.support import wait_until
 
 MODEL = "llama3.1:8b"
 PASSWORD = "a long household password"
@@ -97,6 +99,160 @@ def test_body_caps_hold_while_reading_a_500mb_chunked_body_on_both_ports(studio)
             served.stop()
         assert answer.startswith(b"HTTP/1.1 413"), (path, answer[:200])
         assert grew < 120 * 2**20, f"{path}: memory grew {grew / 2**20:.0f} MiB"
+
+
+def _scope(path: str, address: str, headers: dict[str, str]) -> dict:
+    raw = [(k.lower().encode(), v.encode()) for k, v in {"host": "127.0.0.1:11435", **headers}.items()]
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": raw,
+        "client": (address, 50000), "server": ("127.0.0.1", 11435),
+    }
+
+
+class Posts:
+    """POSTs driven straight through a guard, concurrently, each body held back until `go` is set: which were
+    answered before their body was asked for (`reads`: how many times each called receive)."""
+
+    def __init__(self, guard, body=b'{"model": "m", "messages": []}', parts: int = 1):
+        self.guard, self.body, self.parts = guard, body, parts
+        self.go = asyncio.Event()
+        self.status: dict[int, int] = {}
+        self.text: dict[int, bytes] = {}
+        self.reads: dict[int, int] = {}
+        self.headers: dict[int, dict] = {}
+        self.answered = asyncio.Condition()
+
+    async def post(self, n: int, path: str, address: str, headers: dict[str, str]) -> None:
+        self.reads[n] = 0
+
+        async def receive():
+            self.reads[n] += 1
+            await self.go.wait()
+            last = self.reads[n] >= self.parts
+            return {"type": "http.request", "body": self.body, "more_body": not last}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                self.status[n] = message["status"]
+                self.headers[n] = {k.decode(): v.decode() for k, v in message["headers"]}
+            elif message["type"] == "http.response.body":
+                self.text[n] = self.text.get(n, b"") + message.get("body", b"")
+                async with self.answered:
+                    self.answered.notify_all()
+
+        await self.guard(_scope(path, address, headers), receive, send)
+
+    async def until_answered(self, count: int) -> None:
+        async with self.answered:
+            await asyncio.wait_for(self.answered.wait_for(lambda: len(self.status) >= count), 30)
+
+
+def test_a_persons_gpu_requests_past_the_cap_are_refused_before_their_body_is_read(lan_web):
+    """Sixteen 64 MB chats at once from one key took the process to 1.8 GB: each was read whole before the job
+    slot refused it. Now the cap per person (CLAIR_MAX_JOBS_PER_USER, 4) counts a request before its body."""
+    alice_key, _ = lan_web.keys.add("alice")
+    bob_key, _ = lan_web.keys.add("bob")
+    guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20, gpu_paths=("/api/chat",))
+    big = {"content-length": str(64 * 2**20), "content-type": "application/json"}
+
+    async def go():
+        posts = Posts(guard)
+        tasks = [
+            asyncio.create_task(posts.post(n, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {alice_key}"}))
+            for n in range(16)
+        ]
+        await posts.until_answered(12)
+        refused = sorted(n for n in posts.status)
+        # Another person's chat is not held back by alice's cap (nor by her large bodies: a text one).
+        small = {"content-length": "30", "content-type": "application/json", "authorization": f"Bearer {bob_key}"}
+        bob = asyncio.create_task(posts.post(99, "/api/chat", "192.168.1.31", small))
+        while posts.reads.get(99, 0) == 0 and 99 not in posts.status:
+            await asyncio.sleep(0)  # yield to the guard until bob's body is asked for (or he is answered)
+        assert dict(lan_web.in_flight.count) == {"user:alice": 4, "user:bob": 1}
+        # Claimed from their Content-Length, before any byte came (each body's first BODY_FREE bytes are free).
+        assert lan_web.bodies.held == 4 * (64 * 2**20 - edge.BODY_FREE)
+        posts.go.set()
+        await asyncio.gather(*tasks, bob)
+        return posts, refused
+
+    posts, refused = _run(go())
+    assert len(refused) == 12 and all(posts.status[n] == 429 for n in refused)
+    assert all(posts.reads[n] == 0 for n in refused), "a refused request's body was read"
+    message = json.loads(posts.text[refused[0]])["error"]
+    assert "CLAIR_MAX_JOBS_PER_USER" in message and "the key of alice" in message
+    assert posts.headers[refused[0]]["retry-after"] == "5"
+    admitted = [n for n in posts.status if n not in refused]
+    assert len(admitted) == 5 and all(posts.status[n] == 200 and posts.reads[n] == 1 for n in admitted)
+    assert lan_web.in_flight.count == {} and lan_web.bodies.held == 0  # all given back
+
+
+def test_bodies_held_at_once_stay_within_the_budget_and_the_excess_is_refused_unread(lan_web):
+    """Many people's large bodies at once: past the BodyBudget a request is answered 503 + Retry-After, before
+    its body is read (Content-Length) or as soon as its chunks pass it (chunked)."""
+    lan_web.bodies = edge.BodyBudget(10 * 2**20)
+    guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20)
+    assert edge.BODY_FREE == 2 * 2**20  # each body's first 2 MB are not counted
+    six_mb = {"content-length": str(6 * 2**20), "content-type": "application/json"}  # 4 MB counted
+
+    async def go():
+        posts = Posts(guard)
+        held = [asyncio.create_task(posts.post(n, "/api/show", "127.0.0.1", six_mb)) for n in range(2)]
+        while sum(posts.reads.values()) < 2:
+            await asyncio.sleep(0)  # yield until both bodies are being read
+        await posts.post(2, "/api/show", "127.0.0.1", six_mb)  # 12 MB would be counted: refused at once
+        chunked = Posts(guard, body=b"x" * 2**20, parts=8)  # 1 MB chunks, no Content-Length
+        chunked.go.set()
+        await chunked.post(3, "/api/show", "127.0.0.1", {"content-type": "application/json"})
+        peak = lan_web.bodies.peak
+        posts.go.set()
+        await asyncio.gather(*held)
+        return posts, chunked, peak
+
+    posts, chunked, peak = _run(go())
+    assert posts.status[2] == 503 and posts.reads[2] == 0 and posts.headers[2]["retry-after"] == "5"
+    assert "try again" in json.loads(posts.text[2])["error"]
+    assert chunked.status[3] == 503 and chunked.reads[3] == 5  # 2 free, 8 + 1 + 1 MB fit; the fifth chunk does not
+    assert [posts.status[0], posts.status[1]] == [200, 200]
+    assert peak <= 10 * 2**20 and lan_web.bodies.held == 0
+
+
+def test_the_ollama_ports_gpu_routes_count_a_person_before_reading(studio):
+    """Through uvicorn and the Ollama-compatible app: a client past its cap is answered 429 while its body is
+    still unsent, and the port answers others meanwhile."""
+    from clair.adapters.gateway import Gateway
+
+    web = Web(studio.cfg, Users(studio.cfg.users_path))
+    served = Served(Gateway(studio, web).app())
+    socks = []
+    try:
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+            s.sendall(
+                f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {64 * 2**20}\r\n\r\n".encode()
+            )
+            socks.append(s)
+        answers = [b""] * len(socks)
+
+        def read_ready() -> int:
+            for i, s in enumerate(socks):
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    answers[i] += s.recv(4096)
+            return sum(a.startswith(b"HTTP/1.1 429") for a in answers)
+
+        wait_until(lambda: read_ready() == 2 and sum(web.in_flight.count.values()) == 4)
+        assert sum(a == b"" for a in answers) == 4  # the four within the cap wait for their bodies
+        assert b"CLAIR_MAX_JOBS_PER_USER" in b"".join(answers) and studio.jobs.refused == 0  # no job slot was asked
+        assert httpx.get(served.url + "/api/version", timeout=10).status_code == 200
+        for s in socks:
+            s.close()
+        wait_until(lambda: not web.in_flight.count and web.bodies.held == 0)
+    finally:
+        for s in socks:
+            s.close()
+        served.stop()
 
 
 def test_bad_and_deeply_nested_json_get_400_never_500(studio):

@@ -49,12 +49,16 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import cookie_parser
 
 from clair.edge.guard import (
+    BUDGET_RETRY_S,
     OLLAMA,
     OPENAI,
     PARSED,
     WEB,
     BadJson,
+    BodyBudget,
+    BodyClaim,
     BodyRefused,
+    PerPerson,
     error_body,
     parse_json_async,
     read_body,
@@ -63,6 +67,7 @@ from clair.edge.guard import (
 )
 from clair.edge.keys import Keys, bearer, keys_path
 from clair.edge.users import UserError
+from clair.service.forwarded import busy_note, counted_as
 
 log = logging.getLogger("clair.edge.web")
 
@@ -470,6 +475,8 @@ class Web:
         self.users_required_cached = False  # sync_auth's last answer
         self.text_max_body = text_max_body(cfg)
         self.session_owners = SessionOwners()
+        self.bodies = BodyBudget()  # the bytes of request bodies held at once, both ports together
+        self.in_flight = PerPerson(cfg.max_jobs_per_user)  # GPU requests per person, counted before their body
 
     def api_key_check(self, headers: Headers, address: str) -> Verdict:
         """The key an API request carries: needed whenever Clair has users (clair/edge/keys.py).
@@ -646,11 +653,14 @@ class Guard:
     sessions, logins, uploads) or OLLAMA_PORT (clair/adapters/gateway.py: keys from other machines only, since
     Ollama answers anyone on this machine; refusals in Ollama's shape)."""
 
-    def __init__(self, app, web: Web, port: str = WEB_PORT, max_body: int = MAX_BODY):
+    def __init__(self, app, web: Web, port: str = WEB_PORT, max_body: int = MAX_BODY, gpu_paths=(), busy=None):
         self.app = app
         self.web = web
         self.port = port
         self.max_body = max_body  # /v1 and Gradio's events take text only: at most web.text_max_body
+        # POSTs that take a job slot once read: counted per person before their body is read (PerPerson).
+        self.gpu_paths = frozenset(gpu_paths)
+        self.busy = busy or (lambda: "Busy: too many of your requests are waiting or running (the limit per person, CLAIR_MAX_JOBS_PER_USER).")
 
     def protocol(self, path: str) -> str:
         return OPENAI if is_api_path(path) else (OLLAMA if self.port == OLLAMA_PORT else WEB)
@@ -717,19 +727,37 @@ class Guard:
             return True
         return "json" in (headers.get("content-type") or "").lower()
 
-    async def body(self, receive, headers: Headers, path: str) -> tuple[Refusal | None, bytes | None, object]:
-        """Read the body within the cap while it keeps moving, and parse JSON off the event loop:
-        (a refusal or None, the body (None: the client left), the parsed JSON or MISSING)."""
+    async def body(self, receive, headers: Headers, path: str, claim: BodyClaim) -> tuple[Refusal | None, bytes | None, object]:
+        """Read the body within the cap and the BodyBudget (`claim`, its whole Content-Length claimed before a
+        byte is read) while it keeps moving, and parse JSON off the event loop: (a refusal or None, the body
+        (None: the client left), the parsed JSON or MISSING)."""
+        length = headers.get("content-length")
         try:
-            raw = await read_body(receive, self.cap(path))
+            if length is not None and length.isdigit() and not claim.grow(int(length)):
+                raise claim.budget.refusal()
+            raw = await read_body(receive, self.cap(path), claim=claim)
         except BodyRefused as exc:
-            return Refusal(exc.status, str(exc), "too_large" if exc.status == 413 else "timeout"), None, MISSING
+            code = {413: "too_large", 503: "server_busy"}.get(exc.status, "timeout")
+            retry = {"retry-after": str(BUDGET_RETRY_S)} if exc.status == 503 else None
+            return Refusal(exc.status, str(exc), code, retry), None, MISSING
         if raw is None or not raw.strip() or not self.reads_json(headers, path):
             return None, raw, MISSING
         try:
             return None, raw, await parse_json_async(raw)
         except BadJson as exc:
             return Refusal(400, f"The body is not valid JSON: {exc}.", "invalid_json"), raw, MISSING
+
+    def admit(self, scope, headers: Headers, address: str, method: str, path: str):
+        """A GPU route's request counted for its person before its body is read: (its `leave`, None), or
+        (None, a refusal) at the person's cap, or (None, None) for any other request."""
+        if scope["type"] != "http" or method != "POST" or path not in self.gpu_paths:
+            return None, None
+        who, counted = counted_as(self.web.cfg, scope.get("clair_api_user"), address, headers)
+        leave = self.web.in_flight.enter(who)
+        if leave is None:
+            log.info("request refused before its body was read: per-person cap who=%s path=%s", who, path[:100])
+            return None, Refusal(429, busy_note(self.busy(), counted), "too_many_jobs", {"retry-after": "5"})
+        return leave, None
 
     async def owned(self, method: str, path: str, scope, parsed, user: str | None) -> Refusal | None:
         """With users, a Gradio session hash and a file of the output folder are their user's only."""
@@ -784,14 +812,19 @@ class Guard:
             return
         token = CLIENT.set(address)
         login_claimed = self.port == WEB_PORT and method == "POST" and path in LOGIN_PATHS
+        claim, leave = web.bodies.claim(), None
         try:
             if login_claimed and not web.limiter.begin(address):
                 login_claimed = False
                 await deny(Refusal(429, "A login from your address is already being checked.", "", {"retry-after": "1"}))
                 return
+            leave, refusal = self.admit(scope, headers, address, method, path)
+            if refusal is not None:
+                await deny(refusal)
+                return
             parsed = MISSING
             if kind == "http" and method in BODY_METHODS:
-                refusal, raw, parsed = await self.body(receive, headers, path)
+                refusal, raw, parsed = await self.body(receive, headers, path, claim)
                 if refusal is not None:
                     await deny(refusal)
                     return
@@ -805,8 +838,11 @@ class Guard:
             if refusal is not None:
                 await deny(refusal)
                 return
-            await self.app(scope, receive, self.sender(scope, send, headers, method, path, address))
+            await self.app(scope, receive, _leaving(self.sender(scope, send, headers, method, path, address), leave))
         finally:
+            claim.close()
+            if leave is not None:
+                leave()
             if login_claimed:
                 web.limiter.end(address)
             web._leave(key)
@@ -846,6 +882,20 @@ class Guard:
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
             return _login_page_sender(secured_send)
         return secured_send
+
+
+def _leaving(send, leave):
+    """`send`, calling `leave` (a PerPerson count) just before the answer's last bytes go out: a client that
+    sends its next request as soon as it has the answer finds its count already down."""
+    if leave is None:
+        return send
+
+    async def sender(message):
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            leave()
+        await send(message)
+
+    return sender
 
 
 def secure_cookies(start: dict) -> None:
