@@ -47,7 +47,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from clair.base.errors import BadRequest, Cancelled, ChatUnavailable, ClairError, GpuBusy
+from clair.base.errors import BadRequest, Cancelled, ChatUnavailable, ClairError, GpuBusy, ToolsUnsupported
 from clair.edge.guard import (
     OPENAI,
     BadJson,
@@ -77,7 +77,9 @@ def error(status: int, message: str, code: str = "") -> JSONResponse:
 
 def clair_error(exc: ClairError) -> tuple[int, dict]:
     """A ClairError as (status, OpenAI error object)."""
-    if isinstance(exc, BadRequest):
+    if isinstance(exc, ToolsUnsupported):
+        status, code = 400, "tools_unsupported"
+    elif isinstance(exc, BadRequest):
         status, code = 400, "bad_request"
     elif isinstance(exc, GpuBusy):
         status, code = 503, "gpu_busy"

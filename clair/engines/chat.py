@@ -19,7 +19,7 @@ import httpx
 import ollama
 
 from clair.base.config import Config, ollama_locality
-from clair.base.errors import Cancelled, ChatUnavailable, EvictionFailed, load_failure
+from clair.base.errors import Cancelled, ChatUnavailable, EvictionFailed, ToolsUnsupported, load_failure
 from clair.engines.base import LOCAL_GPU, REMOTE, Engine, StateFile
 from clair.engines.loadgate import LoadGate, source_fingerprint
 
@@ -428,6 +428,12 @@ class OllamaChat(ChatBackend):
             finally:
                 chunks.close()  # aborts the HTTP stream: Ollama stops generating for us
         except ollama.ResponseError as exc:
+            if exc.status_code == 400 and "does not support tools" in str(exc.error):
+                raise ToolsUnsupported(
+                    f"{model} does not support tools: Ollama says its chat template has no tool calls. Pick a model "
+                    'that has them (`ollama show MODEL` lists "tools" under Capabilities; llama3.1 and qwen2.5 do), '
+                    "or send the request without `tools`."
+                ) from None
             raise ChatUnavailable(self._explain(exc, model)) from None
         except (ConnectionError, httpx.ConnectError):  # a stream's connect error is not wrapped by the client
             raise ChatUnavailable(self.unreachable()) from None
