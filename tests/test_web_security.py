@@ -248,6 +248,8 @@ def test_logged_out_visitor_sees_only_the_login(lan_app: App) -> None:
     page = c.get("/")
     assert page.status_code == 200 and '"auth_required":true' in page.text.replace(" ", "")
     assert "/render" not in page.text and "Chat" not in page.text
+    # Clair's login page: its name, and how to get an account (Gradio's stock page says only "Login").
+    assert "<title>Clair</title>" in page.text and "No account yet? Ask whoever runs Clair" in page.text
     for path in (
         "/config",
         "/gradio_api/info",

@@ -949,6 +949,8 @@ def _login_page_sender(send):
         if message.get("more_body", False):
             return
         body = API_INFO.sub(lambda m: m.group(1) + EMPTY_API_INFO + m.group(2), b"".join(chunks), count=1)
+        # The login page has no title (its browser tab reads nothing): Clair's.
+        body = body.replace(b'<meta charset="utf-8" />', b'<meta charset="utf-8" />\n\t\t<title>Clair</title>', 1)
         headers = MutableHeaders(scope=start)
         if "content-length" in headers:
             headers["content-length"] = str(len(body))
