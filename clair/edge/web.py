@@ -23,7 +23,10 @@ app, decides before Gradio sees a request:
   user is deleted. Logout is a POST that ends only the caller's session (Gradio's GET /logout ended
   every session of the user, and any page could trigger it with a link).
 * Connections: one address may hold a quarter of CLAIR_MAX_CONNECTIONS at once; uvicorn's
-  limit_concurrency caps the total. Uploads are refused (Clair takes none) and request bodies are capped.
+  limit_concurrency caps the total. Uploads are refused (Clair takes none) and request bodies are capped,
+  each and all together (clair.edge.guard.BodyBudget); a person's GPU requests on the Ollama port are
+  counted before their body is read (clair.edge.guard.PerPerson).
+* Files: an image of Clair's is its owner's on every file route, Gradio's cache copy of it included.
 * Every answer carries frame-ancestors/X-Frame-Options, nosniff and a same-origin referrer policy.
 """
 
@@ -660,7 +663,9 @@ class Guard:
         self.max_body = max_body  # /v1 and Gradio's events take text only: at most web.text_max_body
         # POSTs that take a job slot once read: counted per person before their body is read (PerPerson).
         self.gpu_paths = frozenset(gpu_paths)
-        self.busy = busy or (lambda: "Busy: too many of your requests are waiting or running (the limit per person, CLAIR_MAX_JOBS_PER_USER).")
+        self.busy = busy or (  # the refusal's words: the job slot's own, from the adapter that has them
+            lambda: "Busy: too many of your requests are waiting or running (the limit per person, CLAIR_MAX_JOBS_PER_USER)."
+        )
 
     def protocol(self, path: str) -> str:
         return OPENAI if is_api_path(path) else (OLLAMA if self.port == OLLAMA_PORT else WEB)
@@ -760,7 +765,8 @@ class Guard:
         return leave, None
 
     async def owned(self, method: str, path: str, scope, parsed, user: str | None) -> Refusal | None:
-        """With users, a Gradio session hash and a file of the output folder are their user's only."""
+        """With users, a Gradio session hash and an image of Clair's (in the output folder, or Gradio's cache copy
+        of one) are their user's only."""
         if self.port != WEB_PORT or user is None:
             return None
         for h in session_hashes(method, path, scope.get("query_string", b""), parsed):
