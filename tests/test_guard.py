@@ -22,6 +22,9 @@ import httpx
 import psutil
 import pytest
 from fastapi import FastAPI
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from PIL import Image
 
 from clair.adapters.gateway import over_limits
@@ -563,3 +566,69 @@ def test_a_body_must_keep_moving():
         return refused.value.status
 
     assert _run(go()) == 408
+
+
+# --- the body budget and the per-person count, as a state machine ------------------------------------
+
+
+class BodiesMachine(RuleBasedStateMachine):
+    """Claims that grow, close (twice, as the guard's paths may), and people that enter and leave, in any order.
+    After every step: the budget holds exactly what the open claims hold past their free part, never more than
+    its total; a refused growth changes nothing but the refusal count; each person's count is what the model
+    says, never over the cap, and a second `leave` takes nothing."""
+
+    TOTAL, CAP = 10 * 2**20, 2
+
+    def __init__(self):
+        super().__init__()
+        self.budget = edge.BodyBudget(self.TOTAL)
+        self.claims = [self.budget.claim() for _ in range(4)]
+        self.counted = [0, 0, 0, 0]  # the model: bytes each claim holds
+        self.people = edge.PerPerson(self.CAP)
+        self.leaves: dict[str, list] = {"ann": [], "bob": []}
+        self.refused = 0
+
+    # Quarter-MB steps, sometimes one byte more: sums land on the budget's edge and one byte past it.
+    sizes = st.tuples(st.integers(0, 56), st.integers(0, 1)).map(lambda t: t[0] * 2**18 + t[1])
+
+    @rule(i=st.integers(0, 3), size=sizes)
+    def grow(self, i, size):
+        want = max(self.counted[i], size - edge.BODY_FREE)
+        fits = sum(self.counted) - self.counted[i] + want <= self.TOTAL
+        assert self.claims[i].grow(size) == fits
+        if fits:
+            self.counted[i] = want
+        else:
+            self.refused += 1
+
+    @rule(i=st.integers(0, 3))
+    def close(self, i):
+        self.claims[i].close()
+        self.counted[i] = 0
+
+    @rule(who=st.sampled_from(["ann", "bob"]))
+    def enter(self, who):
+        leave = self.people.enter(who)
+        assert (leave is not None) == (len(self.leaves[who]) < self.CAP)
+        if leave is not None:
+            self.leaves[who].append(leave)
+
+    @rule(who=st.sampled_from(["ann", "bob"]), twice=st.booleans())
+    def leave(self, who, twice):
+        if self.leaves[who]:
+            leave = self.leaves[who].pop(0)
+            leave()
+            if twice:
+                leave()  # as the guard's sender and its `finally` both may
+
+    @invariant()
+    def books_balance(self):
+        assert self.budget.held == sum(self.counted) <= self.TOTAL
+        assert self.budget.peak >= self.budget.held and self.budget.refused == self.refused
+        assert self.people.count == {w: len(ls) for w, ls in self.leaves.items() if ls}
+
+
+BodiesMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=40, deadline=None, derandomize=True, database=None
+)
+TestBodiesInvariants = BodiesMachine.TestCase
