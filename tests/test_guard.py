@@ -431,6 +431,15 @@ def test_file_route_serves_an_image_to_its_owner_only(lan_web, tmp_path):
     path = out / "20260101-000000-1-p-abcdef.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
 
+    # Gradio's copy of it in its cache (save_file_to_cache: the same bytes under <cache>/<hash>/<name>), and a
+    # FIFO there, which the owner check must not open (it would wait for a writer forever).
+    cache = tmp_path / "gradio" / ("0" * 64)
+    cache.mkdir(parents=True)
+    copy = cache / path.name
+    copy.write_bytes(path.read_bytes())
+    fifo = cache / "pipe.png"
+    os.mkfifo(fifo)
+
     async def go():
         async with _as(lan_web, "alice") as alice, _as(lan_web, "bob") as bob:
             return [
@@ -438,9 +447,13 @@ def test_file_route_serves_an_image_to_its_owner_only(lan_web, tmp_path):
                 (await bob.get(f"/gradio_api/file={path}")).status_code,
                 (await bob.get(f"/gradio_api/file/{path}")).status_code,
                 (await bob.get(f"/gradio_api/file={out}/../outputs/{path.name}")).status_code,
+                (await alice.get(f"/gradio_api/file={copy}")).status_code,
+                (await bob.get(f"/gradio_api/file={copy}")).status_code,
+                (await bob.get(f"/gradio_api/file/{cache}/../{cache.name}/{copy.name}")).status_code,
+                (await bob.get(f"/gradio_api/file={fifo}")).status_code,  # not an image of Clair's: Gradio decides
             ]
 
-    assert _run(go()) == [200, 404, 404, 404]
+    assert _run(go()) == [200, 404, 404, 404, 200, 404, 404, 200]
 
 
 # --- keys ------------------------------------------------------------------------------------------
