@@ -220,6 +220,24 @@ def test_bodies_held_at_once_stay_within_the_budget_and_the_excess_is_refused_un
     assert peak <= 10 * 2**20 and lan_web.bodies.held == 0
 
 
+def test_on_the_ollama_port_only_a_gpu_request_may_carry_a_large_body(lan_web):
+    """64 MB is for chats carrying images; /api/show (a model's name) and the refused management routes take
+    text, so no other POST can hold the body budget with large bodies."""
+    guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20, gpu_paths=("/api/chat",))
+    five_mb = {"content-length": str(5 * 2**20), "content-type": "application/json"}
+
+    async def go():
+        posts = Posts(guard)
+        posts.go.set()
+        for n, path in enumerate(("/api/show", "/api/pull", "/api/blobs/sha256-0", "/api/chat")):
+            await posts.post(n, path, "127.0.0.1", five_mb)
+        return posts
+
+    posts = _run(go())
+    assert [posts.status[n] for n in range(4)] == [413, 413, 413, 200]
+    assert [posts.reads[n] for n in range(3)] == [0, 0, 0]
+
+
 def test_the_ollama_ports_gpu_routes_count_a_person_before_reading(studio):
     """Through uvicorn and the Ollama-compatible app: a client past its cap is answered 429 while its body is
     still unsent, and the port answers others meanwhile."""

@@ -725,6 +725,8 @@ class Guard:
     def cap(self, path: str) -> int:
         if is_api_path(path) or (self.port == WEB_PORT and path.startswith("/gradio_api/")):
             return self.web.text_max_body  # text only: what Clair's text limits allow
+        if self.gpu_paths and path not in self.gpu_paths:
+            return self.web.text_max_body  # only a GPU request may carry images (/api/show names a model)
         return self.max_body
 
     def reads_json(self, headers: Headers, path: str) -> bool:
