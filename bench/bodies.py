@@ -10,9 +10,9 @@ client with one key would. Printed: the status each got, the server's memory (RS
 and the latency of /healthz on the web port, asked every 0.1 s meanwhile.
 
 What to expect since the guard counts a person's GPU requests before reading their bodies
-(clair.edge.guard.PerPerson) and holds all bodies within one budget (BodyBudget): CLAIR_MAX_JOBS_PER_USER
-(4) are read (and answered 400 here: their text is far over Clair's limits), the other 12 are answered 429
-before their body is read.
+(clair.edge.guard.PerPerson: 429 past CLAIR_MAX_JOBS_PER_USER) and holds all bodies within one budget, half of
+it at most for one person (BodyBudget: 503 past it): two bodies are read (and answered 400 here: their text is
+far over Clair's limits), the other fourteen are refused before their body is read.
 """
 
 from __future__ import annotations

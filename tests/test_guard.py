@@ -113,6 +113,16 @@ def _scope(path: str, address: str, headers: dict[str, str]) -> dict:
     }
 
 
+async def _settled(predicate, timeout: float = 10.0) -> None:
+    """Yield to the event loop's other tasks until `predicate()` holds (at most `timeout` s)."""
+
+    async def spin() -> None:
+        while not predicate():
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(spin(), timeout)
+
+
 class Posts:
     """POSTs driven straight through a guard, concurrently, each body held back until `go` is set: which were
     answered before their body was asked for (`reads`: how many times each called receive)."""
@@ -153,7 +163,9 @@ class Posts:
 
 def test_a_persons_gpu_requests_past_the_cap_are_refused_before_their_body_is_read(lan_web):
     """Sixteen 64 MB chats at once from one key took the process to 1.8 GB: each was read whole before the job
-    slot refused it. Now the cap per person (CLAIR_MAX_JOBS_PER_USER, 4) counts a request before its body."""
+    slot refused it. Now the cap per person (CLAIR_MAX_JOBS_PER_USER, 4) counts a request before its body.
+    (The body budget's share per person is set aside here: the next tests and the state machine check it.)"""
+    lan_web.bodies = edge.BodyBudget(edge.BODY_BUDGET, share=edge.BODY_BUDGET)
     alice_key, _ = lan_web.keys.add("alice")
     bob_key, _ = lan_web.keys.add("bob")
     guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20, gpu_paths=("/api/chat",))
@@ -167,11 +179,11 @@ def test_a_persons_gpu_requests_past_the_cap_are_refused_before_their_body_is_re
         ]
         await posts.until_answered(12)
         refused = sorted(n for n in posts.status)
-        # Another person's chat is not held back by alice's cap (nor by her large bodies: a text one).
+        # Another person's chat is not held back by alice's cap nor by her large bodies.
         small = {"content-length": "30", "content-type": "application/json", "authorization": f"Bearer {bob_key}"}
         bob = asyncio.create_task(posts.post(99, "/api/chat", "192.168.1.31", small))
-        while posts.reads.get(99, 0) == 0 and 99 not in posts.status:
-            await asyncio.sleep(0)  # yield to the guard until bob's body is asked for (or he is answered)
+        # Yield to the guard until bob's body is asked for (or he is answered), and the refused have left.
+        await _settled(lambda: (posts.reads.get(99, 0) or 99 in posts.status) and sum(lan_web.in_flight.count.values()) <= 5)
         assert dict(lan_web.in_flight.count) == {"user:alice": 4, "user:bob": 1}
         # Claimed from their Content-Length, before any byte came (each body's first BODY_FREE bytes are free).
         assert lan_web.bodies.held == 4 * (64 * 2**20 - edge.BODY_FREE)
@@ -187,13 +199,45 @@ def test_a_persons_gpu_requests_past_the_cap_are_refused_before_their_body_is_re
     assert posts.headers[refused[0]]["retry-after"] == "5"
     admitted = [n for n in posts.status if n not in refused]
     assert len(admitted) == 5 and all(posts.status[n] == 200 and posts.reads[n] == 1 for n in admitted)
-    assert lan_web.in_flight.count == {} and lan_web.bodies.held == 0  # all given back
+    assert lan_web.in_flight.count == {} and lan_web.bodies.held == 0 and lan_web.bodies.per == {}  # all back
+
+
+def test_one_persons_large_bodies_hold_half_the_budget_at_most(lan_web):
+    """Two 64 MB chats fill a person's share (half of 256 MB): their third waits (503, unread), while another
+    person on the same machine still gets in: the share is the person's (a key's user), not the address's."""
+    alice_key, _ = lan_web.keys.add("alice")
+    bob_key, _ = lan_web.keys.add("bob")
+    guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20, gpu_paths=("/api/chat",))
+    big = {"content-length": str(64 * 2**20), "content-type": "application/json"}
+
+    async def go():
+        posts = Posts(guard)
+        alice = [
+            asyncio.create_task(posts.post(n, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {alice_key}"}))
+            for n in range(3)
+        ]
+        await posts.until_answered(1)
+        bob = asyncio.create_task(posts.post(9, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {bob_key}"}))
+        await _settled(lambda: sum(posts.reads.values()) == 3)
+        per = dict(lan_web.bodies.per)
+        posts.go.set()
+        await asyncio.gather(*alice, bob)
+        return posts, per
+
+    posts, per = _run(go())
+    each = 64 * 2**20 - edge.BODY_FREE
+    assert per == {"user:alice": 2 * each, "user:bob": each}
+    assert sorted(posts.status[n] for n in range(3)) == [200, 200, 503] and posts.status[9] == 200
+    (waited,) = [n for n in range(3) if posts.status[n] == 503]
+    assert posts.reads[waited] == 0 and posts.headers[waited]["retry-after"] == "5"
+    assert "at a time per person" in json.loads(posts.text[waited])["error"]
+    assert lan_web.bodies.held == 0 and lan_web.bodies.per == {}
 
 
 def test_bodies_held_at_once_stay_within_the_budget_and_the_excess_is_refused_unread(lan_web):
     """Many people's large bodies at once: past the BodyBudget a request is answered 503 + Retry-After, before
     its body is read (Content-Length) or as soon as its chunks pass it (chunked)."""
-    lan_web.bodies = edge.BodyBudget(10 * 2**20)
+    lan_web.bodies = edge.BodyBudget(10 * 2**20, share=10 * 2**20)  # one machine here: no share of its own
     guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20)
     assert edge.BODY_FREE == 2 * 2**20  # each body's first 2 MB are not counted
     six_mb = {"content-length": str(6 * 2**20), "content-type": "application/json"}  # 4 MB counted
@@ -201,8 +245,7 @@ def test_bodies_held_at_once_stay_within_the_budget_and_the_excess_is_refused_un
     async def go():
         posts = Posts(guard)
         held = [asyncio.create_task(posts.post(n, "/api/show", "127.0.0.1", six_mb)) for n in range(2)]
-        while sum(posts.reads.values()) < 2:
-            await asyncio.sleep(0)  # yield until both bodies are being read
+        await _settled(lambda: sum(posts.reads.values()) >= 2)  # both bodies are being read
         await posts.post(2, "/api/show", "127.0.0.1", six_mb)  # 12 MB would be counted: refused at once
         chunked = Posts(guard, body=b"x" * 2**20, parts=8)  # 1 MB chunks, no Content-Length
         chunked.go.set()
@@ -240,7 +283,8 @@ def test_on_the_ollama_port_only_a_gpu_request_may_carry_a_large_body(lan_web):
 
 def test_the_ollama_ports_gpu_routes_count_a_person_before_reading(studio):
     """Through uvicorn and the Ollama-compatible app: a client past its cap is answered 429 while its body is
-    still unsent, and the port answers others meanwhile."""
+    still unsent, and the port answers others meanwhile. (30 MB bodies: four fit in a person's share of the
+    body budget, so the cap is what refuses here.)"""
     from clair.adapters.gateway import Gateway
 
     web = Web(studio.cfg, Users(studio.cfg.users_path))
@@ -251,7 +295,7 @@ def test_the_ollama_ports_gpu_routes_count_a_person_before_reading(studio):
             s = socket.create_connection(("127.0.0.1", served.port), timeout=10)
             s.sendall(
                 f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {64 * 2**20}\r\n\r\n".encode()
+                f"Content-Length: {30 * 2**20}\r\n\r\n".encode()
             )
             socks.append(s)
         answers = [b""] * len(socks)
@@ -266,6 +310,7 @@ def test_the_ollama_ports_gpu_routes_count_a_person_before_reading(studio):
         wait_until(lambda: read_ready() == 2 and sum(web.in_flight.count.values()) == 4)
         assert sum(a == b"" for a in answers) == 4  # the four within the cap wait for their bodies
         assert b"CLAIR_MAX_JOBS_PER_USER" in b"".join(answers) and studio.jobs.refused == 0  # no job slot was asked
+        assert web.bodies.held == 4 * (30 * 2**20 - edge.BODY_FREE)  # claimed from their Content-Length
         assert httpx.get(served.url + "/api/version", timeout=10).status_code == 200
         for s in socks:
             s.close()
@@ -603,34 +648,42 @@ def test_a_body_must_keep_moving():
 
 
 class BodiesMachine(RuleBasedStateMachine):
-    """Claims that grow, close (twice, as the guard's paths may), and people that enter and leave, in any order.
-    After every step: the budget holds exactly what the open claims hold past their free part, never more than
-    its total; a refused growth changes nothing but the refusal count; each person's count is what the model
-    says, never over the cap, and a second `leave` takes nothing."""
+    """Claims of two claimants that grow, close (twice, as the guard's paths may), and people that enter and
+    leave, in any order. After every step: the budget holds exactly what the open claims hold past their free
+    part, never more than its total nor more than its share for one claimant; a refused growth changes nothing
+    but the refusal count and says which limit refused it; each person's count is what the model says, never
+    over the cap, and a second `leave` takes nothing."""
 
-    TOTAL, CAP = 10 * 2**20, 2
+    TOTAL, SHARE, CAP = 10 * 2**20, 6 * 2**20, 2
+    WHO = ("ann", "ann", "bob", "bob")  # the claimant of each claim
 
     def __init__(self):
         super().__init__()
-        self.budget = edge.BodyBudget(self.TOTAL)
-        self.claims = [self.budget.claim() for _ in range(4)]
+        self.budget = edge.BodyBudget(self.TOTAL, share=self.SHARE)
+        self.claims = [self.budget.claim(w) for w in self.WHO]
         self.counted = [0, 0, 0, 0]  # the model: bytes each claim holds
         self.people = edge.PerPerson(self.CAP)
         self.leaves: dict[str, list] = {"ann": [], "bob": []}
         self.refused = 0
 
-    # Quarter-MB steps, sometimes one byte more: sums land on the budget's edge and one byte past it.
+    def mine(self, who: str, but: int = -1) -> int:
+        return sum(c for i, c in enumerate(self.counted) if self.WHO[i] == who and i != but)
+
+    # Quarter-MB steps, sometimes one byte more: sums land on the limits' edges and one byte past them.
     sizes = st.tuples(st.integers(0, 56), st.integers(0, 1)).map(lambda t: t[0] * 2**18 + t[1])
 
     @rule(i=st.integers(0, 3), size=sizes)
     def grow(self, i, size):
         want = max(self.counted[i], size - edge.BODY_FREE)
-        fits = sum(self.counted) - self.counted[i] + want <= self.TOTAL
-        assert self.claims[i].grow(size) == fits
-        if fits:
+        share_ok = self.mine(self.WHO[i], but=i) + want <= self.SHARE
+        total_ok = sum(self.counted) - self.counted[i] + want <= self.TOTAL
+        assert self.claims[i].grow(size) == (share_ok and total_ok)
+        if share_ok and total_ok:
             self.counted[i] = want
-        else:
+        elif want > self.counted[i]:
             self.refused += 1
+            assert self.claims[i].why == ("share" if not share_ok else "total")
+            assert self.claims[i].refusal().status == 503
 
     @rule(i=st.integers(0, 3))
     def close(self, i):
@@ -655,6 +708,8 @@ class BodiesMachine(RuleBasedStateMachine):
     @invariant()
     def books_balance(self):
         assert self.budget.held == sum(self.counted) <= self.TOTAL
+        assert self.budget.per == {w: self.mine(w) for w in ("ann", "bob") if self.mine(w)}
+        assert all(v <= self.SHARE for v in self.budget.per.values())
         assert self.budget.peak >= self.budget.held and self.budget.refused == self.refused
         assert self.people.count == {w: len(ls) for w, ls in self.leaves.items() if ls}
 

@@ -82,65 +82,91 @@ class BodyBudget:
     A body is held from its first byte until its request has been answered (it waits in the GPU's queue with
     it), so each cap per request (64 MB on the Ollama port) says nothing about their sum: sixteen 64 MB chats
     at once took the process to 1.8 GB. Each request claims its bytes before they are read (its whole
-    Content-Length at once, a chunked body chunk by chunk); a claim past the budget is refused 503 with
-    Retry-After, the bytes unread. A body's first BODY_FREE bytes are not counted, so large bodies (images in
-    a chat) wait their turn but text requests (the connection caps bound those) always pass. Thread-safe: the
-    two ports' servers may run on two event loops."""
+    Content-Length at once, a chunked body chunk by chunk); a claim past the budget, or past the claimant's
+    share of it (half: one key cannot keep everyone else's images out), is refused 503 with Retry-After, the
+    bytes unread. The claimant is the request's person on a GPU route (PerPerson's `who`), else its machine. A
+    body's first BODY_FREE bytes are not counted, so large bodies (images in a chat) wait their turn but text
+    requests (the connection caps bound those) always pass. Thread-safe: the two ports' servers may run on
+    two event loops."""
 
-    def __init__(self, total: int = BODY_BUDGET):
+    def __init__(self, total: int = BODY_BUDGET, share: int | None = None):
         self.total = total
+        self.share = total // 2 if share is None else share  # the most one claimant may hold
         self.held = 0
+        self.per: dict[str, int] = {}  # claimant -> bytes held
         self.peak = 0  # the most held at once (tests and the log read it)
         self.refused = 0
         self._lock = threading.Lock()
 
-    def claim(self) -> BodyClaim:
-        return BodyClaim(self)
+    def claim(self, who: str) -> BodyClaim:
+        return BodyClaim(self, who)
 
-    def _take(self, n: int) -> bool:
+    def _take(self, who: str, n: int) -> str | None:
+        """Hold `n` more bytes for `who`: None, or which limit refused them ("share" or "total")."""
         with self._lock:
-            if self.held + n > self.total:
+            mine = self.per.get(who, 0)
+            why = "share" if mine + n > self.share else ("total" if self.held + n > self.total else None)
+            if why is not None:
                 self.refused += 1
-                return False
+                return why
             self.held += n
+            self.per[who] = mine + n
             self.peak = max(self.peak, self.held)
-            return True
+            return None
 
-    def _free(self, n: int) -> None:
+    def _free(self, who: str, n: int) -> None:
         with self._lock:
             self.held -= n
+            left = self.per.get(who, 0) - n
+            if left > 0:
+                self.per[who] = left
+            else:
+                self.per.pop(who, None)
 
-    def refusal(self) -> BodyRefused:
-        mib = self.total / 2**20
+    def refusal(self, why: str) -> BodyRefused:
+        if why == "share":
+            return BodyRefused(
+                503,
+                f"You are sending too many large requests at once (at most {self.share / 2**20:.0f} MB of them at a "
+                f"time per person): try again in {BUDGET_RETRY_S} s, when one of them is done.",
+            )
         return BodyRefused(
             503,
-            f"Clair is reading too many large requests at once (at most {mib:.0f} MB of them together): try again "
-            f"in {BUDGET_RETRY_S} s.",
+            f"Clair is reading too many large requests at once (at most {self.total / 2**20:.0f} MB of them "
+            f"together): try again in {BUDGET_RETRY_S} s.",
         )
 
 
 class BodyClaim:
-    """One request's share of the BodyBudget: grown to the body's size before the bytes are read, given
-    back once (close) when the request is over."""
+    """One request's part of the BodyBudget: grown to the body's size before the bytes are read, given back
+    once (close) when the request is over. `who` may be changed until it first grows (the guard learns the
+    request's person after its headers)."""
 
-    def __init__(self, budget: BodyBudget):
+    def __init__(self, budget: BodyBudget, who: str):
         self.budget = budget
+        self.who = who
         self.size = 0
+        self.why = ""  # what refused the last growth ("share" or "total")
 
     def grow(self, size: int) -> bool:
-        """Hold a body of `size` bytes in all (False: the budget has no room; what was held stays held)."""
+        """Hold a body of `size` bytes in all (False: no room, `why` says which limit; what was held stays)."""
         counted = max(0, size - BODY_FREE)
         if counted <= self.size:
             return True
-        if not self.budget._take(counted - self.size):
+        why = self.budget._take(self.who, counted - self.size)
+        if why is not None:
+            self.why = why
             return False
         self.size = counted
         return True
 
+    def refusal(self) -> BodyRefused:
+        return self.budget.refusal(self.why)
+
     def close(self) -> None:
         size, self.size = self.size, 0
         if size:
-            self.budget._free(size)
+            self.budget._free(self.who, size)
 
 
 class PerPerson:
@@ -201,7 +227,7 @@ async def read_body(
             if size > limit:
                 raise BodyRefused(413, too_large(limit))
             if claim is not None and not claim.grow(size):
-                raise claim.budget.refusal()
+                raise claim.refusal()
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

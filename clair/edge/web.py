@@ -741,7 +741,7 @@ class Guard:
         length = headers.get("content-length")
         try:
             if length is not None and length.isdigit() and not claim.grow(int(length)):
-                raise claim.budget.refusal()
+                raise claim.refusal()
             raw = await read_body(receive, self.cap(path), claim=claim)
         except BodyRefused as exc:
             code = {413: "too_large", 503: "server_busy"}.get(exc.status, "timeout")
@@ -754,12 +754,14 @@ class Guard:
         except BadJson as exc:
             return Refusal(400, f"The body is not valid JSON: {exc}.", "invalid_json"), raw, MISSING
 
-    def admit(self, scope, headers: Headers, address: str, method: str, path: str):
-        """A GPU route's request counted for its person before its body is read: (its `leave`, None), or
-        (None, a refusal) at the person's cap, or (None, None) for any other request."""
+    def admit(self, scope, headers: Headers, address: str, method: str, path: str, claim: BodyClaim):
+        """A GPU route's request counted for its person before its body is read (and its body claimed in the
+        person's name): (its `leave`, None), or (None, a refusal) at the person's cap, or (None, None) for any
+        other request."""
         if scope["type"] != "http" or method != "POST" or path not in self.gpu_paths:
             return None, None
         who, counted = counted_as(self.web.cfg, scope.get("clair_api_user"), address, headers)
+        claim.who = who
         leave = self.web.in_flight.enter(who)
         if leave is None:
             log.info("request refused before its body was read: per-person cap who=%s path=%s", who, path[:100])
@@ -820,13 +822,13 @@ class Guard:
             return
         token = CLIENT.set(address)
         login_claimed = self.port == WEB_PORT and method == "POST" and path in LOGIN_PATHS
-        claim, leave = web.bodies.claim(), None
+        claim, leave = web.bodies.claim(machine(address)), None
         try:
             if login_claimed and not web.limiter.begin(address):
                 login_claimed = False
                 await deny(Refusal(429, "A login from your address is already being checked.", "", {"retry-after": "1"}))
                 return
-            leave, refusal = self.admit(scope, headers, address, method, path)
+            leave, refusal = self.admit(scope, headers, address, method, path, claim)
             if refusal is not None:
                 await deny(refusal)
                 return
