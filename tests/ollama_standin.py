@@ -84,8 +84,10 @@ LOADED_SIZES: dict[str, tuple[int, int]] = {
 
 # The simulated GPU card's file protocol (docs/facts.md, "The simulated card"): {"total": bytes, "procs":
 # {holder: bytes}, "oom": n}, read and written under fcntl.flock. Written again here, from the format, so this
-# file stays free of Clair's code. A killed CUDA process's memory was back 0.1 s after SIGKILL (H200, 8 GiB).
+# file stays free of Clair's code.
+# A killed CUDA process's memory was back 0.1 s after SIGKILL (H200, 8 GiB).
 SIM_RELEASE_LAG_S = 0.1
+VRAM_RECOVERY_S = 5.0  # Ollama waits at most this long for an unloaded runner's VRAM (server/sched.go)
 
 
 def sim_card_update(path: str, fn: Callable[[dict[str, Any]], Any]) -> Any:
@@ -977,6 +979,13 @@ class OllamaStandin:
             while True:
                 self._check_stopping()
                 runner = self._runners.get(model.name)
+                recovering = self._card_releases and time.monotonic() - started < VRAM_RECOVERY_S
+                if runner is None and recovering:
+                    # Ollama's scheduler loads nothing new until a runner it unloaded has given its VRAM back
+                    # (server/sched.go, waitForVRAMRecovery: polls every 250 ms, up to 5 s), else the load
+                    # would size itself to memory that is about to come back and offload layers to the CPU.
+                    self._cond.wait(0.05)
+                    continue
                 if runner is None:
                     if self._make_room():
                         runner = self._new_runner(model, context_length, keep_alive)
