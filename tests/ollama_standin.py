@@ -542,6 +542,7 @@ class OllamaStandin:
         self.port = port
         self.load_delay = load_delay
         self.unload_delay = unload_delay
+        self.short_loads: list[dict] = []  # loads the simulated card was short for (partial offloads)
         self.token_delay = token_delay
         self.default_keep_alive = keep_alive_from_env(default_keep_alive)
         self.default_context_length = default_context_length
@@ -872,6 +873,9 @@ class OllamaStandin:
             holder = f"ollama:{os.getpid()}:{self.port}-{self._runner_seq}:{model.name}"
             size_vram = self._card_take(holder, size)
             self._card_holders[model.name] = holder
+            if size_vram < size:  # who held the card when this load found it short (for a test's message)
+                procs = sim_card_update(self.sim_card, lambda state: dict(state["procs"]))
+                self.short_loads.append({"model": model.name, "size": size, "got": size_vram, "procs": procs})
         elif self.vram_total_bytes is not None:
             in_use = sum(runner.size_vram for runner in self._runners.values())
             size_vram = max(0, min(size, self.vram_total_bytes - self._vram_elsewhere() - in_use))

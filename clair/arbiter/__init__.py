@@ -76,6 +76,21 @@ after every step of random runs):
    and a suspended task. A thread is taken only for the GPU work after the grant (its evictions, then
    the render or the reply), so the queue's length is bounded by CLAIR_MAX_QUEUE, not by the server's
    worker threads (tests/test_waiting.py counts them with 256 waiting).
+14. A tenant of several parts (Ollama's models, `Req.parts`) counts every part its grants brought, side by
+   side, until a reading taken while none of its requests ran says what is left: two chats for different
+   models, each sized before the other's model loaded, hold both, and the end of one does not shrink the
+   ledger to its own model while Ollama keeps the other loaded (a render would be planned into that
+   memory). A request released before its work began takes its part back out.
+15. The card has the last word (`Studio.preflight`, outside the arbiter): the plan is made from the
+   ledger, but memory can change hands between a plan and the work it granted (a program allocates after
+   the last reading; a runner Ollama unloaded gives its memory back a little after `/api/ps` empties). So
+   before a grant's first allocation (a render's weights and activations, a chat's model that is not
+   loaded yet) Clair reads the card, and when it is short it re-reads who holds what, evicts every idle
+   tenant (`evict_idle`) and waits for the memory. What no scheduler can prevent is a program allocating
+   in the milliseconds between that look and the allocation: the allocation then fails and heals
+   (clair/engines/image.py, the retries). Another program's share of the card is the card's use less ours
+   less the smaller of Ollama's last reading and its ledger entry, so a reading taken before an eviction
+   cannot hide another program's memory.
 """
 
 from clair.arbiter.policy import *  # noqa: F403
