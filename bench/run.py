@@ -38,6 +38,13 @@ starts at the render's tail, beside the decode). The VAE decode is paced at DECO
 chat's wait for its lease (the arbiter's part of its first-token time, before the model's load and Ollama's
 own queue). Goals: no-fit chat TTFT p95 within one step plus the model's unload and load plus 0.5 s; seed card
 chat TTFT p95 within 1.5x of chats alone with a render slowdown under 25 %.
+
+Settings for comparing (the load stays the same): --ollama-parallel N runs the stand-in with OLLAMA_NUM_PARALLEL=N
+(Ollama's default is 1; each slot has its own KV cache and the slots share the model's compute), --preempt,
+--max-preemptions and --pause-share override CLAIR_PREEMPT, CLAIR_MAX_PREEMPTIONS and the arbiter's pause
+budget under always. `chat_ttft_by_position` splits the first-token times by a chat's place in Ollama's queue
+(1 + the chats streaming when its lease was ready that got their first token before it), and `chat_samples`
+lists each chat (sent at, first-token time, GPU wait, place).
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ class Arbiter:
         pause_join_s: float = 10.0,
         max_pause_chats: int = 8,
         max_paused_s: float = 60.0,
-        max_pause_share: float = 0.2,
+        max_pause_share: float = 1.0,
     ):
         self.policy: Policy = policy
         self.preempt: Preempt = preempt
@@ -285,7 +285,9 @@ class Arbiter:
         self.max_pause_chats = max_pause_chats
         self.max_paused_s = max_paused_s
         # Under preempt="always": the share of its elapsed time a render yields to chats that could run beside
-        # it; past it they share the GPU with it instead (see pause_budget).
+        # it; past it they share the GPU with it instead (see pause_budget). 1 (the default) sets no such budget:
+        # on the seed card's benchmark a budget of 0.2 or 0.5 slowed both the chats and the renders
+        # (docs/performance.md, "Hiding the hand-over").
         self.max_pause_share = max_pause_share
         self.budget = int(budget_bytes)
         self.chat_priority = chat_priority
