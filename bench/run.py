@@ -38,6 +38,13 @@ starts at the render's tail, beside the decode). The VAE decode is paced at DECO
 chat's wait for its lease (the arbiter's part of its first-token time, before the model's load and Ollama's
 own queue). Goals: no-fit chat TTFT p95 within one step plus the model's unload and load plus 0.5 s; seed card
 chat TTFT p95 within 1.5x of chats alone with a render slowdown under 25 %.
+
+Settings for comparing (the load stays the same): --ollama-parallel N runs the stand-in with OLLAMA_NUM_PARALLEL=N
+(Ollama's default is 1; each slot has its own KV cache and the slots share the model's compute), --preempt,
+--max-preemptions and --pause-share override CLAIR_PREEMPT, CLAIR_MAX_PREEMPTIONS and the arbiter's pause
+budget under always. `chat_ttft_by_position` splits the first-token times by a chat's place in Ollama's queue
+(1 + the chats streaming when its lease was ready that got their first token before it), and `chat_samples`
+lists each chat (sent at, first-token time, GPU wait, place).
 """
 
 from __future__ import annotations
@@ -167,14 +174,31 @@ BASELINE = {
 }
 
 
-def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: Path) -> dict:
+def run_scenario(
+    policy: str,
+    scenario: str,
+    chats: int,
+    renders: int,
+    out_dir: Path,
+    parallel: int = 1,
+    preempt: str = "",
+    max_preemptions: int | None = None,
+    pause_share: float | None = None,
+) -> dict:
     seed_card = scenario in SEED_CARD_SCENARIOS
     disk_gb = SEED_CARD_MODEL["disk_gb"] if seed_card else 4.9
     # Every scenario runs on a simulated 20 GB card of its own (clair/device/simcard.py): the stand-in's runners and
     # Clair's models take and give back memory on it, and it counts every out-of-memory refusal itself.
     card = out_dir / f"{policy}-{scenario}-card.json"
+    # OLLAMA_NUM_PARALLEL: 1 is Ollama's default; with more, each slot has its own KV cache (the model takes more
+    # of the card) and the slots generating at once share its compute (tests/ollama_standin.py, parallel_share).
     standin = OllamaStandin(
-        {MODEL: disk_gb}, load_delay=2.0, unload_delay=1.0, token_delay=TOKEN_S, sim_card=str(card)
+        {MODEL: disk_gb},
+        load_delay=2.0,
+        unload_delay=1.0,
+        token_delay=TOKEN_S,
+        sim_card=str(card),
+        num_parallel=parallel,
     )
     standin.reply_fn = lambda body: ["tok"] + [" tok"] * (REPLY_TOKENS - 1)
     standin.start()
@@ -189,16 +213,26 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         sim_gpu_file=str(card),
         vram_budget_gb=20.0,  # the whole card, as before: the card itself says whether that was too much
         warmup=True,
-        preempt=PREEMPT.get(scenario, Config().preempt),
+        preempt=preempt or PREEMPT.get(scenario, Config().preempt),
+        max_preemptions=Config().max_preemptions if max_preemptions is None else max_preemptions,
         # The tiny pipeline keeps its own VAE; the footprint it declares follows CLAIR_VAE.
         vae=SEED_CARD_VAES.get(scenario, "stock"),
     )
     studio = Studio(cfg)
+    if pause_share is not None:  # the arbiter's pause budget under `always` (clair/arbiter/policy.py, pause_budget)
+        studio.arbiter.max_pause_share = pause_share
     # Every lease, for the chats' wait for the GPU (request to the grant's evictions done): what the arbiter
     # decides, without the model's load or Ollama's own queue that follow it.
     leases: list = []
+    mine = threading.local()  # each chat user's last lease, for its place in Ollama's queue
     request = studio.arbiter.request
-    studio.arbiter.request = lambda *a, **k: leases.append(request(*a, **k)) or leases[-1]
+
+    def record(*a, **k):
+        leases.append(request(*a, **k))
+        mine.lease = leases[-1]
+        return leases[-1]
+
+    studio.arbiter.request = record
     contention = Contention(standin)
     studio.arbiter.on_event(contention.on_event)
     declared = 1024 if scenario in NOFIT_SCENARIOS or seed_card else 768
@@ -225,6 +259,7 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         studio.image.render(RenderParams("warm-up", steps=2, width=draw, height=draw, seed=0).validated())
 
     ttft: list[float] = []
+    firsts: list[tuple] = []  # (the chat's lease, its first token's time.time(), its first-token time)
     render_wait: list[float] = []
     render_s: list[float] = []
     render_total: list[float] = []  # GPU start to finish, pauses included
@@ -254,6 +289,9 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
                 continue
             with lock:
                 ttft.append(first if first is not None else float("nan"))
+                lease = getattr(mine, "lease", None)
+                if first is not None and lease is not None and lease.kind == "chat":
+                    firsts.append((lease, lease.requested_at + first, first))
             history += [{"role": "user", "content": msg}, {"role": "assistant", "content": reply}]
             time.sleep(think)
 
@@ -321,6 +359,7 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         for ls in leases
         if ls.kind == "chat" and ls.ready_at is not None and not ls.label.startswith("warm-up")
     ]
+    samples, by_position = _positions(firsts, t_start)
     device_oom = simcard.read(str(card))["oom"]  # refusals the card itself counted, not Clair's ledger
     return {
         "chat_gpu_wait_p95_s": _r(percentile(gpu_wait, 95)),
@@ -329,6 +368,12 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         "chat_ttft_p95_s": _r(percentile(ttft, 95)),
         "chat_ttft_max_s": _r(max(ttft) if ttft else None),
         "chat_ttft_all_s": [_r(x) for x in sorted(ttft)],
+        # p95 and count of the first-token time by place in Ollama's queue (1 = no other chat streaming)
+        "chat_ttft_by_position": {
+            str(k): {"p95_s": _r(percentile(v, 95)), "max_s": _r(max(v)), "n": len(v)} for k, v in sorted(by_position.items())
+        },
+        "ollama_num_parallel": parallel,
+        "chat_samples": sorted(samples),  # (sent at, first token after, GPU wait, position), s since the start
         "render_wait_p95_s": _r(percentile(render_wait, 95)),
         "render_s_p50": _r(percentile(render_s, 50)),
         "render_total_s_p50": _r(percentile(render_total, 50)),
@@ -361,6 +406,28 @@ def run_scenario(policy: str, scenario: str, chats: int, renders: int, out_dir: 
         "declared_render_size": declared if "chat" not in scenario else None,
         "timeline": [(k, round(s - t_start, 3), round(e - t_start, 3)) for k, s, e in contention.timeline],
     }
+
+
+def _positions(firsts: list[tuple], t_start: float) -> tuple[list[tuple], dict[int, list[float]]]:
+    """Each chat's place in Ollama's queue: 1 + the chats that held a lease when its own was ready (or got one
+    with it, within 50 ms: one pause's grants) and had their first token before it. With one request at a
+    time in Ollama (OLLAMA_NUM_PARALLEL=1) those are the replies it waited for. Returns the samples (sent at,
+    first-token time, GPU wait, place; seconds since the start) and the first-token times by place."""
+    samples, by_position = [], {}
+    for lease, first_at, first in firsts:
+        ready = lease.ready_at or lease.requested_at
+        ahead = [
+            1
+            for other, other_first, _ in firsts
+            if other is not lease
+            and (other.ready_at or other.requested_at) <= ready + 0.05
+            and (other.released_at or float("inf")) > ready
+            and other_first < first_at
+        ]
+        place = 1 + len(ahead)
+        by_position.setdefault(place, []).append(first)
+        samples.append((_r(lease.requested_at - t_start), _r(first), _r(ready - lease.requested_at), place))
+    return sorted(samples), by_position
 
 
 def _r(x: float | None) -> float | None:
@@ -408,6 +475,14 @@ def main() -> int:
     ap.add_argument("--png", type=Path, default=None, help="timeline image (default: next to --out)")
     ap.add_argument("--policies", default="budget,exclusive")
     ap.add_argument(
+        "--ollama-parallel", type=int, default=1, help="OLLAMA_NUM_PARALLEL of the Ollama stand-in (Ollama's default: 1)"
+    )
+    ap.add_argument("--preempt", default="", help="CLAIR_PREEMPT for every scenario (default: each scenario's own)")
+    ap.add_argument("--max-preemptions", type=int, default=None, help="CLAIR_MAX_PREEMPTIONS (default: Clair's)")
+    ap.add_argument(
+        "--pause-share", type=float, default=None, help="the arbiter's max_pause_share under always (default: Clair's)"
+    )
+    ap.add_argument(
         "--scenarios", default="chat_only,render_only,mixed,mixed_nofit,nofit_preempt,seed_card_chat,seed_card,seed_card_stock"
     )
     args = ap.parse_args()
@@ -427,7 +502,17 @@ def main() -> int:
         for policy in args.policies.split(","):
             results[policy] = {"scenarios": {}}
             for scenario in args.scenarios.split(","):
-                r = run_scenario(policy, scenario, chats, renders, Path(tmp))
+                r = run_scenario(
+                    policy,
+                    scenario,
+                    chats,
+                    renders,
+                    Path(tmp),
+                    args.ollama_parallel,
+                    args.preempt,
+                    args.max_preemptions,
+                    args.pause_share,
+                )
                 results[policy]["scenarios"][scenario] = r
                 print(
                     f"{policy:9} {scenario:15} ttft p50 {r['chat_ttft_p50_s']} p95 {r['chat_ttft_p95_s']} s | "
@@ -435,6 +520,7 @@ def main() -> int:
                     f"over budget {r['budget_exceeded']} | device OOMs {r['device_oom']} | preemptions {r['preemptions']} | "
                     f"render e2e p50 {r['render_e2e_s_p50']} s | after-render ttft p50 {r['after_render_ttft_p50_s']} s | "
                     f"{r['elapsed_s']} s"
+                    + (f" | ttft by position {r['chat_ttft_by_position']}" if r["chat_ttft_by_position"] else "")
                     + (f" | ERRORS {r['errors']}" if r["errors"] else "")
                 )
     policies = {}

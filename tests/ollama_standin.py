@@ -505,6 +505,7 @@ class OllamaStandin:
         default_context_length: int = 4096,
         max_loaded_models: int = 3,
         num_parallel: int = 1,
+        parallel_share: float = 1.0,
         vram_total_bytes: int | None = None,
         vram_used_elsewhere: int | Callable[[], int] = 0,
         offload_slowdown: float = 4.0,
@@ -524,6 +525,12 @@ class OllamaStandin:
         default_context_length: context of a load whose request has no options.num_ctx.
         max_loaded_models: loading one more evicts the least recently used idle model (0 means 3).
         num_parallel: requests one model generates at once; more wait their turn (OLLAMA_NUM_PARALLEL).
+            As in Ollama, each slot has its own KV cache: a load's context is num_ctx x num_parallel, so its
+            ``size`` (and what it takes on the simulated card) grows with it (docs/facts.md, "Ollama").
+        parallel_share: how much the requests generating at once slow each other: each token takes
+            ``token_delay x (1 + parallel_share x (n - 1))`` with n requests generating. 1.0 (the default)
+            is the pessimistic end: the slots split one stream's speed (total tokens/s unchanged); a GPU that
+            batches the slots well is nearer 0.
         vram_total_bytes / vram_used_elsewhere: None = unlimited VRAM. Otherwise a load gets
             ``size_vram = min(size, total - elsewhere - other runners' size_vram)``: Ollama does not refuse
             to load when VRAM is short, it silently offloads layers to CPU (docs/facts.md, "Ollama").
@@ -548,6 +555,7 @@ class OllamaStandin:
         self.default_context_length = default_context_length
         self.max_loaded_models = max_loaded_models or 3
         self.num_parallel = max(1, num_parallel)
+        self.parallel_share = max(0.0, parallel_share)
         self.vram_total_bytes = vram_total_bytes
         self.vram_used_elsewhere = vram_used_elsewhere
         self.offload_slowdown = offload_slowdown
@@ -865,7 +873,9 @@ class OllamaStandin:
     # -- scheduler (all with the lock held)
 
     def _new_runner(self, model: InstalledModel, context_length: int, keep_alive: float | None) -> _Runner:
-        size = loaded_size_bytes(model.name, model.size, context_length)
+        # Ollama gives each parallel slot its own context: "a 2K context with 4 parallel requests will result in
+        # an 8K context and additional memory allocation" (docs/facts.md, "Ollama").
+        size = loaded_size_bytes(model.name, model.size, context_length * self.num_parallel)
         size_vram = size
         if self.sim_card:
             # Ollama sizes a load to the free VRAM it sees and offloads the rest to the CPU.
@@ -1356,7 +1366,8 @@ class OllamaStandin:
             for index, token in enumerate(tokens):
                 if failure is not None and index >= failure.after_chunks:
                     break
-                self._pause(token_delay)
+                # The slots generating now share the model's compute (see parallel_share).
+                self._pause(token_delay * (1 + self.parallel_share * max(0, runner.generating - 1)))
                 if stream:
                     handler.send_line(self._chunk(kind, name, token))
                 sent.append(token)
@@ -1450,7 +1461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--context-length", type=int, default=4096, help="default num_ctx (default 4096)")
     parser.add_argument("--max-loaded-models", type=int, default=3)
-    parser.add_argument("--num-parallel", type=int, default=1)
+    parser.add_argument("--num-parallel", type=int, default=1, help="OLLAMA_NUM_PARALLEL (default 1)")
+    parser.add_argument(
+        "--parallel-share", type=float, default=1.0, help="how much parallel requests slow each other (0-1, default 1)"
+    )
     parser.add_argument("--vram-gb", type=float, default=None, help="fake VRAM size; short VRAM -> partial offload")
     parser.add_argument("--sim-card", default=None, help="a simulated GPU card's state file (CLAIR_SIM_GPU_FILE)")
     parser.add_argument("--quiet", action="store_true", help="do not log requests and events to stderr")
@@ -1468,6 +1482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_context_length=args.context_length,
         max_loaded_models=args.max_loaded_models,
         num_parallel=args.num_parallel,
+        parallel_share=args.parallel_share,
         vram_total_bytes=None if args.vram_gb is None else int(args.vram_gb * GB),
         sim_card=args.sim_card,
         echo=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),

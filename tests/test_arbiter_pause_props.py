@@ -12,6 +12,10 @@ it began, which chats waited then, which joined it) and of every chat.
   the render, the render pauses unless a bound says no (pauses used up, paused `max_paused_s` in all, or
   the last pause began less than `render_slice_s` ago).
 * A render never pauses more than `max_preemptions` times, nor in its tail.
+* A render cannot starve (its total paused time is bounded): under `always`, where the chats could run beside
+  it, no pause begins and no chat joins one once the render has been paused `max_pause_share` of its elapsed
+  time, and a render paused past that resumes, beside its chats, at the next hand-over (a chat's arrival or
+  end); chats that fit then share the GPU with it instead of pausing it.
 """
 
 from __future__ import annotations
@@ -67,9 +71,12 @@ class PauseMachine(RuleBasedStateMachine):
         max_chats=st.sampled_from([1, 2, 8]),
         max_pauses=st.sampled_from([1, 3, 5]),
         max_paused_s=st.sampled_from([2.0, 60.0]),
+        share=st.sampled_from([0.2, 0.5, 1.0]),
     )
-    def setup(self, card, slice_s, join_s, max_chats, max_pauses, max_paused_s):
+    def setup(self, card, slice_s, join_s, max_chats, max_pauses, max_paused_s, share):
         budget, preempt, self.need, idle, self.chat_need = CARDS[card]
+        # The pause budget applies where a chat could run beside the render and `always` pauses it anyway.
+        self.share = share if preempt == "always" and self.need + self.chat_need <= budget and share < 1 else None
         self.arb = Arbiter(
             policy="budget",
             budget_bytes=int(budget * GiB),
@@ -79,9 +86,11 @@ class PauseMachine(RuleBasedStateMachine):
             pause_join_s=join_s,
             max_pause_chats=max_chats,
             max_paused_s=max_paused_s,
+            max_pause_share=share,
         )
         self.render = self.arb.request("render", "image", int(self.need * GiB), int(idle * GiB), label="render")
         assert self.render.poll(0)
+        self.began = self.clock.now
         self.done = 0  # denoising steps done
         self.finished = False
         self.tail = False
@@ -104,6 +113,19 @@ class PauseMachine(RuleBasedStateMachine):
     def current_pause(self):
         return self.pauses[-1] if self.pauses and self.pauses[-1]["resumed_at"] is None else None
 
+    def paused_now(self) -> float:
+        pause = self.current_pause()
+        return self.paused_total + (self.clock.now - pause["start"] if pause else 0.0)
+
+    def budget_now(self) -> float:
+        """The render's pause budget by the docstring: `max_pause_share` of its elapsed time."""
+        return float("inf") if self.share is None else self.share * (self.clock.now - self.began)
+
+    def spent(self) -> bool | None:
+        """Is the pause budget spent? None on a tie (float rounding decides it; nothing is asserted)."""
+        paused, budget = self.paused_now(), self.budget_now()
+        return None if abs(paused - budget) < 1e-6 else paused > budget
+
     # -- rules -----------------------------------------------------------------------------------
     @rule(dt=st.sampled_from([0.05, 0.3, 1.0, 4.0]))
     def tick(self, dt):
@@ -112,12 +134,15 @@ class PauseMachine(RuleBasedStateMachine):
     @rule()
     def chat_arrives(self):
         pause = self.current_pause()
+        spent = self.spent()
         c = self.arb.request("chat", "ollama", int(self.chat_need * GiB), label="chat")
         self.chats.append(c)
         self.arrived[c.req.id] = self.clock.now
         c.poll(0)
-        if pause is not None and c.granted_at is not None:
+        self._after_change(handover=True)  # a render paused past its budget resumes now
+        if pause is not None and c.granted_at is not None and self.current_pause() is pause:
             pause["joined"].append(c.req.id)
+            assert spent is not True, "a chat joined a pause past the render's pause budget"
 
     @precondition(lambda self: any(c.released_at is None for c in self.chats))
     @rule(i=st.integers(0, 50))
@@ -128,7 +153,7 @@ class PauseMachine(RuleBasedStateMachine):
         c = live[i % len(live)]
         c.poll(0)
         c.release()
-        self._after_change()
+        self._after_change(handover=True)
 
     @precondition(lambda self: not self.finished)
     @rule()
@@ -152,12 +177,14 @@ class PauseMachine(RuleBasedStateMachine):
         reason = self.arb.should_yield(self.render)
         # The slice bounds how often, not how long: a waiting chat pauses the render unless a bound says no.
         since = None if self.last_pause_start is None else self.clock.now - self.last_pause_start
+        spent = self.spent()
         bound = (
             self.render.pauses >= self.arb.max_preemptions
             or self.paused_total >= self.arb.max_paused_s
             or (since is not None and since < self.arb.render_slice_s)
+            or spent is True  # the chats (which fit) now share the GPU with it
         )
-        if waiting and not bound:
+        if waiting and not bound and spent is not None:
             assert reason, f"chats {waiting} wait and no bound applies, but the render carried on"
         if bound:
             assert not reason, "the render paused past one of its bounds"
@@ -169,18 +196,22 @@ class PauseMachine(RuleBasedStateMachine):
                 c.poll(0)
             self._after_change()
 
-    def _after_change(self):
-        """Record a resume when the continuation has been granted."""
+    def _after_change(self, handover: bool = False):
+        """Record a resume when the continuation has been granted. `handover`: the arbiter has just planned
+        again (a chat arrived or ended)."""
         pause = self.current_pause()
         if pause is None or self.finished:
             return
         if self.render.poll(0):
             pause["resumed_at"] = self.clock.now
             self.paused_total += self.clock.now - pause["start"]
-            # The render resumes only when none of the pause's chats waits (or runs).
+            # The render resumes only when none of the pause's chats waits (or runs), or beside them once it
+            # has been paused its budget.
             mine = set(pause["waiting"]) | set(pause["joined"])
             left = [c.req.id for c in self.chats if c.req.id in mine and c.released_at is None]
-            assert not left, f"the render resumed while chats of its pause were left: {left}"
+            assert not left or self.render.req.shares, f"the render resumed while chats of its pause were left: {left}"
+        elif handover and self.spent() is True:
+            raise AssertionError("a render paused past its pause budget did not resume at a hand-over")
 
     # -- invariants ------------------------------------------------------------------------------
     @invariant()

@@ -31,6 +31,10 @@ def test_bench_run_smoke(tmp_path):
         for scenario in p["scenarios"].values():
             assert scenario["errors"] == [] and scenario["chats"] == 3 and scenario["renders"] == 1
             assert scenario["device_oom"] == 0  # read from the simulated card's own file
+            assert scenario["ollama_num_parallel"] == 1  # Ollama's default unless --ollama-parallel
+            # Every chat has a place in Ollama's queue; the places count them all.
+            places = scenario["chat_ttft_by_position"]
+            assert sum(x["n"] for x in places.values()) == len(scenario["chat_samples"]) == 3
     # Exclusive evicts Ollama for the render even when both fit; budget does not.
     assert data["policies"]["budget"]["scenarios"]["mixed"]["swaps"] == 0
     assert data["policies"]["exclusive"]["scenarios"]["mixed"]["swaps"] >= 1

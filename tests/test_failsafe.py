@@ -29,7 +29,9 @@ SMALL = RenderParams("a lighthouse", steps=2, width=64, height=64)
 
 @pytest.fixture
 def standin():
-    s = OllamaStandin({MODEL: 4.9, "phi4": 9.1, SMALL_MODEL: 0.4}, unload_delay=0.1, num_parallel=4).start()
+    # One slot, Ollama's default: each slot has its own KV cache in the stand-in (as in Ollama), and these
+    # tests check the sizes of its table at one slot (llama3.1:8b: 6.2 GB at 4k).
+    s = OllamaStandin({MODEL: 4.9, "phi4": 9.1, SMALL_MODEL: 0.4}, unload_delay=0.1, num_parallel=1).start()
     yield s
     s.stop()
 

@@ -7,6 +7,7 @@ Orderings are checked through the stand-in's event and request logs and gates, n
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from tests.ollama_standin import (
     GB,
     GO_MAX_DURATION_S,
     Event,
+    Gate,
     OllamaStandin,
     keep_alive_from_env,
     keep_alive_from_json,
@@ -555,3 +557,75 @@ def test_loaded_sizes_come_from_the_table_not_from_a_formula() -> None:
     assert loaded_size_bytes("phi4", int(9.1 * GB), 4096) > 11 * GB
     # A model not in the table is still well above its file plus the KV cache.
     assert loaded_size_bytes("other:7b", int(4.0 * GB), 4096) > 4.0 * GB * 1.2
+
+
+# ------------------------------------------------------------------------------------------ OLLAMA_NUM_PARALLEL
+
+
+def test_each_parallel_slot_has_its_own_kv_cache_on_the_card_too(tmp_path: Path) -> None:
+    """Ollama's FAQ: "a 2K context with 4 parallel requests will result in an 8K context"."""
+    card = tmp_path / "card.json"
+    card.write_text('{"total": 40000000000, "procs": {}, "oom": 0}')
+    sizes = {}
+    for parallel in (1, 4):
+        with OllamaStandin({BIG: 4.9}, num_parallel=parallel, sim_card=str(card)) as server, make_client(server.url) as c:
+            c.chat(BIG, messages=HELLO, options={"num_ctx": 4096})
+            entry = ps_entry(c, BIG)
+            assert entry.size_vram == entry.size  # the card had room: all of it on the card
+            held = sum(json.loads(card.read_text())["procs"].values())
+            assert held == entry.size
+            sizes[parallel] = entry.size
+    kv_one_slot = sizes[1] - loaded_size_bytes(BIG, int(4.9 * GB), 0)
+    assert sizes[4] - sizes[1] == 3 * kv_one_slot  # three more slots of 4096 tokens each
+    assert sizes[1] == pytest.approx(6.2e9, rel=0.01)  # the table's llama3.1:8b at 4k
+
+
+def _held_reply(server: OllamaStandin) -> tuple[threading.Thread, list[str], Gate]:
+    """A chat parked at a gate before its first token (it counts as generating), from another client."""
+    gate = server.hold(BIG)
+    replies: list[str] = []
+    worker = threading.Thread(
+        target=lambda: replies.append(make_client(server.url).chat(BIG, messages=HELLO).message.content)
+    )
+    worker.start()
+    gate.wait_reached()
+    return worker, replies, gate
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_second_request_streams_beside_the_first_only_with_a_free_slot(parallel: int) -> None:
+    with OllamaStandin({BIG: 4.9}, num_parallel=parallel) as server, make_client(server.url) as c:
+        c.chat(BIG, messages=[])  # loaded
+        first_worker, first_replies, gate = _held_reply(server)
+        second: list[str] = []
+        t = threading.Thread(target=lambda: second.append(c.chat(BIG, messages=HELLO).message.content))
+        t.start()
+        if parallel > 1:
+            t.join(timeout=5)
+            assert second == ["You said: hello there"]  # answered while the first still holds its slot
+        else:
+            server.wait_until(lambda: len(server.requests_to("/api/chat", BIG)) == 3)  # it has arrived
+            assert second == [] and t.is_alive()  # OLLAMA_NUM_PARALLEL=1: it waits its turn (the gate holds)
+        gate.release()
+        first_worker.join(timeout=5)
+        t.join(timeout=5)
+        assert first_replies == second == ["You said: hello there"]
+
+
+def test_requests_generating_at_once_share_the_compute() -> None:
+    standin = OllamaStandin({BIG: 4.9}, num_parallel=2, token_delay=0.001, parallel_share=0.5)
+    with standin as server, make_client(server.url) as c:
+        c.chat(BIG, messages=[])
+        pauses: list[float] = []
+        real_pause = server._pause
+        server._pause = lambda s: pauses.append(s) or real_pause(s)  # type: ignore[method-assign]
+        c.chat(BIG, messages=HELLO)
+        alone = list(pauses)
+        pauses.clear()
+        worker, _, gate = _held_reply(server)  # a second request holds the other slot
+        c.chat(BIG, messages=HELLO)
+        gate.release()
+        worker.join(timeout=5)
+    assert alone and all(p == pytest.approx(0.001) for p in alone)
+    beside = pauses[: len(alone)]  # the held request's own tokens come after the release
+    assert all(p == pytest.approx(0.001 * 1.5) for p in beside)

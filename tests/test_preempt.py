@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clair.arbiter import Arbiter, GiB, Req, Resident, Snapshot, joins_pause, plan, should_yield
+from clair.arbiter import Arbiter, GiB, Req, Resident, Snapshot, joins_pause, pause_budget, plan, should_yield
 from clair.base.config import Config
 from clair.base.errors import Cancelled
 from clair.engines.image import RenderParams
@@ -541,3 +541,116 @@ def test_the_tail_takes_the_denoisers_off_before_the_decode_starts_the_reload_be
     # The next render brings them back and gives the same image again.
     again, _ = studio.render(params)
     assert np.array_equal(pixels(alone), pixels(again))
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 18: under `always`, a render yields at most a share of its time to chats that could run beside it
+# --------------------------------------------------------------------------------------------------
+
+SEED = {"image": Resident("image", int(11.6 * GiB), 2)}  # the seed card: a 1024² render with the fp16-safe VAE
+
+
+def seed_render(i=1, **kw):
+    return Req(i, "render", "image", int(11.6 * GiB), int(6.46 * GiB), (i, 0), **kw)
+
+
+BUDGET_CASES = [
+    # (name, preempt, render, chats, elapsed s, share, expected budget s)
+    ("always, a chat that fits beside the render: a share of its elapsed time", "always", seed_render(), [chat(2, 6.05)], 10.0, 0.2, 2.0),
+    ("auto: a chat that fits runs beside it anyway, no budget needed", "auto", seed_render(), [chat(2, 6.05)], 10.0, 0.2, float("inf")),
+    ("always, a chat that does not fit: only a pause lets it run", "always", render(), [chat(2, 5.7)], 10.0, 0.2, float("inf")),
+    ("a render that shares already", "always", seed_render(shares=True), [chat(2, 6.05)], 10.0, 0.2, float("inf")),
+    ("share 1: no budget", "always", seed_render(), [chat(2, 6.05)], 10.0, 1.0, float("inf")),
+    ("no chat to compare with", "always", seed_render(), [], 10.0, 0.2, float("inf")),
+    ("share 0: never paused for a chat that fits", "always", seed_render(), [chat(2, 6.05)], 10.0, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(("name", "preempt", "r", "chats", "elapsed", "share", "expected"), BUDGET_CASES, ids=[c[0] for c in BUDGET_CASES])
+def test_pause_budget(name, preempt, r, chats, elapsed, share, expected):
+    s = snap([r], chats, residents=SEED, preempt=preempt)
+    assert pause_budget(s, r, chats, elapsed_s=elapsed, share=share) == pytest.approx(expected)
+
+
+def test_joins_pause_within_the_renders_pause_budget_only():
+    assert joins_pause(0.5, 0, join_s=10, max_chats=8, paused_s=1.9, budget_s=2.0)
+    assert not joins_pause(0.5, 0, join_s=10, max_chats=8, paused_s=2.0, budget_s=2.0)
+
+
+def test_under_always_a_render_that_shares_runs_beside_a_chat_that_fits_and_does_not_pause_for_it():
+    shared = seed_render(shares=True)
+    s = snap([shared], [chat(2, 6.05)], residents=SEED, preempt="always")
+    assert [g.req.id for g in plan(s)] == [2]
+    assert not yields(s, shared)
+    # A chat that does not fit beside it still pauses it (within should_yield's own bounds).
+    assert yields(snap([shared], [chat(3, 9.0)], residents=SEED, preempt="always"), shared)
+
+
+class FakeClock:
+    """time.time() and time.monotonic() for the arbiter module, moved by the test only."""
+
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def time(self):
+        return self.now
+
+    monotonic = time
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import clair.arbiter.shell as shell
+
+    c = FakeClock()
+    monkeypatch.setattr(shell, "time", c)
+    return c
+
+
+def test_under_always_a_render_pauses_for_chats_until_its_budget_then_shares_the_gpu_with_them(clock):
+    a = Arbiter(
+        policy="budget", budget_bytes=20 * GiB, preempt="always", render_slice_s=0.0, pause_join_s=30.0, max_pause_share=0.2
+    )
+    need, idle, chat_need = int(11.6 * GiB), int(6.46 * GiB), int(6.05 * GiB)
+    r = a.request("render", "image", need, idle)
+    assert r.poll(0)
+    clock.now += 10.0  # it renders for 10 s
+    c1 = a.request("chat", "ollama", chat_need)
+    assert not c1.poll(0)  # always: the chat gets the GPU alone, so it waits for the render's next step
+    assert a.should_yield(r)
+    cont = a.pause(r)
+    assert c1.poll(0)
+    clock.now += 1.5  # paused 1.5 s of 11.5: within 20 %
+    c2 = a.request("chat", "ollama", chat_need)
+    assert c2.poll(0) and not cont.poll(0)  # joined the pause: the render waits for it
+    clock.now += 1.5  # paused 3 s of 13: past 20 %
+    c3 = a.request("chat", "ollama", chat_need)
+    assert c3.poll(0)  # did not join; it fits beside the render, so it starts at once
+    assert cont.poll(0) and cont.req.shares  # and the render resumes beside the chats still streaming
+    assert cont.paused_s == 0 and a._paused_total(cont) == pytest.approx(3.0)
+    c4 = a.request("chat", "ollama", chat_need)
+    assert c4.poll(0) and not a.should_yield(cont)  # from now on chats share the GPU with it
+    for ls in (c1, c2, c3, c4, cont):
+        ls.release()
+    assert a.is_idle() and a.status()["stats"]["budget_exceeded"] == 0
+
+
+def test_a_render_paused_past_its_budget_resumes_at_the_next_hand_over(clock):
+    a = Arbiter(
+        policy="budget", budget_bytes=20 * GiB, preempt="always", render_slice_s=0.0, pause_join_s=30.0, max_pause_share=0.2
+    )
+    r = a.request("render", "image", int(11.6 * GiB), int(6.46 * GiB))
+    assert r.poll(0)
+    clock.now += 5.0
+    chats = [a.request("chat", "ollama", int(6.05 * GiB)) for _ in range(2)]
+    cont = a.pause(r)
+    assert all(c.poll(0) for c in chats)
+    clock.now += 4.0  # a long reply: the pause outlasts the budget (20 % of 9 s)
+    chats[0].release()  # a hand-over: the render resumes beside the other chat, which keeps streaming
+    assert cont.poll(0) and chats[1].released_at is None
+    chats[1].release()
+    cont.release()
+    assert a.is_idle()

@@ -58,7 +58,12 @@ after every step of random runs):
    Chats cannot starve a render: it pauses at most `max_preemptions` times, not again once it has been
    paused `max_paused_s` (60 s) in all, and each pause lasts at most `pause_join_s` plus the longest of at most
    `max_pause_chats` + (the chats waiting when it began) chats. So a render's pauses add at most
-   min(`max_preemptions` x that, `max_paused_s` + one pause) to its time.
+   min(`max_preemptions` x that, `max_paused_s` + one pause) to its time. Under `always`, where the chats
+   could run beside the render (they fit), a render can be held to `max_pause_share` of its elapsed time
+   (`pause_budget`; 1, the default, sets no such budget): past it no pause begins and no chat joins one,
+   the render resumes beside its chats at the next hand-over, and chats that fit share the GPU with it
+   from then on (`Req.shares`), as under `auto`. So its pauses add about share / (1 - share) to its
+   running time (0.2: 25 %), plus the replies already admitted when the budget ran out.
 10. `Arbiter._lock` guards all of the state below it and is held only to read or change that state:
    never across an eviction, a load, a render or any I/O. Methods suffixed `_locked` expect it held.
    Leases are not bound to threads (Gradio runs each step of a streaming handler on any worker

@@ -1,4 +1,4 @@
-"""The arbiter's policy: pure data in, decisions out (`plan`, `should_yield`, `joins_pause`). It does not
+"""The arbiter's policy: pure data in, decisions out (`plan`, `should_yield`, `joins_pause`, `pause_budget`). It does not
 log, lock or mutate, so it is tested as a table and can be called speculatively. The invariants it keeps
 are listed in clair/arbiter/__init__.py."""
 
@@ -37,6 +37,9 @@ class Req:
     # for different parts that run together add up in the ledger (`size`) instead of overlapping, even when
     # each was sized before the other's model was loaded. Empty: the need is one indivisible thing.
     parts: tuple[tuple[str, int], ...] = ()
+    # A render that has been paused its budget (`pause_budget`) under CLAIR_PREEMPT=always: from now on chats that
+    # fit beside it share the GPU with it (as under auto) instead of pausing it.
+    shares: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +118,7 @@ def _conflict(
         return "one render at a time"
     if a.tenant == b.tenant:
         return ""
-    if preempt == "always" and {a.kind, b.kind} == {"chat", "render"} and not (a.tail or b.tail):
+    if preempt == "always" and {a.kind, b.kind} == {"chat", "render"} and not (a.tail or b.tail or a.shares or b.shares):
         return "chats get the GPU alone (CLAIR_PREEMPT=always)"
     if policy == "exclusive":
         return "exclusive policy"
@@ -305,13 +308,34 @@ def should_yield(
     return f"paused for a chat ({len(chats)} waiting that cannot run beside the render)"
 
 
-def joins_pause(age_s: float, joined: int, *, join_s: float, max_chats: int) -> bool:
+def joins_pause(
+    age_s: float, joined: int, *, join_s: float, max_chats: int, paused_s: float = 0.0, budget_s: float = float("inf")
+) -> bool:
     """May a chat that arrives now, while a render is paused for chats, join that pause?
 
     `age_s`: how long the pause has lasted; `joined`: chats that joined it so far (not counting the ones
     it paused for). A chat that joins is ordered ahead of the paused render, so the render resumes only
     when no chat waits; one that does not queues behind it (and may pause it again once it runs, see
     `should_yield`). The bounds, `join_s` and `max_chats`, are what keeps a stream of chats from
-    holding one pause open for ever.
+    holding one pause open for ever; and where the chat could run beside the render, its pause budget
+    (`pause_budget`): `paused_s` is the render's paused time in all, this pause's `age_s` included.
     """
-    return age_s < join_s and joined < max_chats
+    return age_s < join_s and joined < max_chats and paused_s < budget_s
+
+
+def pause_budget(s: Snapshot, render: Req, chats: Iterable[Req], *, elapsed_s: float, share: float) -> float:
+    """How long `render` may have been paused, in all, for a pause to begin or a chat to join one (seconds).
+
+    Under CLAIR_PREEMPT=always a render pauses even for chats that could run beside it. For those it yields
+    at most `share` of its elapsed time (since it first got the GPU, pauses included): past that, the chats
+    share the GPU with it as under `auto` (`Req.shares`), so the render's pauses add at most about
+    share / (1 - share) to its running time, plus the replies already admitted. Unbounded here (inf) when
+    no chat in `chats` fits beside the render, where only pausing lets a chat run and `should_yield`'s own
+    bounds apply; and under `auto` and `off`, where a chat that fits already runs beside the render.
+    """
+    if s.preempt != "always" or render.kind != "render" or render.shares or share >= 1:
+        return float("inf")
+    avail = available(s.budget, s.residents)
+    if not any(c.kind == "chat" and not _conflict(render, c, s.policy, avail, s.residents, "auto") for c in chats):
+        return float("inf")
+    return max(0.0, share) * max(0.0, elapsed_s)

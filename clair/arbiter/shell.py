@@ -30,6 +30,7 @@ from clair.arbiter.policy import (
     blocked_reason,
     joins_pause,
     merge_parts,
+    pause_budget,
     plan,
     should_yield,
 )
@@ -66,6 +67,7 @@ class Lease:
     paused: bool = False  # this lease continues a render that paused (see Arbiter.pause)
     paused_s: float = 0.0  # how long the render was paused before this lease (its pauses so far, in all)
     joined: int = 0  # chats that joined this continuation's pause after it began (see joins_pause)
+    began_at: float | None = None  # a render's first grant (time.time()), carried by its continuations
     _grant: Grant | None = None
     _tenant_was_resident: bool = False
     progress_at: float | None = None  # time.monotonic() of the holder's last sign of life (see progress())
@@ -274,6 +276,7 @@ class Arbiter:
         pause_join_s: float = 10.0,
         max_pause_chats: int = 8,
         max_paused_s: float = 60.0,
+        max_pause_share: float = 1.0,
     ):
         self.policy: Policy = policy
         self.preempt: Preempt = preempt
@@ -283,6 +286,11 @@ class Arbiter:
         self.pause_join_s = pause_join_s
         self.max_pause_chats = max_pause_chats
         self.max_paused_s = max_paused_s
+        # Under preempt="always": the share of its elapsed time a render yields to chats that could run beside
+        # it; past it they share the GPU with it instead (see pause_budget). 1 (the default) sets no such budget:
+        # on the seed card's benchmark a budget of 0.2 or 0.5 slowed both the chats and the renders
+        # (docs/performance.md, "Hiding the hand-over").
+        self.max_pause_share = max_pause_share
         self.budget = int(budget_bytes)
         self.chat_priority = chat_priority
         self.queue_timeout_s = queue_timeout_s
@@ -412,8 +420,8 @@ class Arbiter:
         with self._lock:
             rid = next(self._seq)
             idle = int(need if idle is None else idle)
-            order = self._order_locked(kind, rid)
-            req = Req(rid, kind, tenant, int(need), idle, order, parts=merge_parts(parts))
+            req = Req(rid, kind, tenant, int(need), idle, parts=merge_parts(parts))
+            req = replace(req, order=self._order_locked(req))
             lease = Lease(self, req, label or kind, requested_at=time.time(), total=int(steps))
             self._waiting[rid] = lease
             self._schedule_locked()
@@ -423,9 +431,10 @@ class Arbiter:
         """`with arbiter.lease(...):` waits (up to queue_timeout_s), runs the block, releases."""
         return self.request(kind, tenant, need, idle, label)
 
-    def _order_locked(self, kind: Kind, rid: int) -> tuple[int, ...]:
+    def _order_locked(self, req: Req) -> tuple[int, ...]:
         # fifo: arrival order. next: a chat goes right after the render in front of it (the running one,
         # else the first waiting one) instead of after every queued render.
+        kind, rid = req.kind, req.id
         if kind == "render" or self.chat_priority == "fifo":
             return (rid, 0)
         running = [ls.req for ls in self._running.values() if ls.req.kind == "render"]
@@ -438,8 +447,17 @@ class Arbiter:
             chatting = any(ls.req.kind == "chat" for ls in self._running.values())
             age = time.time() - head.requested_at
             if chatting and head.paused:
-                # A paused render: the chat joins the pause (ahead of the render) within its bounds.
-                if joins_pause(age, head.joined, join_s=self.pause_join_s, max_chats=self.max_pause_chats):
+                # A paused render: the chat joins the pause (ahead of the render) within its bounds. A render
+                # paused its budget for chats like this one lets it run beside it instead (see pause_budget).
+                self._spend_locked(head, [req])
+                if not head.req.shares and joins_pause(
+                    age,
+                    head.joined,
+                    join_s=self.pause_join_s,
+                    max_chats=self.max_pause_chats,
+                    paused_s=self._paused_now(head),
+                    budget_s=self._budget_locked(head, [req]),
+                ):
                     head.joined += 1
                     return (queued[0].order[0], 1, 0, rid)
             elif chatting and age < self.render_slice_s:
@@ -459,6 +477,12 @@ class Arbiter:
         if not self._waiting:  # fast path: nothing to decide (half of all calls, on release)
             self._cond.notify_all()
             return
+        if self.preempt == "always":
+            # A paused render whose pause budget ran out resumes beside its chats at this hand-over.
+            chats = [ls.req for ls in (*self._running.values(), *self._waiting.values()) if ls.req.kind == "chat"]
+            for ls in list(self._waiting.values()):
+                if ls.paused:
+                    self._spend_locked(ls, chats)
         for grant in plan(self._snapshot_locked()):
             lease = self._waiting.pop(grant.req.id)
             self._running[lease.req.id] = lease
@@ -671,6 +695,9 @@ class Arbiter:
             if lease.req.id not in self._running:
                 return ""
             now = time.time()
+            chats = [ls.req for ls in self._waiting.values() if ls.req.kind == "chat"]
+            if self._spend_locked(lease, chats):
+                self._schedule_locked()  # its pause budget is spent: chats that fit start beside it now
             # A continuation's clock starts when its pause began (it was requested then): see should_yield.
             since = lease.requested_at if lease.paused else lease.ready_at
             return should_yield(
@@ -683,6 +710,30 @@ class Arbiter:
                 paused_s=self._paused_total(lease),
                 max_paused_s=self.max_paused_s,
             )
+
+    def _budget_locked(self, lease: Lease, chats: list[Req]) -> float:
+        """The render `lease` continues may have been paused this long in all for `chats` (see pause_budget)."""
+        began = lease.began_at or lease.ready_at or lease.requested_at
+        return pause_budget(
+            self._snapshot_locked(), lease.req, chats, elapsed_s=time.time() - began, share=self.max_pause_share
+        )
+
+    def _spend_locked(self, lease: Lease, chats: list[Req]) -> bool:
+        """Under preempt="always": mark a render that has been paused its budget as sharing (`Req.shares`), so
+        chats that fit beside it run beside it from now on. True when it changed."""
+        if self.preempt != "always" or lease.kind != "render" or lease.req.shares or not chats:
+            return False
+        if self._paused_now(lease) < self._budget_locked(lease, chats):
+            return False
+        lease.req = replace(lease.req, shares=True)
+        log.info("render shares the GPU with chats from now on label=%s paused_s=%.2f", lease.label, self._paused_now(lease))
+        return True
+
+    def _paused_now(self, lease: Lease) -> float:
+        """How long the render `lease` holds or continues has been paused in all, up to now."""
+        if lease.paused and lease.ready_at is None:  # still paused: this pause counts up to now
+            return lease.paused_s + time.time() - lease.requested_at
+        return self._paused_total(lease)
 
     @staticmethod
     def _paused_total(lease: Lease) -> float:
@@ -730,6 +781,7 @@ class Arbiter:
             nxt.done, nxt.total, nxt.unit_s = lease.done, lease.total, lease.unit_s  # for the estimates
             nxt.owner = lease.owner
             nxt.paused_s = self._paused_total(lease)
+            nxt.began_at = lease.began_at or lease.ready_at
             self._waiting[rid] = nxt
             self.stats["preemptions"] += 1
             self._release_locked(lease, final=False)
