@@ -237,15 +237,15 @@ class Config:
         "auto",
         "Pause a render at its next step for a chat that cannot run beside it, so the chat never waits for a "
         "whole render; the image comes out exactly the same. auto (the default): only when the chat does not "
-        "fit beside the render. always: every chat gets the GPU alone (faster chats beside a render in "
-        "docs/performance.md, but not the default: on the simulated card it let a render meet memory still "
-        "held, see docs/performance.md). off: chats wait for the render to finish.",
+        "fit beside the render. always: every chat gets the GPU alone (chats beside a render are faster with "
+        "one Ollama slot, renders slower: docs/performance.md). off: chats wait for the render to finish.",
         choices=("auto", "off", "always"),
     )
     render_slice_s: float = setting(
         3.0,
-        "After a pause, a render runs at least this many seconds before it may pause again. Lower: chats wait "
-        "less behind a render; higher: renders finish sooner under a stream of chats.",
+        "A render may pause again only this many seconds after its last pause began (a chat that arrives "
+        "later waits for the next step after that). Lower: chats wait less behind a render; higher: renders "
+        "finish sooner under a stream of chats.",
         min=0,
         max=3600,
     )
