@@ -19,6 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from clair.base.errors import ClairError
+from clair.base.helpers import machine
 from clair.service import limits
 from clair.service.front import Job
 from clair.service.studio import Studio, Waiting
@@ -166,7 +167,7 @@ def client_id(request: gr.Request | None) -> str:
     if name:
         return f"user:{name}"
     client = getattr(request, "client", None)
-    return f"address:{getattr(client, 'host', None) or 'unknown'}"
+    return f"address:{machine(getattr(client, 'host', None) or 'unknown')}"  # as the API ports count it
 
 
 def owner_of(request: gr.Request | None) -> str | None:

@@ -1,4 +1,4 @@
-"""Small pieces every layer uses, with no Clair imports of their own: Go durations and private files.
+"""Small pieces every layer uses, with no Clair imports of their own: Go durations, private files, the units clients are counted in.
 
 * `go_duration_s`: a duration as Go's `time.ParseDuration` reads it ("5m", "1h30m", "-1s", "0"), the form
   Ollama takes for `keep_alive` and Clair's settings take for CLAIR_KEEP_ALIVE / CLAIR_IMAGE_KEEP_ALIVE.
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -70,3 +71,33 @@ def write_private(path: str | os.PathLike, data: bytes | str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# --- addresses: the units Clair counts clients in (connection caps, back-off, per-person caps) --------------
+
+
+def is_loopback_client(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def client_key(address: str) -> str:
+    """The unit of back-off and connection caps: one IPv4 address, or one IPv6 /64 (one LAN host's range)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and not ip.is_loopback:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def machine(address: str) -> str:
+    """The unit of the connection caps and of an anonymous person: one IPv4 address, one IPv6 /64, and this
+    machine for loopback (127.0.0.2 is not someone else)."""
+    return "loopback" if is_loopback_client(address) else client_key(address)
+

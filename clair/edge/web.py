@@ -51,6 +51,7 @@ import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import cookie_parser
 
+from clair.base.helpers import client_key, is_loopback_client, machine
 from clair.edge.guard import (
     BUDGET_RETRY_S,
     OLLAMA,
@@ -75,6 +76,7 @@ from clair.service.forwarded import busy_note, counted_as
 log = logging.getLogger("clair.edge.web")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+FORM_MAX_BODY = 64 * 1024  # the web port outside /gradio_api/ and /v1: a login form (no login needed to send it)
 MAX_BODY = 8 * 1024 * 1024  # Clair takes text and numbers only; the largest legitimate body is a long chat
 SECURITY_HEADERS = {
     "content-security-policy": "frame-ancestors 'self'",
@@ -99,17 +101,6 @@ ALWAYS = {"clair_always": True}  # log records the flood filter must let through
 CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("clair_client", default="?")
 
 
-def client_key(address: str) -> str:
-    """The unit of back-off and connection caps: one IPv4 address, or one IPv6 /64 (one LAN host's range)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if ip.version == 6 and not ip.is_loopback:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
@@ -130,11 +121,6 @@ def _warn_untrusted_proxy(address: str) -> None:
         )
 
 
-def is_loopback_client(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 # --- addresses ---------------------------------------------------------------------------------
@@ -723,11 +709,13 @@ class Guard:
         return None, scope
 
     def cap(self, path: str) -> int:
-        if is_api_path(path) or (self.port == WEB_PORT and path.startswith("/gradio_api/")):
+        if self.port == OLLAMA_PORT:
+            # Only a GPU request may carry images (a chat's, on /api/chat or Ollama's own /v1, forwarded as
+            # sent); the other routes (/api/show names a model) take text.
+            return self.max_body if not self.gpu_paths or path in self.gpu_paths else self.web.text_max_body
+        if is_api_path(path) or path.startswith("/gradio_api/"):
             return self.web.text_max_body  # text only: what Clair's text limits allow
-        if self.gpu_paths and path not in self.gpu_paths:
-            return self.web.text_max_body  # only a GPU request may carry images (/api/show names a model)
-        return self.max_body
+        return FORM_MAX_BODY  # the login form; every other route takes no body (and none is read for it)
 
     def reads_json(self, headers: Headers, path: str) -> bool:
         if is_api_path(path) or self.port == OLLAMA_PORT:
@@ -1021,9 +1009,6 @@ HEADER_TIMEOUT_S = 10.0  # a client has this long to send a request's headers, o
 RESERVED_FOR_LOOPBACK = 4  # connections past CLAIR_MAX_CONNECTIONS only this machine may open (the watchdog's /healthz)
 
 
-def machine(address: str) -> str:
-    """The unit of the connection caps: one IPv4 address, one IPv6 /64, and this machine for loopback."""
-    return "loopback" if is_loopback_client(address) else client_key(address)
 
 
 def trusted_proxies(cfg) -> list[str]:

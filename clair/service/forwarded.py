@@ -20,6 +20,8 @@ import hashlib
 import re
 from collections.abc import Mapping
 
+from clair.base.helpers import machine
+
 PERSON_HEADER = "x-openwebui-user-id"
 _PERSON = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces: Open WebUI's ids are UUIDs
 
@@ -32,7 +34,9 @@ def counted_as(cfg, user: str | None, address: str, headers: Mapping[str, str] |
     """(the cap counter's key, whose requests it counts in words). `user` is the key's user (None without
     users), `address` the client's address as the server saw it."""
     source = f"the key of {user}" if user else f"{address}"
-    base = f"user:{user}" if user else f"address:{address}"
+    # Without a key, a person is a machine (clair/base/helpers.py): every loopback address is this machine, an
+    # IPv6 /64 one LAN host, so a client cannot be several people by picking addresses.
+    base = f"user:{user}" if user else f"address:{machine(address)}"
     if headers is not None and (user or address) in trusted_sources(cfg):
         person = headers.get(PERSON_HEADER) or ""
         if _PERSON.fullmatch(person):
