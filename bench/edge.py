@@ -36,12 +36,12 @@ PASSWORD = "a long household password"
 
 
 def reexec_in_namespace() -> None:
-    if os.environ.get("CLAIR_BENCH_NS") == "1":
+    if os.environ.get("BENCH_EDGE_NS") == "1":
         return
     if os.geteuid() != 0 or not shutil.which("unshare"):
         sys.exit("bench/edge.py needs root (a network namespace of its own): run it with sudo")
     setup = "ip link set lo up && for i in 1 2 3 4 5 6 7; do ip addr add 10.99.0.$i/32 dev lo; done"
-    os.environ["CLAIR_BENCH_NS"] = "1"
+    os.environ["BENCH_EDGE_NS"] = "1"
     os.execvp("unshare", ["unshare", "-n", "sh", "-c", f'{setup} && exec "$0" "$@"', sys.executable, *sys.argv])
 
 
