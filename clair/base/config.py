@@ -228,6 +228,14 @@ class Config:
         "The simulated card's state file, shared by every process that uses the card. Empty: sim-gpu.json in "
         "the state folder.",
     )
+    workers: str = setting(
+        "off",
+        "on: the image model runs in a worker process pinned to its card, so a CUDA fault or a hung kernel costs "
+        "one render (the worker is killed and started again), not the service, and this process never "
+        "initialises CUDA. off: in this process (no worker start-up: about 4 s on a CPU). See docs/design.md, "
+        "\"Several cards and worker processes\".",
+        choices=("off", "on"),
+    )
     chat_priority: str = setting(
         "next",
         "next: a chat waits for at most the render in front of it. fifo: strict arrival order.",

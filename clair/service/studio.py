@@ -28,10 +28,11 @@ from dataclasses import asdict
 from clair.arbiter import Arbiter, Kind, Lease
 from clair.base.config import Config, duration_s
 from clair.base.errors import BadRequest, ChatUnavailable, ClairError
-from clair.device import gpu, simcard
+from clair.device import gpu
 from clair.engines.base import Engine, StateFile
 from clair.engines.chat import ChatBackend, LocalChat, OllamaChat
-from clair.engines.image import ImageEngine, RenderParams
+from clair.engines.image import RenderParams
+from clair.engines.worker import start_image_engine
 from clair.service import limits
 from clair.service.events import Queued, Token, Waiting
 from clair.service.front import Job
@@ -95,7 +96,9 @@ class Studio:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         # The device every memory question goes to (CUDA, or the simulated card of CLAIR_SIM_GPU_GB).
-        simcard.configure(cfg.sim_gpu_gb, cfg.sim_gpu_path)
+        # With CLAIR_WORKERS=on the image engine runs in a worker process and this process never touches CUDA
+        # (clair/engines/worker.py); the card is then read through the worker.
+        image = start_image_engine(cfg)
         self.arbiter = Arbiter(
             policy=cfg.gpu_policy,  # type: ignore[arg-type]
             budget_bytes=gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb),
@@ -109,7 +112,7 @@ class Studio:
         self.state = StateFile(cfg.state_path)
         self.ollama = OllamaChat(cfg, self.state)
         self.local = LocalChat(cfg)
-        self.image = ImageEngine(cfg)
+        self.image = image
         # Per-user and house caps on GPU jobs (CLAIR_MAX_JOBS_PER_USER, CLAIR_MAX_QUEUE), checked by the UI and
         # the APIs (clair/adapters/ui.py, clair/adapters/gateway.py, clair/adapters/openai_api.py) before a request asks for a lease.
         self.jobs = limits.JobCounter(cfg.max_jobs_per_user, cfg.max_queue, eta_s=self.arbiter.drain_eta_s)
@@ -749,12 +752,18 @@ class Studio:
         * the arbiter's lock is stuck (a deadlock: nothing can be granted or released);
         * a GPU holder made no progress (no denoising step, no token, no eviction step) for CLAIR_STALL_S
           seconds: a hung render, CUDA call or Ollama stream. systemd then restarts Clair, which is the only
-          way to get the GPU back from a hung CUDA call.
+          way to get the GPU back from a hung CUDA call in this process. A holder run by a worker process
+          (CLAIR_WORKERS=on) is not counted: its worker is killed and replaced instead;
+        * workers keep dying (3 deaths in 5 minutes): restarting a worker has not helped.
         """
         if not self.arbiter.responsive(timeout=5):
             return "the GPU arbiter's lock has been held for over 5 s"
+        trouble = [t for t in (e.worker_trouble() for e in self.engines) if t]
+        if trouble:
+            return "; ".join(trouble)
         if self.cfg.stall_s > 0:
-            stalled = self.arbiter.stalled(self.cfg.stall_s)
+            healed = {e.tenant for e in self.engines if e.heals_stalls}  # their worker is killed and replaced
+            stalled = [x for x in self.arbiter.stalled(self.cfg.stall_s) if x.get("tenant") not in healed]
             if stalled:
                 return "; ".join(
                     f"{x['label']} has held the GPU without progress for {x['silent_s']:.0f} s "

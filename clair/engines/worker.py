@@ -1,0 +1,476 @@
+"""The image engine in a worker process, one per card (CLAIR_WORKERS=on): a CUDA fault costs one render.
+
+`WorkerImageEngine` is the web process's side. It is an `ImageEngine` to Studio, the arbiter and the
+adapters (the same engine protocol, clair/engines/base.py), but every call that touches the GPU goes to a worker
+process (clair/engines/worker_main.py) over a pipe of the standard library's `multiprocessing.connection`:
+load, render with a round trip at every step (so the arbiter's checkpoint, pause and resume, cancel and the
+render's tail run here, at the very step boundaries they run at in-process), evict/restore (the pinned swap stays
+in the worker), save (the worker writes the PNG to the output folder and answers its path). What the footprint
+needs (the weights' size, the VAE's kind, the learned size per megapixel) is mirrored from the worker's answers.
+
+`WorkerCard` is the card as the web process sees it: memory readings come from the worker (the process that
+holds the memory reads free and reserved together, over a second pipe served while a step computes). While no
+worker answers, it is the card's own outside reading (the simulated card's file; unknown on CUDA), in which a
+dead worker's memory counts as another program's until the card shows it freed.
+
+The web process never initialises CUDA: the worker is spawned (not forked) and pins itself to its card first.
+
+Faults: a worker that exits (killed, a CUDA fault) or sends nothing for CLAIR_STALL_S while it holds a job is
+killed (SIGKILL: a hung CUDA call ignores anything softer) and started again at once; the job fails with
+`WorkerFailed`, which says the image was not saved. `Deaths` counts deaths over a window: /healthz fails only
+when workers keep dying (3 in 5 minutes), since then a fresh worker has not helped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from clair.base import errors
+from clair.base.config import Config
+from clair.base.errors import ImageModelUnavailable
+from clair.device import card as device
+from clair.engines.image import ImageEngine, RenderParams
+
+log = logging.getLogger("clair.engines.worker")
+START_TIMEOUT_S = 300.0  # importing torch and diffusers, and creating a CUDA context, on a slow disk
+DEATHS_LIMIT = 3
+DEATHS_WINDOW_S = 300.0
+
+
+class WorkerFailed(ImageModelUnavailable):
+    """The worker process died or stalled mid-job: the job is lost, the worker is started again."""
+
+
+class Deaths:
+    """Worker deaths over a sliding window; `too_many()` once `limit` fell within `window_s` (a pure clock)."""
+
+    def __init__(self, limit: int = DEATHS_LIMIT, window_s: float = DEATHS_WINDOW_S, clock: Callable[[], float] = time.monotonic):
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self._at: deque[float] = deque()
+        self.total = 0
+
+    def record(self) -> None:
+        self._at.append(self.clock())
+        self.total += 1
+
+    def recent(self) -> int:
+        now = self.clock()
+        while self._at and now - self._at[0] > self.window_s:
+            self._at.popleft()
+        return len(self._at)
+
+    def too_many(self) -> bool:
+        return self.recent() >= self.limit
+
+
+class _Dead(Exception):
+    """The pipe says the worker is gone (or it was killed for a stall)."""
+
+
+class Process:
+    """One worker process (one generation): its pipes, its pid, and how it ended.
+
+    Spawned as a fresh interpreter (`python -m clair.engines.worker_main`), never forked: CUDA does not survive a
+    fork, and a fresh interpreter re-imports nothing of the web process's main script. Its environment pins it
+    to its card before Python starts (`CUDA_VISIBLE_DEVICES`, or the simulated card's file); the two pipes'
+    ends are passed as inherited descriptors; the settings are the first message."""
+
+    def __init__(self, card: dict, cfg: Config, learns: bool, generation: int):
+        self.conn, child = multiprocessing.Pipe()
+        self.probe, child_probe = multiprocessing.Pipe()
+        self.generation = generation
+        env = dict(os.environ)
+        if card.get("sim_file"):
+            env["CLAIR_SIM_GPU_FILE"] = card["sim_file"]
+        elif card.get("cuda") is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(card["cuda"])
+        root = str(Path(__file__).resolve().parents[2])  # where `clair` is importable from (a checkout, or site-packages)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        fds = (child.fileno(), child_probe.fileno())
+        self._t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clair.engines.worker_main", str(fds[0]), str(fds[1])],
+            env=env,
+            pass_fds=fds,
+        )
+        child.close()
+        child_probe.close()
+        self.pid = self.proc.pid
+        self.started_s = 0.0
+        self.ready = threading.Event()
+        self.probe_lock = threading.Lock()
+        self.conn.send(("start", card, cfg, learns))
+
+    def await_hello(self, timeout: float) -> None:
+        if self.ready.is_set():
+            return
+        if not self.conn.poll(timeout):
+            raise _Dead(f"did not start within {timeout:.0f} s")
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError):
+            raise _Dead(self.ended()) from None
+        if msg[0] != "hello":
+            raise _Dead(f"started with {msg[0]!r}")
+        self.started_s = time.monotonic() - self._t0
+        self.ready.set()
+
+    def ended(self) -> str:
+        """How the process ended, in words."""
+        try:
+            code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return "stopped answering"
+        if code < 0:
+            try:
+                return f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with status {code}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)  # a hung CUDA call ignores anything softer
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            log.error("worker pid=%s did not end after SIGKILL", self.pid)
+        for c in (self.conn, self.probe):
+            c.close()
+
+
+class WorkerCard(device.Device):
+    """The card as the web process sees it (see the module docstring). Allocation hooks go to `base`."""
+
+    def __init__(self, base: device.Device, engine: WorkerImageEngine):
+        self.base = base
+        self.engine = engine
+        self.name = f"{base.name} (worker)" if base.present else "worker's card"
+
+    @property
+    def present(self) -> bool:  # type: ignore[override]
+        return self.base.present or self.engine.last_reading is not None
+
+    def reading(self) -> device.Reading | None:
+        r = self.engine.read()
+        if r is not None:
+            own = self.base.reserved()  # an in-process chat model in this process, on the simulated card
+            return device.Reading(r.total, r.free, r.reserved + own, r.allocated + self.base.allocated())
+        return self.base.reading()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def reserved(self) -> int:
+        return self.base.reserved()
+
+    def allocated(self) -> int:
+        return self.base.allocated()
+
+    def empty_cache(self) -> None:
+        self.base.empty_cache()
+
+    def hold(self, key: str, nbytes: int) -> None:
+        self.base.hold(key, nbytes)
+
+    def drop(self, key: str) -> None:
+        self.base.drop(key)
+
+    def transient(self, nbytes: int, slack: int = 0, first_use: str = ""):
+        return self.base.transient(nbytes, slack, first_use)
+
+    def declared_bytes(self, module) -> int | None:
+        return self.base.declared_bytes(module)
+
+
+class _Weights:
+    """The worker's weight size, where ImageEngine.footprint looks for it (`self._swap.nbytes`)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+
+class _Image:
+    """A rendered image that stays in the worker until `save` (no pixels cross the pipe)."""
+
+    def __init__(self, generation: int):
+        self.generation = generation
+
+
+class WorkerImageEngine(ImageEngine):
+    """The image engine, run by a worker process on card `index` (see the module docstring)."""
+
+    def __init__(self, cfg: Config, index: int = 0, sim_file: str | None = None, sim_gb: float = 0.0):
+        super().__init__(cfg)
+        self.index = index
+        self.card_label = str(index)
+        self._card = {"index": index, "sim_file": sim_file, "sim_gb": sim_gb, "cuda": None if sim_file else index}
+        self._conn_lock = threading.Lock()  # one exchange (a command and its answer) on the job pipe at a time
+        self._life = threading.Lock()  # starting and killing
+        self.deaths = Deaths()
+        self.restarts = 0
+        self.last_reading: device.Reading | None = None
+        self.closed = False
+        self._proc: Process | None = None
+        self._generation = 0
+        self._busy = False  # a job (a render) is in the worker: silence past CLAIR_STALL_S is a stall
+        self._start()
+
+    # -- the process's life ------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._generation += 1
+        self._proc = Process(self._card, self.cfg, self.learns, self._generation)
+        self._pipe = None  # the pipeline lives in the worker: a fresh one has none loaded
+        self._swap = None
+        log.info("image worker started card=%s pid=%s generation=%d", self.index, self._proc.pid, self._generation)
+
+    def startup_s(self) -> float:
+        """Seconds the current worker took from spawn to ready (waits for it)."""
+        proc = self._ready()
+        return proc.started_s
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def _ready(self) -> Process:
+        with self._life:
+            proc = self._proc
+            if self.closed or proc is None:
+                raise ImageModelUnavailable("The image worker has been stopped.")
+        try:
+            proc.await_hello(START_TIMEOUT_S)
+        except _Dead as exc:
+            self._died(proc, f"the image worker on card {self.index} {exc}")
+            raise WorkerFailed(f"The image worker on card {self.index} {exc}. It is being started again: try again.") from None
+        return proc
+
+    def _died(self, proc: Process, why: str) -> None:
+        """Kill what is left of `proc`, count the death and start the next generation (once per death)."""
+        with self._life:
+            if self._proc is not proc or self.closed:
+                return
+            proc.kill()
+            self.last_reading = None
+            self.deaths.record()
+            self.restarts += 1
+            log.error("%s; starting it again (restart %d)", why, self.restarts)
+            self._start()
+
+    def close(self) -> None:
+        with self._life:
+            self.closed = True
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+
+    # -- the job pipe ------------------------------------------------------------------------------
+    def _recv(self, proc: Process) -> tuple:
+        stall = self.cfg.stall_s if self._busy and self.cfg.stall_s > 0 else None
+        try:
+            if not proc.conn.poll(stall):
+                raise _Dead(f"sent nothing for {stall:g} s (CLAIR_STALL_S) and was killed")
+            return proc.conn.recv()
+        except (EOFError, OSError):
+            raise _Dead(proc.ended()) from None
+
+    def _exchange(self, proc: Process, msg: tuple) -> tuple:
+        with self._conn_lock:
+            try:
+                proc.conn.send(msg)
+            except (EOFError, OSError):
+                raise _Dead(proc.ended()) from None
+            return self._recv(proc)
+
+    def _answer(self, reply: tuple) -> Any:
+        if reply[0] == "ok":
+            self._mirror(reply[2])
+            return reply[1]
+        kind, text = reply[1], reply[2]
+        cls = getattr(errors, kind, None)
+        if isinstance(cls, type) and issubclass(cls, errors.ClairError):
+            raise cls(text)
+        raise ImageModelUnavailable(text)
+
+    def _call(self, *msg) -> Any:
+        """One command to the worker, answered (raises the worker's error, or WorkerFailed if it died)."""
+        proc = self._ready()
+        try:
+            return self._answer(self._exchange(proc, msg))
+        except _Dead as exc:
+            self._died(proc, f"the image worker on card {self.index} {exc}")
+            raise WorkerFailed(
+                f"The image worker on card {self.index} {exc} during {msg[0]}. It is being started again: try again."
+            ) from None
+
+    def _mirror(self, m: dict) -> None:
+        if m.get("weights") is not None:
+            self._swap = _Weights(int(m["weights"]))  # type: ignore[assignment]
+        self.vae_kind, self.vae_source, self.vae_note = m["vae_kind"], m["vae_source"], m["vae_note"]
+        self._per_mpx = m["per_mpx"]
+        self.oom_recoveries, self.oom_failures = m["oom_recoveries"], m["oom_failures"]
+
+    # -- the engine protocol --------------------------------------------------------------------------
+    heals_stalls = True
+
+    def worker_trouble(self) -> str | None:
+        n = self.deaths.recent()
+        if n < self.deaths.limit:
+            return None
+        return (
+            f"the image worker on card {self.index} died {n} times in {self.deaths.window_s / 60:g} minutes: "
+            "restarting it has not helped"
+        )
+
+    def worker_restarts(self) -> dict[str, int]:
+        return {self.card_label: self.restarts}
+
+    def _load_locked(self):
+        if self._pipe is not None:
+            return self._pipe
+        t0 = time.monotonic()
+        try:
+            self._call("load")
+        except ImageModelUnavailable as exc:
+            if not isinstance(exc, WorkerFailed):
+                self.gate.failed_loading(str(exc), exc, "image model", self.model_id, log)
+            raise
+        self._pipe = self._generation  # loaded in this generation of the worker
+        self.gate.succeeded()
+        log.info("image model loaded in the worker card=%s s=%.2f", self.index, time.monotonic() - t0)
+        return self._pipe
+
+    def needs_load(self) -> bool:
+        return self._pipe is None or self._pipe != self._generation
+
+    def load(self):
+        if self.needs_load():
+            self._pipe = None
+        return super().load()
+
+    def evict(self) -> None:
+        if self._pipe is None or self._proc is None or not self._proc.ready.is_set():
+            return  # nothing loaded in this worker: nothing on its card
+        with contextlib.suppress(WorkerFailed):  # the worker died: its memory left with it (WorkerCard shows when)
+            self._call("evict")
+
+    def restore(self) -> float:
+        return float(self._call("restore") or 0.0)
+
+    def release_cache(self) -> None:
+        self._call("release_cache")
+
+    def sync(self, arbiter) -> None:
+        """A worker that died took its models with it: the ledger drops them now, and the card's reading
+        (WorkerCard) counts whatever the dead process still held as another program's until the card frees it."""
+        if self.needs_load() and arbiter.resident_bytes(self.tenant):
+            arbiter.set_resident(self.tenant, 0)
+
+    def read(self) -> device.Reading | None:
+        """The card's memory as the worker reads it (None while no worker answers)."""
+        proc = self._proc
+        if proc is None or not proc.ready.is_set():
+            return None
+        try:
+            with proc.probe_lock:
+                proc.probe.send(("read",))
+                if not proc.probe.poll(5.0):
+                    return None
+                _, r = proc.probe.recv()
+        except (EOFError, OSError):
+            return None
+        self.last_reading = None if r is None else device.Reading(*r)
+        return self.last_reading
+
+    def render(self, params, on_step=lambda s, t: None, cancelled=lambda: False, checkpoint=lambda s, t: None,
+               on_oom=None, tail=None):
+        """As ImageEngine.render, in the worker; returns (a handle to the image kept there, facts)."""
+        self.load()
+        proc = self._ready()
+        calls = {
+            "step": lambda n, total: on_step(n, total),
+            "checkpoint": lambda n, total: checkpoint(n, total),
+            "oom": lambda: on_oom() if on_oom is not None else None,
+            "tail": lambda: tail(lambda: float(self._call("drop") or 0.0)) if tail is not None else None,
+        }
+        try:
+            facts = self._run(proc, ("render", asdict(params)), calls, cancelled)
+        except _Dead as exc:
+            self._died(proc, f"the image worker on card {self.index} {exc} mid-render")
+            raise WorkerFailed(
+                f"The image worker on card {self.index} {exc} mid-render: the image was not saved. "
+                "Clair started a new worker; render again."
+            ) from None
+        return _Image(proc.generation), facts
+
+    def _run(self, proc: Process, msg: tuple, calls: dict, cancelled) -> Any:
+        """Send `msg` and serve the worker's callbacks until its answer."""
+        self._busy = True
+        try:
+            reply = self._exchange(proc, msg)
+            while reply[0] == "cb":
+                try:
+                    calls[reply[1]](*reply[2:])
+                except Exception as exc:  # stop the render in the worker too, then raise this very error here
+                    kind = type(exc).__name__ if isinstance(exc, errors.ClairError) else "fault"
+                    self._answer_raise(proc, kind, str(exc))
+                    raise
+                reply = self._exchange(proc, ("ret", cancelled()))
+        finally:
+            self._busy = False
+        return self._answer(reply)
+
+    def _answer_raise(self, proc: Process, kind: str, text: str) -> None:
+        try:
+            reply = self._exchange(proc, ("raise", kind, text))
+            while reply[0] == "cb":  # a callback already on its way: stop there too
+                reply = self._exchange(proc, ("raise", kind, text))
+        except _Dead as exc:
+            self._died(proc, f"the image worker on card {self.index} {exc}")
+
+    def save(self, image, params: RenderParams, owner: str | None = None) -> Path:
+        if not isinstance(image, _Image) or image.generation != self._generation:
+            raise WorkerFailed("The image worker was restarted after this render: the image was not saved. Render again.")
+        path = Path(self._call("save", asdict(params), owner)).resolve()
+        if path.parent != self.output_dir:
+            raise ImageModelUnavailable(f"The image worker saved outside the output folder ({path}).")
+        return path
+
+
+def start_image_engine(cfg: Config) -> ImageEngine:
+    """The image engine for Studio: in a worker process when CLAIR_WORKERS=on, else in this process.
+
+    With workers, the web process's card becomes a WorkerCard (readings from the worker) and never CUDA:
+    on a simulated card it keeps the card's file for the outside reading; without one, it knows nothing
+    until the worker answers."""
+    from clair.device import simcard
+
+    if cfg.workers != "on":
+        simcard.configure(cfg.sim_gpu_gb, cfg.sim_gpu_path)
+        return ImageEngine(cfg)
+    sizes = cfg.sim_gpu_sizes
+    if sizes:
+        base = simcard.configure(sizes[0], cfg.sim_gpu_path)
+        engine = WorkerImageEngine(cfg, 0, sim_file=cfg.sim_gpu_path, sim_gb=sizes[0])
+    else:
+        base = device.Device()
+        engine = WorkerImageEngine(cfg, 0)
+    device.install(WorkerCard(base, engine))
+    if not base.present:
+        engine.startup_s()  # the budget comes from the worker's first reading: wait for it
+    return engine

@@ -1,0 +1,185 @@
+"""The image engine in a worker process (CLAIR_WORKERS=on), on CPU: the real worker, spawned, with the tiny
+pipeline, driven through Studio against the Ollama stand-in.
+
+What it must show (issue 16): the worker does what the in-process engine does (the same image, pauses for a
+chat at a step, cancel); killing it mid-render costs that render only (a clear message, the chat sent at the
+same moment is answered, the next render succeeds, /healthz stays ok); a worker that hangs past CLAIR_STALL_S
+is killed and replaced without restarting anything; /healthz fails only when workers keep dying.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from clair.base.config import Config
+from clair.base.errors import Cancelled
+from clair.engines.image import RenderParams, read_metadata
+from clair.engines.worker import Deaths, WorkerFailed
+from clair.service.studio import Studio, Token
+from tests.ollama_standin import OllamaStandin
+from tests.support import wait_until
+from tests.test_preempt import pixels, render_with_chats_at
+
+MODEL = "llama3.1:8b"
+
+
+@pytest.fixture
+def standin():
+    s = OllamaStandin({MODEL: 4.9}, unload_delay=0.05).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def studios():
+    made: list[Studio] = []
+    yield made
+    for studio in made:
+        studio.image.close()
+
+
+def make(studios, standin, tmp_path, **kw) -> Studio:
+    cfg = dataclasses.replace(
+        Config(),
+        chat_backend="ollama",
+        ollama_host=standin.host,
+        image_model="tiny",
+        output_dir=str(tmp_path / "out"),
+        state_dir=str(tmp_path / "state"),
+        **{"workers": "on", "warmup": False, "render_slice_s": 0.0, "max_preemptions": 5, **kw},
+    )
+    studio = Studio(cfg)
+    studios.append(studio)
+    return studio
+
+
+def reply(studio: Studio, text: str) -> str:
+    return "".join(e.text for e in studio.chat(text) if isinstance(e, Token))
+
+
+def test_the_worker_renders_the_in_process_image_pauses_for_chats_at_steps_and_saves_in_the_output_folder(
+    studios, standin, tmp_path
+):
+    params = RenderParams("a lighthouse at dusk", steps=8, width=64, height=64, seed=1234)
+    inproc = make(studios, standin, tmp_path / "in", workers="off")
+    alone, _ = inproc.render(params)
+
+    studio = make(studios, standin, tmp_path)
+    assert studio.image.pid != os.getpid()
+    path, info, replies, progress = render_with_chats_at(studio, standin, params, {2, 5})
+    assert info["preemptions"] == 2  # paused at two step boundaries, in the worker
+    assert replies == ["You said: hello 2", "You said: hello 5"]
+    assert any(p.startswith("Paused for a chat at step 5/8") for p in progress)
+    assert [p for p in progress if p.startswith("Step ")][:3] == ["Step 1/8", "Step 2/8", "Step 3/8"]
+    assert np.array_equal(pixels(alone), pixels(path))  # the very same image as in this process
+    assert os.path.dirname(path) == str(tmp_path / "out")  # written by the worker, in the output folder
+    assert read_metadata(path)["seed"] == 1234
+    assert studio.arbiter.is_idle()
+
+    # A cancel reaches the worker at the next step; the worker goes on serving.
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        studio.render(params, on_progress=lambda t, f: t == "Step 2/8" and cancel.set(), cancel=cancel)
+    again, _ = studio.render(params)
+    assert np.array_equal(pixels(alone), pixels(again))
+    assert studio.image.restarts == 0
+
+
+def test_killing_the_worker_mid_render_costs_that_render_only(studios, standin, tmp_path):
+    studio = make(studios, standin, tmp_path, preempt="off")
+    params = RenderParams("a lighthouse", steps=6, width=64, height=64, seed=5)
+    studio.render(params)  # loaded and warm
+    first_pid = studio.image.pid
+    chat: dict = {}
+
+    def on_progress(text, frac):
+        if text == "Step 2/6":
+            # A chat arrives at the same moment: it waits for the render (preemption off) ...
+            t = threading.Thread(target=lambda: chat.setdefault("reply", reply(studio, "still there?")))
+            t.start()
+            chat["thread"] = t
+            wait_until(lambda: studio.arbiter.status()["waiting"], 10)
+            os.kill(first_pid, signal.SIGKILL)  # ... and the worker dies under the render (a CUDA fault would)
+
+    before = set(os.listdir(tmp_path / "out"))
+    with pytest.raises(WorkerFailed) as err:
+        studio.render(params, on_progress=on_progress)
+    assert "killed by signal SIGKILL mid-render" in str(err.value)
+    assert "not saved" in str(err.value)
+    chat["thread"].join(10)
+    assert chat["reply"] == "You said: still there?"  # the chat sent at that moment is answered
+    assert set(os.listdir(tmp_path / "out")) == before  # nothing half-written
+    assert studio.healthy()  # one death is not the house's problem
+
+    path, _ = studio.render(params)  # the next render runs in a new worker
+    assert os.path.exists(path)
+    assert studio.image.pid != first_pid
+    assert studio.image.restarts == 1
+    assert studio.healthy()
+    assert studio.arbiter.is_idle()
+    errors = [e for e in studio.recent if e["event"] == "error"]
+    assert errors and "not saved" in errors[-1]["text"]
+
+
+def test_a_worker_that_hangs_past_the_stall_limit_is_killed_and_replaced(studios, standin, tmp_path):
+    studio = make(studios, standin, tmp_path, stall_s=2.0)
+    params = RenderParams("a lighthouse", steps=4, width=64, height=64, seed=9)
+    studio.render(params)
+    hung_pid = studio.image.pid
+
+    def on_progress(text, frac):
+        if text == "Step 2/4":
+            os.kill(hung_pid, signal.SIGSTOP)  # it stops answering mid-render, as a hung kernel would
+
+    with pytest.raises(WorkerFailed) as err:
+        studio.render(params, on_progress=on_progress)
+    assert "sent nothing for 2 s (CLAIR_STALL_S) and was killed" in str(err.value)
+    assert "not saved" in str(err.value)
+    assert studio.healthy()
+    with pytest.raises(ProcessLookupError):
+        os.kill(hung_pid, 0)  # killed (SIGKILL reaches a stopped process) and reaped
+    path, _ = studio.render(params)  # the service never restarted: the same Studio renders again
+    assert os.path.exists(path)
+    assert studio.image.restarts == 1
+
+
+def test_deaths_count_over_a_sliding_window():
+    now = [0.0]
+    deaths = Deaths(limit=3, window_s=300.0, clock=lambda: now[0])
+    for t in (0.0, 100.0):
+        now[0] = t
+        deaths.record()
+    assert not deaths.too_many()
+    now[0] = 299.0
+    deaths.record()
+    assert deaths.too_many()  # three within five minutes
+    now[0] = 301.0
+    assert not deaths.too_many()  # the first has aged out
+    assert deaths.total == 3
+
+
+def test_healthz_fails_only_when_workers_keep_dying(studios, standin, tmp_path):
+    studio = make(studios, standin, tmp_path)
+    now = [1000.0]
+    studio.image.deaths.clock = lambda: now[0]
+    for _ in range(2):
+        os.kill(studio.image.pid, signal.SIGKILL)
+        with pytest.raises(WorkerFailed):
+            studio.render(RenderParams("x", steps=2, width=64, height=64, seed=1))
+        now[0] += 60
+        assert studio.healthy()
+    os.kill(studio.image.pid, signal.SIGKILL)
+    with pytest.raises(WorkerFailed):
+        studio.render(RenderParams("x", steps=2, width=64, height=64, seed=1))
+    assert not studio.healthy()
+    assert "died 3 times in 5 minutes" in (studio.last_health_problem or "")
+    now[0] += 301
+    assert studio.healthy()  # the deaths aged out: the worker that runs now is trusted again
+    path, _ = studio.render(RenderParams("x", steps=2, width=64, height=64, seed=1))
+    assert os.path.exists(path)
