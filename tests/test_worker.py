@@ -21,6 +21,8 @@ from clair.base.config import Config
 from clair.base.errors import Cancelled
 from clair.engines.image import RenderParams, read_metadata
 from clair.engines.worker import Deaths, WorkerFailed
+from clair.service.metrics import Metrics
+from clair.service.panel import panel_data, panel_html
 from clair.service.studio import Studio, Token
 from tests.ollama_standin import OllamaStandin
 from tests.support import wait_until
@@ -125,6 +127,10 @@ def test_killing_the_worker_mid_render_costs_that_render_only(studios, standin, 
     assert studio.arbiter.is_idle()
     errors = [e for e in studio.recent if e["event"] == "error"]
     assert errors and "not saved" in errors[-1]["text"]
+    # The panel and /metrics count the restart, per card.
+    assert "worker restarts: card 0: 1" in panel_html(panel_data(studio))
+    body, _ = Metrics(studio).render()
+    assert 'clair_worker_restarts_total{card="0"} 1.0' in body.decode()
 
 
 def test_a_worker_that_hangs_past_the_stall_limit_is_killed_and_replaced(studios, standin, tmp_path):

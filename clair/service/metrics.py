@@ -43,6 +43,7 @@ SERIES = (
     "clair_preemptions_total",
     "clair_idle_evictions_total",
     "clair_errors_total",
+    "clair_worker_restarts_total",
 )
 
 
@@ -101,6 +102,13 @@ class _Live:
             "clair_oom_failures", "Renders that ran out of GPU memory with every fallback.",
             value=self.studio.image.oom_failures,
         )
+        restarts = CounterMetricFamily(
+            "clair_worker_restarts", "Worker processes started again after one died or stalled, per card "
+            "(CLAIR_WORKERS=on; no samples without workers).", labels=["card"],
+        )
+        for card, n in sorted(self.studio.worker_restarts().items()):
+            restarts.add_metric([card], n)
+        yield restarts
 
 
 class Metrics:

@@ -84,6 +84,7 @@ def panel_data(studio, now: float | None = None, viewer: str | None = None) -> d
         "image_keep_alive_s": st.get("image_keep_alive_s"),
         "stats": st["stats"],
         "policy": st["policy"],
+        "worker_restarts": st.get("worker_restarts") or {},
     }
 
 
@@ -363,7 +364,8 @@ def panel_html(d: dict) -> str:
         f"<h3>Recoveries, errors and unloads</h3>{events}"
         f"<p style='font-size:12px;opacity:.7'>Policy {escape(d['policy'])} · grants {stats.get('grants', 0)} · "
         f"swaps {stats.get('swaps', 0)} · preemptions {stats.get('preemptions', 0)} · "
-        f"out-of-memory recoveries {stats.get('oom_recoveries', 0)} · budget breaches {stats.get('budget_exceeded', 0)}</p>"
+        f"out-of-memory recoveries {stats.get('oom_recoveries', 0)} · budget breaches {stats.get('budget_exceeded', 0)}"
+        f"{_restarts_text(d)}</p>"
         "</div>"
     )
 
@@ -373,3 +375,11 @@ def _card_name(device: dict) -> str:
     not take the demo's figures for a real GPU's."""
     name = str(device.get("name") or "")
     return f" ({escape(name)})" if name.startswith("simulated") else ""
+
+
+def _restarts_text(d: dict) -> str:
+    """" · worker restarts: card 0: 1" with workers (CLAIR_WORKERS=on), else nothing."""
+    restarts = d.get("worker_restarts") or {}
+    if not restarts:
+        return ""
+    return " · worker restarts: " + ", ".join(f"card {escape(str(c))}: {int(n)}" for c, n in sorted(restarts.items()))

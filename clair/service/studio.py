@@ -741,10 +741,19 @@ class Studio:
         other = next((r for r in st["resident"] if r.get("other")), None)
         st["other_gb"] = other["gb"] if other else 0.0
         st["image_keep_alive_s"] = self.image_keep_alive_s
+        st["worker_restarts"] = self.worker_restarts()
         st["cuda"] = gpu.present()  # a device reports memory (CUDA, or the simulated card)
         st["device"] = gpu.dev().name
         st["demo"] = self.cfg.demo
         return st
+
+    def worker_restarts(self) -> dict[str, int]:
+        """Worker restarts per card label, summed over the engines run by workers (empty without workers)."""
+        out: dict[str, int] = {}
+        for engine in self.engines:
+            for card, n in engine.worker_restarts().items():
+                out[card] = out.get(card, 0) + n
+        return out
 
     def health_problem(self) -> str | None:
         """Why Clair cannot be trusted to serve (None when it can): the watchdog's check, via /healthz.
