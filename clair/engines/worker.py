@@ -297,9 +297,14 @@ class WorkerImageEngine(ImageEngine):
                 raise _Dead(proc.ended()) from None
             return self._recv(proc)
 
+    def ping(self) -> None:
+        """One round trip on the job pipe (the worker answers between jobs, or at a step boundary)."""
+        self._call("ping")
+
     def _answer(self, reply: tuple) -> Any:
         if reply[0] == "ok":
-            self._mirror(reply[2])
+            if reply[2] is not None:
+                self._mirror(reply[2])
             return reply[1]
         kind, text = reply[1], reply[2]
         cls = getattr(errors, kind, None)

@@ -111,6 +111,8 @@ class Worker:
                 value = self.engine.restore()
             elif op == "release_cache":
                 value = self.engine.release_cache()
+            elif op == "ping":  # liveness, and the protocol's round trip (bench/worker.py)
+                return ("ok", None, None)
             elif op == "drop":
                 value = self.drop() if self.drop is not None else 0.0
             else:
