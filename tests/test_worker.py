@@ -17,13 +17,14 @@ import threading
 import numpy as np
 import pytest
 
+from clair.arbiter import GiB
 from clair.base.config import Config
 from clair.base.errors import Cancelled
 from clair.engines.image import RenderParams, read_metadata
 from clair.engines.worker import Deaths, WorkerFailed
 from clair.service.metrics import Metrics
 from clair.service.panel import panel_data, panel_html
-from clair.service.studio import Studio, Token
+from clair.service.studio import Studio, Token, Waiting
 from tests.ollama_standin import OllamaStandin
 from tests.support import wait_until
 from tests.test_preempt import pixels, render_with_chats_at
@@ -42,8 +43,11 @@ def standin():
 def studios():
     made: list[Studio] = []
     yield made
-    for studio in made:
-        studio.image.close()
+    for made_one in made:
+        if isinstance(made_one, Studio):
+            made_one.image.close()
+        else:
+            made_one.stop()  # an Ollama stand-in
 
 
 def make(studios, standin, tmp_path, **kw) -> Studio:
@@ -136,7 +140,11 @@ def test_killing_the_worker_mid_render_costs_that_render_only(studios, standin, 
 def test_a_worker_that_hangs_past_the_stall_limit_is_killed_and_replaced(studios, standin, tmp_path):
     studio = make(studios, standin, tmp_path, stall_s=2.0)
     params = RenderParams("a lighthouse", steps=4, width=64, height=64, seed=9)
+    patient = studio.image.cfg
+    # The renders around the hung one run without the limit: on a shared CPU a first step can take 2 s.
+    studio.image.cfg = dataclasses.replace(patient, stall_s=0)
     studio.render(params)
+    studio.image.cfg = patient
     hung_pid = studio.image.pid
 
     def on_progress(text, frac):
@@ -148,6 +156,7 @@ def test_a_worker_that_hangs_past_the_stall_limit_is_killed_and_replaced(studios
     assert "sent nothing for 2 s (CLAIR_STALL_S) and was killed" in str(err.value)
     assert "not saved" in str(err.value)
     assert studio.healthy()
+    studio.image.cfg = dataclasses.replace(patient, stall_s=0)
     with pytest.raises(ProcessLookupError):
         os.kill(hung_pid, 0)  # killed (SIGKILL reaches a stopped process) and reaped
     path, _ = studio.render(params)  # the service never restarted: the same Studio renders again
@@ -189,3 +198,93 @@ def test_healthz_fails_only_when_workers_keep_dying(studios, standin, tmp_path):
     assert studio.healthy()  # the deaths aged out: the worker that runs now is trusted again
     path, _ = studio.render(RenderParams("x", steps=2, width=64, height=64, seed=1))
     assert os.path.exists(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Two simulated cards (CLAIR_SIM_GPU_GB=12,24): one arbiter per card, renders placed by clair/arbiter/placement.py
+# --------------------------------------------------------------------------------------------------
+
+
+def two_cards(studios, tmp_path, sizes=(12.0, 24.0), ollama_gpus="0", **kw):
+    """A Studio on two simulated cards, with the stand-in's runner on card `ollama_gpus`'s file."""
+    from clair.device import simcard
+
+    path = str(tmp_path / "sim-gpu.json")
+    ollama_card = int(ollama_gpus)
+    standin = OllamaStandin({MODEL: 4.9}, unload_delay=0.05, sim_card=simcard.card_path(path, ollama_card)).start()
+    studios.append(standin)
+    cfg = dataclasses.replace(
+        Config(),
+        chat_backend="ollama",
+        ollama_host=standin.host,
+        image_model="tiny",
+        output_dir=str(tmp_path / "out"),
+        state_dir=str(tmp_path / "state"),
+        workers="on",
+        sim_gpu_gb=sizes[0],
+        sim_gpu_cards=tuple(sizes),
+        sim_gpu_file=path,
+        ollama_gpus=ollama_gpus,
+        warmup=False,
+        **kw,
+    )
+    studio = Studio(cfg)
+    studio.image.learns = False  # 64x64 drawings stand for the card's 1024x1024 (as the benchmark does)
+    studios.append(studio)
+    return studio, standin, path
+
+
+def test_two_cards_chat_on_one_renders_on_the_other_with_no_evictions(studios, tmp_path):
+    from clair.device import simcard
+
+    studio, standin, path = two_cards(studios, tmp_path)
+    assert len(studio.arbiters) == 2
+    assert studio.arbiters[0].budget == int(10.5 * GiB) and studio.arbiters[1].budget == int(22.5 * GiB)
+    assert reply(studio, "hello") == "You said: hello"
+    params = RenderParams("a lighthouse", steps=4, width=512, height=512, seed=3)
+    for _ in range(2):
+        during: dict = {}
+
+        def on_progress(text, frac, during=during):
+            if text == "Step 2/4" and "events" not in during:
+                during["events"] = list(studio.chat("during the render"))  # its own card: no waiting
+
+        _, info = studio.render(params, on_progress=on_progress)
+        assert info["evicted"] == [] and info["preemptions"] == 0, info
+        assert not any(isinstance(e, Waiting) for e in during["events"])
+        assert "".join(e.text for e in during["events"] if isinstance(e, Token)) == "You said: during the render"
+    assert studio.image.index == 1  # the image worker runs on the 24 GB card
+    assert not [r for r in standin.requests_to("/api/chat") if r.keep_alive == 0]  # Ollama never unloaded
+    assert sum(a.status()["stats"]["swaps"] for a in studio.arbiters) == 0
+    # Each card's memory is what runs on it: Ollama's runner on card 0, the image worker on card 1.
+    assert simcard.held_by(path, "ollama") > 4 * GiB
+    assert simcard.held_by(simcard.card_path(path, 1), "clair") > 6 * GiB
+    assert simcard.held_by(simcard.card_path(path, 1), "ollama") == 0
+    # The panel draws one bar per card; /metrics labels each card.
+    html = panel_html(panel_data(studio))
+    assert "card 0" in html and "card 1" in html
+    body = Metrics(studio).render()[0].decode()
+    assert 'clair_card_budget_bytes{card="1"}' in body
+    assert 'clair_card_ledger_bytes{card="1",tenant="image"}' in body
+
+
+def test_ollama_is_evicted_only_for_a_render_placed_on_its_own_card(studios, tmp_path):
+    from clair.device import simcard
+
+    studio, _, path = two_cards(studios, tmp_path, sizes=(12.0, 12.0))
+    assert reply(studio, "hello") == "You said: hello"
+    params = RenderParams("a lighthouse", steps=2, width=512, height=512, seed=3)
+    _, info = studio.render(params)
+    assert info["evicted"] == [] and studio.image.index == 1  # card 1 has room beside nothing: Ollama stays
+    first_pid = studio.image.pid
+
+    # Another program takes 4 GiB of card 1: the render no longer fits there (its own weights, the other
+    # program's memory and its activations), and card 0 has room once Ollama leaves it.
+    assert simcard.take(simcard.card_path(path, 1), "desktop:1", int(4 * GiB))
+    _, info = studio.render(params)
+    assert studio.image.index == 0 and studio.image.pid != first_pid  # one copy: the worker moved
+    assert info["evicted"] == ["ollama"]  # evicted on its own card, for work placed there
+    assert studio.image.restarts == 0  # a move is not a death
+    assert not studio.arbiters[1].resident_bytes("image")
+    assert simcard.held_by(simcard.card_path(path, 1), "clair") == 0  # the old worker's memory went with it
+    assert reply(studio, "again") == "You said: again"

@@ -236,6 +236,11 @@ class Config:
         "\"Several cards and worker processes\".",
         choices=("off", "on"),
     )
+    ollama_gpus: str = setting(
+        "",
+        "With several cards (CLAIR_WORKERS=on): the cards Ollama uses, comma-separated indices as Clair numbers "
+        "them (0, 0,1). Clair evicts Ollama only for work placed on one of them. Empty: card 0.",
+    )
     chat_priority: str = setting(
         "next",
         "next: a chat waits for at most the render in front of it. fifo: strict arrival order.",

@@ -111,6 +111,10 @@ class Engine:
     def notice(self) -> str:
         return ""
 
+    # With several cards, an engine whose worker Studio may move to another card (the image model: placement,
+    # clair/service/several.py) is known to every card's arbiter; the others to their own card's only.
+    moves_between_cards: bool = False
+
     # An engine run by worker processes (clair/engines/worker.py) heals its own stalls: it kills and restarts
     # the worker, so a stall of its lease is not a reason to fail /healthz.
     heals_stalls: bool = False

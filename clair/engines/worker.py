@@ -156,9 +156,10 @@ class Process:
 class WorkerCard(device.Device):
     """The card as the web process sees it (see the module docstring). Allocation hooks go to `base`."""
 
-    def __init__(self, base: device.Device, engine: WorkerImageEngine):
+    def __init__(self, base: device.Device, engine: WorkerImageEngine, index: int = 0):
         self.base = base
         self.engine = engine
+        self.index = index
         self.name = f"{base.name} (worker)" if base.present else "worker's card"
 
     @property
@@ -166,7 +167,7 @@ class WorkerCard(device.Device):
         return self.base.present or self.engine.last_reading is not None
 
     def reading(self) -> device.Reading | None:
-        r = self.engine.read()
+        r = self.engine.read() if self.engine.index == self.index else None
         if r is not None:
             own = self.base.reserved()  # an in-process chat model in this process, on the simulated card
             return device.Reading(r.total, r.free, r.reserved + own, r.allocated + self.base.allocated())
@@ -214,11 +215,13 @@ class _Image:
 class WorkerImageEngine(ImageEngine):
     """The image engine, run by a worker process on card `index` (see the module docstring)."""
 
-    def __init__(self, cfg: Config, index: int = 0, sim_file: str | None = None, sim_gb: float = 0.0):
+    def __init__(self, cfg: Config, index: int = 0, cards: list[dict] | None = None):
         super().__init__(cfg)
+        # Every card the worker may run on: {"index", "sim_file", "sim_gb", "cuda"} (see `card_specs`).
+        self.cards = cards or card_specs(cfg)
         self.index = index
-        self.card_label = str(index)
-        self._card = {"index": index, "sim_file": sim_file, "sim_gb": sim_gb, "cuda": None if sim_file else index}
+        self._card = self.cards[index]
+        self._restarts: dict[str, int] = {}
         self._conn_lock = threading.Lock()  # one exchange (a command and its answer) on the job pipe at a time
         self._life = threading.Lock()  # starting and killing
         self.deaths = Deaths()
@@ -269,8 +272,24 @@ class WorkerImageEngine(ImageEngine):
             self.last_reading = None
             self.deaths.record()
             self.restarts += 1
+            label = str(self.index)
+            self._restarts[label] = self._restarts.get(label, 0) + 1
             log.error("%s; starting it again (restart %d)", why, self.restarts)
             self._start()
+
+    def move_to(self, index: int) -> None:
+        """Run on card `index` from now on: the worker there starts afresh (one copy of the model: the old
+        worker, and its memory on the old card, go). Only between jobs (Studio places renders one at a time)."""
+        with self._life:
+            if index == self.index or self.closed:
+                return
+            old, self._proc = self._proc, None
+            self.index, self._card = index, self.cards[index]
+            self.last_reading = None
+            if old is not None:
+                old.kill()
+            self._start()
+        log.info("image worker moved to card %d", index)
 
     def close(self) -> None:
         with self._life:
@@ -332,6 +351,7 @@ class WorkerImageEngine(ImageEngine):
 
     # -- the engine protocol --------------------------------------------------------------------------
     heals_stalls = True
+    moves_between_cards = True
 
     def worker_trouble(self) -> str | None:
         n = self.deaths.recent()
@@ -343,7 +363,7 @@ class WorkerImageEngine(ImageEngine):
         )
 
     def worker_restarts(self) -> dict[str, int]:
-        return {self.card_label: self.restarts}
+        return {str(c["index"]): self._restarts.get(str(c["index"]), 0) for c in self.cards}
 
     def _load_locked(self):
         if self._pipe is not None:
@@ -457,25 +477,40 @@ class WorkerImageEngine(ImageEngine):
         return path
 
 
-def start_image_engine(cfg: Config) -> ImageEngine:
+def card_specs(cfg: Config) -> list[dict]:
+    """The cards a worker may be pinned to: each simulated card (its file and size), else CUDA card 0.
+
+    Real CUDA cards beyond the first are not enumerated: the web process would have to initialise CUDA (or
+    read NVML) to count them."""
+    from clair.device import simcard
+
+    sizes = cfg.sim_gpu_sizes
+    if not sizes:
+        return [{"index": 0, "sim_file": None, "sim_gb": 0.0, "cuda": 0}]
+    return [
+        {"index": i, "sim_file": simcard.card_path(cfg.sim_gpu_path, i), "sim_gb": gb, "cuda": None}
+        for i, gb in enumerate(sizes)
+    ]
+
+
+def start_image_engine(cfg: Config, first_card: int = 0) -> ImageEngine:
     """The image engine for Studio: in a worker process when CLAIR_WORKERS=on, else in this process.
 
-    With workers, the web process's card becomes a WorkerCard (readings from the worker) and never CUDA:
-    on a simulated card it keeps the card's file for the outside reading; without one, it knows nothing
-    until the worker answers."""
+    With workers, the web process's cards become WorkerCards (readings from the worker, on the card it runs on)
+    and never CUDA: a simulated card keeps its file for the outside reading; without one, this process knows
+    nothing until the worker answers."""
     from clair.device import simcard
 
     if cfg.workers != "on":
         simcard.configure(cfg.sim_gpu_gb, cfg.sim_gpu_path)
         return ImageEngine(cfg)
-    sizes = cfg.sim_gpu_sizes
-    if sizes:
-        base = simcard.configure(sizes[0], cfg.sim_gpu_path)
-        engine = WorkerImageEngine(cfg, 0, sim_file=cfg.sim_gpu_path, sim_gb=sizes[0])
-    else:
-        base = device.Device()
-        engine = WorkerImageEngine(cfg, 0)
-    device.install(WorkerCard(base, engine))
-    if not base.present:
+    specs = card_specs(cfg)
+    bases = simcard.configure_cards(cfg.sim_gpu_sizes, cfg.sim_gpu_path) if cfg.sim_gpu_sizes else [device.Device()]
+    engine = WorkerImageEngine(cfg, first_card if first_card < len(specs) else 0, specs)
+    cards = [WorkerCard(base, engine, i) for i, base in enumerate(bases)]
+    device.install(cards[0])
+    if len(cards) > 1:
+        device.set_cards(cards)
+    if not bases[0].present:
         engine.startup_s()  # the budget comes from the worker's first reading: wait for it
     return engine
