@@ -13,7 +13,11 @@ Figures, each from the real worker (clair/engines/worker.py, clair/engines/worke
   and the difference (noisy on a shared machine: a few tenths of a millisecond either way are noise);
 * per token: a one-way stream of token-sized messages through the same transport (a
   `multiprocessing.connection` pipe to a spawned process). The in-process chat model does not run in a worker
-  yet, so this is the transport a `token` message would take, not a chat.
+  yet, so this is the transport a `token` message would take, not a chat;
+* `--cards`: the mixed load (three chat users and an image user at once: the Ollama stand-in's 8B model,
+  4.9 GB, and 512x512 renders, 8.1 GiB, which do not fit together in a 12 GB card's 10.5 GiB budget) on one
+  simulated 12 GB card, then on two (12 and 24 GB, Ollama on card 0): evictions (Ollama's unloads and the
+  arbiters' swaps) and chat time to first token.
 
 Figures are in docs/performance.md, "The worker process".
 """
@@ -26,6 +30,7 @@ import multiprocessing
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clair.base.config import Config
 from clair.engines.image import ImageEngine, RenderParams
 from clair.engines.worker import WorkerImageEngine
+from clair.service.studio import Studio, Token
+from tests.ollama_standin import OllamaStandin
+
+MODEL = "llama3.1:8b"
 
 
 def _tokens(conn, n: int) -> None:
@@ -71,14 +80,79 @@ def render_per_step_ms(engine, steps: int, repeats: int) -> float:
     return best / steps * 1000
 
 
+def mixed_on_cards(sizes: tuple[float, ...], tmp: Path, chats: int = 3, renders: int = 2) -> dict:
+    """The mixed load on simulated cards of `sizes` GB, with workers; Ollama's runner on card 0."""
+    path = tmp / f"cards-{'-'.join(f'{g:g}' for g in sizes)}" / "sim-gpu.json"
+    standin = OllamaStandin({MODEL: 4.9}, load_delay=2.0, unload_delay=1.0, token_delay=0.04, sim_card=str(path))
+    standin.reply_fn = lambda body: ["tok"] + [" tok"] * 19
+    standin.start()
+    cfg = dataclasses.replace(
+        Config(), chat_backend="ollama", ollama_host=standin.host, image_model="tiny", workers="on",
+        output_dir=str(path.parent / "out"), state_dir=str(path.parent / "state"), sim_gpu_gb=sizes[0],
+        sim_gpu_cards=tuple(sizes) if len(sizes) > 1 else (), sim_gpu_file=str(path), ollama_gpus="0", warmup=True,
+    )
+    studio = Studio(cfg)
+    studio.image.learns = False
+    studio.ollama.warm(MODEL)
+    ttft: list[float] = []
+    evicted: list[str] = []
+    errors: list[str] = []
+
+    def chat_user(i: int) -> None:
+        for k in range(chats):
+            t0 = time.monotonic()
+            try:
+                first = next(time.monotonic() - t0 for e in studio.chat(f"user {i} message {k}") if isinstance(e, Token))
+            except Exception as exc:
+                errors.append(f"chat: {exc}")
+                continue
+            ttft.append(first)
+            time.sleep(1.0 + 0.3 * i)
+
+    def image_user() -> None:
+        for k in range(renders):
+            try:
+                _, info = studio.render(RenderParams("bench", steps=4, width=512, height=512, seed=k))
+            except Exception as exc:
+                errors.append(f"render: {exc}")
+                continue
+            evicted.extend(info["evicted"])
+            time.sleep(1.5)
+
+    users = [threading.Thread(target=chat_user, args=(i,)) for i in range(3)] + [threading.Thread(target=image_user)]
+    for t in users:
+        t.start()
+    for t in users:
+        t.join(300)
+    unloads = sum(1 for e in standin.events_for(MODEL) if e.kind == "unloaded")
+    swaps = sum(a.status()["stats"]["swaps"] for a in studio.arbiters)
+    studio.image.close()
+    standin.stop()
+    ttft.sort()
+    return {
+        "cards": "+".join(f"{g:g} GB" for g in sizes),
+        "ollama_unloads": unloads,
+        "swaps": swaps,
+        "render_evictions": len(evicted),
+        "chat_ttft_p50_s": round(ttft[len(ttft) // 2], 3) if ttft else None,
+        "chat_ttft_max_s": round(ttft[-1], 3) if ttft else None,
+        "errors": errors,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pings", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=10000)
+    ap.add_argument("--cards", action="store_true", help="only the mixed load on one card, then on two")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="clair-bench-worker-"))
+    if args.cards:
+        for sizes in ((12.0,), (12.0, 24.0)):
+            print(mixed_on_cards(sizes, tmp))
+        return
     cfg = dataclasses.replace(Config(), image_model="tiny", output_dir=str(tmp), workers="on")
 
     t0 = time.perf_counter()
