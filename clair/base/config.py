@@ -216,7 +216,8 @@ class Config:
         "Run on a simulated GPU card of this many GB (GiB) instead of CUDA: models take and give back memory on it "
         "as the real ones would, and it says out of memory as a real card does (docs/facts.md, \"The simulated "
         "card\"). 0: off (the demo uses 20 unless set). A comma-separated list (12,24) simulates several cards, "
-        "one state file each (sim-gpu.json, sim-gpu-1.json, ...); Clair itself still runs on the first.",
+        "one state file each (sim-gpu.json, sim-gpu-1.json, ...); with CLAIR_WORKERS=on Clair plans on every one "
+        "(renders go where they fit), else it runs on the first.",
         min=0,
         max=4096,
     )
