@@ -288,3 +288,46 @@ def test_ollama_is_evicted_only_for_a_render_placed_on_its_own_card(studios, tmp
     assert not studio.arbiters[1].resident_bytes("image")
     assert simcard.held_by(simcard.card_path(path, 1), "clair") == 0  # the old worker's memory went with it
     assert reply(studio, "again") == "You said: again"
+
+
+@pytest.mark.slow
+def test_the_app_renders_through_workers_on_two_cards_and_survives_a_dead_worker(tmp_path):
+    """`python app.py` with CLAIR_WORKERS=on and two simulated cards: the real service path (start-up, the Gradio
+    API, /healthz, /metrics), the worker a child process of the service."""
+    import httpx
+    import psutil
+
+    from clair.device import simcard
+    from tests.support import App
+
+    path = str(tmp_path / "sim-gpu.json")
+    standin = OllamaStandin({MODEL: 4.9}, unload_delay=0.05, sim_card=path).start()
+    env = {
+        "OLLAMA_HOST": standin.host, "CLAIR_CHAT_BACKEND": "ollama", "CLAIR_WORKERS": "on",
+        "CLAIR_SIM_GPU_GB": "12,24", "CLAIR_SIM_GPU_FILE": path, "CLAIR_OLLAMA_GPUS": "0",
+    }
+    app = App(tmp_path, env)
+    try:
+        app.render()
+        status = app.status()
+        assert [c["budget"] for c in status["cards"]] == [int(10.5 * GiB), int(22.5 * GiB)]
+        assert simcard.held_by(simcard.card_path(path, 1), "clair") > 6 * GiB  # the worker's weights, on card 1
+
+        def worker():
+            kids = psutil.Process(app.proc.pid).children()
+            return next((k for k in kids if "clair.engines.worker_main" in " ".join(k.cmdline())), None)
+
+        first = wait_until(worker, 10)
+        first.kill()
+        wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 10)
+        with pytest.raises(Exception, match="not saved"):
+            app.render()
+        assert httpx.get(app.url + "/healthz").status_code == 200
+        app.render()  # a new worker renders
+        assert worker().pid != first.pid
+        assert app.status()["worker_restarts"] == {"0": 0, "1": 1}
+        metrics = httpx.get(app.url + "/metrics").text
+        assert 'clair_worker_restarts_total{card="1"} 1.0' in metrics
+    finally:
+        app.stop()
+        standin.stop()
