@@ -92,7 +92,6 @@ def mixed_on_cards(sizes: tuple[float, ...], tmp: Path, chats: int = 3, renders:
         sim_gpu_cards=tuple(sizes) if len(sizes) > 1 else (), sim_gpu_file=str(path), ollama_gpus="0", warmup=True,
     )
     studio = Studio(cfg)
-    studio.image.learns = False
     studio.ollama.warm(MODEL)
     ttft: list[float] = []
     evicted: list[str] = []

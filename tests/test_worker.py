@@ -19,7 +19,7 @@ import pytest
 
 from clair.arbiter import GiB
 from clair.base.config import Config
-from clair.base.errors import Cancelled
+from clair.base.errors import Cancelled, ChatUnavailable
 from clair.engines.image import RenderParams, read_metadata
 from clair.engines.worker import Deaths, WorkerFailed
 from clair.service.metrics import Metrics
@@ -53,12 +53,11 @@ def studios():
 def make(studios, standin, tmp_path, **kw) -> Studio:
     cfg = dataclasses.replace(
         Config(),
-        chat_backend="ollama",
         ollama_host=standin.host,
         image_model="tiny",
         output_dir=str(tmp_path / "out"),
         state_dir=str(tmp_path / "state"),
-        **{"workers": "on", "warmup": False, "render_slice_s": 0.0, "max_preemptions": 5, **kw},
+        **{"chat_backend": "ollama", "workers": "on", "warmup": False, "render_slice_s": 0.0, "max_preemptions": 5, **kw},
     )
     studio = Studio(cfg)
     studios.append(studio)
@@ -229,7 +228,6 @@ def two_cards(studios, tmp_path, sizes=(12.0, 24.0), ollama_gpus="0", **kw):
         **kw,
     )
     studio = Studio(cfg)
-    studio.image.learns = False  # 64x64 drawings stand for the card's 1024x1024 (as the benchmark does)
     studios.append(studio)
     return studio, standin, path
 
@@ -331,3 +329,39 @@ def test_the_app_renders_through_workers_on_two_cards_and_survives_a_dead_worker
     finally:
         app.stop()
         standin.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# The in-process chat model in a worker of its own
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_in_process_chat_model_answers_from_its_worker_and_a_dead_one_costs_one_reply(studios, standin, tmp_path):
+    studio = make(studios, standin, tmp_path, chat_backend="local", local_chat_model="tiny")
+    events = list(studio.chat("hello"))
+    tokens = [e for e in events if isinstance(e, Token) and e.text]
+    assert len(tokens) > 1  # streamed a piece at a time, not in one burst
+    assert studio.local.pid != os.getpid() and studio.local.pid != studio.image.pid
+    assert studio.local.loaded and not hasattr(studio.local._model, "generate")  # the model is in the worker
+
+    # A stop mid-reply reaches the worker; the next reply comes from the same worker.
+    stop = threading.Event()
+    got = []
+    for e in studio.chat("a long story", stop=stop):
+        if isinstance(e, Token) and e.text:
+            got.append(e.text)
+            stop.set()
+    assert 1 <= len(got) < 5
+    assert "".join(e.text for e in studio.chat("again") if isinstance(e, Token))
+
+    # Killed mid-reply: that reply fails and says so; the next one comes from a new worker.
+    first_pid = studio.local.pid
+    with pytest.raises(ChatUnavailable, match="mid-reply"):
+        for e in studio.chat("one more"):
+            if isinstance(e, Token) and e.text:
+                os.kill(first_pid, signal.SIGKILL)
+    assert "".join(e.text for e in studio.chat("still there?") if isinstance(e, Token))
+    assert studio.local.pid != first_pid
+    assert studio.healthy()
+    assert studio.worker_restarts() == {"0": 1}
+    assert studio.arbiter.is_idle()

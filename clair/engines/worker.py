@@ -40,8 +40,9 @@ from typing import Any
 
 from clair.base import errors
 from clair.base.config import Config
-from clair.base.errors import ImageModelUnavailable
+from clair.base.errors import ChatUnavailable, ClairError, ImageModelUnavailable
 from clair.device import card as device
+from clair.engines.chat import LocalChat
 from clair.engines.image import ImageEngine, RenderParams
 
 log = logging.getLogger("clair.engines.worker")
@@ -51,7 +52,11 @@ DEATHS_WINDOW_S = 300.0
 
 
 class WorkerFailed(ImageModelUnavailable):
-    """The worker process died or stalled mid-job: the job is lost, the worker is started again."""
+    """The image worker died or stalled mid-job: the job is lost, the worker is started again."""
+
+
+class ChatWorkerFailed(ChatUnavailable):
+    """The chat worker died or stalled mid-reply: the reply is lost, the worker is started again."""
 
 
 class Deaths:
@@ -88,7 +93,7 @@ class Process:
     to its card before Python starts (`CUDA_VISIBLE_DEVICES`, or the simulated card's file); the two pipes'
     ends are passed as inherited descriptors; the settings are the first message."""
 
-    def __init__(self, card: dict, cfg: Config, learns: bool, generation: int):
+    def __init__(self, card: dict, cfg: Config, kind: str, learns: bool, generation: int):
         self.conn, child = multiprocessing.Pipe()
         self.probe, child_probe = multiprocessing.Pipe()
         self.generation = generation
@@ -112,7 +117,7 @@ class Process:
         self.started_s = 0.0
         self.ready = threading.Event()
         self.probe_lock = threading.Lock()
-        self.conn.send(("start", card, cfg, learns))
+        self.conn.send(("start", card, cfg, kind, learns))
 
     def await_hello(self, timeout: float) -> None:
         if self.ready.is_set():
@@ -156,21 +161,24 @@ class Process:
 class WorkerCard(device.Device):
     """The card as the web process sees it (see the module docstring). Allocation hooks go to `base`."""
 
-    def __init__(self, base: device.Device, engine: WorkerImageEngine, index: int = 0):
+    def __init__(self, base: device.Device, links: list[_Link], index: int = 0):
         self.base = base
-        self.engine = engine
+        self.links = links
         self.index = index
         self.name = f"{base.name} (worker)" if base.present else "worker's card"
 
     @property
     def present(self) -> bool:  # type: ignore[override]
-        return self.base.present or self.engine.last_reading is not None
+        return self.base.present or any(link.last_reading is not None for link in self.links)
 
     def reading(self) -> device.Reading | None:
-        r = self.engine.read() if self.engine.index == self.index else None
-        if r is not None:
-            own = self.base.reserved()  # an in-process chat model in this process, on the simulated card
-            return device.Reading(r.total, r.free, r.reserved + own, r.allocated + self.base.allocated())
+        """The first answering worker's reading of this card, with the other workers' own memory on it added
+        to "ours" (each worker's figure changes only during its own job). None answering: the outside reading."""
+        found = [r for r in (link.read() for link in self.links if link.index == self.index) if r is not None]
+        if found:
+            r = found[0]
+            reserved = sum(x.reserved for x in found) + self.base.reserved()
+            return device.Reading(r.total, r.free, reserved, sum(x.allocated for x in found) + self.base.allocated())
         return self.base.reading()
 
     def __getattr__(self, name: str) -> Any:
@@ -212,13 +220,20 @@ class _Image:
         self.generation = generation
 
 
-class WorkerImageEngine(ImageEngine):
-    """The image engine, run by a worker process on card `index` (see the module docstring)."""
+class _Link:
+    """A worker process behind an engine: its life (start, death, restart, move), the job pipe's exchanges and
+    the probe's readings. Mixed into the engine it runs (`WorkerImageEngine`, `WorkerLocalChat`)."""
 
-    def __init__(self, cfg: Config, index: int = 0, cards: list[dict] | None = None):
-        super().__init__(cfg)
+    kind = ""  # what the worker runs: "image" or "chat" (clair/engines/worker_main.py)
+    what = "worker"  # in messages: "the image worker on card 0 ..."
+    failed: type[ClairError] = WorkerFailed  # what a job that died with its worker raises
+    unavailable: type[ClairError] = ImageModelUnavailable  # an error of the worker's engine of no known kind
+    learns = True
+    cfg: Config
+
+    def _link(self, index: int, cards: list[dict] | None, start: bool = True) -> None:
         # Every card the worker may run on: {"index", "sim_file", "sim_gb", "cuda"} (see `card_specs`).
-        self.cards = cards or card_specs(cfg)
+        self.cards = cards or card_specs(self.cfg)
         self.index = index
         self._card = self.cards[index]
         self._restarts: dict[str, int] = {}
@@ -230,16 +245,19 @@ class WorkerImageEngine(ImageEngine):
         self.closed = False
         self._proc: Process | None = None
         self._generation = 0
-        self._busy = False  # a job (a render) is in the worker: silence past CLAIR_STALL_S is a stall
-        self._start()
+        self._busy = False  # a job (a render, a reply) is in the worker: silence past CLAIR_STALL_S is a stall
+        if start:
+            self._start()  # else at the first command (`_ready`)
+
+    def _fresh(self) -> None:
+        """A new worker holds no model: forget what the last one had loaded."""
 
     # -- the process's life ------------------------------------------------------------------------
     def _start(self) -> None:
         self._generation += 1
-        self._proc = Process(self._card, self.cfg, self.learns, self._generation)
-        self._pipe = None  # the pipeline lives in the worker: a fresh one has none loaded
-        self._swap = None
-        log.info("image worker started card=%s pid=%s generation=%d", self.index, self._proc.pid, self._generation)
+        self._proc = Process(self._card, self.cfg, self.kind, self.learns, self._generation)
+        self._fresh()
+        log.info("%s started card=%s pid=%s generation=%d", self.what, self.index, self._proc.pid, self._generation)
 
     def startup_s(self) -> float:
         """Seconds the current worker took from spawn to ready (waits for it)."""
@@ -253,14 +271,17 @@ class WorkerImageEngine(ImageEngine):
 
     def _ready(self) -> Process:
         with self._life:
+            if self.closed:
+                raise self.failed(f"The {self.what} has been stopped.")
+            if self._proc is None:
+                self._start()
             proc = self._proc
-            if self.closed or proc is None:
-                raise ImageModelUnavailable("The image worker has been stopped.")
+            assert proc is not None
         try:
             proc.await_hello(START_TIMEOUT_S)
         except _Dead as exc:
-            self._died(proc, f"the image worker on card {self.index} {exc}")
-            raise WorkerFailed(f"The image worker on card {self.index} {exc}. It is being started again: try again.") from None
+            self._died(proc, f"the {self.what} on card {self.index} {exc}")
+            raise self.failed(f"The {self.what} on card {self.index} {exc}. It is being started again: try again.") from None
         return proc
 
     def _died(self, proc: Process, why: str) -> None:
@@ -289,7 +310,7 @@ class WorkerImageEngine(ImageEngine):
             if old is not None:
                 old.kill()
             self._start()
-        log.info("image worker moved to card %d", index)
+        log.info("%s moved to card %d", self.what, index)
 
     def close(self) -> None:
         with self._life:
@@ -329,42 +350,108 @@ class WorkerImageEngine(ImageEngine):
         cls = getattr(errors, kind, None)
         if isinstance(cls, type) and issubclass(cls, errors.ClairError):
             raise cls(text)
-        raise ImageModelUnavailable(text)
+        raise self.unavailable(text)
 
     def _call(self, *msg) -> Any:
-        """One command to the worker, answered (raises the worker's error, or WorkerFailed if it died)."""
+        """One command to the worker, answered (raises the worker's error, or `failed` if it died)."""
         proc = self._ready()
         try:
             return self._answer(self._exchange(proc, msg))
         except _Dead as exc:
-            self._died(proc, f"the image worker on card {self.index} {exc}")
-            raise WorkerFailed(
-                f"The image worker on card {self.index} {exc} during {msg[0]}. It is being started again: try again."
+            self._died(proc, f"the {self.what} on card {self.index} {exc}")
+            raise self.failed(
+                f"The {self.what} on card {self.index} {exc} during {msg[0]}. It is being started again: try again."
             ) from None
 
     def _mirror(self, m: dict) -> None:
+        """Keep what the worker's engine said about itself (its sizes) for the footprint."""
         if m.get("weights") is not None:
             self._swap = _Weights(int(m["weights"]))  # type: ignore[assignment]
-        self.vae_kind, self.vae_source, self.vae_note = m["vae_kind"], m["vae_source"], m["vae_note"]
-        self._per_mpx = m["per_mpx"]
-        self.oom_recoveries, self.oom_failures = m["oom_recoveries"], m["oom_failures"]
 
-    # -- the engine protocol --------------------------------------------------------------------------
     heals_stalls = True
-    moves_between_cards = True
+
+    def sync(self, arbiter) -> None:  # type: ignore[override]
+        """A worker that died took its models with it: the ledger drops them now, and the card's reading
+        (WorkerCard) counts whatever the dead process still held as another program's until the card frees it."""
+        if self.needs_load() and arbiter.resident_bytes(self.tenant):
+            arbiter.set_resident(self.tenant, 0)
 
     def worker_trouble(self) -> str | None:
         n = self.deaths.recent()
         if n < self.deaths.limit:
             return None
         return (
-            f"the image worker on card {self.index} died {n} times in {self.deaths.window_s / 60:g} minutes: "
+            f"the {self.what} on card {self.index} died {n} times in {self.deaths.window_s / 60:g} minutes: "
             "restarting it has not helped"
         )
 
     def worker_restarts(self) -> dict[str, int]:
         return {str(c["index"]): self._restarts.get(str(c["index"]), 0) for c in self.cards}
 
+    def read(self) -> device.Reading | None:
+        """The card's memory as the worker reads it (None while no worker answers)."""
+        proc = self._proc
+        if proc is None or not proc.ready.is_set():
+            return None
+        try:
+            with proc.probe_lock:
+                proc.probe.send(("read",))
+                if not proc.probe.poll(5.0):
+                    return None
+                _, r = proc.probe.recv()
+        except (EOFError, OSError):
+            return None
+        self.last_reading = None if r is None else device.Reading(*r)
+        return self.last_reading
+
+    def _run(self, proc: Process, msg: tuple, calls: dict, cancelled) -> Any:
+        """Send `msg` and serve the worker's callbacks until its answer."""
+        self._busy = True
+        try:
+            reply = self._exchange(proc, msg)
+            while reply[0] == "cb":
+                try:
+                    calls[reply[1]](*reply[2:])
+                except Exception as exc:  # stop the render in the worker too, then raise this very error here
+                    kind = type(exc).__name__ if isinstance(exc, errors.ClairError) else "fault"
+                    self._answer_raise(proc, kind, str(exc))
+                    raise
+                reply = self._exchange(proc, ("ret", cancelled()))
+        finally:
+            self._busy = False
+        return self._answer(reply)
+
+    def _answer_raise(self, proc: Process, kind: str, text: str) -> None:
+        try:
+            reply = self._exchange(proc, ("raise", kind, text))
+            while reply[0] == "cb":  # a callback already on its way: stop there too
+                reply = self._exchange(proc, ("raise", kind, text))
+        except _Dead as exc:
+            self._died(proc, f"the {self.what} on card {self.index} {exc}")
+
+
+class WorkerImageEngine(_Link, ImageEngine):
+    """The image engine, run by a worker process on card `index` (see the module docstring)."""
+
+    kind = "image"
+    what = "image worker"
+    moves_between_cards = True
+
+    def __init__(self, cfg: Config, index: int = 0, cards: list[dict] | None = None):
+        ImageEngine.__init__(self, cfg)
+        self._link(index, cards)
+
+    def _fresh(self) -> None:
+        self._pipe = None  # the pipeline lives in the worker: a fresh one has none loaded
+        self._swap = None
+
+    def _mirror(self, m: dict) -> None:
+        super()._mirror(m)
+        self.vae_kind, self.vae_source, self.vae_note = m["vae_kind"], m["vae_source"], m["vae_note"]
+        self._per_mpx = m["per_mpx"]
+        self.oom_recoveries, self.oom_failures = m["oom_recoveries"], m["oom_failures"]
+
+    # -- the engine protocol --------------------------------------------------------------------------
     def _load_locked(self):
         if self._pipe is not None:
             return self._pipe
@@ -400,28 +487,6 @@ class WorkerImageEngine(ImageEngine):
     def release_cache(self) -> None:
         self._call("release_cache")
 
-    def sync(self, arbiter) -> None:
-        """A worker that died took its models with it: the ledger drops them now, and the card's reading
-        (WorkerCard) counts whatever the dead process still held as another program's until the card frees it."""
-        if self.needs_load() and arbiter.resident_bytes(self.tenant):
-            arbiter.set_resident(self.tenant, 0)
-
-    def read(self) -> device.Reading | None:
-        """The card's memory as the worker reads it (None while no worker answers)."""
-        proc = self._proc
-        if proc is None or not proc.ready.is_set():
-            return None
-        try:
-            with proc.probe_lock:
-                proc.probe.send(("read",))
-                if not proc.probe.poll(5.0):
-                    return None
-                _, r = proc.probe.recv()
-        except (EOFError, OSError):
-            return None
-        self.last_reading = None if r is None else device.Reading(*r)
-        return self.last_reading
-
     def render(self, params, on_step=lambda s, t: None, cancelled=lambda: False, checkpoint=lambda s, t: None,
                on_oom=None, tail=None):
         """As ImageEngine.render, in the worker; returns (a handle to the image kept there, facts)."""
@@ -443,31 +508,6 @@ class WorkerImageEngine(ImageEngine):
             ) from None
         return _Image(proc.generation), facts
 
-    def _run(self, proc: Process, msg: tuple, calls: dict, cancelled) -> Any:
-        """Send `msg` and serve the worker's callbacks until its answer."""
-        self._busy = True
-        try:
-            reply = self._exchange(proc, msg)
-            while reply[0] == "cb":
-                try:
-                    calls[reply[1]](*reply[2:])
-                except Exception as exc:  # stop the render in the worker too, then raise this very error here
-                    kind = type(exc).__name__ if isinstance(exc, errors.ClairError) else "fault"
-                    self._answer_raise(proc, kind, str(exc))
-                    raise
-                reply = self._exchange(proc, ("ret", cancelled()))
-        finally:
-            self._busy = False
-        return self._answer(reply)
-
-    def _answer_raise(self, proc: Process, kind: str, text: str) -> None:
-        try:
-            reply = self._exchange(proc, ("raise", kind, text))
-            while reply[0] == "cb":  # a callback already on its way: stop there too
-                reply = self._exchange(proc, ("raise", kind, text))
-        except _Dead as exc:
-            self._died(proc, f"the image worker on card {self.index} {exc}")
-
     def save(self, image, params: RenderParams, owner: str | None = None) -> Path:
         if not isinstance(image, _Image) or image.generation != self._generation:
             raise WorkerFailed("The image worker was restarted after this render: the image was not saved. Render again.")
@@ -475,6 +515,71 @@ class WorkerImageEngine(ImageEngine):
         if path.parent != self.output_dir:
             raise ImageModelUnavailable(f"The image worker saved outside the output folder ({path}).")
         return path
+
+
+class WorkerLocalChat(_Link, LocalChat):
+    """The in-process chat model (CLAIR_LOCAL_CHAT_MODEL), run by a worker process on card 0: tokens come back
+    one at a time, each answered with whether to stop (a round trip per token, see bench/worker.py)."""
+
+    kind = "chat"
+    what = "chat worker"
+    failed = ChatWorkerFailed
+    unavailable = ChatUnavailable
+
+    def __init__(self, cfg: Config, index: int = 0, cards: list[dict] | None = None):
+        LocalChat.__init__(self, cfg)
+        self._link(index, cards, start=False)
+
+    def _fresh(self) -> None:
+        self._model = None  # the model lives in the worker: a fresh one has none loaded
+        self._swap = None
+
+    def needs_load(self) -> bool:
+        return self._model is None or self._model != self._generation
+
+    def _load_locked(self):
+        if not self.needs_load():
+            return
+        self._model = None
+        try:
+            self._call("load")
+        except ChatUnavailable as exc:
+            if not isinstance(exc, ChatWorkerFailed):
+                self.gate.failed_loading(str(exc), exc, "in-process chat model", self.model_id, log)
+            raise
+        self._model = self._generation  # loaded in this generation of the worker
+        self.gate.succeeded()
+
+    def evict(self) -> None:
+        if self.needs_load() or self._proc is None or not self._proc.ready.is_set():
+            return  # nothing loaded in this worker: nothing on its card
+        with contextlib.suppress(ChatWorkerFailed):  # the worker died: its memory left with it
+            self._call("evict")
+
+    def _stream_locked(self, messages: list[dict], stop: threading.Event, meta: dict):
+        self._load_locked()
+        proc = self._ready()
+        ended = False
+        self._busy = True
+        try:
+            reply = self._exchange(proc, ("generate", self.label, messages))
+            while reply[0] == "cb":
+                if reply[2]:
+                    yield reply[2]
+                reply = self._exchange(proc, ("ret", stop.is_set()))
+            ended = True
+        except _Dead as exc:
+            ended = True
+            self._died(proc, f"the chat worker on card {self.index} {exc} mid-reply")
+            raise ChatWorkerFailed(
+                f"The chat worker on card {self.index} {exc} mid-reply: the rest of the reply is lost. Clair started "
+                "a new worker; send the message again."
+            ) from None
+        finally:
+            self._busy = False
+            if not ended:  # the reader went away (a closed stream): stop generate() in the worker too
+                self._answer_raise(proc, "Cancelled", "The reader stopped.")
+        meta.update(self._answer(reply) or {})
 
 
 def card_specs(cfg: Config) -> list[dict]:
@@ -493,24 +598,26 @@ def card_specs(cfg: Config) -> list[dict]:
     ]
 
 
-def start_image_engine(cfg: Config, first_card: int = 0) -> ImageEngine:
-    """The image engine for Studio: in a worker process when CLAIR_WORKERS=on, else in this process.
+def start_engines(cfg: Config, first_card: int = 0) -> tuple[ImageEngine, LocalChat]:
+    """The image engine and the in-process chat model for Studio: in worker processes when CLAIR_WORKERS=on,
+    else in this process.
 
-    With workers, the web process's cards become WorkerCards (readings from the worker, on the card it runs on)
-    and never CUDA: a simulated card keeps its file for the outside reading; without one, this process knows
-    nothing until the worker answers."""
+    With workers, the web process's cards become WorkerCards (readings from the workers on each card) and never
+    CUDA: a simulated card keeps its file for the outside reading; without one, this process knows nothing
+    until a worker answers. The chat worker starts at its first use (chat often goes to Ollama)."""
     from clair.device import simcard
 
     if cfg.workers != "on":
         simcard.configure(cfg.sim_gpu_gb, cfg.sim_gpu_path)
-        return ImageEngine(cfg)
+        return ImageEngine(cfg), LocalChat(cfg)
     specs = card_specs(cfg)
     bases = simcard.configure_cards(cfg.sim_gpu_sizes, cfg.sim_gpu_path) if cfg.sim_gpu_sizes else [device.Device()]
-    engine = WorkerImageEngine(cfg, first_card if first_card < len(specs) else 0, specs)
-    cards = [WorkerCard(base, engine, i) for i, base in enumerate(bases)]
+    image = WorkerImageEngine(cfg, first_card if first_card < len(specs) else 0, specs)
+    chat = WorkerLocalChat(cfg, 0, specs)
+    cards = [WorkerCard(base, [image, chat], i) for i, base in enumerate(bases)]
     device.install(cards[0])
     if len(cards) > 1:
         device.set_cards(cards)
     if not bases[0].present:
-        engine.startup_s()  # the budget comes from the worker's first reading: wait for it
-    return engine
+        image.startup_s()  # the budget comes from the worker's first reading: wait for it
+    return image, chat

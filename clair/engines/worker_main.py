@@ -1,4 +1,4 @@
-"""The worker process's side of the image worker: the real ImageEngine, driven over a pipe.
+"""The worker process's side: the real ImageEngine (or the in-process chat model, LocalChat), driven over a pipe.
 
 Started by clair/engines/worker.py as a fresh interpreter (`python -m clair.engines.worker_main JOB_FD PROBE_FD`;
 CUDA does not survive `fork`), one per card, with `CUDA_VISIBLE_DEVICES` set to its card (so the card is
@@ -6,7 +6,8 @@ CUDA does not survive `fork`), one per card, with `CUDA_VISIBLE_DEVICES` set to 
 settings and pin itself to that card, before anything can touch CUDA. Then it runs the same `ImageEngine` Clair runs in-process, and answers two pipes:
 
 * the *job* pipe: one command at a time, each answered. `load`, `render`, `save`, `evict`, `restore`,
-  `release_cache`. While a render runs, the engine's callbacks (a step, the checkpoint between steps, the tail,
+  `release_cache`, `ping`; for the in-process chat model (`kind` "chat") `generate`, whose text goes up a piece
+  at a time as `("cb", "token", text)`, each answered with whether to stop. While a render runs, the engine's callbacks (a step, the checkpoint between steps, the tail,
   out of memory) go *up* the pipe as `("cb", name, ...)` and block until the web process answers `("ret",
   cancelled)`, or `("raise", kind, text)` to stop the render there (a cancel, a queue time-out while paused).
   Meanwhile the web process may send the commands a pause needs (`evict`, `restore`, `release_cache`, the
@@ -71,19 +72,27 @@ class Stop(Exception):
 
 
 class Worker:
-    def __init__(self, conn, cfg, learns: bool):
-        from clair.engines.image import ImageEngine
-
+    def __init__(self, conn, cfg, kind: str, learns: bool):
         self.conn = conn
-        self.engine = ImageEngine(cfg)
-        self.engine.learns = learns
+        self.kind = kind
+        if kind == "chat":
+            from clair.engines.chat import LocalChat
+
+            self.engine = LocalChat(cfg)
+        else:
+            from clair.engines.image import ImageEngine
+
+            self.engine = ImageEngine(cfg)
+            self.engine.learns = learns
         self.image = None  # the last render's image, until `save` writes it
         self.drop = None  # the tail's drop(), while the tail callback runs
 
     def mirror(self) -> dict:
-        """What the web process keeps a copy of: sizes and the VAE's facts, for footprints and /status."""
+        """What the web process keeps a copy of: sizes (and the VAE's facts), for footprints and /status."""
         e = self.engine
         swap = e._swap
+        if self.kind == "chat":
+            return {"weights": swap.nbytes if swap is not None else None}
         return {
             "weights": swap.nbytes if swap is not None else None,
             "vae_kind": e.vae_kind,
@@ -103,6 +112,8 @@ class Worker:
                 value: Any = None
             elif op == "render":
                 value = self.render(msg[1])
+            elif op == "generate":
+                value = self.generate(msg[1], msg[2])
             elif op == "save":
                 value = self.save(msg[1], msg[2])
             elif op == "evict":
@@ -160,6 +171,16 @@ class Worker:
         self.image = (params, image)
         return facts
 
+    def generate(self, model: str, messages: list) -> dict:
+        """A chat reply: each piece of text goes up as ("cb", "token", text); the answer is the usage."""
+        stop = threading.Event()
+        meta: dict = {}
+        self.cancel = False
+        for text in self.engine.stream(model, messages, stop, meta=meta):
+            if self.up("token", text):
+                stop.set()  # the web process stopped reading: generate() ends at its next token
+        return meta
+
     def save(self, fields: dict, owner: str | None) -> str:
         from clair.engines.image import RenderParams
 
@@ -187,10 +208,10 @@ class Worker:
 def main(conn, probe) -> None:
     """The worker's entry point. Unexpected errors end the process: after a CUDA fault its context is
     unusable, and the web process starts a fresh worker."""
-    _, card, cfg, learns = conn.recv()  # ("start", card, settings, learns): from the parent only
+    _, card, cfg, kind, learns = conn.recv()  # ("start", card, settings, kind, learns): from the parent only
     _pin(card)
     threading.Thread(target=_serve_probe, args=(probe,), name="clair-worker-probe", daemon=True).start()
-    worker = Worker(conn, cfg, learns)
+    worker = Worker(conn, cfg, kind, learns)
     conn.send(("hello", os.getpid()))
     worker.serve()
 

@@ -31,9 +31,9 @@ from clair.base.errors import BadRequest, ChatUnavailable, ClairError
 from clair.device import card as device
 from clair.device import gpu
 from clair.engines.base import Engine, StateFile
-from clair.engines.chat import ChatBackend, LocalChat, OllamaChat
+from clair.engines.chat import ChatBackend, OllamaChat
 from clair.engines.image import RenderParams
-from clair.engines.worker import start_image_engine
+from clair.engines.worker import start_engines
 from clair.service import limits, several
 from clair.service.events import Queued, Token, Waiting
 from clair.service.front import Job
@@ -101,22 +101,22 @@ class Studio:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         # The device every memory question goes to (CUDA, or the simulated card of CLAIR_SIM_GPU_GB).
-        # With CLAIR_WORKERS=on the image engine runs in a worker process and this process never touches CUDA
-        # (clair/engines/worker.py); the card is then read through the worker.
+        # With CLAIR_WORKERS=on the image engine and the in-process chat model run in worker processes and this
+        # process never touches CUDA (clair/engines/worker.py); the cards are then read through the workers.
         # Several cards (workers and CLAIR_SIM_GPU_GB=12,24): one arbiter per card, each with its own ledger
         # and budget; `_card` says which card plans each tenant (Ollama's from CLAIR_OLLAMA_GPUS, the image
         # model's wherever placement put its worker). One card: one arbiter, and every tenant on it.
         self.tenant_card: dict[str, int] = {}
         self.place_lock = threading.Lock()
         self.ollama_cards = several.ollama_cards(cfg)
-        image = start_image_engine(cfg, several.first_image_card(cfg, self.ollama_cards))
+        image, local = start_engines(cfg, several.first_image_card(cfg, self.ollama_cards))
         self.arbiters = [
             self._new_arbiter(i, gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb, card))
             for i, card in enumerate(device.cards())
         ]
         self.state = StateFile(cfg.state_path)
         self.ollama = OllamaChat(cfg, self.state)
-        self.local = LocalChat(cfg)
+        self.local = local
         self.image = image
         if len(self.arbiters) > 1:
             self.tenant_card = {self.ollama.tenant: min(self.ollama_cards, default=0), self.image.tenant: image.index}
