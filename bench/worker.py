@@ -11,9 +11,9 @@ Figures, each from the real worker (clair/engines/worker.py, clair/engines/worke
   between steps: the arbiter's pause decision runs in the web process);
 * per step, end to end: the same render (tiny pipeline, 64x64) in this process and in the worker, per step,
   and the difference (noisy on a shared machine: a few tenths of a millisecond either way are noise);
-* per token: a one-way stream of token-sized messages through the same transport (a
-  `multiprocessing.connection` pipe to a spawned process). The in-process chat model does not run in a worker
-  yet, so this is the transport a `token` message would take, not a chat;
+* per token: the in-process chat model (the tiny one) streaming in this process and in its worker, where each
+  piece of text is one round trip (`("cb", "token", text)`, answered with whether to stop); and, for scale,
+  a one-way stream of token-sized messages through the same transport;
 * `--cards`: the mixed load (three chat users and an image user at once: the Ollama stand-in's 8B model,
   4.9 GB, and 512x512 renders, 8.1 GiB, which do not fit together in a 12 GB card's 10.5 GiB budget) on one
   simulated 12 GB card, then on two (12 and 24 GB, Ollama on card 0): evictions (Ollama's unloads and the
@@ -68,6 +68,20 @@ def per_token_us(n: int) -> float:
     parent.send("bye")
     proc.join(10)
     return dt / max(1, count - 1) * 1e6
+
+
+def chat_per_token_ms(engine, repeats: int) -> tuple[float, int]:
+    """Best-of-`repeats` milliseconds per streamed piece of a tiny-model reply, and the pieces counted."""
+    import threading as _threading
+
+    best, count = float("inf"), 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = sum(1 for text in engine.stream("tiny", [{"role": "user", "content": "tell me"}], _threading.Event()) if text)
+        dt = time.perf_counter() - t0
+        if n and dt / n < best:
+            best, count = dt / n, n
+    return best * 1000, count
 
 
 def render_per_step_ms(engine, steps: int, repeats: int) -> float:
@@ -183,8 +197,22 @@ def main() -> None:
           f"in the worker {there:.2f} ms, difference {there - here:+.2f} ms")
 
     tok = per_token_us(args.tokens)
-    print(f"per token (one-way stream over the same transport, {args.tokens} messages): {tok:.1f} us")
+    print(f"a token-sized message one way over the same transport ({args.tokens} messages): {tok:.1f} us")
     worker.close()
+
+    from clair.engines.chat import LocalChat
+    from clair.engines.worker import WorkerLocalChat
+
+    chat_cfg = dataclasses.replace(cfg, local_chat_model="tiny")
+    here_chat = LocalChat(chat_cfg)
+    here_chat.load()
+    there_chat = WorkerLocalChat(chat_cfg)
+    there_chat.load()
+    (a, n1), (b, n2) = chat_per_token_ms(here_chat, args.repeats), chat_per_token_ms(there_chat, args.repeats)
+    print(f"chat per token (tiny model, best of {args.repeats}): in this process {a:.2f} ms ({n1} pieces), "
+          f"in the worker {b:.2f} ms ({n2} pieces), difference {b - a:+.2f} ms; a token costs one round trip "
+          f"(about {p50:.0f} us)")
+    there_chat.close()
 
 
 if __name__ == "__main__":
