@@ -16,6 +16,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clair.arbiter import GiB
 from clair.base.config import Config
@@ -365,3 +367,43 @@ def test_the_in_process_chat_model_answers_from_its_worker_and_a_dead_one_costs_
     assert studio.healthy()
     assert studio.worker_restarts() == {"0": 1}
     assert studio.arbiter.is_idle()
+
+
+def test_a_cancel_while_paused_stops_the_render_inside_the_worker_and_it_serves_on(studios, standin, tmp_path):
+    """The web side's callback raises (the pause's wait sees the cancel): the worker is told to raise the same
+    error at that step, unwinds its render, and answers the next one."""
+    studio = make(studios, standin, tmp_path)
+    cancel, gate = threading.Event(), threading.Event()
+    params = RenderParams("x", steps=6, width=64, height=64, seed=5)
+    held = standin.hold(MODEL)  # the chat holds the GPU until the gate opens
+
+    def on_progress(text, frac):
+        if text == "Step 2/6":
+            threading.Thread(target=lambda: (list(studio.chat("hold")), gate.set()), daemon=True).start()
+            wait_until(lambda: studio.arbiter.status()["waiting"], 10)
+        if text.startswith("Paused for a chat") and "resumes" not in text:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        studio.render(params, on_progress=on_progress, cancel=cancel)
+    held.release()
+    assert gate.wait(10)
+    wait_until(studio.arbiter.is_idle, 10)
+    path, _ = studio.render(params)  # the same worker, serving on
+    assert os.path.exists(path) and studio.image.restarts == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 400), st.booleans()), max_size=30))
+def test_deaths_too_many_is_three_within_any_five_minutes(steps):
+    """Against a model: after any sequence of waits and deaths, too_many() says whether 3 fell in the last 300 s."""
+    now = [0.0]
+    deaths = Deaths(limit=3, window_s=300.0, clock=lambda: now[0])
+    at: list[float] = []
+    for wait, died in steps:
+        now[0] += wait
+        if died:
+            deaths.record()
+            at.append(now[0])
+        assert deaths.too_many() == (sum(1 for t in at if now[0] - t <= 300.0) >= 3)
+    assert deaths.total == len(at)
