@@ -184,17 +184,20 @@ def test_healthz_fails_only_when_workers_keep_dying(studios, standin, tmp_path):
     studio = make(studios, standin, tmp_path)
     now = [1000.0]
     studio.image.deaths.clock = lambda: now[0]
+
+    def kill_and_wait_for_the_next() -> None:
+        pid = studio.image.pid
+        os.kill(pid, signal.SIGKILL)  # between jobs: nothing is lost, the worker is replaced at once
+        wait_until(lambda: studio.image.pid != pid, 10)
+
     for _ in range(2):
-        os.kill(studio.image.pid, signal.SIGKILL)
-        with pytest.raises(WorkerFailed):
-            studio.render(RenderParams("x", steps=2, width=64, height=64, seed=1))
+        kill_and_wait_for_the_next()
         now[0] += 60
         assert studio.healthy()
-    os.kill(studio.image.pid, signal.SIGKILL)
-    with pytest.raises(WorkerFailed):
-        studio.render(RenderParams("x", steps=2, width=64, height=64, seed=1))
+    kill_and_wait_for_the_next()
     assert not studio.healthy()
     assert "died 3 times in 5 minutes" in (studio.last_health_problem or "")
+    assert studio.image.restarts == 3
     now[0] += 301
     assert studio.healthy()  # the deaths aged out: the worker that runs now is trusted again
     path, _ = studio.render(RenderParams("x", steps=2, width=64, height=64, seed=1))
@@ -291,7 +294,7 @@ def test_ollama_is_evicted_only_for_a_render_placed_on_its_own_card(studios, tmp
 
 
 @pytest.mark.slow
-def test_the_app_renders_through_workers_on_two_cards_and_survives_a_dead_worker(tmp_path):
+def test_the_app_renders_through_workers_on_two_cards_and_replaces_a_dead_worker(tmp_path):
     """`python app.py` with CLAIR_WORKERS=on and two simulated cards: the real service path (start-up, the Gradio
     API, /healthz, /metrics), the worker a child process of the service."""
     import httpx
@@ -318,10 +321,8 @@ def test_the_app_renders_through_workers_on_two_cards_and_survives_a_dead_worker
             return next((k for k in kids if "clair.engines.worker_main" in " ".join(k.cmdline())), None)
 
         first = wait_until(worker, 10)
-        first.kill()
-        wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 10)
-        with pytest.raises(Exception, match="not saved"):
-            app.render()
+        first.kill()  # between jobs: the service replaces it at once
+        wait_until(lambda: app.status()["worker_restarts"]["1"] == 1, 20)
         assert httpx.get(app.url + "/healthz").status_code == 200
         app.render()  # a new worker renders
         assert worker().pid != first.pid
@@ -407,3 +408,25 @@ def test_deaths_too_many_is_three_within_any_five_minutes(steps):
             at.append(now[0])
         assert deaths.too_many() == (sum(1 for t in at if now[0] - t <= 300.0) >= 3)
     assert deaths.total == len(at)
+
+
+def test_a_dead_workers_memory_is_never_counted_free_before_the_card_shows_it_free(studios, standin, tmp_path):
+    """The ledger drops the dead worker's model at the next plan; memory the card still shows held (a driver that
+    has not given a killed process's memory back yet: here a holding left on the simulated card) counts as
+    another program's, never as free, until the card frees it."""
+    from clair.device import simcard
+
+    path = str(tmp_path / "sim-gpu.json")
+    studio = make(studios, standin, tmp_path, sim_gpu_gb=24.0, sim_gpu_file=path)
+    studio.render(RenderParams("x", steps=2, width=512, height=512, seed=1))
+    assert studio.arbiter.resident_bytes("image") > 6 * GiB
+    assert simcard.held_by(path, "clair") > 6 * GiB  # the worker's weights on the card
+    os.kill(studio.image.pid, signal.SIGKILL)
+    wait_until(lambda: not simcard.held_by(path, "clair"), 10)  # the card gives a dead process's memory back
+    assert simcard.take(path, "leftover", int(3 * GiB))  # ... but pretend 3 GiB are not back yet
+    studio.sync()
+    assert studio.arbiter.resident_bytes("image") == 0  # the model died with its worker
+    assert studio.arbiter.resident_bytes("other") >= int(2.5 * GiB)  # still held: not free
+    simcard.give_back(path, "leftover")
+    studio.sync()
+    assert studio.arbiter.resident_bytes("other") < int(0.5 * GiB)

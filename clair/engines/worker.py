@@ -255,9 +255,16 @@ class _Link:
     # -- the process's life ------------------------------------------------------------------------
     def _start(self) -> None:
         self._generation += 1
-        self._proc = Process(self._card, self.cfg, self.kind, self.learns, self._generation)
+        proc = self._proc = Process(self._card, self.cfg, self.kind, self.learns, self._generation)
         self._fresh()
+        # A worker that dies between jobs is replaced at once, and reaped (its memory is the card's again).
+        threading.Thread(target=self._watch, args=(proc,), name=f"clair-{self.kind}-watch", daemon=True).start()
         log.info("%s started card=%s pid=%s generation=%d", self.what, self.index, self._proc.pid, self._generation)
+
+    def _watch(self, proc: Process) -> None:
+        """Wait for `proc` to end; unless it was ended on purpose (a restart, a move, close), it died."""
+        proc.proc.wait()
+        self._died(proc, f"the {self.what} on card {self.index} {proc.ended()}")
 
     def startup_s(self) -> float:
         """Seconds the current worker took from spawn to ready (waits for it)."""
