@@ -1,4 +1,5 @@
-"""The image engine in a worker process, one per card (CLAIR_WORKERS=on): a CUDA fault costs one render.
+"""The image engine and the in-process chat model in worker processes (CLAIR_WORKERS=on): a CUDA fault costs
+one render or one reply, not the service.
 
 `WorkerImageEngine` is the web process's side. It is an `ImageEngine` to Studio, the arbiter and the
 adapters (the same engine protocol, clair/engines/base.py), but every call that touches the GPU goes to a worker
@@ -15,9 +16,13 @@ dead worker's memory counts as another program's until the card shows it freed.
 
 The web process never initialises CUDA: the worker is spawned (not forked) and pins itself to its card first.
 
+`WorkerLocalChat` does the same for the in-process chat model: `generate` streams each piece of text back as a
+callback answered with whether to stop. `_Link` is what both share: the process's life, the pipes, the deaths.
+
 Faults: a worker that exits (killed, a CUDA fault) or sends nothing for CLAIR_STALL_S while it holds a job is
-killed (SIGKILL: a hung CUDA call ignores anything softer) and started again at once; the job fails with
-`WorkerFailed`, which says the image was not saved. `Deaths` counts deaths over a window: /healthz fails only
+killed (SIGKILL: a hung CUDA call ignores anything softer), reaped and started again at once (a thread per
+worker waits for its exit); the job fails with `WorkerFailed` (`ChatWorkerFailed`), which says the image was
+not saved (the rest of the reply is lost). `Deaths` counts deaths over a window: /healthz fails only
 when workers keep dying (3 in 5 minutes), since then a fresh worker has not helped.
 """
 
@@ -507,6 +512,8 @@ class WorkerImageEngine(_Link, ImageEngine):
         }
         try:
             facts = self._run(proc, ("render", asdict(params)), calls, cancelled)
+        except WorkerFailed as exc:  # it died under a command of a pause (restore) or of the tail (drop)
+            raise WorkerFailed(f"{exc} The image was not saved.") from None
         except _Dead as exc:
             self._died(proc, f"the image worker on card {self.index} {exc} mid-render")
             raise WorkerFailed(
