@@ -64,21 +64,27 @@ def snapshot(arbiters) -> list[placement.Card]:
 
 
 def place_image(studio, need: int) -> placement.Placement | None:
-    """Choose the image model's card for a render needing `need` bytes, and move its worker there if need be.
-    None with one card."""
+    """Choose the image model's card for a render needing `need` bytes, and move its worker there if need be
+    (then load the model in the new worker, before the render asks for the GPU). None with one card.
+
+    The caller holds `studio.place_lock` until the render's request is queued on the card's arbiter: a render
+    running or queued on the image model's card keeps every later one there (one copy of the model)."""
     if len(studio.arbiters) == 1:
         return None
     image = studio.image
-    with studio.place_lock:
-        studio.sync()  # every ledger as the cards really are
-        chosen = placement.place(
-            snapshot(studio.arbiters), placement.Request("render", image.tenant, need), studio.ollama_cards
-        )
-        old = studio.tenant_card.get(image.tenant, 0)
-        if chosen.card is None or chosen.card == old:
-            return chosen
-        log.info("render placed on card %d (was card %d): %s", chosen.card, old, chosen.reason)
-        image.move_to(chosen.card)
-        studio.tenant_card[image.tenant] = chosen.card
-        studio.arbiters[old].set_resident(image.tenant, 0)  # its worker, and the memory it held, are gone
+    old = studio.tenant_card.get(image.tenant, 0)
+    there = studio.arbiters[old].status()
+    if any(h["tenant"] == image.tenant for h in there["holders"]) or any(w["kind"] == "render" for w in there["waiting"]):
+        return None  # a render runs or waits on its card: this one queues behind it there
+    studio.sync()  # every ledger as the cards really are
+    chosen = placement.place(
+        snapshot(studio.arbiters), placement.Request("render", image.tenant, need), studio.ollama_cards
+    )
+    if chosen.card is None or chosen.card == old:
         return chosen
+    log.info("render placed on card %d (was card %d): %s", chosen.card, old, chosen.reason)
+    image.move_to(chosen.card)
+    studio.tenant_card[image.tenant] = chosen.card
+    studio.arbiters[old].set_resident(image.tenant, 0)  # its worker, and the memory it held, are gone
+    image.load()  # from disk to host memory in the new worker, before the render holds the GPU
+    return chosen

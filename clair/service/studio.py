@@ -460,11 +460,12 @@ class Studio:
         if not was_loaded:
             self._note("load", model=self.image.label, s=time.monotonic() - t_load)
         footprint = self.image.footprint(params.width, params.height)
-        several.place_image(self, footprint[0])  # with several cards: the card it goes to (its worker moves there)
-        arbiter = self.arbiter_of(self.image)
-        first = self._request(
-            self.image, "render", footprint, f"render {params.width}x{params.height}", steps=params.steps
-        )
+        with self.place_lock:  # its card and its request together: the next placement sees it queued there
+            several.place_image(self, footprint[0])  # with several cards: the card it goes to (its worker moves)
+            arbiter = self.arbiter_of(self.image)
+            first = self._request(
+                self.image, "render", footprint, f"render {params.width}x{params.height}", steps=params.steps
+            )
         first.owner = owner
         lease = first  # the lease that holds the GPU now: a pause hands over to a continuation
         evicted: list[str] = []
