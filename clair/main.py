@@ -139,6 +139,7 @@ def _mount_gradio(app, studio, demo, web, users):
         demo,
         path="/",
         auth=auth,
+        auth_message=ui.login_message(),  # Clair's name and how to get an account, on the login page
         app_kwargs=dict(NO_DOCS),  # a copy: Gradio adds its lifespan to the dict it is given
         allowed_paths=[str(studio.image.output_dir)],
         show_error=False,  # only gr.Error (Clair's own messages) reach clients; see docs/design.md

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,8 +84,10 @@ LOADED_SIZES: dict[str, tuple[int, int]] = {
 
 # The simulated GPU card's file protocol (docs/facts.md, "The simulated card"): {"total": bytes, "procs":
 # {holder: bytes}, "oom": n}, read and written under fcntl.flock. Written again here, from the format, so this
-# file stays free of Clair's code. A killed CUDA process's memory was back 0.1 s after SIGKILL (H200, 8 GiB).
+# file stays free of Clair's code.
+# A killed CUDA process's memory was back 0.1 s after SIGKILL (H200, 8 GiB).
 SIM_RELEASE_LAG_S = 0.1
+VRAM_RECOVERY_S = 5.0  # Ollama waits at most this long for an unloaded runner's VRAM (server/sched.go)
 
 
 def sim_card_update(path: str, fn: Callable[[dict[str, Any]], Any]) -> Any:
@@ -511,6 +513,7 @@ class OllamaStandin:
         echo: Callable[[str], None] | None = None,
         sim_card: str | None = None,
         sim_release_lag: float = SIM_RELEASE_LAG_S,
+        no_tools: Iterable[str] = (),
     ) -> None:
         """
         models: name -> size on disk in GB (default ``{"llama3.1:8b": 4.9}``).
@@ -531,6 +534,9 @@ class OllamaStandin:
         echo: called with a line per lifecycle event and per finished request (the CLI prints them).
         sim_card: a simulated GPU card's state file; runners then take and give back memory on it (their
             ``size_vram`` is what the card has free, the rest offloaded), ``sim_release_lag`` s after unloading.
+        no_tools: models whose template declares no tool calls (deepseek-r1, codellama ...): a chat that offers
+            them ``tools`` gets Ollama's 400 "<registry name> does not support tools" before any load, as
+            Ollama's ChatHandler checks a model's capabilities first (ollama/ollama issues 6027, 14795).
         """
         self.bind_host = bind_host
         self.port = port
@@ -549,6 +555,7 @@ class OllamaStandin:
         self.echo = echo
         self.sim_card = sim_card
         self.sim_release_lag = sim_release_lag
+        self.no_tools = {canonical_name(m) for m in no_tools}
         self._card_holders: dict[str, str] = {}  # model -> its runner's holder name on the card
         self._card_releases: list[tuple[float, str]] = []  # (monotonic deadline, holder)
         self._runner_seq = 0
@@ -972,6 +979,13 @@ class OllamaStandin:
             while True:
                 self._check_stopping()
                 runner = self._runners.get(model.name)
+                recovering = self._card_releases and time.monotonic() - started < VRAM_RECOVERY_S
+                if runner is None and recovering:
+                    # Ollama's scheduler loads nothing new until a runner it unloaded has given its VRAM back
+                    # (server/sched.go, waitForVRAMRecovery: polls every 250 ms, up to 5 s), else the load
+                    # would size itself to memory that is about to come back and offload layers to the CPU.
+                    self._cond.wait(0.05)
+                    continue
                 if runner is None:
                     if self._make_room():
                         runner = self._new_runner(model, context_length, keep_alive)
@@ -1118,6 +1132,9 @@ class OllamaStandin:
             model = self._installed.get(canonical_name(name))
         if model is None:
             return handler.send_json(404, {"error": {"message": f"model '{name}' not found", "type": "api_error"}})
+        if body.get("tools") and model.name in self.no_tools:
+            error = {"message": self.tools_unsupported(model.name), "type": "api_error", "param": None, "code": None}
+            return handler.send_json(400, {"error": error})
         runner, _ = self._acquire(model, self.default_context_length, None)
         try:
             tokens = self._reply_tokens("chat", body, None, self.reply_fn)
@@ -1158,10 +1175,16 @@ class OllamaStandin:
                 "template": "{{ .Prompt }}",
                 "details": model.details(),
                 "model_info": {"general.architecture": model.family, "general.parameter_count": 0},
-                "capabilities": ["completion"],
+                "capabilities": ["completion"] if model.name in self.no_tools else ["completion", "tools"],
                 "modified_at": _rfc3339(model.modified_at),
             },
         )
+
+    @staticmethod
+    def tools_unsupported(name: str) -> str:
+        """Ollama's words for a chat offering tools to a model without them: the model's full registry name."""
+        path = name if "/" in name.split(":", 1)[0] else f"library/{name}"
+        return f"registry.ollama.ai/{path} does not support tools"
 
     def _fail(self, handler: _Handler, record: RequestRecord, status: int, message: str) -> None:
         self._update(record, error=message)
@@ -1196,6 +1219,8 @@ class OllamaStandin:
             model = self._installed.get(canonical_name(name))
         if model is None:
             return self._fail(handler, record, 404, f"model '{name}' not found")
+        if kind == "chat" and body.get("tools") and model.name in self.no_tools:
+            return self._fail(handler, record, 400, self.tools_unsupported(model.name))
         options = body.get("options") or {}
         if not isinstance(options, dict):
             return self._fail(handler, record, 400, "json: cannot unmarshal options")

@@ -46,6 +46,9 @@ class ArbiterMachine(RuleBasedStateMachine):
         self.ran_meanwhile = False
         self.resized_meanwhile = False
         self.read_started: float | None = None  # time.monotonic() when an Ollama reading began
+        # Ollama's models that chats which started brought since the last reading taken while none ran:
+        # Ollama keeps them all loaded, so the ledger must count them all until a reading says otherwise.
+        self.brought: dict[str, int] = {}
 
     def _evictor(self, name):
         def evict():
@@ -62,6 +65,8 @@ class ArbiterMachine(RuleBasedStateMachine):
             if name in self.fail_evict:
                 self.fail_evict.discard(name)
                 raise EvictionFailed(f"{name} did not leave")
+            if name == "ollama":
+                self.brought.clear()  # every model unloaded
 
         return evict
 
@@ -83,11 +88,27 @@ class ArbiterMachine(RuleBasedStateMachine):
             return 0
         return max(1, self.arb.budget - sum(r.bytes for r in residents.values() if r.fixed))
 
-    def size(self, req, residents):
+    def size(self, req, residents, together=True):
+        """`together=False`: a waiting request alone, as a plan sized it before requests of its tenant that
+        waited with it were granted and brought their models."""
         r = residents.get(req.tenant)
-        return req.need if r is None else max(req.need, r.bytes, r.measured)
+        if r is None:
+            return req.need
+        if not together:
+            return max(req.need, r.bytes, r.measured)
+        models = dict(r.parts)
+        for model, nbytes in req.parts:
+            models[model] = max(models.get(model, 0), nbytes)
+        together = sum(models.values()) if r.parts and req.parts else 0
+        return max(req.need, r.bytes, r.measured, together)
 
-    def cannot_share(self, a, b, residents):
+    def note_brought(self):
+        for ls in self.running():
+            if ls.ready_at is not None:
+                for model, nbytes in ls.req.parts:
+                    self.brought[model] = max(self.brought.get(model, 0), nbytes)
+
+    def cannot_share(self, a, b, residents, together=True):
         """Independent of the policy's code: may a and b hold the GPU at the same time?"""
         if a.kind == "render" and b.kind == "render":
             return True
@@ -95,20 +116,26 @@ class ArbiterMachine(RuleBasedStateMachine):
             return False
         if self.arb.policy == "exclusive" or self.arb.budget <= 0:
             return True
-        return self.size(a, residents) + self.size(b, residents) > self.avail(residents)
+        return self.size(a, residents, together) + self.size(b, residents, together) > self.avail(residents)
 
     # -- rules ---------------------------------------------------------------------------------------
-    @rule(tenant=st.sampled_from(["ollama", "local-chat"]), need=st.integers(1, 14))
-    def chat_arrives(self, tenant, need):
-        self._arrive("chat", tenant, need * GiB, need * GiB)
+    @rule(
+        tenant=st.sampled_from(["ollama", "local-chat"]),
+        need=st.integers(1, 14),
+        model=st.sampled_from(["llama", "qwen", "mistral"]),
+    )
+    def chat_arrives(self, tenant, need, model="llama"):
+        """A chat; Ollama's name the model (Req.parts), sized as Clair would before another chat's model loaded."""
+        parts = ((model, need * GiB),) if tenant == "ollama" else ()
+        self._arrive("chat", tenant, need * GiB, need * GiB, parts)
 
     @rule(need=st.integers(4, 26), idle=st.integers(1, 8))
     def render_arrives(self, need, idle):
         self._arrive("render", "image", need * GiB, min(idle, need) * GiB)
 
-    def _arrive(self, kind, tenant, need, idle):
+    def _arrive(self, kind, tenant, need, idle, parts=()):
         before = {ls.req.id for ls in self.running()}
-        lease = self.arb.request(kind, tenant, need, idle)
+        lease = self.arb.request(kind, tenant, need, idle, parts=parts)
         self.leases.append(lease)
         self._after_step(before)
 
@@ -136,6 +163,7 @@ class ArbiterMachine(RuleBasedStateMachine):
         """A request ends (done, error, cancel, client gone), running or still waiting."""
         lease = self.pick(self.live(), i)
         before = {ls.req.id for ls in self.running()}
+        self.note_brought()
         lease.release()
         if twice:
             lease.release()  # idempotent (invariant 8)
@@ -155,8 +183,12 @@ class ArbiterMachine(RuleBasedStateMachine):
         old = self.arb._residents.get("ollama")
         stale = read_at is not None and self.changed_since("ollama", read_at)
         exceeded = self.arb.stats["budget_exceeded"]
+        self.note_brought()
+        busy = any(ls.req.tenant == "ollama" for ls in self.running())
         self.arb.set_resident("ollama", gb * GiB, read_at=read_at)
         new = self.arb._residents.get("ollama")
+        if not stale and not busy and not (old is not None and old.evicting):
+            self.brought.clear()  # a reading while no chat ran: the truth about what Ollama holds
         if stale:
             assert new == old, (old, new)  # a stale reading is dropped: the ledger is as it was
         elif new != old:
@@ -277,6 +309,8 @@ class ArbiterMachine(RuleBasedStateMachine):
         if reading:
 
             def land():
+                if not any(ls.req.tenant == "ollama" for ls in self.running()):
+                    self.brought.clear()  # a reading while no chat ran: the truth about what Ollama holds
                 self.arb.set_resident("ollama", need * GiB, read_at=time.monotonic())
                 self.resized_meanwhile = True  # sizes changed after this step's grants were planned
 
@@ -330,10 +364,10 @@ class ArbiterMachine(RuleBasedStateMachine):
         for g in new:
             for w in self.waiting():
                 if w.req.order < g.req.order:
-                    assert not self.cannot_share(w.req, g.req, residents), (w.req, g.req, residents)
-            # ... and it fits beside everything else that runs.
+                    assert not self.cannot_share(w.req, g.req, residents, together=False), (w.req, g.req, residents)
+            # ... and it fits beside everything else that runs (as planned: a reading may land after it).
             for other in self.running():
-                if other is not g:
+                if other is not g and not resized:
                     assert not self.cannot_share(g.req, other.req, residents), (g.req, other.req)
         # Invariant 4: only idle tenants are evicted.
         busy = {ls.req.tenant for ls in self.running() if ls not in new} | {g.req.tenant for g in new}
@@ -364,6 +398,17 @@ class ArbiterMachine(RuleBasedStateMachine):
         waiting request is granted once the finitely many leases in its way have been released."""
         if hasattr(self, "arb") and not self.running():
             assert not self.waiting(), [ls.req for ls in self.waiting()]
+
+    @invariant()
+    def every_model_a_chat_brought_is_counted(self):
+        """Ollama keeps every model a chat loaded, next to each other: the ledger counts all of them until a
+        reading taken while no chat ran says what is left (else a render is granted into Ollama's memory)."""
+        if not hasattr(self, "arb"):
+            return
+        self.note_brought()
+        res = self.arb._residents.get("ollama")
+        if self.brought and res is not None and not res.evicting:
+            assert res.bytes >= sum(self.brought.values()), (res, self.brought)
 
     @invariant()
     def the_ledger_agrees_with_the_leases(self):
@@ -409,6 +454,7 @@ def run_steps(steps) -> None:
         m.no_idling_hence_no_starvation,
         m.pending_evictions_against_every_live_grant,
         m.the_ledger_agrees_with_the_leases,
+        m.every_model_a_chat_brought_is_counted,
     ]
     for name, kwargs in steps:
         getattr(m, name)(**kwargs)
@@ -498,3 +544,42 @@ def test_a_reading_larger_than_the_plan_moves_budget_exceeded():
     late = arb.request("chat", "ollama", 4 * GiB)
     assert late.poll(0) and late._grant.evict == ("image",)  # planned at the measured 10 GiB: image leaves
     late.release()
+
+
+def test_regression_two_chats_for_different_models_are_both_counted_after_they_end():
+    """The soak on the simulated card: two chats for different Ollama models, each sized before the other's
+    model loaded, ran together; when the second ended the ledger fell to its model alone, and a render was
+    granted into the memory of the first model, which Ollama still held: the card said out of memory."""
+    run_steps([
+        ("setup", {"policy": "budget", "budget_gb": 20, "priority": "next"}),
+        ("chat_arrives", {"tenant": "ollama", "need": 6, "model": "llama"}),
+        ("chat_arrives", {"tenant": "ollama", "need": 2, "model": "qwen"}),
+        ("evictions_run", {"i": 0, "fail": None}),
+        ("evictions_run", {"i": 0, "fail": None}),
+        ("release", {"i": 0, "twice": False}),
+        ("release", {"i": 0, "twice": False}),  # the ledger holds both models (8 GiB), not qwen's 2
+        ("render_arrives", {"need": 13, "idle": 6}),  # so the render evicts Ollama first
+    ])
+
+
+def test_a_render_after_two_models_evicts_ollama():
+    from clair.arbiter import Arbiter
+
+    arb = Arbiter(policy="budget", budget_bytes=20 * GiB)
+    evicted = []
+    for name in ("ollama", "image"):
+        arb.add_tenant(name, lambda name=name: evicted.append(name))
+    llama = arb.request("chat", "ollama", 6 * GiB, 6 * GiB, parts=[("llama", 6 * GiB)])
+    qwen = arb.request("chat", "ollama", 2 * GiB, 2 * GiB, parts=[("qwen", 2 * GiB)])
+    llama.wait(5), qwen.wait(5)
+    assert arb.resident_bytes("ollama") == 8 * GiB  # both models, side by side
+    llama.release()
+    qwen.release()
+    assert arb.resident_bytes("ollama") == 8 * GiB  # ... until a reading says what is left
+    render = arb.request("render", "image", 13 * GiB, 6 * GiB).wait(5)
+    assert evicted == ["ollama"]
+    render.release()
+    # A reading taken while no chat runs is the truth, and forgets the parts.
+    arb.request("chat", "ollama", 2 * GiB, 2 * GiB, parts=[("qwen", 2 * GiB)]).wait(5).release()
+    arb.set_resident("ollama", 2 * GiB)
+    assert arb.resident_bytes("ollama") == 2 * GiB

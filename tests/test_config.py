@@ -183,6 +183,20 @@ def test_a_misspelled_setting_is_refused_with_the_name_meant(name: str, meant: s
         load([], environ={name: "2"})
 
 
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [("clair_preempt", "CLAIR_PREEMPT"), ("Clair_Max_Queue", "CLAIR_MAX_QUEUE"), ("CLAIR_preempt", "CLAIR_PREEMPT"),
+     ("clair_max_job_per_user", "CLAIR_MAX_JOBS_PER_USER")],
+)
+def test_a_setting_in_the_wrong_case_is_refused_with_the_name_clair_reads(name: str, meant: str) -> None:
+    """Environment names are case-sensitive (systemd, Docker Compose): `clair_preempt=always` was ignored
+    silently and Clair ran on the default."""
+    with pytest.raises(ConfigError, match=f"{name} is not one of Clair's settings: .*case-sensitive.* Did you mean {meant}\\?"):
+        load([], environ={name: "always"})
+    with pytest.raises(ConfigError, match=r"clair_zzz is not one of Clair's settings: .*upper-case"):
+        load([], environ={"clair_zzz": "1"})
+
+
 def test_an_unknown_setting_far_from_any_name_is_refused_without_a_guess() -> None:
     with pytest.raises(ConfigError) as err:
         load([], environ={"CLAIR_ZZZ": "1"})

@@ -9,6 +9,7 @@ httpx's ASGI transport where a client address or TLS must be stamped on the requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,9 @@ import httpx
 import psutil
 import pytest
 from fastapi import FastAPI
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from PIL import Image
 
 from clair.adapters.gateway import over_limits
@@ -32,6 +36,7 @@ from clair.edge.web import OLLAMA_PORT, Guard, Web
 from clair.service.conversations import ConversationStore
 from tests.gateway_support import Served, gateway_app, make_studio, v1_app
 from tests.ollama_standin import OllamaStandin
+from tests.support import wait_until
 
 MODEL = "llama3.1:8b"
 PASSWORD = "a long household password"
@@ -97,6 +102,223 @@ def test_body_caps_hold_while_reading_a_500mb_chunked_body_on_both_ports(studio)
             served.stop()
         assert answer.startswith(b"HTTP/1.1 413"), (path, answer[:200])
         assert grew < 120 * 2**20, f"{path}: memory grew {grew / 2**20:.0f} MiB"
+
+
+def _scope(path: str, address: str, headers: dict[str, str]) -> dict:
+    raw = [(k.lower().encode(), v.encode()) for k, v in {"host": "127.0.0.1:11435", **headers}.items()]
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": raw,
+        "client": (address, 50000), "server": ("127.0.0.1", 11435),
+    }
+
+
+async def _settled(predicate, timeout: float = 10.0) -> None:
+    """Yield to the event loop's other tasks until `predicate()` holds (at most `timeout` s)."""
+
+    async def spin() -> None:
+        while not predicate():
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(spin(), timeout)
+
+
+class Posts:
+    """POSTs driven straight through a guard, concurrently, each body held back until `go` is set: which were
+    answered before their body was asked for (`reads`: how many times each called receive)."""
+
+    def __init__(self, guard, body=b'{"model": "m", "messages": []}', parts: int = 1):
+        self.guard, self.body, self.parts = guard, body, parts
+        self.go = asyncio.Event()
+        self.status: dict[int, int] = {}
+        self.text: dict[int, bytes] = {}
+        self.reads: dict[int, int] = {}
+        self.headers: dict[int, dict] = {}
+        self.answered = asyncio.Condition()
+
+    async def post(self, n: int, path: str, address: str, headers: dict[str, str]) -> None:
+        self.reads[n] = 0
+
+        async def receive():
+            self.reads[n] += 1
+            await self.go.wait()
+            last = self.reads[n] >= self.parts
+            return {"type": "http.request", "body": self.body, "more_body": not last}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                self.status[n] = message["status"]
+                self.headers[n] = {k.decode(): v.decode() for k, v in message["headers"]}
+            elif message["type"] == "http.response.body":
+                self.text[n] = self.text.get(n, b"") + message.get("body", b"")
+                async with self.answered:
+                    self.answered.notify_all()
+
+        await self.guard(_scope(path, address, headers), receive, send)
+
+    async def until_answered(self, count: int) -> None:
+        async with self.answered:
+            await asyncio.wait_for(self.answered.wait_for(lambda: len(self.status) >= count), 30)
+
+
+def test_a_persons_gpu_requests_past_the_cap_are_refused_before_their_body_is_read(lan_web):
+    """Sixteen 64 MB chats at once from one key took the process to 1.8 GB: each was read whole before the job
+    slot refused it. Now the cap per person (CLAIR_MAX_JOBS_PER_USER, 4) counts a request before its body.
+    (The body budget's share per person is set aside here: the next tests and the state machine check it.)"""
+    lan_web.bodies = edge.BodyBudget(edge.BODY_BUDGET, share=edge.BODY_BUDGET)
+    alice_key, _ = lan_web.keys.add("alice")
+    bob_key, _ = lan_web.keys.add("bob")
+    guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20, gpu_paths=("/api/chat",))
+    big = {"content-length": str(64 * 2**20), "content-type": "application/json"}
+
+    async def go():
+        posts = Posts(guard)
+        tasks = [
+            asyncio.create_task(posts.post(n, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {alice_key}"}))
+            for n in range(16)
+        ]
+        await posts.until_answered(12)
+        refused = sorted(n for n in posts.status)
+        # Another person's chat is not held back by alice's cap nor by her large bodies.
+        small = {"content-length": "30", "content-type": "application/json", "authorization": f"Bearer {bob_key}"}
+        bob = asyncio.create_task(posts.post(99, "/api/chat", "192.168.1.31", small))
+        # Yield to the guard until bob's body is asked for (or he is answered), and the refused have left.
+        await _settled(lambda: (posts.reads.get(99, 0) or 99 in posts.status) and sum(lan_web.in_flight.count.values()) <= 5)
+        assert dict(lan_web.in_flight.count) == {"user:alice": 4, "user:bob": 1}
+        # Claimed from their Content-Length, before any byte came (each body's first BODY_FREE bytes are free).
+        assert lan_web.bodies.held == 4 * (64 * 2**20 - edge.BODY_FREE)
+        posts.go.set()
+        await asyncio.gather(*tasks, bob)
+        return posts, refused
+
+    posts, refused = _run(go())
+    assert len(refused) == 12 and all(posts.status[n] == 429 for n in refused)
+    assert all(posts.reads[n] == 0 for n in refused), "a refused request's body was read"
+    message = json.loads(posts.text[refused[0]])["error"]
+    assert "CLAIR_MAX_JOBS_PER_USER" in message and "the key of alice" in message
+    assert posts.headers[refused[0]]["retry-after"] == "5"
+    admitted = [n for n in posts.status if n not in refused]
+    assert len(admitted) == 5 and all(posts.status[n] == 200 and posts.reads[n] == 1 for n in admitted)
+    assert lan_web.in_flight.count == {} and lan_web.bodies.held == 0 and lan_web.bodies.per == {}  # all back
+
+
+def test_one_persons_large_bodies_hold_half_the_budget_at_most(lan_web):
+    """Two 64 MB chats fill a person's share (half of 256 MB): their third waits (503, unread), while another
+    person on the same machine still gets in: the share is the person's (a key's user), not the address's."""
+    alice_key, _ = lan_web.keys.add("alice")
+    bob_key, _ = lan_web.keys.add("bob")
+    guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20, gpu_paths=("/api/chat",))
+    big = {"content-length": str(64 * 2**20), "content-type": "application/json"}
+
+    async def go():
+        posts = Posts(guard)
+        alice = [
+            asyncio.create_task(posts.post(n, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {alice_key}"}))
+            for n in range(3)
+        ]
+        await posts.until_answered(1)
+        bob = asyncio.create_task(posts.post(9, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {bob_key}"}))
+        await _settled(lambda: sum(posts.reads.values()) == 3)
+        per = dict(lan_web.bodies.per)
+        posts.go.set()
+        await asyncio.gather(*alice, bob)
+        return posts, per
+
+    posts, per = _run(go())
+    each = 64 * 2**20 - edge.BODY_FREE
+    assert per == {"user:alice": 2 * each, "user:bob": each}
+    assert sorted(posts.status[n] for n in range(3)) == [200, 200, 503] and posts.status[9] == 200
+    (waited,) = [n for n in range(3) if posts.status[n] == 503]
+    assert posts.reads[waited] == 0 and posts.headers[waited]["retry-after"] == "5"
+    assert "at a time per person" in json.loads(posts.text[waited])["error"]
+    assert lan_web.bodies.held == 0 and lan_web.bodies.per == {}
+
+
+def test_bodies_held_at_once_stay_within_the_budget_and_the_excess_is_refused_unread(lan_web):
+    """Many people's large bodies at once: past the BodyBudget a request is answered 503 + Retry-After, before
+    its body is read (Content-Length) or as soon as its chunks pass it (chunked)."""
+    lan_web.bodies = edge.BodyBudget(10 * 2**20, share=10 * 2**20)  # one machine here: no share of its own
+    guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20)
+    assert edge.BODY_FREE == 2 * 2**20  # each body's first 2 MB are not counted
+    six_mb = {"content-length": str(6 * 2**20), "content-type": "application/json"}  # 4 MB counted
+
+    async def go():
+        posts = Posts(guard)
+        held = [asyncio.create_task(posts.post(n, "/api/show", "127.0.0.1", six_mb)) for n in range(2)]
+        await _settled(lambda: sum(posts.reads.values()) >= 2)  # both bodies are being read
+        await posts.post(2, "/api/show", "127.0.0.1", six_mb)  # 12 MB would be counted: refused at once
+        chunked = Posts(guard, body=b"x" * 2**20, parts=8)  # 1 MB chunks, no Content-Length
+        chunked.go.set()
+        await chunked.post(3, "/api/show", "127.0.0.1", {"content-type": "application/json"})
+        peak = lan_web.bodies.peak
+        posts.go.set()
+        await asyncio.gather(*held)
+        return posts, chunked, peak
+
+    posts, chunked, peak = _run(go())
+    assert posts.status[2] == 503 and posts.reads[2] == 0 and posts.headers[2]["retry-after"] == "5"
+    assert "try again" in json.loads(posts.text[2])["error"]
+    assert chunked.status[3] == 503 and chunked.reads[3] == 5  # 2 free, 8 + 1 + 1 MB fit; the fifth chunk does not
+    assert [posts.status[0], posts.status[1]] == [200, 200]
+    assert peak <= 10 * 2**20 and lan_web.bodies.held == 0
+
+
+def test_on_the_ollama_port_only_a_gpu_request_may_carry_a_large_body(lan_web):
+    """64 MB is for chats carrying images; /api/show (a model's name) and the refused management routes take
+    text, so no other POST can hold the body budget with large bodies."""
+    guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20, gpu_paths=("/api/chat",))
+    five_mb = {"content-length": str(5 * 2**20), "content-type": "application/json"}
+
+    async def go():
+        posts = Posts(guard)
+        posts.go.set()
+        for n, path in enumerate(("/api/show", "/api/pull", "/api/blobs/sha256-0", "/api/chat")):
+            await posts.post(n, path, "127.0.0.1", five_mb)
+        return posts
+
+    posts = _run(go())
+    assert [posts.status[n] for n in range(4)] == [413, 413, 413, 200]
+    assert [posts.reads[n] for n in range(3)] == [0, 0, 0]
+
+
+def test_the_ollama_ports_gpu_routes_count_a_person_before_reading(studio):
+    """Through uvicorn and the Ollama-compatible app: a client past its cap is answered 429 while its body is
+    still unsent, and the port answers others meanwhile. (30 MB bodies: four fit in a person's share of the
+    body budget, so the cap is what refuses here.)"""
+    from clair.adapters.gateway import Gateway
+
+    web = Web(studio.cfg, Users(studio.cfg.users_path))
+    served = Served(Gateway(studio, web).app())
+    socks = []
+    try:
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+            s.sendall(
+                f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {30 * 2**20}\r\n\r\n".encode()
+            )
+            socks.append(s)
+        answers = [b""] * len(socks)
+
+        def read_ready() -> int:
+            for i, s in enumerate(socks):
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    answers[i] += s.recv(4096)
+            return sum(a.startswith(b"HTTP/1.1 429") for a in answers)
+
+        wait_until(lambda: read_ready() == 2 and sum(web.in_flight.count.values()) == 4)
+        assert sum(a == b"" for a in answers) == 4  # the four within the cap wait for their bodies
+        assert b"CLAIR_MAX_JOBS_PER_USER" in b"".join(answers) and studio.jobs.refused == 0  # no job slot was asked
+        assert web.bodies.held == 4 * (30 * 2**20 - edge.BODY_FREE)  # claimed from their Content-Length
+        assert httpx.get(served.url + "/api/version", timeout=10).status_code == 200
+        for s in socks:
+            s.close()
+        wait_until(lambda: not web.in_flight.count and web.bodies.held == 0)
+    finally:
+        for s in socks:
+            s.close()
+        served.stop()
 
 
 def test_bad_and_deeply_nested_json_get_400_never_500(studio):
@@ -272,6 +494,15 @@ def test_file_route_serves_an_image_to_its_owner_only(lan_web, tmp_path):
     path = out / "20260101-000000-1-p-abcdef.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
 
+    # Gradio's copy of it in its cache (save_file_to_cache: the same bytes under <cache>/<hash>/<name>), and a
+    # FIFO there, which the owner check must not open (it would wait for a writer forever).
+    cache = tmp_path / "gradio" / ("0" * 64)
+    cache.mkdir(parents=True)
+    copy = cache / path.name
+    copy.write_bytes(path.read_bytes())
+    fifo = cache / "pipe.png"
+    os.mkfifo(fifo)
+
     async def go():
         async with _as(lan_web, "alice") as alice, _as(lan_web, "bob") as bob:
             return [
@@ -279,9 +510,13 @@ def test_file_route_serves_an_image_to_its_owner_only(lan_web, tmp_path):
                 (await bob.get(f"/gradio_api/file={path}")).status_code,
                 (await bob.get(f"/gradio_api/file/{path}")).status_code,
                 (await bob.get(f"/gradio_api/file={out}/../outputs/{path.name}")).status_code,
+                (await alice.get(f"/gradio_api/file={copy}")).status_code,
+                (await bob.get(f"/gradio_api/file={copy}")).status_code,
+                (await bob.get(f"/gradio_api/file/{cache}/../{cache.name}/{copy.name}")).status_code,
+                (await bob.get(f"/gradio_api/file={fifo}")).status_code,  # not an image of Clair's: Gradio decides
             ]
 
-    assert _run(go()) == [200, 404, 404, 404]
+    assert _run(go()) == [200, 404, 404, 404, 200, 404, 404, 200]
 
 
 # --- keys ------------------------------------------------------------------------------------------
@@ -407,3 +642,79 @@ def test_a_body_must_keep_moving():
         return refused.value.status
 
     assert _run(go()) == 408
+
+
+# --- the body budget and the per-person count, as a state machine ------------------------------------
+
+
+class BodiesMachine(RuleBasedStateMachine):
+    """Claims of two claimants that grow, close (twice, as the guard's paths may), and people that enter and
+    leave, in any order. After every step: the budget holds exactly what the open claims hold past their free
+    part, never more than its total nor more than its share for one claimant; a refused growth changes nothing
+    but the refusal count and says which limit refused it; each person's count is what the model says, never
+    over the cap, and a second `leave` takes nothing."""
+
+    TOTAL, SHARE, CAP = 10 * 2**20, 6 * 2**20, 2
+    WHO = ("ann", "ann", "bob", "bob")  # the claimant of each claim
+
+    def __init__(self):
+        super().__init__()
+        self.budget = edge.BodyBudget(self.TOTAL, share=self.SHARE)
+        self.claims = [self.budget.claim(w) for w in self.WHO]
+        self.counted = [0, 0, 0, 0]  # the model: bytes each claim holds
+        self.people = edge.PerPerson(self.CAP)
+        self.leaves: dict[str, list] = {"ann": [], "bob": []}
+        self.refused = 0
+
+    def mine(self, who: str, but: int = -1) -> int:
+        return sum(c for i, c in enumerate(self.counted) if self.WHO[i] == who and i != but)
+
+    # Quarter-MB steps, sometimes one byte more: sums land on the limits' edges and one byte past them.
+    sizes = st.tuples(st.integers(0, 56), st.integers(0, 1)).map(lambda t: t[0] * 2**18 + t[1])
+
+    @rule(i=st.integers(0, 3), size=sizes)
+    def grow(self, i, size):
+        want = max(self.counted[i], size - edge.BODY_FREE)
+        share_ok = self.mine(self.WHO[i], but=i) + want <= self.SHARE
+        total_ok = sum(self.counted) - self.counted[i] + want <= self.TOTAL
+        assert self.claims[i].grow(size) == (share_ok and total_ok)
+        if share_ok and total_ok:
+            self.counted[i] = want
+        elif want > self.counted[i]:
+            self.refused += 1
+            assert self.claims[i].why == ("share" if not share_ok else "total")
+            assert self.claims[i].refusal().status == 503
+
+    @rule(i=st.integers(0, 3))
+    def close(self, i):
+        self.claims[i].close()
+        self.counted[i] = 0
+
+    @rule(who=st.sampled_from(["ann", "bob"]))
+    def enter(self, who):
+        leave = self.people.enter(who)
+        assert (leave is not None) == (len(self.leaves[who]) < self.CAP)
+        if leave is not None:
+            self.leaves[who].append(leave)
+
+    @rule(who=st.sampled_from(["ann", "bob"]), twice=st.booleans())
+    def leave(self, who, twice):
+        if self.leaves[who]:
+            leave = self.leaves[who].pop(0)
+            leave()
+            if twice:
+                leave()  # as the guard's sender and its `finally` both may
+
+    @invariant()
+    def books_balance(self):
+        assert self.budget.held == sum(self.counted) <= self.TOTAL
+        assert self.budget.per == {w: self.mine(w) for w in ("ann", "bob") if self.mine(w)}
+        assert all(v <= self.SHARE for v in self.budget.per.values())
+        assert self.budget.peak >= self.budget.held and self.budget.refused == self.refused
+        assert self.people.count == {w: len(ls) for w, ls in self.leaves.items() if ls}
+
+
+BodiesMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=40, deadline=None, derandomize=True, database=None
+)
+TestBodiesInvariants = BodiesMachine.TestCase

@@ -326,6 +326,28 @@ def test_unknown_model_is_404_before_any_scheduling(standin: OllamaStandin, clie
     assert standin.events == []
 
 
+def test_tools_offered_to_a_model_without_them_are_400_before_any_load() -> None:
+    """Ollama checks a model's capabilities before scheduling: 400 and the model's registry name (ollama/ollama
+    issues 6027 and 14795, "registry.ollama.ai/library/Qwen3.5:0.8b does not support tools")."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with OllamaStandin({"deepseek-r1:7b": 4.7, "llama3.1:8b": 4.9}, no_tools=["deepseek-r1:7b"]) as s:
+        c = ollama.Client(host=s.url)
+        with pytest.raises(ollama.ResponseError) as excinfo:
+            c.chat("deepseek-r1:7b", messages=HELLO, tools=[tool])
+        assert excinfo.value.status_code == 400
+        assert excinfo.value.error == "registry.ollama.ai/library/deepseek-r1:7b does not support tools"
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "deepseek-r1:7b", "messages": HELLO, "tools": [tool]})
+        assert r.status_code == 400 and r.json()["error"] == {
+            "message": "registry.ollama.ai/library/deepseek-r1:7b does not support tools", "type": "api_error",
+            "param": None, "code": None,
+        }
+        assert s.events == []  # nothing loaded
+        assert c.chat("deepseek-r1:7b", messages=HELLO).message.content  # without tools it chats
+        assert c.chat("llama3.1:8b", messages=HELLO, tools=[tool]).message.tool_calls  # a model with tools
+        assert c.show("deepseek-r1:7b").capabilities == ["completion"]
+        assert c.show("llama3.1:8b").capabilities == ["completion", "tools"]
+
+
 def test_error_line_mid_stream_raises_status_minus_one(standin: OllamaStandin, client: ollama.Client) -> None:
     standin.fail_next(SMALL, after_chunks=2, error="CUDA error: out of memory")
     received: list[str] = []

@@ -505,6 +505,34 @@ def test_tools_reach_ollama_and_its_calls_come_back_in_openais_shape(v1, standin
     standin.wait_until(studio.arbiter.is_idle)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_for_an_ollama_model_without_them_are_a_400_that_says_what_to_do(tmp_path, stream):
+    """Ollama answers 400 "<model> does not support tools" (tests/ollama_standin.py `no_tools`); Clair passed it
+    on as a 503, which clients retry. It is the client's request that cannot be served: a 400 in OpenAI's shape."""
+    standin = OllamaStandin({MODEL: 4.9, "deepseek-r1:7b": 4.7}, no_tools=["deepseek-r1:7b"]).start()
+    studio = make_studio(standin, tmp_path, preempt="off")
+    served = Served(v1_app(studio))
+    try:
+        c = client(served)
+        ask = [{"role": "user", "content": "Paris"}]
+        with pytest.raises(openai.BadRequestError) as err:
+            answer = c.chat.completions.create(model="deepseek-r1:7b", messages=ask, tools=[WEATHER], stream=stream)
+            if stream:
+                list(answer)
+        assert err.value.status_code == 400
+        body = err.value.body
+        assert body["type"] == "invalid_request_error" and body["code"] == "tools_unsupported"
+        assert "deepseek-r1:7b does not support tools" in body["message"]
+        assert "ollama show" in body["message"] and "without `tools`" in body["message"]
+        # The same model chats without tools, and the refusal gave everything back.
+        assert c.chat.completions.create(model="deepseek-r1:7b", messages=ask).choices[0].message.content
+        standin.wait_until(studio.arbiter.is_idle)
+        assert studio.jobs.snapshot()["total"] == 0
+    finally:
+        served.stop()
+        standin.stop()
+
+
 def test_the_in_process_model_answers_with_tools_offered_and_refuses_a_required_call(standin, tmp_path):
     studio = make_studio(standin, tmp_path, chat_backend="local", local_chat_model="tiny")
     served = Served(v1_app(studio))

@@ -203,6 +203,13 @@ def test_soak(tmp_path):
     assert grown_mb < RSS_BOUND_MB, grown_mb
 
 
+def _raced(refusal: dict, other: dict, checks: list[float]) -> bool:
+    """The card refused because the other program took its memory after Clair's last look at the card and
+    before the allocation; without it the allocation would have fit."""
+    last_look = max((t for t in checks if t <= refusal["at"]), default=0.0)
+    return last_look < other.get("at", 0.0) <= refusal["at"] and refusal["free"] + 3 * GiB >= refusal["need"]
+
+
 def test_soak_on_a_simulated_card(tmp_path):
     """The same kind of soak on a simulated 20 GB card (clair/device/simcard.py), where the device itself says no:
     Clair's models and the stand-in's runners take memory on it, another program takes 3 GB for a while in
@@ -240,6 +247,8 @@ def test_soak_on_a_simulated_card(tmp_path):
         max_new_tokens=12,
     )
     studio = Studio(cfg)
+    checks: list[float] = []  # when Clair last compared a grant's need with the card (Studio.preflight)
+    studio.on_event(lambda event, data: checks.append(data["at"]) if event == "preflight" else None)
     real = studio.image.footprint
     studio.image.footprint = lambda w, h: real(1024, 1024)
     studio.image.load().sim_render_size = (1024, 1024)
@@ -275,21 +284,24 @@ def test_soak_on_a_simulated_card(tmp_path):
     def render(rng: random.Random, i: int, k: int) -> None:
         cancel = threading.Event()
         cancel_at = rng.choice([None, None, None, 1])
+        said: list[str] = []
 
         def progress(text: str, frac: float) -> None:
+            if text.startswith("Out of GPU memory"):
+                said.append(text)  # the user is told; the render goes on
             # Another program takes 3 GB in the middle of a render (if the card has it, as a program that
             # checks first would), and gives it back after a while.
             middle = text.startswith("Step ") and not other["taken"] and sum(outcomes.values()) >= 10
             if middle and simcard.take(card, "other:1", 3 * GiB):
-                other["taken"] = sum(outcomes.values())
+                other["taken"], other["at"] = sum(outcomes.values()), time.time()
             if cancel_at is not None and text.startswith(f"Step {cancel_at}/"):
                 cancel.set()
 
         try:
             _, info = studio.render(RenderParams(f"soak {i} {k}", steps=2, width=64, height=64, seed=k), progress, cancel)
-            note("render:ok" if not info["fallback"] else "render:healed")
+            note("render:ok" if not info["fallback"] and not said else "render:healed")
         except Cancelled:
-            note("render:cancelled")
+            note("render:cancelled" if not said else "render:healed")  # (it ran on after the refusal)
         except ClairError as exc:
             assert str(exc)
             note("render:refused")
@@ -306,7 +318,7 @@ def test_soak_on_a_simulated_card(tmp_path):
                 # If no render's middle had 3 GB to spare (a chat model beside it), the program takes them
                 # between requests once the card has them, and so meets the renders that follow.
                 if not other["taken"] and sum(outcomes.values()) >= 20 and simcard.take(card, "other:1", 3 * GiB):
-                    other["taken"] = sum(outcomes.values())
+                    other["taken"], other["at"] = sum(outcomes.values()), time.time()
                 if i == 0 and k == 8:
                     standin.stop()  # Ollama restarts: its runners are killed, their memory goes back
                     standin.start()
@@ -327,15 +339,20 @@ def test_soak_on_a_simulated_card(tmp_path):
     print(f"stats: {stats}; refusals: {sorted({r[:100] for r in refusals})}")
     assert sum(outcomes.values()) == 80
     assert other["taken"], "the other program never took its 3 GB"
-    # Read from the card, not from Clair's ledger. KNOWN DEFECT (issue 14 stays open): in about a third of runs
-    # the card refuses one render's first allocation (a render granted while memory it was not told of is still
-    # held: see the closing note of 2026-12-02); Clair heals it. Until that is found, the test holds Clair to
-    # what it must never do: a refusal that is not healed and said so, or more than one in a run.
-    assert state["oom"] <= 1, state.get("oom_log")
-    assert outcomes.get("render:healed", 0) >= state["oom"], (outcomes, state.get("oom_log"))
-    if state["oom"]:
-        print(f"KNOWN DEFECT: the card refused {state['oom']} allocation(s), healed: {state.get('oom_log')}")
-    # The same known defect seen from Ollama's side: a load that found the card short (partly on the CPU).
+    # Read from the card, not from Clair's ledger. Clair plans nothing the card refuses, and looks at the card
+    # before each grant's first allocation (Studio.preflight). What no scheduler can prevent is a race: the other
+    # program taking its 3 GB after that look and before the allocation, milliseconds later (a real card has the
+    # same window). Such a refusal (at most one: the program takes its memory once) must be healed and said so.
+    refusals_ = state.get("oom_log", [])
+    raced = [r for r in refusals_ if _raced(r, other, checks)]
+    for refusal in refusals_:
+        print("card refusal:", refusal, "(a race with the other program)" if refusal in raced else "(Clair's)")
+    assert len(raced) == state["oom"], refusals_
+    incidents = {max(t for t in checks if t <= r["at"]) for r in raced}  # a render's retries share its last look
+    assert len(incidents) <= 1, refusals_
+    assert outcomes.get("render:healed", 0) >= len(incidents), (outcomes, refusals_)
+    # Ollama found the card short (it loads a model partly on the CPU instead of failing): KNOWN DEFECT (issue 14
+    # stays open): about one run in eight, a chat granted beside a render loads ~0.6 GiB short. Allowed once, said.
     assert stats["partial_offload"] <= 1, stats
     if stats["partial_offload"]:
         print("KNOWN DEFECT: Ollama found the card short once (partial offload)")

@@ -248,6 +248,8 @@ def test_logged_out_visitor_sees_only_the_login(lan_app: App) -> None:
     page = c.get("/")
     assert page.status_code == 200 and '"auth_required":true' in page.text.replace(" ", "")
     assert "/render" not in page.text and "Chat" not in page.text
+    # Clair's login page: its name, and how to get an account (Gradio's stock page says only "Login").
+    assert "<title>Clair</title>" in page.text and "No account yet? Ask whoever runs Clair" in page.text
     for path in (
         "/config",
         "/gradio_api/info",
@@ -312,6 +314,26 @@ def test_gradio_client_needs_the_same_users(lan_app: App) -> None:
         Client(lan_app.url, auth=("nobody", PASSWORD), download_files=False, verbose=False)
     bob = Client(lan_app.url, auth=("bob", PASSWORD), download_files=False, verbose=False)
     assert bob.predict(api_name="/status")["demo"] is True
+
+
+@pytest.mark.slow
+def test_a_renders_copy_in_gradios_cache_is_its_owners_only(lan_app: App) -> None:
+    """Gradio copies every image a handler returns into its cache and serves the copy at /gradio_api/file=
+    to anyone with the link; the owner check holds there as in the output folder."""
+    result, info = lan_app.render()  # as alice (the fixture's client)
+    cached = result["path"] if isinstance(result, dict) else result
+    assert Path(cached).parent != Path(info["path"]).parent, "expected Gradio's cache copy, not the output file"
+    alice, bob = _login(lan_app.url), _login(lan_app.url, "bob")
+    nobody = httpx.Client(base_url=lan_app.url, timeout=30)
+    for url in ("/gradio_api/file=" + cached, "/gradio_api/file/" + cached, "/gradio_api/file=" + cached.replace("/", "//")):
+        if "//" not in url:
+            assert alice.get(url).content.startswith(b"\x89PNG"), url
+        for who, client in (("bob", bob), ("nobody", nobody)):
+            for r in (client.get(url), client.head(url), client.get(url, headers={"Range": "bytes=0-99"})):
+                assert r.status_code in (401, 403, 404), (who, url, r.status_code)
+                assert b"PNG" not in r.content
+    # The output file itself, named directly, stays alice's too.
+    assert bob.get("/gradio_api/file=" + info["path"]).status_code == 404
 
 
 @pytest.mark.slow

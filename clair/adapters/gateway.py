@@ -428,5 +428,10 @@ class Gateway:
         app.add_api_route("/v1/{rest:path}", self.v1_unknown, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
         from clair.edge.web import Guard
 
-        app.add_middleware(Guard, web=self.web, port=OLLAMA, max_body=MAX_BODY)  # the web port's guard, this port's rules
+        # The web port's guard, this port's rules; a person's GPU requests past their cap are refused before
+        # their body (up to 64 MB) is read, in the job slot's words.
+        app.add_middleware(
+            Guard, web=self.web, port=OLLAMA, max_body=MAX_BODY, gpu_paths=GPU_PATHS + V1_GPU,
+            busy=lambda: self.studio.jobs.busy_message("user"),
+        )
         return app

@@ -40,6 +40,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from clair.base.errors import BadRequest, Cancelled, ChatUnavailable, ClairError, GpuBusy
+from clair.base.errors import BadRequest, Cancelled, ChatUnavailable, ClairError, GpuBusy, ToolsUnsupported
 from clair.edge.guard import (
     OPENAI,
     BadJson,
@@ -77,7 +78,9 @@ def error(status: int, message: str, code: str = "") -> JSONResponse:
 
 def clair_error(exc: ClairError) -> tuple[int, dict]:
     """A ClairError as (status, OpenAI error object)."""
-    if isinstance(exc, BadRequest):
+    if isinstance(exc, ToolsUnsupported):
+        status, code = 400, "tools_unsupported"
+    elif isinstance(exc, BadRequest):
         status, code = 400, "bad_request"
     elif isinstance(exc, GpuBusy):
         status, code = 503, "gpu_busy"
@@ -241,6 +244,52 @@ def sse_chunk(cid: str, created: int, name: str, delta: dict, finish: str | None
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
+async def _streamed_reply(send: Send, gone: Gone, step, first, cid: str, created: int, name: str, want_usage: bool) -> int:
+    """A chat completion with `stream`: Server-Sent Events as the reply comes, then `data: [DONE]`. Returns the
+    status to log (599: an error inside a stream that had begun)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
+        }
+    )
+    chunk = functools.partial(sse_chunk, cid, created, name)
+
+    async def out(data: bytes) -> None:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+    await out(chunk({"role": "assistant", "content": ""}))
+    event = first
+    usage, called = None, False
+    try:
+        while event is not None and not gone.is_set():
+            if isinstance(event, Waiting):
+                note = f": waiting for the GPU: {event.reason} (position {event.position}, about {event.eta_s:.0f} s)"
+                await out(note.replace("\n", " ").encode() + b"\n\n")
+            else:
+                if event.text:
+                    await out(chunk({"content": event.text}))
+                if event.tool_calls:
+                    calls = [{"index": i, **c} for i, c in enumerate(openai_calls(event.tool_calls))]
+                    await out(chunk({"tool_calls": calls}))
+                    called = True
+                usage = event.usage or usage
+            event = await step()
+    except ClairError as exc:
+        # The stream has begun: the error goes in the stream, where OpenAI's client raises it.
+        _, obj = clair_error(exc)
+        await send({"type": "http.response.body", "body": b"data: " + json.dumps(obj).encode() + b"\n\n"})
+        return 599
+    await out(chunk({}, "tool_calls" if called else "stop"))
+    if want_usage and usage is not None:  # OpenAI's last chunk: no choices, the usage
+        last_chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name}
+        last_chunk.update(choices=[], usage=usage_of(usage))
+        await out(b"data: " + json.dumps(last_chunk).encode() + b"\n\n")
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+    return 200
+
+
 def in_process_refusal(tool_choice, tools, history) -> Response | None:
     """The in-process model cannot call tools: a request that needs a call, or a history holding calls or their
     results, is refused with what to do; plain tools offered are ignored (module docstring)."""
@@ -261,26 +310,81 @@ def in_process_refusal(tool_choice, tools, history) -> Response | None:
     return None
 
 
-def router(studio) -> APIRouter:
-    r = APIRouter(prefix="/v1")
-    # Images /v1 rendered, by file name -> the key's user (None without users): /v1/files serves these
-    # only, to the same user, until Clair restarts. Other people's images stay theirs.
-    issued: OrderedDict[str, str | None] = OrderedDict()
-    issued_lock = threading.Lock()
+@dataclass
+class ChatAsk:
+    """A chat completion request, checked: what Clair sends the engine."""
 
-    async def take_slot(stack: contextlib.ExitStack, send: Send, user: str | None, address: str, gone: Gone, headers=None):
+    model: str | None
+    text: list[dict]  # the message to answer, flattened ([{"role": "user", "content": str}])
+    history: list[dict]  # the messages before it, in Ollama's shape
+    tools: list[dict] | None
+    tool_choice: Any
+    stream: bool
+    want_usage: bool
+
+
+def chat_request(body: dict, studio) -> ChatAsk | JSONResponse:
+    """A /v1/chat/completions body, checked and translated (ChatAsk), or the 400 that says what is wrong."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return error(400, "`messages` must be a non-empty list of {role, content} objects.", "invalid_messages")
+    last = messages[-1]
+    if last.get("role") not in ("user", "tool"):
+        return error(400, "The last message must be the user's (or a tool's result): Clair answers it.", "invalid_messages")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        return error(400, "`model` must be a string.", "invalid_model")
+    if model == image_model_id(studio):
+        return error(
+            400,
+            f"{model} is Clair's image model: it makes pictures (POST /v1/images/generations) and does not chat. "
+            "Pick a chat model from GET /v1/models (those not owned by clair-image).",
+            "model_not_for_chat",
+        )
+    # OpenAI's newer name for the system role.
+    messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+    if any(m.get("role") not in ("system", "user", "assistant", "tool") for m in messages):
+        return error(400, "Clair takes system, user, assistant and tool messages only.", "invalid_messages")
+    stream_options = body.get("stream_options")
+    want_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    tool_choice = body.get("tool_choice")
+    try:
+        tools = openai_tools(body.get("tools"), tool_choice)
+        if last.get("role") == "tool":  # the model answers a tool's result: no new message
+            text, history = [{"role": "user", "content": ""}], ollama_messages(messages)
+        else:
+            text, history = flatten_history([last]), ollama_messages(messages[:-1])
+    except (BadRequest, ValueError) as exc:
+        return error(400, str(exc), "invalid_messages")
+    if not text:
+        return error(400, "The last message is empty.", "invalid_messages")
+    return ChatAsk(model or None, text, history, tools, tool_choice, bool(body.get("stream")), want_usage)
+
+
+class V1:
+    """The /v1 routes over one Studio (`router` mounts them), and the images they issued.
+
+    `issued`: images /v1 rendered, by file name -> the key's user (None without users): /v1/files serves
+    these only, to the same user, until Clair restarts. Other people's images stay theirs."""
+
+    def __init__(self, studio):
+        self.studio = studio
+        self.issued: OrderedDict[str, str | None] = OrderedDict()
+        self.issued_lock = threading.Lock()
+
+    async def take_slot(self, stack: contextlib.ExitStack, send: Send, user: str | None, address: str, gone: Gone, headers=None):
         """The front door's job, counted against its user's cap (clair.edge.guard.job_slot) and stopped when the
         client goes away; None (429 sent) past a cap."""
         try:
-            job = stack.enter_context(job_slot(studio, user, address, headers))
+            job = stack.enter_context(job_slot(self.studio, user, address, headers))
         except GpuBusy as exc:
             await send_json(send, 429, error_body(OPENAI, 429, str(exc), "too_many_jobs"), {"retry-after": "5"})
             return None
         gone.link(job.stop)
         return job
 
-    @r.get("/models")
-    def models() -> Response:
+    def models(self) -> Response:
+        studio = self.studio
         created = int(time.time())
         backend, _ = studio.chat_backend()
         image_id = image_model_id(studio)
@@ -293,89 +397,50 @@ def router(studio) -> APIRouter:
         return JSONResponse({"object": "list", "data": data})
 
     # -- chat ---------------------------------------------------------------------------------------
-    @r.post("/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completions(self, request: Request) -> Response:
         body = await json_body(request)
         if isinstance(body, Response):
             return body
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            return error(400, "`messages` must be a non-empty list of {role, content} objects.", "invalid_messages")
-        last = messages[-1]
-        if last.get("role") not in ("user", "tool"):
-            return error(
-                400, "The last message must be the user's (or a tool's result): Clair answers it.", "invalid_messages"
-            )
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            return error(400, "`model` must be a string.", "invalid_model")
-        if model == image_model_id(studio):
-            return error(
-                400,
-                f"{model} is Clair's image model: it makes pictures (POST /v1/images/generations) and does not chat. "
-                "Pick a chat model from GET /v1/models (those not owned by clair-image).",
-                "model_not_for_chat",
-            )
-        # OpenAI's newer name for the system role.
-        messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
-        if any(m.get("role") not in ("system", "user", "assistant", "tool") for m in messages):
-            return error(400, "Clair takes system, user, assistant and tool messages only.", "invalid_messages")
-        stream_options = body.get("stream_options")
-        want_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-        tool_choice = body.get("tool_choice")
-        try:
-            tools = openai_tools(body.get("tools"), tool_choice)
-            if last.get("role") == "tool":  # the model answers a tool's result: no new message
-                text, history = [{"role": "user", "content": ""}], ollama_messages(messages)
-            else:
-                text, history = flatten_history([last]), ollama_messages(messages[:-1])
-        except (BadRequest, ValueError) as exc:
-            return error(400, str(exc), "invalid_messages")
-        if not text:
-            return error(400, "The last message is empty.", "invalid_messages")
-        model = model or None
+        ask = chat_request(body, self.studio)
+        if isinstance(ask, Response):
+            return ask
 
         def engine() -> tuple[bool, str]:  # may ask Ollama (HTTP): not on the event loop
-            backend, _ = studio.chat_backend()
-            return backend.single_model, studio.default_chat_model()
+            backend, _ = self.studio.chat_backend()
+            return backend.single_model, self.studio.default_chat_model()
 
         in_process, default = await in_thread(engine)
-        refused = in_process_refusal(tool_choice, tools, history) if in_process else None
+        refused = in_process_refusal(ask.tool_choice, ask.tools, ask.history) if in_process else None
         if refused is not None:
             return refused
         if in_process:
-            tools = None  # it answers as if none were offered (see the module docstring)
-        # A model name that is not one of Clair's (OpenAI clients default to theirs) falls back to the
-        # default chat model when the engine is the in-process one, which has only that.
-        if model and in_process:
-            model = None
-        stream = bool(body.get("stream"))
+            # It answers as if no tools were offered (see the module docstring). A model name that is not one
+            # of Clair's (OpenAI clients default to theirs) falls back to the default chat model, which is
+            # the in-process engine's only one.
+            ask.tools, ask.model = None, None
         client = client_name(request)
         user = request.scope.get("clair_api_user")
-        name = (model or default)[:80]
+        name = (ask.model or default)[:80]
         cid = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
-
         address = request.client.host if request.client else "?"
 
         async def work(send: Send, gone: Gone) -> None:
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                job = await take_slot(stack, send, user, address, gone, request.headers)
+                job = await self.take_slot(stack, send, user, address, gone, request.headers)
                 if job is None:
                     return
-                await _chat(
-                    send, gone, job, text[0]["content"], history, model, name, cid, created, stream, client, tools, want_usage
-                )
+                await self._chat(send, gone, job, ask, name, cid, created, client)
 
         return Exchange(work, OPENAI)
 
-    async def _chat(
-        send, gone: Gone, job, message, history, model, name, cid, created, stream, client, tools=None, want_usage=False
-    ) -> None:
+    async def _chat(self, send, gone: Gone, job, ask: ChatAsk, name: str, cid: str, created: int, client: str) -> None:
         t0 = time.monotonic()
         # The front door: waiting for the GPU holds no thread; the reply streams from a worker thread.
-        events = job.chat(message, history, model=model, system="", label=f"api:{name} ({client})", tools=tools)
+        events = job.chat(
+            ask.text[0]["content"], ask.history, model=ask.model, system="", label=f"api:{name} ({client})", tools=ask.tools
+        )
 
         async def step():
             try:
@@ -392,66 +457,24 @@ def router(studio) -> APIRouter:
                 if not isinstance(exc, Cancelled):
                     await send_json(send, status, obj)
                 return
-            if not stream:
+            if not ask.stream:
                 status = await _whole_reply(send, gone, step, first, cid, created, name)
                 return
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
-                }
-            )
-
-            chunk = functools.partial(sse_chunk, cid, created, name)
-
-            async def out(data: bytes) -> None:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-
-            await out(chunk({"role": "assistant", "content": ""}))
-            event = first
-            usage, called = None, False
-            try:
-                while event is not None and not gone.is_set():
-                    if isinstance(event, Waiting):
-                        note = f": waiting for the GPU: {event.reason} (position {event.position}, about {event.eta_s:.0f} s)"
-                        await out(note.replace("\n", " ").encode() + b"\n\n")
-                    else:
-                        if event.text:
-                            await out(chunk({"content": event.text}))
-                        if event.tool_calls:
-                            calls = [{"index": i, **c} for i, c in enumerate(openai_calls(event.tool_calls))]
-                            await out(chunk({"tool_calls": calls}))
-                            called = True
-                        usage = event.usage or usage
-                    event = await step()
-            except ClairError as exc:
-                # The stream has begun: the error goes in the stream, where OpenAI's client raises it.
-                _, obj = clair_error(exc)
-                await send({"type": "http.response.body", "body": b"data: " + json.dumps(obj).encode() + b"\n\n"})
-                status = 599
-                return
-            await out(chunk({}, "tool_calls" if called else "stop"))
-            if want_usage and usage is not None:  # OpenAI's last chunk: no choices, the usage
-                last_chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name}
-                last_chunk.update(choices=[], usage=usage_of(usage))
-                await out(b"data: " + json.dumps(last_chunk).encode() + b"\n\n")
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            status = await _streamed_reply(send, gone, step, first, cid, created, name, ask.want_usage)
         finally:
             job.stop.set()  # stops the reply if it is still running
             await events.aclose()  # releases the lease (Studio.chat's finally, run in a worker thread)
             log.info(
-                "api chat model=%r client=%s stream=%s status=%s s=%.3f", name, client, stream, status, time.monotonic() - t0
+                "api chat model=%r client=%s stream=%s status=%s s=%.3f", name, client, ask.stream, status, time.monotonic() - t0
             )
 
     # -- images -------------------------------------------------------------------------------------
-    @r.post("/images/generations")
-    async def images(request: Request) -> Response:
+    async def images(self, request: Request) -> Response:
         body = await json_body(request)
         if isinstance(body, Response):
             return body
         try:
-            params, n, fmt = image_request(body, studio.cfg)
+            params, n, fmt = image_request(body, self.studio.cfg)
         except BadRequest as exc:
             return error(400, str(exc), "invalid_request")
         user = request.scope.get("clair_api_user")
@@ -463,7 +486,7 @@ def router(studio) -> APIRouter:
             t0 = time.monotonic()
             with contextlib.ExitStack() as stack:
                 send = closing_send(send, stack)  # the slot goes back before the client sees the end
-                job = await take_slot(stack, send, user, address, gone, request.headers)
+                job = await self.take_slot(stack, send, user, address, gone, request.headers)
                 if job is None:
                     return
                 for i in range(n):
@@ -476,28 +499,31 @@ def router(studio) -> APIRouter:
                         status, obj = clair_error(exc)
                         await send_json(send, status, obj)
                         return
-                    item: dict[str, Any] = {"revised_prompt": info["prompt"]}
-                    if fmt == "b64_json":
-                        item["b64_json"] = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-                    else:
-                        with issued_lock:
-                            issued[Path(path).name] = user
-                            while len(issued) > MAX_ISSUED:
-                                issued.popitem(last=False)
-                        item["url"] = str(request.base_url).rstrip("/") + "/v1/files/" + Path(path).name
-                    item["clair"] = {k: info[k] for k in ("seed", "steps", "guidance", "width", "height", "model")}
-                    data.append(item)
+                    data.append(self._image_item(request, path, info, fmt, user))
             log.info("api images n=%d client=%s s=%.3f", n, client, time.monotonic() - t0)
             await send_json(send, 200, {"created": int(time.time()), "data": data})
 
         return Exchange(work, OPENAI)
 
-    @r.get("/files/{name}")
-    def files(name: str, request: Request) -> Response:
+    def _image_item(self, request: Request, path, info: dict, fmt: str, user: str | None) -> dict[str, Any]:
+        """One image of the answer: the PNG itself (b64_json), or a link only its user can open (url)."""
+        item: dict[str, Any] = {"revised_prompt": info["prompt"]}
+        if fmt == "b64_json":
+            item["b64_json"] = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        else:
+            with self.issued_lock:
+                self.issued[Path(path).name] = user
+                while len(self.issued) > MAX_ISSUED:
+                    self.issued.popitem(last=False)
+            item["url"] = str(request.base_url).rstrip("/") + "/v1/files/" + Path(path).name
+        item["clair"] = {k: info[k] for k in ("seed", "steps", "guidance", "width", "height", "model")}
+        return item
+
+    def files(self, name: str, request: Request) -> Response:
         """A PNG this API rendered for the same user, from the output folder, by exact name; nothing else."""
-        folder = Path(studio.image.output_dir).resolve()
-        with issued_lock:
-            known = name in issued and issued[name] == request.scope.get("clair_api_user")
+        folder = Path(self.studio.image.output_dir).resolve()
+        with self.issued_lock:
+            known = name in self.issued and self.issued[name] == request.scope.get("clair_api_user")
         if not known or not FILE_NAME.match(name):
             return error(404, "No such image.", "not_found")
         try:
@@ -509,6 +535,15 @@ def router(studio) -> APIRouter:
             return error(404, "No such image.", "not_found")
         return FileResponse(entry, media_type="image/png")
 
+
+def router(studio) -> APIRouter:
+    """The /v1 routes (class V1), under one APIRouter for the web port's app."""
+    v1 = V1(studio)
+    r = APIRouter(prefix="/v1")
+    r.add_api_route("/models", v1.models, methods=["GET"])
+    r.add_api_route("/chat/completions", v1.chat_completions, methods=["POST"])
+    r.add_api_route("/images/generations", v1.images, methods=["POST"])
+    r.add_api_route("/files/{name}", v1.files, methods=["GET"])
     return r
 
 

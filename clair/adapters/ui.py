@@ -26,6 +26,7 @@ from clair.adapters.ui_common import (  # noqa: F401 - re-exported: main.py and 
     REFUSAL_SLOTS,
     client_id,
     close_off_loop,
+    login_message,
     owner_of,
     summary_text,
     theme,

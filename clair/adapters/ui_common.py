@@ -132,6 +132,20 @@ def logo_html() -> str:
     )
 
 
+def login_message() -> str:
+    """The login page's words (Gradio's `auth_message`, HTML shown above the form; Gradio's stock page says only
+    "Login"): whose page this is, and how to get an account. Styled inline: the page's CSS is not loaded yet."""
+    svg = (ASSETS / "logo.svg").read_text(encoding="utf-8") if (ASSETS / "logo.svg").is_file() else ""
+    return (
+        '<span id="clair-login" style="display:block;max-width:28em">'
+        f'<span style="display:flex;align-items:center;gap:0.75em;margin:0.25em 0 0.75em">{svg}'
+        '<span><strong style="font-size:1.5em;line-height:1.1">Clair</strong><br>'
+        "<span style=\"opacity:0.75\">Your household's chat and image studio, sharing one GPU.</span></span></span>"
+        "No account yet? Ask whoever runs Clair to make you one: they run <code>clair adduser YOUR-NAME</code> "
+        "on the machine Clair runs on.</span>"
+    )
+
+
 def _waiting_text(w: Waiting) -> str:
     if not w.position:
         return f"⏳ {w.reason}…"

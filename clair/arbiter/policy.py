@@ -33,6 +33,10 @@ class Req:
     # A render whose denoising loop is done: its UNet and text encoders left the GPU and only the VAE decode
     # remains (need is the decode's peak). It no longer pauses, and it does not keep chats off the GPU.
     tail: bool = False
+    # What `need` is made of, by name, for a tenant that holds several models at once (Ollama): requests
+    # for different parts that run together add up in the ledger (`size`) instead of overlapping, even when
+    # each was sized before the other's model was loaded. Empty: the need is one indivisible thing.
+    parts: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,18 @@ class Resident:
     measured: int = 0  # what the tenant itself last reported (Ollama's size_vram); 0 = never
     fixed: bool = False  # memory Clair cannot free (other processes on the card): never evicted, never "busy"
     unknown: bool = False  # `bytes` is an assumption (a failed reading), not a measurement
+    # The parts its grants brought (Req.parts), kept until a reading taken while nothing of it ran replaces
+    # them: what the tenant may hold that no reading has shown yet.
+    parts: tuple[tuple[str, int], ...] = ()
+
+
+def merge_parts(*groups: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """The union of several parts lists, each name at its largest size."""
+    out: dict[str, int] = {}
+    for group in groups:
+        for name, nbytes in group:
+            out[name] = max(out.get(name, 0), int(nbytes))
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +95,16 @@ def size(req: Req, residents: Mapping[str, Resident]) -> int:
     """The bytes `req`'s tenant occupies while `req` runs, as the ledger counts them.
 
     Its declared need, or what the ledger already holds for its tenant when that is more (a measured
-    size larger than the estimate). Every comparison in the policy uses this one figure, so that the
+    size larger than the estimate), or, for a tenant of several parts (Ollama's models), the sum of the
+    parts it holds and this request brings: two chats for different models, each sized before the other's
+    model loaded, hold both. Every comparison in the policy uses this one figure, so that the
     requests it compares with each other and the ledger it plans on agree (invariant 5).
     """
     res = residents.get(req.tenant)
     if res is None or res.fixed:
         return req.need
-    return max(req.need, res.bytes, res.measured)
+    together = sum(n for _, n in merge_parts(res.parts, req.parts)) if req.parts and res.parts else 0
+    return max(req.need, res.bytes, res.measured, together)
 
 
 def _conflict(
@@ -170,7 +189,11 @@ def apply_grant(residents: dict[str, Resident], grant: Grant, last_used: int) ->
     req = grant.req
     cur = residents.get(req.tenant)
     residents[req.tenant] = Resident(
-        req.tenant, size(req, residents), last_used, measured=cur.measured if cur else 0
+        req.tenant,
+        size(req, residents),
+        last_used,
+        measured=cur.measured if cur else 0,
+        parts=merge_parts(cur.parts if cur else (), req.parts),
     )
 
 

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -29,6 +29,7 @@ from clair.arbiter.policy import (
     available,
     blocked_reason,
     joins_pause,
+    merge_parts,
     plan,
     should_yield,
 )
@@ -69,6 +70,7 @@ class Lease:
     _tenant_was_resident: bool = False
     progress_at: float | None = None  # time.monotonic() of the holder's last sign of life (see progress())
     _own_bytes: int = 0  # what its tenant held on the GPU when it was granted
+    _own_parts: tuple[tuple[str, int], ...] = ()  # ... and the parts the ledger knew it by then
     # Measured progress (written by the holder only, see progress()): steps or tokens done, a render's total
     # steps (known at request), and the measured seconds per step or per token (0 until measured).
     done: int = 0
@@ -348,13 +350,19 @@ class Arbiter:
                 if nbytes > 0 and (cur is None or cur.bytes < nbytes):
                     seq = cur.last_used if cur else next(self._use_seq)
                     measured = cur.measured if cur else 0
-                    self._residents[tenant] = Resident(tenant, int(nbytes), seq, measured=measured, unknown=True)
+                    parts = cur.parts if cur else ()
+                    self._residents[tenant] = Resident(
+                        tenant, int(nbytes), seq, measured=measured, unknown=True, parts=parts
+                    )
             elif nbytes <= 0 and not busy:
                 self._residents.pop(tenant, None)
             elif nbytes > 0:
+                # While a request of the tenant runs, what it brings may not show yet (a model still loading):
+                # the reading raises the ledger, never lowers it, and the parts stay. Idle, it is the truth.
                 seq = cur.last_used if cur else next(self._use_seq)
                 size = max(int(nbytes), cur.bytes) if busy and cur else int(nbytes)
-                self._residents[tenant] = Resident(tenant, size, seq, measured=int(nbytes))
+                parts = cur.parts if busy and cur else ()
+                self._residents[tenant] = Resident(tenant, size, seq, measured=int(nbytes), parts=parts)
             self._check_budget_locked()
             self._schedule_locked()
 
@@ -387,15 +395,25 @@ class Arbiter:
 
     # -- leases ----------------------------------------------------------------------------------
     def request(
-        self, kind: Kind, tenant: str, need: int, idle: int | None = None, label: str = "", steps: int = 0
+        self,
+        kind: Kind,
+        tenant: str,
+        need: int,
+        idle: int | None = None,
+        label: str = "",
+        steps: int = 0,
+        parts: Iterable[tuple[str, int]] = (),
     ) -> Lease:
         """Queue a request for the GPU. Returns at once; `Lease.wait()`/`poll()` block until granted.
 
         `steps` (a render's denoising steps) lets the queue estimate it from the measured pace per step.
+        `parts` (name, bytes) say what `need` is made of for a tenant of several models (see `Req.parts`).
         """
         with self._lock:
             rid = next(self._seq)
-            req = Req(rid, kind, tenant, int(need), int(need if idle is None else idle), self._order_locked(kind, rid))
+            idle = int(need if idle is None else idle)
+            order = self._order_locked(kind, rid)
+            req = Req(rid, kind, tenant, int(need), idle, order, parts=merge_parts(parts))
             lease = Lease(self, req, label or kind, requested_at=time.time(), total=int(steps))
             self._waiting[rid] = lease
             self._schedule_locked()
@@ -449,6 +467,7 @@ class Arbiter:
             cur = self._residents.get(lease.req.tenant)
             lease._tenant_was_resident = cur is not None
             lease._own_bytes = cur.bytes if cur is not None else 0
+            lease._own_parts = cur.parts if cur is not None else ()
             apply_grant(self._residents, grant, next(self._use_seq))
             now = time.monotonic()
             for name in (lease.req.tenant, *grant.evict):
@@ -613,11 +632,19 @@ class Arbiter:
             if not lease._tenant_was_resident and not still_busy:
                 self._residents.pop(tenant, None)
                 res = None
+            elif res is not None:  # its model never loaded: the parts it brought are not there
+                parts = merge_parts(lease._own_parts, *(ls.req.parts for ls in still_busy))
+                res = self._residents[tenant] = replace(res, parts=parts)
         if res is not None and not res.evicting:
             # Back to idle size, but never below what the tenant itself reported.
-            size = max([lease.req.idle, res.measured] + [ls.req.need for ls in still_busy])
+            # The parts its grants brought stay until a reading shows what is really left: another chat may
+            # have loaded a second model beside this one's (Ollama keeps both), which no idle figure includes.
+            held = sum(n for _, n in res.parts)
+            size = max([lease.req.idle, res.measured, held] + [ls.req.need for ls in still_busy])
             if size > 0:
-                self._residents[tenant] = Resident(tenant, size, next(self._use_seq), measured=res.measured)
+                self._residents[tenant] = Resident(
+                    tenant, size, next(self._use_seq), measured=res.measured, parts=res.parts
+                )
             else:  # nothing left on the GPU (a render whose tail took its weights off): not resident
                 self._residents.pop(tenant, None)
         if lease.ready_at is not None:

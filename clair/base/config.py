@@ -511,6 +511,8 @@ def check_names(environ: Mapping[str, str]) -> None:
 
     known = {env_name(f) for f in fields()}
     for name in sorted(environ):
+        if name != name.upper() and name.upper().startswith("CLAIR_"):
+            _refuse_case(name, known)
         if not name.startswith("CLAIR_") or name in known or name in NOT_SETTINGS or name == "CLAIR_AUTH":
             continue
         if name[len("CLAIR_") :] in known:  # CLAIR_OLLAMA_HOST: a variable Clair reads under its own name
@@ -523,6 +525,25 @@ def check_names(environ: Mapping[str, str]) -> None:
             f"{name} is not one of Clair's settings.{hint} `clair --help` (or `python app.py --help`) lists "
             "them all; an unknown name is refused so that a typo cannot pass unnoticed."
         )
+
+
+def _refuse_case(name: str, known: set[str]) -> None:
+    """A CLAIR_ name in lower or mixed case (`clair_preempt`): environment names are case-sensitive (the
+    shell, systemd's Environment= and EnvironmentFile=, Docker Compose), so Clair would never read it and
+    would run on the default; refused, with the upper-case name it reads."""
+    import difflib
+
+    upper = name.upper()
+    if upper in known:
+        guess = upper
+    else:
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
+        guess = close[0] if close else ""
+    hint = f" Did you mean {guess}?" if guess else " Clair's settings are all upper-case CLAIR_ names."
+    raise ConfigError(
+        f"{name} is not one of Clair's settings: environment names are case-sensitive, and Clair reads upper-case "
+        f"CLAIR_ names only.{hint} `clair --help` (or `python app.py --help`) lists them all."
+    )
 
 
 def _convert(f: dataclasses.Field, raw: str) -> Any:

@@ -54,6 +54,11 @@ class BadRequest(ClairError):
     pass
 
 
+class ToolsUnsupported(BadRequest):
+    """A chat offered `tools` to a model that cannot call them (Ollama: 400 "<model> does not support tools").
+    The request, not the engine, is at fault: a 400 to an API client, never a 503 it would retry."""
+
+
 class ChatUnavailable(ClairError):
     pass
 

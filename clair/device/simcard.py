@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from clair.device import card as device
@@ -284,7 +285,11 @@ class SimCard(Device):
                 if growth > free:
                     state["oom"] = int(state.get("oom", 0)) + 1
                     log_ = state.setdefault("oom_log", [])
-                    log_.append({"holder": self.holder, "need": growth, "free": free, "first_use": outside})
+                    log_.append({
+                        "holder": self.holder, "need": growth, "free": free, "first_use": outside,
+                        "procs": dict(state["procs"]),  # who held the card when it said no
+                        "at": time.time(),
+                    })
                     del log_[:-20]
                     return free, growth
                 self._touched = True

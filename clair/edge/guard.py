@@ -71,9 +71,147 @@ class BodyRefused(Exception):
         self.status = status
 
 
-async def read_body(receive, limit: int, idle_s: float = BODY_IDLE_S, total_s: float = BODY_TOTAL_S) -> bytes | None:
-    """The whole body, read as it arrives and refused the moment it passes `limit` (nothing past it is kept).
-    None when the client went away. Raises BodyRefused."""
+BODY_BUDGET = 256 * 2**20  # bytes of request bodies held at once, all requests on all ports together
+BODY_FREE = 2 * 2**20  # each body's first bytes are not counted: a text request (<= 1.3 MB) is never refused
+BUDGET_RETRY_S = 5
+
+
+class BodyBudget:
+    """The bytes of request bodies Clair holds in memory at once, over every request of every port.
+
+    A body is held from its first byte until its request has been answered (it waits in the GPU's queue with
+    it), so each cap per request (64 MB on the Ollama port) says nothing about their sum: sixteen 64 MB chats
+    at once took the process to 1.8 GB. Each request claims its bytes before they are read (its whole
+    Content-Length at once, a chunked body chunk by chunk); a claim past the budget, or past the claimant's
+    share of it (half: one key cannot keep everyone else's images out), is refused 503 with Retry-After, the
+    bytes unread. The claimant is the request's person on a GPU route (PerPerson's `who`), else its machine. A
+    body's first BODY_FREE bytes are not counted, so large bodies (images in a chat) wait their turn but text
+    requests (the connection caps bound those) always pass. Thread-safe: the two ports' servers may run on
+    two event loops."""
+
+    def __init__(self, total: int = BODY_BUDGET, share: int | None = None):
+        self.total = total
+        self.share = total // 2 if share is None else share  # the most one claimant may hold
+        self.held = 0
+        self.per: dict[str, int] = {}  # claimant -> bytes held
+        self.peak = 0  # the most held at once (tests and the log read it)
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def claim(self, who: str) -> BodyClaim:
+        return BodyClaim(self, who)
+
+    def _take(self, who: str, n: int) -> str | None:
+        """Hold `n` more bytes for `who`: None, or which limit refused them ("share" or "total")."""
+        with self._lock:
+            mine = self.per.get(who, 0)
+            why = "share" if mine + n > self.share else ("total" if self.held + n > self.total else None)
+            if why is not None:
+                self.refused += 1
+                return why
+            self.held += n
+            self.per[who] = mine + n
+            self.peak = max(self.peak, self.held)
+            return None
+
+    def _free(self, who: str, n: int) -> None:
+        with self._lock:
+            self.held -= n
+            left = self.per.get(who, 0) - n
+            if left > 0:
+                self.per[who] = left
+            else:
+                self.per.pop(who, None)
+
+    def refusal(self, why: str) -> BodyRefused:
+        if why == "share":
+            return BodyRefused(
+                503,
+                f"You are sending too many large requests at once (at most {self.share / 2**20:.0f} MB of them at a "
+                f"time per person): try again in {BUDGET_RETRY_S} s, when one of them is done.",
+            )
+        return BodyRefused(
+            503,
+            f"Clair is reading too many large requests at once (at most {self.total / 2**20:.0f} MB of them "
+            f"together): try again in {BUDGET_RETRY_S} s.",
+        )
+
+
+class BodyClaim:
+    """One request's part of the BodyBudget: grown to the body's size before the bytes are read, given back
+    once (close) when the request is over. `who` may be changed until it first grows (the guard learns the
+    request's person after its headers)."""
+
+    def __init__(self, budget: BodyBudget, who: str):
+        self.budget = budget
+        self.who = who
+        self.size = 0
+        self.why = ""  # what refused the last growth ("share" or "total")
+
+    def grow(self, size: int) -> bool:
+        """Hold a body of `size` bytes in all (False: no room, `why` says which limit; what was held stays)."""
+        counted = max(0, size - BODY_FREE)
+        if counted <= self.size:
+            return True
+        why = self.budget._take(self.who, counted - self.size)
+        if why is not None:
+            self.why = why
+            return False
+        self.size = counted
+        return True
+
+    def refusal(self) -> BodyRefused:
+        return self.budget.refusal(self.why)
+
+    def close(self) -> None:
+        size, self.size = self.size, 0
+        if size:
+            self.budget._free(self.who, size)
+
+
+class PerPerson:
+    """Requests in flight per person on a port's GPU routes, from before their body is read until the last
+    bytes of their answer. The job slot (`job_slot` below) is taken only once a body has been read and
+    parsed; counting here first refuses a person's excess before a byte of it is read, so one key cannot
+    make Clair read and hold many 64 MB bodies only to refuse them afterwards. `who` is the cap counter's
+    key (clair/service/forwarded.py); the cap is CLAIR_MAX_JOBS_PER_USER, the job slot's own."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.count: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, who: str) -> Callable[[], None] | None:
+        """Count one more request of `who`: its `leave` (call it any number of times), or None at the cap."""
+        with self._lock:
+            n = self.count.get(who, 0)
+            if n >= self.cap:
+                return None
+            self.count[who] = n + 1
+        done = threading.Event()
+
+        def leave() -> None:
+            if not done.is_set():
+                done.set()
+                self._leave(who)
+
+        return leave
+
+    def _leave(self, who: str) -> None:
+        with self._lock:
+            n = self.count.get(who, 0) - 1
+            if n <= 0:
+                self.count.pop(who, None)
+            else:
+                self.count[who] = n
+
+
+async def read_body(
+    receive, limit: int, idle_s: float = BODY_IDLE_S, total_s: float = BODY_TOTAL_S, claim: BodyClaim | None = None
+) -> bytes | None:
+    """The whole body, read as it arrives and refused the moment it passes `limit` (nothing past it is kept),
+    or the moment `claim` cannot grow to hold it (503: the BodyBudget is spent). None when the client went
+    away. Raises BodyRefused."""
     chunks: list[bytes] = []
     size = 0
     with anyio.move_on_after(total_s) as whole:
@@ -88,6 +226,8 @@ async def read_body(receive, limit: int, idle_s: float = BODY_IDLE_S, total_s: f
             size += len(chunk)
             if size > limit:
                 raise BodyRefused(413, too_large(limit))
+            if claim is not None and not claim.grow(size):
+                raise claim.refusal()
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

@@ -23,7 +23,10 @@ app, decides before Gradio sees a request:
   user is deleted. Logout is a POST that ends only the caller's session (Gradio's GET /logout ended
   every session of the user, and any page could trigger it with a link).
 * Connections: one address may hold a quarter of CLAIR_MAX_CONNECTIONS at once; uvicorn's
-  limit_concurrency caps the total. Uploads are refused (Clair takes none) and request bodies are capped.
+  limit_concurrency caps the total. Uploads are refused (Clair takes none) and request bodies are capped,
+  each and all together (clair.edge.guard.BodyBudget); a person's GPU requests on the Ollama port are
+  counted before their body is read (clair.edge.guard.PerPerson).
+* Files: an image of Clair's is its owner's on every file route, Gradio's cache copy of it included.
 * Every answer carries frame-ancestors/X-Frame-Options, nosniff and a same-origin referrer policy.
 """
 
@@ -37,6 +40,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -48,12 +52,16 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import cookie_parser
 
 from clair.edge.guard import (
+    BUDGET_RETRY_S,
     OLLAMA,
     OPENAI,
     PARSED,
     WEB,
     BadJson,
+    BodyBudget,
+    BodyClaim,
     BodyRefused,
+    PerPerson,
     error_body,
     parse_json_async,
     read_body,
@@ -62,6 +70,7 @@ from clair.edge.guard import (
 )
 from clair.edge.keys import Keys, bearer, keys_path
 from clair.edge.users import UserError
+from clair.service.forwarded import busy_note, counted_as
 
 log = logging.getLogger("clair.edge.web")
 
@@ -469,7 +478,8 @@ class Web:
         self.users_required_cached = False  # sync_auth's last answer
         self.text_max_body = text_max_body(cfg)
         self.session_owners = SessionOwners()
-        self.output_dir = os.path.realpath(os.path.expanduser(cfg.output_dir))
+        self.bodies = BodyBudget()  # the bytes of request bodies held at once, both ports together
+        self.in_flight = PerPerson(cfg.max_jobs_per_user)  # GPU requests per person, counted before their body
 
     def api_key_check(self, headers: Headers, address: str) -> Verdict:
         """The key an API request carries: needed whenever Clair has users (clair/edge/keys.py).
@@ -616,20 +626,29 @@ class SessionOwners:
             return owner == user
 
 
-def file_owner(path: str, folder: str) -> tuple[bool, str | None]:
-    """(whether `path` names a file in Clair's output folder, the owner its PNG metadata records)."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def file_owner(path: str) -> str | None:
+    """The owner a PNG of Clair's records in its metadata, wherever the file a file route names lies: the
+    output folder, or the copy Gradio keeps in its cache of every image a handler returned (`/gradio_api/
+    file=/tmp/gradio/<hash>/...`: the same bytes, so the same metadata). None for anything else, which
+    Gradio's own rules decide on. Only regular files are opened (a FIFO would hold the thread)."""
     if path.startswith(("http://", "https://")):
-        return False, None
-    real = os.path.realpath(path)
-    if os.path.commonpath([real, folder]) != folder:
-        return False, None
+        return None
     try:
+        real = os.path.realpath(path)
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            return None
+        with open(real, "rb") as f:
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                return None
         from clair.engines.image import read_metadata
 
         owner = read_metadata(real).get("owner")
     except Exception:
-        owner = None
-    return True, owner if isinstance(owner, str) else None
+        return None
+    return owner if isinstance(owner, str) else None
 
 
 class Guard:
@@ -637,11 +656,16 @@ class Guard:
     sessions, logins, uploads) or OLLAMA_PORT (clair/adapters/gateway.py: keys from other machines only, since
     Ollama answers anyone on this machine; refusals in Ollama's shape)."""
 
-    def __init__(self, app, web: Web, port: str = WEB_PORT, max_body: int = MAX_BODY):
+    def __init__(self, app, web: Web, port: str = WEB_PORT, max_body: int = MAX_BODY, gpu_paths=(), busy=None):
         self.app = app
         self.web = web
         self.port = port
         self.max_body = max_body  # /v1 and Gradio's events take text only: at most web.text_max_body
+        # POSTs that take a job slot once read: counted per person before their body is read (PerPerson).
+        self.gpu_paths = frozenset(gpu_paths)
+        self.busy = busy or (  # the refusal's words: the job slot's own, from the adapter that has them
+            lambda: "Busy: too many of your requests are waiting or running (the limit per person, CLAIR_MAX_JOBS_PER_USER)."
+        )
 
     def protocol(self, path: str) -> str:
         return OPENAI if is_api_path(path) else (OLLAMA if self.port == OLLAMA_PORT else WEB)
@@ -701,6 +725,8 @@ class Guard:
     def cap(self, path: str) -> int:
         if is_api_path(path) or (self.port == WEB_PORT and path.startswith("/gradio_api/")):
             return self.web.text_max_body  # text only: what Clair's text limits allow
+        if self.gpu_paths and path not in self.gpu_paths:
+            return self.web.text_max_body  # only a GPU request may carry images (/api/show names a model)
         return self.max_body
 
     def reads_json(self, headers: Headers, path: str) -> bool:
@@ -708,13 +734,19 @@ class Guard:
             return True
         return "json" in (headers.get("content-type") or "").lower()
 
-    async def body(self, receive, headers: Headers, path: str) -> tuple[Refusal | None, bytes | None, object]:
-        """Read the body within the cap while it keeps moving, and parse JSON off the event loop:
-        (a refusal or None, the body (None: the client left), the parsed JSON or MISSING)."""
+    async def body(self, receive, headers: Headers, path: str, claim: BodyClaim) -> tuple[Refusal | None, bytes | None, object]:
+        """Read the body within the cap and the BodyBudget (`claim`, its whole Content-Length claimed before a
+        byte is read) while it keeps moving, and parse JSON off the event loop: (a refusal or None, the body
+        (None: the client left), the parsed JSON or MISSING)."""
+        length = headers.get("content-length")
         try:
-            raw = await read_body(receive, self.cap(path))
+            if length is not None and length.isdigit() and not claim.grow(int(length)):
+                raise claim.refusal()
+            raw = await read_body(receive, self.cap(path), claim=claim)
         except BodyRefused as exc:
-            return Refusal(exc.status, str(exc), "too_large" if exc.status == 413 else "timeout"), None, MISSING
+            code = {413: "too_large", 503: "server_busy"}.get(exc.status, "timeout")
+            retry = {"retry-after": str(BUDGET_RETRY_S)} if exc.status == 503 else None
+            return Refusal(exc.status, str(exc), code, retry), None, MISSING
         if raw is None or not raw.strip() or not self.reads_json(headers, path):
             return None, raw, MISSING
         try:
@@ -722,8 +754,23 @@ class Guard:
         except BadJson as exc:
             return Refusal(400, f"The body is not valid JSON: {exc}.", "invalid_json"), raw, MISSING
 
+    def admit(self, scope, headers: Headers, address: str, method: str, path: str, claim: BodyClaim):
+        """A GPU route's request counted for its person before its body is read (and its body claimed in the
+        person's name): (its `leave`, None), or (None, a refusal) at the person's cap, or (None, None) for any
+        other request."""
+        if scope["type"] != "http" or method != "POST" or path not in self.gpu_paths:
+            return None, None
+        who, counted = counted_as(self.web.cfg, scope.get("clair_api_user"), address, headers)
+        claim.who = who
+        leave = self.web.in_flight.enter(who)
+        if leave is None:
+            log.info("request refused before its body was read: per-person cap who=%s path=%s", who, path[:100])
+            return None, Refusal(429, busy_note(self.busy(), counted), "too_many_jobs", {"retry-after": "5"})
+        return leave, None
+
     async def owned(self, method: str, path: str, scope, parsed, user: str | None) -> Refusal | None:
-        """With users, a Gradio session hash and a file of the output folder are their user's only."""
+        """With users, a Gradio session hash and an image of Clair's (in the output folder, or Gradio's cache copy
+        of one) are their user's only."""
         if self.port != WEB_PORT or user is None:
             return None
         for h in session_hashes(method, path, scope.get("query_string", b""), parsed):
@@ -731,9 +778,12 @@ class Guard:
                 log.warning("refused another user's session user=%s path=%s", user, path[:100])
                 return Refusal(404, "No such session: reload the page.")
         if path.startswith(FILE_ROUTES) and not self.web.cfg.shared_gallery:
+            # Any file these routes serve that is one of Clair's images (in the output folder, or Gradio's
+            # cache copy of one a handler returned) is its owner's only.
             target = path.split("=", 1)[1] if path.startswith(FILE_ROUTES[0]) else path[len(FILE_ROUTES[1]):]
-            inside, owner = await anyio.to_thread.run_sync(file_owner, target, self.web.output_dir)
-            if inside and owner is not None and owner != user:
+            owner = await anyio.to_thread.run_sync(file_owner, target)
+            if owner is not None and owner != user:
+                log.warning("refused another user's image user=%s path=%s", user, path[:100])
                 return Refusal(404, "No such file.")
         return None
 
@@ -772,14 +822,19 @@ class Guard:
             return
         token = CLIENT.set(address)
         login_claimed = self.port == WEB_PORT and method == "POST" and path in LOGIN_PATHS
+        claim, leave = web.bodies.claim(machine(address)), None
         try:
             if login_claimed and not web.limiter.begin(address):
                 login_claimed = False
                 await deny(Refusal(429, "A login from your address is already being checked.", "", {"retry-after": "1"}))
                 return
+            leave, refusal = self.admit(scope, headers, address, method, path, claim)
+            if refusal is not None:
+                await deny(refusal)
+                return
             parsed = MISSING
             if kind == "http" and method in BODY_METHODS:
-                refusal, raw, parsed = await self.body(receive, headers, path)
+                refusal, raw, parsed = await self.body(receive, headers, path, claim)
                 if refusal is not None:
                     await deny(refusal)
                     return
@@ -793,8 +848,11 @@ class Guard:
             if refusal is not None:
                 await deny(refusal)
                 return
-            await self.app(scope, receive, self.sender(scope, send, headers, method, path, address))
+            await self.app(scope, receive, _leaving(self.sender(scope, send, headers, method, path, address), leave))
         finally:
+            claim.close()
+            if leave is not None:
+                leave()
             if login_claimed:
                 web.limiter.end(address)
             web._leave(key)
@@ -834,6 +892,20 @@ class Guard:
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
             return _login_page_sender(secured_send)
         return secured_send
+
+
+def _leaving(send, leave):
+    """`send`, calling `leave` (a PerPerson count) just before the answer's last bytes go out: a client that
+    sends its next request as soon as it has the answer finds its count already down."""
+    if leave is None:
+        return send
+
+    async def sender(message):
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            leave()
+        await send(message)
+
+    return sender
 
 
 def secure_cookies(start: dict) -> None:
@@ -887,6 +959,8 @@ def _login_page_sender(send):
         if message.get("more_body", False):
             return
         body = API_INFO.sub(lambda m: m.group(1) + EMPTY_API_INFO + m.group(2), b"".join(chunks), count=1)
+        # The login page has no title (its browser tab reads nothing): Clair's.
+        body = body.replace(b'<meta charset="utf-8" />', b'<meta charset="utf-8" />\n\t\t<title>Clair</title>', 1)
         headers = MutableHeaders(scope=start)
         if "content-length" in headers:
             headers["content-length"] = str(len(body))

@@ -85,6 +85,16 @@ class Engine:
     def footprint(self, *spec: Any) -> tuple[int, int]:
         raise NotImplementedError
 
+    def to_load(self, *spec: Any) -> int:
+        """GPU bytes the work will still take when it starts (a model not loaded yet): what a grant's
+        preflight checks against the card's free memory (Studio.preflight). 0: nothing new."""
+        return 0
+
+    def parts(self, *spec: Any) -> tuple[tuple[str, int], ...]:
+        """What the footprint is made of, by name, for an engine that holds several models at once (Ollama):
+        the ledger adds up concurrent requests for different parts (Req.parts). Empty: one indivisible thing."""
+        return ()
+
     def measured(self, *spec: Any) -> int | None:
         return None
 

@@ -19,7 +19,7 @@ import httpx
 import ollama
 
 from clair.base.config import Config, ollama_locality
-from clair.base.errors import Cancelled, ChatUnavailable, EvictionFailed, load_failure
+from clair.base.errors import Cancelled, ChatUnavailable, EvictionFailed, ToolsUnsupported, load_failure
 from clair.engines.base import LOCAL_GPU, REMOTE, Engine, StateFile
 from clair.engines.loadgate import LoadGate, source_fingerprint
 
@@ -330,6 +330,25 @@ class OllamaChat(ChatBackend):
             own = self._model_bytes(model)
         return held + own, held + own
 
+    def to_load(self, model: str) -> int:
+        """What Ollama will load for `model` (0 when the last reading shows it loaded at our num_ctx)."""
+        with self._lock:
+            mine = self._seen.get(model_key(model))
+        if not self.on_this_gpu or (mine is not None and mine[3] == self.cfg.chat_num_ctx):
+            return 0
+        return self._model_bytes(model, refresh=False)
+
+    def parts(self, model: str) -> tuple[tuple[str, int], ...]:
+        """The footprint by model: everything Ollama was last seen holding, and `model` at its size. Two chats
+        for different models sized before either loaded still add up in the ledger (Req.parts)."""
+        key = model_key(model)
+        with self._lock:
+            seen = dict(self._seen)
+        held = {k: max(size, vram) for k, (_, size, vram, ctx) in seen.items() if k != key}
+        mine = seen.get(key)
+        own = max(mine[1], mine[2]) if mine is not None and mine[3] == self.cfg.chat_num_ctx else None
+        return tuple(sorted({**held, key: own if own is not None else self._model_bytes(model)}.items()))
+
     # -- hooks -----------------------------------------------------------------------------------
     def after_grant(self, lease: Lease, model: str | None = None) -> None:
         """The chat may load `model` from now on: evictions unload it even if no reading ever shows it."""
@@ -383,7 +402,9 @@ class OllamaChat(ChatBackend):
             return  # another render waits: it would evict the model again at once
         for model in self.last_evicted or [self.cfg.chat_model]:
             need, idle = self.footprint(model)
-            lease = arbiter.request("chat", self.tenant, need, idle, label=f"warm-up:{model}")
+            lease = arbiter.request(
+                "chat", self.tenant, need, idle, label=f"warm-up:{model}", parts=self.parts(model)
+            )
             try:
                 lease.wait(self.cfg.queue_timeout_s)
                 self.after_grant(lease, model)
@@ -428,6 +449,12 @@ class OllamaChat(ChatBackend):
             finally:
                 chunks.close()  # aborts the HTTP stream: Ollama stops generating for us
         except ollama.ResponseError as exc:
+            if exc.status_code == 400 and "does not support tools" in str(exc.error):
+                raise ToolsUnsupported(
+                    f"{model} does not support tools: Ollama says its chat template has no tool calls. Pick a model "
+                    'that has them (`ollama show MODEL` lists "tools" under Capabilities; llama3.1 and qwen2.5 do), '
+                    "or send the request without `tools`."
+                ) from None
             raise ChatUnavailable(self._explain(exc, model)) from None
         except (ConnectionError, httpx.ConnectError):  # a stream's connect error is not wrapped by the client
             raise ChatUnavailable(self.unreachable()) from None

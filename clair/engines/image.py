@@ -205,6 +205,13 @@ class ImageEngine(Engine):
         return self.gate.problem
 
     # -- memory ------------------------------------------------------------------------------------
+    def to_load(self, width: int, height: int) -> int:
+        """What a render of this size will still take on the card: its activations and decode, and its
+        weights when they are on the host now (a pause, an eviction: the render restores them first)."""
+        need, idle = self.footprint(width, height)
+        on_card = self._swap is not None and getattr(self._swap, "on_gpu", True)
+        return need - idle if on_card else need
+
     def footprint(self, width: int, height: int) -> tuple[int, int]:
         """(bytes while rendering at width x height, bytes while idle) on the GPU.
 

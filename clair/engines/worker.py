@@ -212,10 +212,11 @@ class WorkerCard(device.Device):
 
 
 class _Weights:
-    """The worker's weight size, where ImageEngine.footprint looks for it (`self._swap.nbytes`)."""
+    """The worker's weights as ImageEngine's footprint and `to_load` look at them (`self._swap.nbytes`, `.on_gpu`)."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, on_gpu: bool = True):
         self.nbytes = nbytes
+        self.on_gpu = on_gpu
 
 
 class _Image:
@@ -378,7 +379,7 @@ class _Link:
     def _mirror(self, m: dict) -> None:
         """Keep what the worker's engine said about itself (its sizes) for the footprint."""
         if m.get("weights") is not None:
-            self._swap = _Weights(int(m["weights"]))  # type: ignore[assignment]
+            self._swap = _Weights(int(m["weights"]), bool(m.get("on_gpu", True)))  # type: ignore[assignment]
 
     heals_stalls = True
 

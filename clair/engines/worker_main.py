@@ -95,6 +95,7 @@ class Worker:
             return {"weights": swap.nbytes if swap is not None else None}
         return {
             "weights": swap.nbytes if swap is not None else None,
+            "on_gpu": bool(getattr(swap, "on_gpu", True)),  # evicted (a pause, keep-alive): a render restores them
             "vae_kind": e.vae_kind,
             "vae_source": e.vae_source,
             "vae_note": e.vae_note,

@@ -203,7 +203,7 @@ class Studio:
 
     def request_for(self, engine: Engine, model: str, label: str) -> Lease:
         """A chat lease on `engine`'s tenant for a request an adapter sends to the engine itself (Job.hold)."""
-        return self._request(engine, "chat", engine.footprint(model), label)
+        return self._request(engine, "chat", engine.footprint(model), label, parts=engine.parts(model))
 
     def after_hold(self, engine: Engine, lease: Lease | None) -> None:
         """Job.hold's end: release its lease (with every engine's hooks), or after an unload re-read the engine."""
@@ -305,7 +305,8 @@ class Studio:
                 yield Token("", usage=meta.get("usage"), tool_calls=meta.get("tool_calls"))
             self._chat_done(backend.name, t0, first, n)
             return
-        lease = self._request(backend, "chat", backend.footprint(model), label or f"chat:{model}")
+        label = label or f"chat:{model}"
+        lease = self._request(backend, "chat", backend.footprint(model), label, parts=backend.parts(model))
         lease.owner = owner
         t0, first, n = None, None, 0
         try:
@@ -313,6 +314,7 @@ class Studio:
             t0 = time.monotonic()
             lease.progress(0)
             backend.after_grant(lease, model)
+            self.preflight(lease, backend.to_load(model))  # Ollama would offload what the card lacks
             for text in backend.stream(model, messages, stop, tools=tools, meta=meta):
                 if text:  # a chunk of the reply: counted as one token (Ollama streams about one per chunk)
                     first, n = first or time.monotonic(), n + 1
@@ -345,11 +347,13 @@ class Studio:
 
     def _sync_other(self, index: int = 0) -> None:
         """GPU memory held by other processes on card `index`: the device's use less ours (torch's pool and
-        our CUDA context, or the worker's) and Ollama's (its last successful /api/ps). Counted in the ledger as
+        our CUDA context, or the workers') and Ollama's (its last successful /api/ps). Counted in the ledger as
         a tenant that is never evicted, so the budget shrinks while they hold it. Skipped when Ollama's share
         is unknown."""
         arbiter = self.arbiters[index]
-        outside = [e.held_outside() for e in self.engines if e.on_this_gpu and self.arbiter_of(e) is arbiter]
+        # An engine's share is the smaller of its last reading and the ledger: a reading taken before Clair evicted
+        # it would hide as much of another program's memory (unknown is never free: count it as others').
+        outside = [self._share(e) for e in self.engines if e.on_this_gpu and self.arbiter_of(e) is arbiter]
         # One reading: free and our reserved figure from the same moment (a render allocating between two
         # separate reads would show up as another program's memory).
         now = device.cards()[index].reading()
@@ -358,10 +362,52 @@ class Studio:
         other = now.others - sum(outside) - CONTEXT_ALLOWANCE  # type: ignore[arg-type]
         arbiter.set_other(max(0, other))
 
-    def _request(self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0) -> Lease:
+    def preflight(self, lease: Lease, grow: int) -> list[str]:
+        """The ledger planned the grant; the card has the last word, before the first allocation.
+
+        Memory can change hands between a plan and the work it granted: a program takes some after the last
+        reading of "other programs" (a queued request is granted at another one's release, without a new
+        reading), or a model Ollama still holds had not shown in a reading. When the card's free memory (and
+        our own cached blocks) is short of `grow`, the bytes the work will still allocate: re-read who holds
+        what, send every idle tenant away (as after an out-of-memory error, `Arbiter.evict_idle`), and wait
+        for the memory. Returns the tenants that left. Without a device (or with room) it does nothing.
+        With several cards: the lease's own card and arbiter."""
+        arbiter = lease.arbiter
+        card = device.cards()[self.arbiters.index(arbiter)] if arbiter in self.arbiters else gpu.dev()
+        now = card.reading()
+        if now is None or grow <= 0:
+            return []
+        self._note("preflight", label=lease.label, free=now.free, grow=grow)
+        if now.free >= grow:  # (our cached blocks do not count: a render empties the cache as it starts)
+            return []
+        log.info(
+            "card short before %s: free_gib=%.2f grow_gib=%.2f; re-reading and evicting idle tenants",
+            lease.label,
+            now.free / GiB,
+            grow / GiB,
+        )
+        self.sync()
+        gone = list(arbiter.evict_idle(lease))
+        try:
+            # All of it: a runner Ollama just unloaded gives its memory back a little after /api/ps empties,
+            # and until then it reads like another program's (which `_wait_free` would not wait for). Memory
+            # that never comes stops the wait once free memory has not risen for a while (gpu.wait_free).
+            gpu.wait_free(grow, self.cfg.evict_timeout_s, reserve_gb=self.cfg.vram_reserve_gb, card=card)
+        except ClairError as exc:
+            log.warning("preflight: going ahead without waiting further: %s", exc)
+        lease.evicted = (*lease.evicted, *(n for n in gone if n not in lease.evicted))
+        return gone
+
+    def _share(self, engine: Engine) -> int | None:
+        held = engine.held_outside()
+        return None if held is None else min(held, self.arbiter_of(engine).resident_bytes(engine.tenant)) if held else 0
+
+    def _request(
+        self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0, parts: tuple = ()
+    ) -> Lease:
         self.sync()  # the ledger must see what is really on the GPU before it plans
         need, idle = footprint
-        return self.arbiter_of(engine).request(kind, engine.tenant, need, idle, label=label, steps=steps)
+        return self.arbiter_of(engine).request(kind, engine.tenant, need, idle, label=label, steps=steps, parts=parts)
 
     def _release(self, lease: Lease) -> None:
         lease.release()
@@ -487,6 +533,7 @@ class Studio:
                 on_progress(f"Paused for a chat at step {step}/{total}: resumes in about {w.eta_s:.0f} s", step / total)
             # Ours again: whatever left for the chat (Ollama) left in the wait above; our weights come back
             # if the chat needed their room. The latents, scheduler and generator never left this call.
+            self.preflight(lease, self.image.to_load(params.width, params.height))  # before the weights return
             restored = self.image.restore()
             self._note("restore", tenant=self.image.tenant, s=restored)
             paused_s += time.monotonic() - t0
@@ -504,6 +551,8 @@ class Studio:
             evicted.extend(first.evicted)
             evict_s += first.evict_s
             self.image.after_grant(first)
+            grow = self.image.to_load(params.width, params.height)
+            evicted.extend(n for n in self.preflight(first, grow) if n not in evicted)
             on_progress("Rendering", 0.0)
             lease.progress(total=params.steps)  # the pace is measured from the first step on
 
