@@ -251,7 +251,7 @@ class _Link:
         self.closed = False
         self._proc: Process | None = None
         self._generation = 0
-        self._busy = False  # a job (a render, a reply) is in the worker: silence past CLAIR_STALL_S is a stall
+        self._busy = False  # a job (a render, a reply) is in the worker: every silence past CLAIR_STALL_S is a stall
         if start:
             self._start()  # else at the first command (`_ready`)
 
@@ -333,8 +333,10 @@ class _Link:
             proc.kill()
 
     # -- the job pipe ------------------------------------------------------------------------------
-    def _recv(self, proc: Process) -> tuple:
-        stall = self.cfg.stall_s if self._busy and self.cfg.stall_s > 0 else None
+    def _recv(self, proc: Process, patient: bool = False) -> tuple:
+        """The worker's next message. Silence past CLAIR_STALL_S kills it, except while it loads a model
+        outside a job (`patient`: a first download from the hub may take many minutes, as in-process)."""
+        stall = self.cfg.stall_s if self.cfg.stall_s > 0 and (self._busy or not patient) else None
         try:
             if not proc.conn.poll(stall):
                 raise _Dead(f"sent nothing for {stall:g} s (CLAIR_STALL_S) and was killed")
@@ -348,7 +350,7 @@ class _Link:
                 proc.conn.send(msg)
             except (EOFError, OSError):
                 raise _Dead(proc.ended()) from None
-            return self._recv(proc)
+            return self._recv(proc, patient=msg[0] == "load")
 
     def ping(self) -> None:
         """One round trip on the job pipe (the worker answers between jobs, or at a step boundary)."""
