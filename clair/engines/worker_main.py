@@ -21,6 +21,7 @@ answers the path. Everything else that crosses is plain data (numbers, strings, 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -42,6 +43,18 @@ def _pin(card: dict) -> None:
         from clair.device import card as device
 
         device.install(device.Device())  # no card: the CPU, as in-process without one
+
+
+def _warn_without_cuda(card: dict, cfg, kind: str) -> None:
+    """A worker meant for a CUDA card that finds none says so (the web process never looks at CUDA)."""
+    from clair.device import gpu
+
+    model = cfg.local_chat_model if kind == "chat" else cfg.image_model
+    if card.get("cuda") is not None and model != "tiny" and not cfg.demo and not gpu.cuda():
+        logging.getLogger("clair.engines.worker_main").warning(
+            "the %s worker for card %s found no CUDA device: %s will run on the CPU (minutes a render). Check the "
+            "NVIDIA driver and that torch is a CUDA build, or run with --demo", kind, card["index"], model,
+        )
 
 
 def _reading() -> tuple | None:
@@ -213,6 +226,7 @@ def main(conn, probe) -> None:
     _pin(card)
     threading.Thread(target=_serve_probe, args=(probe,), name="clair-worker-probe", daemon=True).start()
     worker = Worker(conn, cfg, kind, learns)
+    _warn_without_cuda(card, cfg, kind)
     conn.send(("hello", os.getpid()))
     worker.serve()
 
