@@ -112,7 +112,7 @@ class Studio:
         image, local = start_engines(cfg, several.first_image_card(cfg, self.ollama_cards))
         self.arbiters = [
             self._new_arbiter(i, gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb, card))
-            for i, card in enumerate(device.cards())
+            for i, card in enumerate(device.cards()[: several.card_count(cfg)])
         ]
         self.state = StateFile(cfg.state_path)
         self.ollama = OllamaChat(cfg, self.state)
@@ -837,7 +837,7 @@ class Studio:
     def cards_status(self) -> list[dict]:
         """Each card's arbiter, for the panel's bars and /metrics' per-card labels (several cards only)."""
         out = []
-        for i, (arbiter, card) in enumerate(zip(self.arbiters, device.cards(), strict=True)):
+        for i, (arbiter, card) in enumerate(zip(self.arbiters, device.cards()[: len(self.arbiters)], strict=True)):
             st = arbiter.status()
             out.append({
                 "index": i,
