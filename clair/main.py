@@ -319,6 +319,8 @@ def _preload_then_ready(studio, url: str) -> None:
 def _warn_without_cuda(cfg: config.Config) -> None:
     from clair.device import gpu
 
+    if cfg.workers == "on":
+        return  # this process never looks at CUDA then: each worker says it itself (clair/engines/worker_main.py)
     models = [cfg.image_model] + ([cfg.local_chat_model] if cfg.chat_backend != "ollama" else [])
     real = [m for m in models if m != "tiny"]
     if real and not cfg.demo and not gpu.cuda():

@@ -927,7 +927,9 @@ class Arbiter:
                 if ls.progress_at is not None:
                     since = min(since, mono - ls.progress_at)
                 if since > stall_s:
-                    out.append({"id": ls.req.id, "label": ls.label, "kind": ls.kind, "silent_s": round(since, 1)})
+                    out.append(
+                        {"id": ls.req.id, "label": ls.label, "kind": ls.kind, "tenant": ls.req.tenant, "silent_s": round(since, 1)}
+                    )
         return out
 
     # -- what the UI and /status show ------------------------------------------------------------

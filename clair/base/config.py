@@ -216,7 +216,8 @@ class Config:
         "Run on a simulated GPU card of this many GB (GiB) instead of CUDA: models take and give back memory on it "
         "as the real ones would, and it says out of memory as a real card does (docs/facts.md, \"The simulated "
         "card\"). 0: off (the demo uses 20 unless set). A comma-separated list (12,24) simulates several cards, "
-        "one state file each (sim-gpu.json, sim-gpu-1.json, ...); Clair itself still runs on the first.",
+        "one state file each (sim-gpu.json, sim-gpu-1.json, ...); with CLAIR_WORKERS=on Clair plans on every one "
+        "(renders go where they fit), else it runs on the first.",
         min=0,
         max=4096,
     )
@@ -227,6 +228,19 @@ class Config:
         "",
         "The simulated card's state file, shared by every process that uses the card. Empty: sim-gpu.json in "
         "the state folder.",
+    )
+    workers: str = setting(
+        "off",
+        "on: the image model runs in a worker process pinned to its card, so a CUDA fault or a hung kernel costs "
+        "one render (the worker is killed and started again), not the service, and this process never "
+        "initialises CUDA. off: in this process (no worker start-up: about 4 s on a CPU). See docs/design.md, "
+        "\"Several cards and worker processes\".",
+        choices=("off", "on"),
+    )
+    ollama_gpus: str = setting(
+        "",
+        "With several cards (CLAIR_WORKERS=on): the cards Ollama uses, comma-separated indices as Clair numbers "
+        "them (0, 0,1). Clair evicts Ollama only for work placed on one of them. Empty: card 0.",
     )
     chat_priority: str = setting(
         "next",

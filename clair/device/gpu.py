@@ -67,10 +67,12 @@ def free_bytes() -> int | None:
     return r.free if r else None
 
 
-def budget_bytes(budget_gb: float, reserve_gb: float) -> int:
+def budget_bytes(budget_gb: float, reserve_gb: float, card: _device.Device | None = None) -> int:
+    """The budget of `card` (default: the first card)."""
     if budget_gb > 0:
         return int(budget_gb * GiB)
-    total = total_bytes()
+    r = (card or dev()).reading()
+    total = r.total if r else None
     if total is None:
         return 0
     return max(0, int(total - reserve_gb * GiB))
@@ -83,6 +85,7 @@ def wait_free(
     reserve_gb: float = 1.5,
     others: Callable[[], int] = lambda: 0,
     settle_s: float = 5.0,
+    card: _device.Device | None = None,
 ) -> float:
     """Block until the device has `nbytes` free; returns the seconds waited. No-op without a device.
 
@@ -93,7 +96,7 @@ def wait_free(
     error heals as any other (clair/engines/image.py). Raises EvictionFailed only when memory was still coming in
     at `timeout`.
     """
-    d = dev()
+    d = card or dev()  # `card`: one of several cards (device.cards()); default the first
     if not d.present or nbytes <= 0:
         return 0.0
     t0 = time.monotonic()

@@ -25,6 +25,9 @@ chat model, the SDXL pipeline. Studio treats them alike, through this protocol:
   clients send theirs) means its model. `problem()` of an engine that `needs_load()` is answered by the
   load itself (a failed load is re-tried when due), not before it.
 * `notice()`: a line about the engine for the Chat tab, or "".
+* `heals_stalls`, `worker_trouble()`, `worker_restarts()`: an engine run in worker processes
+  (clair/engines/worker.py) kills and restarts a stalled worker itself, says when its workers keep dying
+  (then /healthz fails), and counts restarts per card.
 
 Nothing outside an engine asks which engine it is: Studio, the front door and the adapters go through
 these.
@@ -117,6 +120,25 @@ class Engine:
 
     def notice(self) -> str:
         return ""
+
+    # With several cards, an engine whose worker Studio may move to another card (the image model: placement,
+    # clair/service/several.py) is known to every card's arbiter; the others to their own card's only.
+    moves_between_cards: bool = False
+
+    # An engine run by worker processes (clair/engines/worker.py) heals its own stalls: it kills and restarts
+    # the worker, so a stall of its lease is not a reason to fail /healthz.
+    heals_stalls: bool = False
+
+    def worker_trouble(self) -> str | None:
+        """Why its workers cannot be trusted any more (they keep dying), else None."""
+        return None
+
+    def worker_restarts(self) -> dict[str, int]:
+        """Worker restarts so far, per card label ("0", "1"); empty for an engine without workers."""
+        return {}
+
+    def close(self) -> None:
+        """Stop what the engine started (its worker processes). An in-process engine has nothing to stop."""
 
 
 class StateFile:

@@ -43,6 +43,10 @@ SERIES = (
     "clair_preemptions_total",
     "clair_idle_evictions_total",
     "clair_errors_total",
+    "clair_worker_restarts_total",
+    "clair_card_budget_bytes",
+    "clair_card_ledger_bytes",
+    "clair_card_free_bytes",
 )
 
 
@@ -101,6 +105,32 @@ class _Live:
             "clair_oom_failures", "Renders that ran out of GPU memory with every fallback.",
             value=self.studio.image.oom_failures,
         )
+        restarts = CounterMetricFamily(
+            "clair_worker_restarts", "Worker processes started again after one died or stalled, per card "
+            "(CLAIR_WORKERS=on; no samples without workers).", labels=["card"],
+        )
+        for card, n in sorted(self.studio.worker_restarts().items()):
+            restarts.add_metric([card], n)
+        yield restarts
+        yield from self._cards()
+
+    def _cards(self):
+        """Per card (several cards with workers; one card is card "0"): its budget, its ledger, its free memory."""
+        budget = GaugeMetricFamily("clair_card_budget_bytes", "Each card's VRAM budget (0: unknown).", labels=["card"])
+        ledger = GaugeMetricFamily(
+            "clair_card_ledger_bytes", "What each card's ledger holds, per tenant.", labels=["card", "tenant"]
+        )
+        free = GaugeMetricFamily("clair_card_free_bytes", "Each card's free memory, as read (absent: unknown).", labels=["card"])
+        for card in self.studio.cards_status():
+            label = str(card["index"])
+            budget.add_metric([label], card["budget"])
+            for r in card["resident"]:
+                ledger.add_metric([label, r["tenant"]], r["bytes"])
+            if card["reading"] is not None:
+                free.add_metric([label], card["reading"]["free"])
+        yield budget
+        yield ledger
+        yield free
 
 
 class Metrics:

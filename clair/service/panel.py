@@ -84,24 +84,30 @@ def panel_data(studio, now: float | None = None, viewer: str | None = None) -> d
         "image_keep_alive_s": st.get("image_keep_alive_s"),
         "stats": st["stats"],
         "policy": st["policy"],
+        "worker_restarts": st.get("worker_restarts") or {},
+        "cards": [_card_vram(c) for c in st.get("cards") or []],  # several cards: one bar each
     }
 
 
-def _vram(st: dict, budget) -> dict:
-    """The memory bar: the ledger's residents; on a card, what it says is used beyond Clair's and Ollama's share."""
+def _vram(st: dict, budget, reading: dict | None = None, name: str | None = None) -> dict:
+    """The memory bar: the ledger's residents; on a card, what it says is used beyond Clair's and Ollama's share.
+    `reading` and `name`: one card of several (Studio.cards_status); default the first card, read now."""
     segments = [
         {"tenant": r["tenant"], "name": _name(r["tenant"]), "bytes": r["bytes"], "busy": r["busy"], "evicting": r["evicting"]}
         for r in st["resident"]
     ]
     ledger = sum(s["bytes"] for s in segments)
     device = None
-    card = gpu.reading() if st.get("cuda") else None  # CUDA or the simulated card; one consistent reading
-    if card is not None:
-        ours = card.reserved + sum(s["bytes"] for s in segments if s["tenant"] == "ollama")
+    if reading is None and name is None:
+        now = gpu.reading() if st.get("cuda") else None  # CUDA or the simulated card; one consistent reading
+        if now is not None:
+            reading, name = {"total": now.total, "free": now.free, "reserved": now.reserved}, gpu.dev().name
+    if reading is not None:
+        ours = reading["reserved"] + sum(s["bytes"] for s in segments if s["tenant"] == "ollama")
         from clair.service.studio import CONTEXT_ALLOWANCE  # our own CUDA context is not another program's memory
 
-        others = max(0, card.total - card.free - ours - CONTEXT_ALLOWANCE)
-        device = {"total": card.total, "free": card.free, "others": others, "name": gpu.dev().name}
+        others = max(0, reading["total"] - reading["free"] - ours - CONTEXT_ALLOWANCE)
+        device = {"total": reading["total"], "free": reading["free"], "others": others, "name": name}
     scale = (device or {}).get("total") or budget or ledger or 1
     others = device["others"] if device else 0
     free = device["free"] if device else (max(0, budget - ledger) if budget else None)
@@ -115,6 +121,13 @@ def _vram(st: dict, budget) -> dict:
         "free": free,
         "device": device,
     }
+
+
+def _card_vram(card: dict) -> dict:
+    """One card's bar (several cards): its own arbiter's ledger and budget, and its own reading."""
+    st = {"resident": card["resident"]}
+    v = _vram(st, card["budget"], reading=card["reading"], name=card["name"])
+    return {"index": card["index"], "name": card["name"], "vram": v}
 
 
 def _holders(st: dict, viewer: str | None) -> list[dict]:
@@ -355,7 +368,7 @@ def panel_html(d: dict) -> str:
     stats = d["stats"]
     return (
         '<div class="clair-panel">'
-        f"<h3>VRAM</h3>{_bar(d, 22)}<p style='font-size:13px'>{escape(_vram_caption(d))}. Image model: {keep_text}.</p>"
+        f"<h3>VRAM</h3>{_bars(d, keep_text)}"
         f"<h3>GPU holder</h3><p>{holder}</p>"
         f"<h3>Queue</h3>{queue}"
         f"<h3>Who held the GPU</h3>{_timeline(d)}"
@@ -363,7 +376,8 @@ def panel_html(d: dict) -> str:
         f"<h3>Recoveries, errors and unloads</h3>{events}"
         f"<p style='font-size:12px;opacity:.7'>Policy {escape(d['policy'])} · grants {stats.get('grants', 0)} · "
         f"swaps {stats.get('swaps', 0)} · preemptions {stats.get('preemptions', 0)} · "
-        f"out-of-memory recoveries {stats.get('oom_recoveries', 0)} · budget breaches {stats.get('budget_exceeded', 0)}</p>"
+        f"out-of-memory recoveries {stats.get('oom_recoveries', 0)} · budget breaches {stats.get('budget_exceeded', 0)}"
+        f"{_restarts_text(d)}</p>"
         "</div>"
     )
 
@@ -373,3 +387,22 @@ def _card_name(device: dict) -> str:
     not take the demo's figures for a real GPU's."""
     name = str(device.get("name") or "")
     return f" ({escape(name)})" if name.startswith("simulated") else ""
+
+
+def _restarts_text(d: dict) -> str:
+    """" · worker restarts: card 0: 1" with workers (CLAIR_WORKERS=on), else nothing."""
+    restarts = d.get("worker_restarts") or {}
+    if not restarts:
+        return ""
+    return " · worker restarts: " + ", ".join(f"card {escape(str(c))}: {int(n)}" for c, n in sorted(restarts.items()))
+
+
+def _bars(d: dict, keep_text: str) -> str:
+    """The VRAM bar with its caption: one per card when there are several."""
+    if not d.get("cards"):
+        return f"{_bar(d, 22)}<p style='font-size:13px'>{escape(_vram_caption(d))}. Image model: {keep_text}.</p>"
+    return "".join(
+        f"<p style='font-size:13px;margin-bottom:2px'><b>card {c['index']}</b></p>{_bar(c, 22)}"
+        f"<p style='font-size:13px'>{escape(_vram_caption(c))}.</p>"
+        for c in d["cards"]
+    ) + f"<p style='font-size:13px'>Image model: {keep_text}.</p>"

@@ -28,11 +28,13 @@ from dataclasses import asdict
 from clair.arbiter import Arbiter, Kind, Lease
 from clair.base.config import Config, duration_s
 from clair.base.errors import BadRequest, ChatUnavailable, ClairError
-from clair.device import gpu, simcard
+from clair.device import card as device
+from clair.device import gpu
 from clair.engines.base import Engine, StateFile
-from clair.engines.chat import ChatBackend, LocalChat, OllamaChat
-from clair.engines.image import ImageEngine, RenderParams
-from clair.service import limits
+from clair.engines.chat import ChatBackend, OllamaChat
+from clair.engines.image import RenderParams
+from clair.engines.worker import start_engines
+from clair.service import limits, several
 from clair.service.events import Queued, Token, Waiting
 from clair.service.front import Job
 
@@ -91,35 +93,46 @@ def parse_imagined(reply: str, idea: str = "", limit: int = 2000) -> tuple[str, 
     return prompt[:limit], negative[:limit]
 
 
+def _reading_dict(r) -> dict | None:
+    return None if r is None else {"total": r.total, "free": r.free, "reserved": r.reserved}
+
+
 class Studio:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         # The device every memory question goes to (CUDA, or the simulated card of CLAIR_SIM_GPU_GB).
-        simcard.configure(cfg.sim_gpu_gb, cfg.sim_gpu_path)
-        self.arbiter = Arbiter(
-            policy=cfg.gpu_policy,  # type: ignore[arg-type]
-            budget_bytes=gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb),
-            chat_priority=cfg.chat_priority,  # type: ignore[arg-type]
-            queue_timeout_s=cfg.queue_timeout_s,
-            wait_free=self._wait_free,
-            preempt=cfg.preempt,  # type: ignore[arg-type]
-            render_slice_s=cfg.render_slice_s,
-            max_preemptions=cfg.max_preemptions,
-        )
+        # With CLAIR_WORKERS=on the image engine and the in-process chat model run in worker processes and this
+        # process never touches CUDA (clair/engines/worker.py); the cards are then read through the workers.
+        # Several cards (workers and CLAIR_SIM_GPU_GB=12,24): one arbiter per card, each with its own ledger
+        # and budget; `_card` says which card plans each tenant (Ollama's from CLAIR_OLLAMA_GPUS, the image
+        # model's wherever placement put its worker). One card: one arbiter, and every tenant on it.
+        self.tenant_card: dict[str, int] = {}
+        self.place_lock = threading.Lock()
+        self.ollama_cards = several.ollama_cards(cfg)
+        image, local = start_engines(cfg, several.first_image_card(cfg, self.ollama_cards))
+        self.arbiters = [
+            self._new_arbiter(i, gpu.budget_bytes(cfg.vram_budget_gb, cfg.vram_reserve_gb, card))
+            for i, card in enumerate(device.cards()[: several.card_count(cfg)])
+        ]
         self.state = StateFile(cfg.state_path)
         self.ollama = OllamaChat(cfg, self.state)
-        self.local = LocalChat(cfg)
-        self.image = ImageEngine(cfg)
+        self.local = local
+        self.image = image
+        if len(self.arbiters) > 1:
+            self.tenant_card = {self.ollama.tenant: min(self.ollama_cards, default=0), self.image.tenant: image.index}
+        # The arbiter of the chat's card: the one the panel, /metrics and the job counter show first.
+        self.arbiter = self.arbiters[self.tenant_card.get(self.ollama.tenant, 0)]
         # Per-user and house caps on GPU jobs (CLAIR_MAX_JOBS_PER_USER, CLAIR_MAX_QUEUE), checked by the UI and
         # the APIs (clair/adapters/ui.py, clair/adapters/gateway.py, clair/adapters/openai_api.py) before a request asks for a lease.
         self.jobs = limits.JobCounter(cfg.max_jobs_per_user, cfg.max_queue, eta_s=self.arbiter.drain_eta_s)
         self.engines: list[Engine] = [self.ollama, self.local, self.image]
         for engine in self.engines:
             # An engine on another machine (Ollama elsewhere) holds none of our GPU: nothing to evict, no
-            # request to hold back.
-            if engine.on_this_gpu:
-                self.arbiter.add_tenant(engine.tenant, engine.evict)
-            engine.attach(self.arbiter)
+            # request to hold back. The image model may move between cards: every card knows how to evict it.
+            for arbiter in self.arbiters if engine.moves_between_cards else [self.arbiter_of(engine)]:
+                if engine.on_this_gpu:
+                    arbiter.add_tenant(engine.tenant, engine.evict)
+            engine.attach(self.arbiter_of(engine))
         log.info("ollama %s the GPU: %s", "shares" if self.ollama.on_this_gpu else "does not share", self.ollama.locality)
         self._cancel: dict[str, set[threading.Event]] = {}  # key -> the stop flags of its running jobs
         self._cancel_lock = threading.Lock()
@@ -134,14 +147,32 @@ class Studio:
         self._keepalive: threading.Thread | None = None
         self._keepalive_lock = threading.Lock()
 
-    def _wait_free(self, nbytes: int) -> float:
-        """After an eviction: wait until the card has `nbytes` free, counting what other programs hold
+    def _new_arbiter(self, index: int, budget: int) -> Arbiter:
+        cfg = self.cfg
+        return Arbiter(
+            policy=cfg.gpu_policy,  # type: ignore[arg-type]
+            budget_bytes=budget,
+            chat_priority=cfg.chat_priority,  # type: ignore[arg-type]
+            queue_timeout_s=cfg.queue_timeout_s,
+            wait_free=lambda nbytes: self._wait_free(nbytes, index),
+            preempt=cfg.preempt,  # type: ignore[arg-type]
+            render_slice_s=cfg.render_slice_s,
+            max_preemptions=cfg.max_preemptions,
+        )
+
+    def arbiter_of(self, engine: Engine) -> Arbiter:
+        """The arbiter of the card `engine` runs on (the only one with one card)."""
+        return self.arbiters[self.tenant_card.get(engine.tenant, 0)]
+
+    def _wait_free(self, nbytes: int, index: int = 0) -> float:
+        """After an eviction: wait until card `index` has `nbytes` free, counting what other programs hold
         (the ledger's "other" tenant) as memory that will not come (clair/device/gpu.py, wait_free)."""
         return gpu.wait_free(
             nbytes,
             self.cfg.evict_timeout_s,
             reserve_gb=self.cfg.vram_reserve_gb,
-            others=lambda: self.arbiter.resident_bytes("other"),
+            others=lambda: self.arbiters[index].resident_bytes("other"),
+            card=device.cards()[index],
         )
 
     # -- events (for clair.service.metrics and the panel) ---------------------------------------------------
@@ -179,7 +210,7 @@ class Studio:
         if lease is not None:
             self._release(lease)
         else:
-            engine.sync(self.arbiter)
+            engine.sync(self.arbiter_of(engine))
         self._seen.clear()  # /status reads the engines afresh
 
     def imagined(self, reply: str, idea: str) -> tuple[str, str]:
@@ -310,23 +341,26 @@ class Studio:
         """Before a plan: every engine tells the ledger what it holds, and on CUDA what other programs hold."""
         for engine in self.engines:
             if engine.on_this_gpu:
-                engine.sync(self.arbiter)
-        self._sync_other()
+                engine.sync(self.arbiter_of(engine))
+        for index in range(len(self.arbiters)):
+            self._sync_other(index)
 
-    def _sync_other(self) -> None:
-        """GPU memory held by other processes: the device's use less ours (torch's pool and our CUDA
-        context) and Ollama's (its last successful /api/ps). Counted in the ledger as a tenant that is never
-        evicted, so the budget shrinks while they hold it. Skipped when Ollama's share is unknown."""
+    def _sync_other(self, index: int = 0) -> None:
+        """GPU memory held by other processes on card `index`: the device's use less ours (torch's pool and
+        our CUDA context, or the workers') and Ollama's (its last successful /api/ps). Counted in the ledger as
+        a tenant that is never evicted, so the budget shrinks while they hold it. Skipped when Ollama's share
+        is unknown."""
+        arbiter = self.arbiters[index]
         # An engine's share is the smaller of its last reading and the ledger: a reading taken before Clair evicted
         # it would hide as much of another program's memory (unknown is never free: count it as others').
-        outside = [self._share(engine) for engine in self.engines if engine.on_this_gpu]
+        outside = [self._share(e) for e in self.engines if e.on_this_gpu and self.arbiter_of(e) is arbiter]
         # One reading: free and our reserved figure from the same moment (a render allocating between two
         # separate reads would show up as another program's memory).
-        now = gpu.reading()
+        now = device.cards()[index].reading()
         if now is None or None in outside:
             return
         other = now.others - sum(outside) - CONTEXT_ALLOWANCE  # type: ignore[arg-type]
-        self.arbiter.set_other(max(0, other))
+        arbiter.set_other(max(0, other))
 
     def preflight(self, lease: Lease, grow: int) -> list[str]:
         """The ledger planned the grant; the card has the last word, before the first allocation.
@@ -336,8 +370,11 @@ class Studio:
         reading), or a model Ollama still holds had not shown in a reading. When the card's free memory (and
         our own cached blocks) is short of `grow`, the bytes the work will still allocate: re-read who holds
         what, send every idle tenant away (as after an out-of-memory error, `Arbiter.evict_idle`), and wait
-        for the memory. Returns the tenants that left. Without a device (or with room) it does nothing."""
-        now = gpu.reading()
+        for the memory. Returns the tenants that left. Without a device (or with room) it does nothing.
+        With several cards: the lease's own card and arbiter."""
+        arbiter = lease.arbiter
+        card = device.cards()[self.arbiters.index(arbiter)] if arbiter in self.arbiters else gpu.dev()
+        now = card.reading()
         if now is None or grow <= 0:
             return []
         self._note("preflight", label=lease.label, free=now.free, grow=grow)
@@ -350,12 +387,12 @@ class Studio:
             grow / GiB,
         )
         self.sync()
-        gone = list(self.arbiter.evict_idle(lease))
+        gone = list(arbiter.evict_idle(lease))
         try:
             # All of it: a runner Ollama just unloaded gives its memory back a little after /api/ps empties,
             # and until then it reads like another program's (which `_wait_free` would not wait for). Memory
             # that never comes stops the wait once free memory has not risen for a while (gpu.wait_free).
-            gpu.wait_free(grow, self.cfg.evict_timeout_s, reserve_gb=self.cfg.vram_reserve_gb)
+            gpu.wait_free(grow, self.cfg.evict_timeout_s, reserve_gb=self.cfg.vram_reserve_gb, card=card)
         except ClairError as exc:
             log.warning("preflight: going ahead without waiting further: %s", exc)
         lease.evicted = (*lease.evicted, *(n for n in gone if n not in lease.evicted))
@@ -363,14 +400,14 @@ class Studio:
 
     def _share(self, engine: Engine) -> int | None:
         held = engine.held_outside()
-        return None if held is None else min(held, self.arbiter.resident_bytes(engine.tenant)) if held else 0
+        return None if held is None else min(held, self.arbiter_of(engine).resident_bytes(engine.tenant)) if held else 0
 
     def _request(
         self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0, parts: tuple = ()
     ) -> Lease:
         self.sync()  # the ledger must see what is really on the GPU before it plans
         need, idle = footprint
-        return self.arbiter.request(kind, engine.tenant, need, idle, label=label, steps=steps, parts=parts)
+        return self.arbiter_of(engine).request(kind, engine.tenant, need, idle, label=label, steps=steps, parts=parts)
 
     def _release(self, lease: Lease) -> None:
         lease.release()
@@ -469,9 +506,12 @@ class Studio:
         if not was_loaded:
             self._note("load", model=self.image.label, s=time.monotonic() - t_load)
         footprint = self.image.footprint(params.width, params.height)
-        first = self._request(
-            self.image, "render", footprint, f"render {params.width}x{params.height}", steps=params.steps
-        )
+        with self.place_lock:  # its card and its request together: the next placement sees it queued there
+            several.place_image(self, footprint[0])  # with several cards: the card it goes to (its worker moves)
+            arbiter = self.arbiter_of(self.image)
+            first = self._request(
+                self.image, "render", footprint, f"render {params.width}x{params.height}", steps=params.steps
+            )
         first.owner = owner
         lease = first  # the lease that holds the GPU now: a pause hands over to a continuation
         evicted: list[str] = []
@@ -482,12 +522,12 @@ class Studio:
         def checkpoint(step: int, total: int) -> None:
             """Between two denoising steps: pause for a waiting chat when the arbiter says so."""
             nonlocal lease, evict_s, paused_s
-            why = self.arbiter.should_yield(lease)
+            why = arbiter.should_yield(lease)
             if not why:
                 return
             t0 = time.monotonic()
             self.image.release_cache()  # before the chat is granted: it is planned beside our weights only
-            lease = self.arbiter.pause(lease, why)
+            lease = arbiter.pause(lease, why)
             on_progress(f"Paused for a chat at step {step}/{total}", step / total)
             for w in self._wait(lease, cancel.is_set):
                 on_progress(f"Paused for a chat at step {step}/{total}: resumes in about {w.eta_s:.0f} s", step / total)
@@ -523,7 +563,7 @@ class Studio:
             def on_oom() -> None:
                 # Out of memory: every idle tenant leaves the GPU before the image engine retries.
                 on_progress("Out of GPU memory: freeing the GPU and retrying", 0.0)
-                gone = self.arbiter.evict_idle(lease)
+                gone = arbiter.evict_idle(lease)
                 evicted.extend(n for n in gone if n not in evicted)
                 if gone:
                     # As after any eviction: the memory comes back after the answer (Ollama's runner exits
@@ -541,12 +581,12 @@ class Studio:
                 nonlocal tail_at
                 evicted_chat = self.ollama.tenant in first.evicted or self.ollama.tenant in lease.evicted
                 warm = evicted_chat and self.cfg.warmup and self.ollama.on_this_gpu
-                if not warm and not self.arbiter.count("chat"):
+                if not warm and not arbiter.count("chat"):
                     return  # nobody needs the room: the weights stay for the next render (CLAIR_IMAGE_KEEP_ALIVE)
                 t0 = time.monotonic()
                 drop()
                 need = self.image.decode_footprint(params.width, params.height)
-                self.arbiter.shrink(lease, need, idle=0)
+                arbiter.shrink(lease, need, idle=0)
                 tail_at = time.time()
                 self._note("tail", tenant=self.image.tenant, s=time.monotonic() - t0, need=need)
                 if warm:
@@ -626,13 +666,14 @@ class Studio:
         if tenant not in names:
             raise BadRequest(f"Unknown model {tenant!r}: choose one of {', '.join(names)}.")
         engine = next(e for e in self.engines if e.tenant == tenant)
-        engine.sync(self.arbiter)  # an engine in another process (Ollama) says what it holds now
-        if not self.arbiter.resident_bytes(tenant):
+        arbiter = self.arbiter_of(engine)
+        engine.sync(arbiter)  # an engine in another process (Ollama) says what it holds now
+        if not arbiter.resident_bytes(tenant):
             return f"{names[tenant]}: not on the GPU."
-        why = self.arbiter.evict_idle_tenant(tenant, why="eject")
+        why = arbiter.evict_idle_tenant(tenant, why="eject")
         if why:
             return f"{names[tenant]}: stays on the GPU, {why}."
-        engine.sync(self.arbiter)
+        engine.sync(arbiter)
         self._note("eject", keep=True, tenant=tenant, text=f"{names[tenant]}: unloaded by hand")
         return f"{names[tenant]}: left the GPU."
 
@@ -658,16 +699,17 @@ class Studio:
         tenant = self.image.tenant
         while True:
             time.sleep(tick)
-            idle = self.arbiter.idle_s(tenant)
+            arbiter = self.arbiter_of(self.image)
+            idle = arbiter.idle_s(tenant)
             if idle is None:
                 with self._keepalive_lock:
-                    if not self.arbiter.resident_bytes(tenant):
+                    if not arbiter.resident_bytes(tenant):
                         self._keepalive = None
                         return  # not on the GPU: the next render starts a new timer
                 continue  # busy
             if idle < keep:
                 continue
-            why = self.arbiter.evict_idle_tenant(tenant, idle_for_s=keep, why="keep-alive")
+            why = arbiter.evict_idle_tenant(tenant, idle_for_s=keep, why="keep-alive")
             if not why:
                 self._note(
                     "keep-alive", keep=True, tenant=tenant,
@@ -676,7 +718,7 @@ class Studio:
 
     def check_fits(self, params: RenderParams) -> None:
         """Refuse a render that could never fit the VRAM budget, even alone (0 = unknown: no refusal)."""
-        budget = self.arbiter.budget
+        budget = max(a.budget for a in self.arbiters)  # the largest card: the render may be placed there
         if not budget:
             return
         need, _ = self.image.footprint(params.width, params.height)
@@ -762,7 +804,7 @@ class Studio:
             if cached is not None and now - cached[0] < 2.0:
                 out += cached[1]
                 continue
-            found = engine.seen(self.arbiter)
+            found = engine.seen(self.arbiter_of(engine))
             if found is None:
                 out += cached[1] if cached is not None else []
                 continue
@@ -784,10 +826,38 @@ class Studio:
         other = next((r for r in st["resident"] if r.get("other")), None)
         st["other_gb"] = other["gb"] if other else 0.0
         st["image_keep_alive_s"] = self.image_keep_alive_s
+        st["worker_restarts"] = self.worker_restarts()
         st["cuda"] = gpu.present()  # a device reports memory (CUDA, or the simulated card)
         st["device"] = gpu.dev().name
         st["demo"] = self.cfg.demo
+        if len(self.arbiters) > 1:
+            st["cards"] = self.cards_status()
         return st
+
+    def cards_status(self) -> list[dict]:
+        """Each card's arbiter, for the panel's bars and /metrics' per-card labels (several cards only)."""
+        out = []
+        for i, (arbiter, card) in enumerate(zip(self.arbiters, device.cards()[: len(self.arbiters)], strict=True)):
+            st = arbiter.status()
+            out.append({
+                "index": i,
+                "name": card.name,
+                "budget": arbiter.budget,
+                "resident": st["resident"],
+                "holders": st["holders"],
+                "waiting": st["waiting"],
+                "stats": st["stats"],
+                "reading": _reading_dict(card.reading()),
+            })
+        return out
+
+    def worker_restarts(self) -> dict[str, int]:
+        """Worker restarts per card label, summed over the engines run by workers (empty without workers)."""
+        out: dict[str, int] = {}
+        for engine in self.engines:
+            for card, n in engine.worker_restarts().items():
+                out[card] = out.get(card, 0) + n
+        return out
 
     def health_problem(self) -> str | None:
         """Why Clair cannot be trusted to serve (None when it can): the watchdog's check, via /healthz.
@@ -795,12 +865,20 @@ class Studio:
         * the arbiter's lock is stuck (a deadlock: nothing can be granted or released);
         * a GPU holder made no progress (no denoising step, no token, no eviction step) for CLAIR_STALL_S
           seconds: a hung render, CUDA call or Ollama stream. systemd then restarts Clair, which is the only
-          way to get the GPU back from a hung CUDA call.
+          way to get the GPU back from a hung CUDA call in this process. A holder run by a worker process
+          (CLAIR_WORKERS=on) is not counted: its worker is killed and replaced instead;
+        * workers keep dying (3 deaths in 5 minutes): restarting a worker has not helped.
         """
-        if not self.arbiter.responsive(timeout=5):
+        if not all(a.responsive(timeout=5) for a in self.arbiters):
             return "the GPU arbiter's lock has been held for over 5 s"
+        trouble = [t for t in (e.worker_trouble() for e in self.engines) if t]
+        if trouble:
+            return "; ".join(trouble)
         if self.cfg.stall_s > 0:
-            stalled = self.arbiter.stalled(self.cfg.stall_s)
+            healed = {e.tenant for e in self.engines if e.heals_stalls}  # their worker is killed and replaced
+            stalled = [
+                x for a in self.arbiters for x in a.stalled(self.cfg.stall_s) if x.get("tenant") not in healed
+            ]
             if stalled:
                 return "; ".join(
                     f"{x['label']} has held the GPU without progress for {x['silent_s']:.0f} s "
