@@ -211,4 +211,6 @@ class Job:
         await lease.wait_async(self.studio.cfg.queue_timeout_s, self.stop.is_set)
         lease.progress()
         await in_thread(engine.after_grant, lease, model)
+        # As Studio.chat does: a model Ollama has not loaded yet is checked against the card first.
+        await in_thread(self.studio.preflight, lease, engine.to_load(model))
         return lease

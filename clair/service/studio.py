@@ -367,8 +367,8 @@ class Studio:
 
         Memory can change hands between a plan and the work it granted: a program takes some after the last
         reading of "other programs" (a queued request is granted at another one's release, without a new
-        reading), or a model Ollama still holds had not shown in a reading. When the card's free memory (and
-        our own cached blocks) is short of `grow`, the bytes the work will still allocate: re-read who holds
+        reading), or a model Ollama still holds had not shown in a reading. When the card's free memory is
+        short of `grow`, the bytes the work will still allocate: re-read who holds
         what, send every idle tenant away (as after an out-of-memory error, `Arbiter.evict_idle`), and wait
         for the memory. Returns the tenants that left. Without a device (or with room) it does nothing.
         With several cards: the lease's own card and arbiter."""
