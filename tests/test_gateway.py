@@ -422,12 +422,12 @@ def test_ollama_port_requests_count_against_the_per_user_caps(gateway, standin, 
     from clair.service.limits import JobCounter
 
     studio.jobs = JobCounter(max_per_user=1, max_total=16)
-    assert studio.jobs.try_take("address:loopback") is None  # e.g. a render from a browser on this machine
+    assert studio.jobs.try_take("address:127.0.0.1") is None  # e.g. a render from a browser on this machine
     with pytest.raises(ollama.ResponseError) as err:
         ollama.Client(host=gateway.url).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 429 and "CLAIR_MAX_JOBS_PER_USER" in err.value.error
     assert not real_chats(standin)
-    studio.jobs.give_back("address:loopback")
+    studio.jobs.give_back("address:127.0.0.1")
     assert ollama.Client(host=gateway.url).chat(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert studio.jobs.snapshot()["total"] == 0
 

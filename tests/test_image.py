@@ -309,11 +309,19 @@ def test_weight_swap_without_cuda_is_a_no_op(monkeypatch: pytest.MonkeyPatch) ->
         assert torch.equal(v, before[k])
 
 
-def test_budget_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert gpu.budget_bytes(20, 1.5) == 20 * GiB  # explicit budget wins, with or without CUDA
-    monkeypatch.setattr(gpu, "cuda", lambda: False)
-    assert gpu.budget_bytes(0, 1.5) == 0  # unknown without CUDA
-    monkeypatch.setattr(gpu, "total_bytes", lambda: 24 * GiB)
-    assert gpu.budget_bytes(0, 1.5) == int(22.5 * GiB)  # the device less the reserve
-    monkeypatch.setattr(gpu, "total_bytes", lambda: 1 * GiB)
-    assert gpu.budget_bytes(0, 1.5) == 0  # never negative
+def test_budget_bytes() -> None:
+    from clair.device.card import Device, Reading
+
+    class Card(Device):
+        present = True
+
+        def __init__(self, total: int) -> None:
+            self.total = total
+
+        def reading(self) -> Reading:
+            return Reading(total=self.total, free=self.total, reserved=0, allocated=0)
+
+    assert gpu.budget_bytes(20, 1.5) == 20 * GiB  # explicit budget wins, with or without a device
+    assert gpu.budget_bytes(0, 1.5, card=Device()) == 0  # unknown without a device
+    assert gpu.budget_bytes(0, 1.5, card=Card(24 * GiB)) == int(22.5 * GiB)  # the card less the reserve
+    assert gpu.budget_bytes(0, 1.5, card=Card(1 * GiB)) == 0  # never negative

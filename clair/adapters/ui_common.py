@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from clair.base.errors import ClairError
-from clair.base.helpers import machine
+from clair.base.helpers import client_key
 from clair.service import limits
 from clair.service.front import Job
 from clair.service.studio import Studio, Waiting
@@ -167,7 +167,7 @@ def client_id(request: gr.Request | None) -> str:
     if name:
         return f"user:{name}"
     client = getattr(request, "client", None)
-    return f"address:{machine(getattr(client, 'host', None) or 'unknown')}"  # as the API ports count it
+    return f"address:{client_key(getattr(client, 'host', None) or 'unknown')}"  # as the API ports count it
 
 
 def owner_of(request: gr.Request | None) -> str | None:

@@ -84,7 +84,8 @@ def is_loopback_client(address: str) -> bool:
 
 
 def client_key(address: str) -> str:
-    """The unit of back-off and connection caps: one IPv4 address, or one IPv6 /64 (one LAN host's range)."""
+    """The unit of back-off and of an anonymous person's caps: one IPv4 address, or one IPv6 /64 (one LAN
+    host's range)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -97,7 +98,6 @@ def client_key(address: str) -> str:
 
 
 def machine(address: str) -> str:
-    """The unit of the connection caps and of an anonymous person: one IPv4 address, one IPv6 /64, and this
-    machine for loopback (127.0.0.2 is not someone else)."""
+    """The unit of the connection caps: one IPv4 address, one IPv6 /64, and this machine for loopback."""
     return "loopback" if is_loopback_client(address) else client_key(address)
 

