@@ -65,6 +65,11 @@ def merge_parts(*groups: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ..
     return tuple(sorted(out.items()))
 
 
+def parts_bytes(parts: Iterable[tuple[str, int]]) -> int:
+    """The bytes of a parts list, its parts side by side."""
+    return sum(nbytes for _, nbytes in parts)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     policy: Policy
@@ -106,7 +111,7 @@ def size(req: Req, residents: Mapping[str, Resident]) -> int:
     res = residents.get(req.tenant)
     if res is None or res.fixed:
         return req.need
-    together = sum(n for _, n in merge_parts(res.parts, req.parts)) if req.parts and res.parts else 0
+    together = parts_bytes(merge_parts(res.parts, req.parts)) if req.parts and res.parts else 0
     return max(req.need, res.bytes, res.measured, together)
 
 

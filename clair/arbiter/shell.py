@@ -30,6 +30,7 @@ from clair.arbiter.policy import (
     blocked_reason,
     joins_pause,
     merge_parts,
+    parts_bytes,
     pause_budget,
     plan,
     should_yield,
@@ -663,7 +664,7 @@ class Arbiter:
             # Back to idle size, but never below what the tenant itself reported.
             # The parts its grants brought stay until a reading shows what is really left: another chat may
             # have loaded a second model beside this one's (Ollama keeps both), which no idle figure includes.
-            held = sum(n for _, n in res.parts)
+            held = parts_bytes(res.parts)
             size = max([lease.req.idle, res.measured, held] + [ls.req.need for ls in still_busy])
             if size > 0:
                 self._residents[tenant] = Resident(

@@ -317,24 +317,20 @@ class OllamaChat(ChatBackend):
                 disk = self._sizes.get(key)
         return estimate_loaded_bytes(disk or int(4.9e9), self.cfg.chat_num_ctx)  # unknown: an 8B Q4 model
 
+    def _loaded_bytes(self, model: str) -> int | None:
+        """`model`'s size when the last reading shows it loaded at our num_ctx; None when it is not."""
+        with self._lock:
+            mine = self._seen.get(model_key(model))
+        return max(mine[1], mine[2]) if mine is not None and mine[3] == self.cfg.chat_num_ctx else None
+
     def footprint(self, model: str) -> tuple[int, int]:
         """(need, idle): everything Ollama holds, plus `model` when it is not loaded yet at our num_ctx."""
-        key = model_key(model)
-        with self._lock:
-            seen = dict(self._seen)
-        held = sum(max(size, vram) for k, (_, size, vram, ctx) in seen.items() if k != key)
-        mine = seen.get(key)
-        if mine is not None and mine[3] == self.cfg.chat_num_ctx:
-            own = max(mine[1], mine[2])
-        else:
-            own = self._model_bytes(model)
-        return held + own, held + own
+        total = sum(nbytes for _, nbytes in self.parts(model))
+        return total, total
 
     def to_load(self, model: str) -> int:
         """What Ollama will load for `model` (0 when the last reading shows it loaded at our num_ctx)."""
-        with self._lock:
-            mine = self._seen.get(model_key(model))
-        if not self.on_this_gpu or (mine is not None and mine[3] == self.cfg.chat_num_ctx):
+        if not self.on_this_gpu or self._loaded_bytes(model) is not None:
             return 0
         return self._model_bytes(model, refresh=False)
 
@@ -343,10 +339,8 @@ class OllamaChat(ChatBackend):
         for different models sized before either loaded still add up in the ledger (Req.parts)."""
         key = model_key(model)
         with self._lock:
-            seen = dict(self._seen)
-        held = {k: max(size, vram) for k, (_, size, vram, ctx) in seen.items() if k != key}
-        mine = seen.get(key)
-        own = max(mine[1], mine[2]) if mine is not None and mine[3] == self.cfg.chat_num_ctx else None
+            held = {k: max(size, vram) for k, (_, size, vram, ctx) in self._seen.items() if k != key}
+        own = self._loaded_bytes(model)
         return tuple(sorted({**held, key: own if own is not None else self._model_bytes(model)}.items()))
 
     # -- hooks -----------------------------------------------------------------------------------

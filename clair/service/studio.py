@@ -351,8 +351,6 @@ class Studio:
         a tenant that is never evicted, so the budget shrinks while they hold it. Skipped when Ollama's share
         is unknown."""
         arbiter = self.arbiters[index]
-        # An engine's share is the smaller of its last reading and the ledger: a reading taken before Clair evicted
-        # it would hide as much of another program's memory (unknown is never free: count it as others').
         outside = [self._share(e) for e in self.engines if e.on_this_gpu and self.arbiter_of(e) is arbiter]
         # One reading: free and our reserved figure from the same moment (a render allocating between two
         # separate reads would show up as another program's memory).
@@ -368,9 +366,8 @@ class Studio:
         Memory can change hands between a plan and the work it granted: a program takes some after the last
         reading of "other programs" (a queued request is granted at another one's release, without a new
         reading), or a model Ollama still holds had not shown in a reading. When the card's free memory is
-        short of `grow`, the bytes the work will still allocate: re-read who holds
-        what, send every idle tenant away (as after an out-of-memory error, `Arbiter.evict_idle`), and wait
-        for the memory. Returns the tenants that left. Without a device (or with room) it does nothing.
+        short of `grow`, the bytes the work will still allocate: re-read who holds what, send every idle tenant
+        away (as after an out-of-memory error, `Arbiter.evict_idle`), and wait for the memory. Returns the tenants that left. Without a device (or with room) it does nothing.
         With several cards: the lease's own card and arbiter."""
         arbiter = lease.arbiter
         card = device.cards()[self.arbiters.index(arbiter)] if arbiter in self.arbiters else gpu.dev()
@@ -399,8 +396,11 @@ class Studio:
         return gone
 
     def _share(self, engine: Engine) -> int | None:
+        """What `engine`'s other process holds on its card (None: unknown): the smaller of its last reading and
+        the ledger, since a reading taken before Clair evicted it would hide as much of another program's memory
+        (unknown is never free: count it as others')."""
         held = engine.held_outside()
-        return None if held is None else min(held, self.arbiter_of(engine).resident_bytes(engine.tenant)) if held else 0
+        return None if held is None else min(held, self.arbiter_of(engine).resident_bytes(engine.tenant))
 
     def _request(
         self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0, parts: tuple = ()
