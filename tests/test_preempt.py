@@ -363,10 +363,10 @@ def test_max_preemptions_bounds_the_pauses(standin, tmp_path):
     assert len(replies) == 2  # the second chat waited for the end of the render instead
 
 
-def test_cancel_while_paused_stops_the_render_and_frees_the_gpu(standin, tmp_path):
-    studio = make(standin, tmp_path)
-    cancel = threading.Event()
-    gate = threading.Event()
+def cancel_while_paused(studio, standin):
+    """A render paused at step 2 for a chat that Ollama holds, cancelled while paused: it raises Cancelled.
+    Returns (the hold on the chat: release it, the event set once the chat has ended)."""
+    cancel, gate = threading.Event(), threading.Event()
     params = RenderParams("x", steps=6, width=64, height=64, seed=5)
     held = standin.hold(MODEL)  # the chat holds the GPU until the gate opens
 
@@ -379,6 +379,12 @@ def test_cancel_while_paused_stops_the_render_and_frees_the_gpu(standin, tmp_pat
 
     with pytest.raises(Cancelled):
         studio.render(params, on_progress=on_progress, cancel=cancel)
+    return held, gate
+
+
+def test_cancel_while_paused_stops_the_render_and_frees_the_gpu(standin, tmp_path):
+    studio = make(standin, tmp_path)
+    held, gate = cancel_while_paused(studio, standin)
     assert not [w for w in studio.arbiter.status()["waiting"] if w["kind"] == "render"]
     held.release()
     assert gate.wait(10)

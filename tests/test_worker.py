@@ -29,7 +29,7 @@ from clair.service.panel import panel_data, panel_html
 from clair.service.studio import Studio, Token, Waiting
 from tests.ollama_standin import OllamaStandin
 from tests.support import wait_until
-from tests.test_preempt import pixels, render_with_chats_at
+from tests.test_preempt import cancel_while_paused, pixels, render_with_chats_at
 
 MODEL = "llama3.1:8b"
 
@@ -374,23 +374,11 @@ def test_a_cancel_while_paused_stops_the_render_inside_the_worker_and_it_serves_
     """The web side's callback raises (the pause's wait sees the cancel): the worker is told to raise the same
     error at that step, unwinds its render, and answers the next one."""
     studio = make(studios, standin, tmp_path)
-    cancel, gate = threading.Event(), threading.Event()
-    params = RenderParams("x", steps=6, width=64, height=64, seed=5)
-    held = standin.hold(MODEL)  # the chat holds the GPU until the gate opens
-
-    def on_progress(text, frac):
-        if text == "Step 2/6":
-            threading.Thread(target=lambda: (list(studio.chat("hold")), gate.set()), daemon=True).start()
-            wait_until(lambda: studio.arbiter.status()["waiting"], 10)
-        if text.startswith("Paused for a chat") and "resumes" not in text:
-            cancel.set()
-
-    with pytest.raises(Cancelled):
-        studio.render(params, on_progress=on_progress, cancel=cancel)
+    held, gate = cancel_while_paused(studio, standin)
     held.release()
     assert gate.wait(10)
     wait_until(studio.arbiter.is_idle, 10)
-    path, _ = studio.render(params)  # the same worker, serving on
+    path, _ = studio.render(RenderParams("x", steps=6, width=64, height=64, seed=5))  # the same worker, serving on
     assert os.path.exists(path) and studio.image.restarts == 0
 
 
