@@ -280,6 +280,9 @@ class RequestRecord:
     aborted: bool = False  # the client went away before the response was complete
     counts: tuple[int, int] | None = None  # (prompt_eval_count, eval_count) the final line reported
     tool_calls: list[dict[str, Any]] | None = None  # the tool calls the reply made (when `tools` were offered)
+    # How long the request waited for a free parallel slot while the model's slots generated other replies
+    # (Ollama answers OLLAMA_NUM_PARALLEL requests per model at a time; the rest wait in its queue, in order).
+    slot_wait_s: float = 0.0
 
     @property
     def model(self) -> str | None:
@@ -1329,6 +1332,7 @@ class OllamaStandin:
                 self._check_stopping()
                 self._cond.wait()
             runner.generating += 1
+            record.slot_wait_s = time.monotonic() - prompt_started
             key = runner.model.name
             gate: Gate | None = self._pop(self._gates, key)
             failure: _Failure | None = self._pop(self._failures, key)
@@ -1337,7 +1341,6 @@ class OllamaStandin:
                 scripted = self._pop(self._replies, None)
             reply_fn = self.reply_fn
             slowdown = self.offload_slowdown if runner.size_vram < runner.size else 1.0
-            token_delay = self.token_delay * slowdown
             self._changed()
         try:
             if gate is not None:
@@ -1366,7 +1369,9 @@ class OllamaStandin:
             for index, token in enumerate(tokens):
                 if failure is not None and index >= failure.after_chunks:
                     break
-                # The slots generating now share the model's compute (see parallel_share).
+                # The slots generating now share the model's compute (see parallel_share). The pace is read at
+                # each token, as a GPU's is: a render that starts or stops beside a reply changes its next token.
+                token_delay = self.token_delay * slowdown
                 self._pause(token_delay * (1 + self.parallel_share * max(0, runner.generating - 1)))
                 if stream:
                     handler.send_line(self._chunk(kind, name, token))

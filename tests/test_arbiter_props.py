@@ -26,6 +26,7 @@ from clair.arbiter import Arbiter, GiB
 from clair.base.errors import EvictionFailed
 
 TENANTS = ("ollama", "local-chat", "image")
+MODELS = ("llama", "qwen", "mistral")
 
 
 class ArbiterMachine(RuleBasedStateMachine):
@@ -49,6 +50,7 @@ class ArbiterMachine(RuleBasedStateMachine):
         # Ollama's models that chats which started brought since the last reading taken while none ran:
         # Ollama keeps them all loaded, so the ledger must count them all until a reading says otherwise.
         self.brought: dict[str, int] = {}
+        self.last_shown: dict[str, int] = {}  # the models the last fresh reading showed (a chat is sized with them)
 
     def _evictor(self, name):
         def evict():
@@ -108,6 +110,17 @@ class ArbiterMachine(RuleBasedStateMachine):
                 for model, nbytes in ls.req.parts:
                     self.brought[model] = max(self.brought.get(model, 0), nbytes)
 
+    @staticmethod
+    def rides_along(g, w, new):
+        """Did `g` join a tenant that a request ahead of `w`, granted in the same step, holds at least as large?
+        Then `g` costs `w` nothing (found by hypothesis: three chats arrived while Ollama was leaving; the third
+        was granted on the small tenant it found, and the first, ahead of the waiting second, grew that tenant
+        after it in the same step; the sizes seen after the step made the third look like an overtaker)."""
+        return any(
+            h is not g and h.req.tenant == g.req.tenant and h.req.order < w.req.order and h.req.need >= g.req.need
+            for h in new
+        )
+
     def cannot_share(self, a, b, residents, together=True):
         """Independent of the policy's code: may a and b hold the GPU at the same time?"""
         if a.kind == "render" and b.kind == "render":
@@ -122,20 +135,25 @@ class ArbiterMachine(RuleBasedStateMachine):
     @rule(
         tenant=st.sampled_from(["ollama", "local-chat"]),
         need=st.integers(1, 14),
-        model=st.sampled_from(["llama", "qwen", "mistral"]),
+        model=st.sampled_from(MODELS),
     )
     def chat_arrives(self, tenant, need, model="llama"):
-        """A chat; Ollama's name the model (Req.parts), sized as Clair would before another chat's model loaded."""
-        parts = ((model, need * GiB),) if tenant == "ollama" else ()
-        self._arrive("chat", tenant, need * GiB, need * GiB, parts)
+        """A chat; Ollama's name the model (Req.parts, Req.brings), sized as Clair would: the models the last
+        reading showed, and its own, side by side."""
+        if tenant != "ollama":
+            return self._arrive("chat", tenant, need * GiB, need * GiB)
+        parts = dict(self.last_shown)
+        parts[model] = max(parts.get(model, 0), need * GiB)
+        total = sum(parts.values())
+        self._arrive("chat", tenant, total, total, tuple(sorted(parts.items())), brings=model)
 
     @rule(need=st.integers(4, 26), idle=st.integers(1, 8))
     def render_arrives(self, need, idle):
         self._arrive("render", "image", need * GiB, min(idle, need) * GiB)
 
-    def _arrive(self, kind, tenant, need, idle, parts=()):
+    def _arrive(self, kind, tenant, need, idle, parts=(), brings=""):
         before = {ls.req.id for ls in self.running()}
-        lease = self.arb.request(kind, tenant, need, idle, parts=parts)
+        lease = self.arb.request(kind, tenant, need, idle, parts=parts, brings=brings)
         self.leases.append(lease)
         self._after_step(before)
 
@@ -174,21 +192,38 @@ class ArbiterMachine(RuleBasedStateMachine):
         """A reading of /api/ps begins (outside the lock); it lands in `ollama_reading(..., started=True)`."""
         self.read_started = time.monotonic()
 
-    @rule(gb=st.integers(0, 16), started=st.booleans())
-    def ollama_reading(self, gb, started):
+    @rule(gb=st.integers(0, 16), started=st.booleans(), shows=st.none() | st.sets(st.sampled_from(MODELS)))
+    def ollama_reading(self, gb, started, shows=None):
         """A successful /api/ps reading (0: nothing loaded); `started`: it began at the last
-        `ollama_reading_starts`, and is stale if the tenant was granted, released or evicted since."""
+        `ollama_reading_starts`, and is stale if the tenant was granted, released or evicted since. `shows`: the
+        models it lists (None: a reading without them), sharing `gb`."""
         before = {ls.req.id for ls in self.running()}
         read_at = self.read_started if started else None
         old = self.arb._residents.get("ollama")
         stale = read_at is not None and self.changed_since("ollama", read_at)
         exceeded = self.arb.stats["budget_exceeded"]
         self.note_brought()
-        busy = any(ls.req.tenant == "ollama" for ls in self.running())
-        self.arb.set_resident("ollama", gb * GiB, read_at=read_at)
+        mine = [ls for ls in self.running() if ls.req.tenant == "ollama"]
+        busy = bool(mine)
+        parts = None
+        if shows is not None:
+            shown = sorted(shows) if gb else []
+            parts = [(m, gb * GiB // len(shown)) for m in shown]
+        self.arb.set_resident("ollama", gb * GiB, read_at=read_at, parts=parts)
         new = self.arb._residents.get("ollama")
-        if not stale and not busy and not (old is not None and old.evicting):
+        fresh = not stale and not (old is not None and old.evicting)
+        if fresh and not busy:
             self.brought.clear()  # a reading while no chat ran: the truth about what Ollama holds
+        if fresh and busy and parts is not None and old is not None and old.parts:
+            # Only a chat loads a model: one the reading does not list and no running chat brings has left.
+            bringing = {ls.req.brings for ls in mine}
+            self.brought = {m: b for m, b in self.brought.items() if m in shows or m in bringing}
+            assert new.bytes >= gb * GiB
+            # (the reading may have shrunk the ledger enough for waiting chats to be granted: theirs count too)
+            bringing |= {ls.req.brings for ls in self.running() if ls.req.tenant == "ollama"}
+            assert {m for m, _ in new.parts} <= set(shows) | bringing, (new.parts, shows, bringing)
+        if fresh and parts is not None:
+            self.last_shown = dict(parts)
         if stale:
             assert new == old, (old, new)  # a stale reading is dropped: the ledger is as it was
         elif new != old:
@@ -363,7 +398,7 @@ class ArbiterMachine(RuleBasedStateMachine):
         # Invariant 5: nothing granted overtakes a waiting request it could not run beside.
         for g in new:
             for w in self.waiting():
-                if w.req.order < g.req.order:
+                if w.req.order < g.req.order and not self.rides_along(g, w, new):
                     assert not self.cannot_share(w.req, g.req, residents, together=False), (w.req, g.req, residents)
             # ... and it fits beside everything else that runs (as planned: a reading may land after it).
             for other in self.running():
@@ -583,3 +618,55 @@ def test_a_render_after_two_models_evicts_ollama():
     arb.request("chat", "ollama", 2 * GiB, 2 * GiB, parts=[("qwen", 2 * GiB)]).wait(5).release()
     arb.set_resident("ollama", 2 * GiB)
     assert arb.resident_bytes("ollama") == 2 * GiB
+
+
+def test_a_model_ollama_let_go_leaves_the_ledger_while_other_chats_still_run():
+    """Chats for different models that keep overlapping (several users, several models) never leave Ollama
+    idle: a reading taken while one runs used to only raise the ledger, so every model any chat ever brought
+    stayed counted, and renders evicted or waited for memory nobody held. A reading by model now takes out a
+    model it no longer lists, unless a running chat brings it (still loading)."""
+    from clair.arbiter import Arbiter
+
+    arb = Arbiter(policy="budget", budget_bytes=20 * GiB)
+    evicted = []
+    for name in ("ollama", "image"):
+        arb.add_tenant(name, lambda name=name: evicted.append(name))
+    image = arb.request("render", "image", 8 * GiB, 6 * GiB).wait(5)
+    image.release()  # the image model stays, 6 GiB
+    llama = arb.request("chat", "ollama", 6 * GiB, 6 * GiB, parts=[("llama", 6 * GiB)], brings="llama").wait(5)
+    qwen = arb.request(
+        "chat", "ollama", 8 * GiB, 8 * GiB, parts=[("llama", 6 * GiB), ("qwen", 2 * GiB)], brings="qwen"
+    ).wait(5)
+    assert arb.resident_bytes("ollama") == 8 * GiB
+    # qwen is still loading: a reading lists nothing but llama, and qwen's chat keeps its model counted.
+    arb.set_resident("ollama", 6 * GiB, parts=[("llama", 6 * GiB)])
+    assert arb.resident_bytes("ollama") == 8 * GiB
+    llama.release()
+    # Ollama unloaded llama (one model at a time, OLLAMA_MAX_LOADED_MODELS=1) to load qwen; qwen's chat runs on.
+    arb.set_resident("ollama", 2 * GiB, parts=[("qwen", 2 * GiB)])
+    assert arb.resident_bytes("ollama") == 2 * GiB
+    assert qwen.req.need == 2 * GiB and dict(qwen.req.parts) == {"qwen": 2 * GiB}
+    # A render that needs 17 GiB now fits beside qwen's 2: neither the image model nor Ollama is evicted
+    # for llama's 6 GiB that Ollama let go.
+    render = arb.request("render", "image", 17 * GiB, 6 * GiB)
+    assert render.poll(0) and render._grant.evict == ()
+    render.release()
+    # A model a reading shows larger than planned raises the ledger, as before.
+    arb.set_resident("ollama", 3 * GiB, parts=[("qwen", 3 * GiB)])
+    assert arb.resident_bytes("ollama") == 3 * GiB
+    qwen.release()
+    assert evicted == []
+
+
+def test_regression_a_reading_by_model_while_chats_run_keeps_the_models_they_bring():
+    run_steps([
+        ("setup", {"policy": "budget", "budget_gb": 20, "priority": "next"}),
+        ("chat_arrives", {"tenant": "ollama", "need": 6, "model": "llama"}),
+        ("evictions_run", {"i": 0, "fail": None}),
+        ("ollama_reading", {"gb": 6, "started": False, "shows": {"llama"}}),
+        ("chat_arrives", {"tenant": "ollama", "need": 2, "model": "qwen"}),  # sized with llama beside it
+        ("evictions_run", {"i": 0, "fail": None}),
+        ("release", {"i": 0, "twice": False}),  # llama's chat ends; qwen's runs
+        ("ollama_reading", {"gb": 2, "started": False, "shows": {"qwen"}}),  # Ollama let llama go
+        ("render_arrives", {"need": 17, "idle": 6}),  # fits beside qwen's 2 GiB
+    ])

@@ -85,7 +85,9 @@ after every step of random runs):
    side, until a reading taken while none of its requests ran says what is left: two chats for different
    models, each sized before the other's model loaded, hold both, and the end of one does not shrink the
    ledger to its own model while Ollama keeps the other loaded (a render would be planned into that
-   memory). A request released before its work began takes its part back out.
+   memory). While requests of it run, a reading by model takes out a part it no longer shows that no running
+   request brings (`Req.brings`: only a request loads a model, so Ollama let that one go), so chats for
+   different models that keep overlapping do not hold every model any of them ever brought.
 15. The card has the last word (`Studio.preflight`, outside the arbiter): the plan is made from the
    ledger, but memory can change hands between a plan and the work it granted (a program allocates after
    the last reading; a runner Ollama unloaded gives its memory back a little after `/api/ps` empties). So

@@ -37,6 +37,10 @@ class Req:
     # for different parts that run together add up in the ledger (`size`) instead of overlapping, even when
     # each was sized before the other's model was loaded. Empty: the need is one indivisible thing.
     parts: tuple[tuple[str, int], ...] = ()
+    # The part this request itself brings (a chat's model): a reading taken while it runs may not show it yet
+    # (the model is still loading), so the ledger keeps it. Its other parts are what its tenant held when it
+    # was sized; a reading taken after its grant that shows one of them gone takes it out (`Arbiter.set_resident`).
+    brings: str = ""
     # A render that has been paused its budget (`pause_budget`) under CLAIR_PREEMPT=always: from now on chats that
     # fit beside it share the GPU with it (as under auto) instead of pausing it.
     shares: bool = False

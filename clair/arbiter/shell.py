@@ -73,7 +73,7 @@ class Lease:
     _tenant_was_resident: bool = False
     progress_at: float | None = None  # time.monotonic() of the holder's last sign of life (see progress())
     _own_bytes: int = 0  # what its tenant held on the GPU when it was granted
-    _own_parts: tuple[tuple[str, int], ...] = ()  # ... and the parts the ledger knew it by then
+    _tenant_grants: int = 0  # grants of its tenant so far, its own included (see Arbiter._release_locked)
     # Measured progress (written by the holder only, see progress()): steps or tokens done, a render's total
     # steps (known at request), and the measured seconds per step or per token (0 until measured).
     done: int = 0
@@ -273,7 +273,7 @@ class Arbiter:
         wait_free: Callable[[int], None] | None = None,
         preempt: Preempt = "auto",
         render_slice_s: float = 3.0,
-        max_preemptions: int = 3,
+        max_preemptions: int = 10,
         pause_join_s: float = 10.0,
         max_pause_chats: int = 8,
         max_paused_s: float = 60.0,
@@ -306,6 +306,7 @@ class Arbiter:
         self._residents: dict[str, Resident] = {}
         self._changed: dict[str, float] = {}  # tenant -> time.monotonic() of its last grant/release/eviction
         self._running: dict[int, Lease] = {}
+        self._tenant_grants: dict[str, int] = {}  # grants per tenant, ever
         self._waiting: dict[int, Lease] = {}
         self._use_seq = itertools.count(1)
         self._hold_ema: dict[str, float] = {"chat": 5.0, "render": 15.0}
@@ -338,7 +339,15 @@ class Arbiter:
         self._listeners.append(fn)
 
     # -- the ledger, kept in step with reality -----------------------------------------------------
-    def set_resident(self, tenant: str, nbytes: int, read_at: float | None = None, *, at_least: bool = False) -> None:
+    def set_resident(
+        self,
+        tenant: str,
+        nbytes: int,
+        read_at: float | None = None,
+        *,
+        at_least: bool = False,
+        parts: Iterable[tuple[str, int]] | None = None,
+    ) -> None:
         """Record what a tenant really occupies now (e.g. size_vram from Ollama's /api/ps).
 
         Call it with a *successful* reading only: 0 removes the tenant (e.g. Ollama unloaded its model on
@@ -346,7 +355,8 @@ class Arbiter:
         empty: pass `at_least=True` with the worst size the tenant may have, and the ledger keeps the
         larger of that and what it holds (it never removes a tenant). `read_at` (time.monotonic() when the
         reading was started) drops a reading that a grant, release or eviction of the tenant has made
-        stale meanwhile: readings are taken outside the lock.
+        stale meanwhile: readings are taken outside the lock. `parts` (name, bytes): what the reading showed,
+        by model, for a tenant of several parts; see `_reading_while_busy_locked`.
         """
         with self._lock:
             if read_at is not None and read_at < self._changed.get(tenant, 0.0):
@@ -365,15 +375,39 @@ class Arbiter:
                     )
             elif nbytes <= 0 and not busy:
                 self._residents.pop(tenant, None)
+            elif busy and cur is not None and cur.parts and parts is not None:
+                self._reading_while_busy_locked(cur, int(nbytes), dict(merge_parts(parts)))
             elif nbytes > 0:
                 # While a request of the tenant runs, what it brings may not show yet (a model still loading):
                 # the reading raises the ledger, never lowers it, and the parts stay. Idle, it is the truth.
                 seq = cur.last_used if cur else next(self._use_seq)
                 size = max(int(nbytes), cur.bytes) if busy and cur else int(nbytes)
-                parts = cur.parts if busy and cur else ()
-                self._residents[tenant] = Resident(tenant, size, seq, measured=int(nbytes), parts=parts)
+                held = cur.parts if busy and cur else ()
+                self._residents[tenant] = Resident(tenant, size, seq, measured=int(nbytes), parts=held)
             self._check_budget_locked()
             self._schedule_locked()
+
+    def _reading_while_busy_locked(self, cur: Resident, nbytes: int, shown: dict[str, int]) -> None:
+        """A fresh reading, by model, of a tenant of several parts while requests of it run (invariant 14).
+
+        A model a running request brings may not show yet (it is still loading): it stays. Any other part the
+        reading does not show is gone: only a request loads a model, and none is bringing it, so Ollama
+        unloaded it (to make room for another, or its keep_alive ran out). Without this, chats for different
+        models that keep overlapping would hold every model any of them ever brought until the tenant is
+        idle, and renders would wait or evict for memory nobody holds. The running requests lose those
+        parts too (sizes only go down for them, as in `shrink`); a model the reading shows larger raises it.
+        """
+        mine = [ls for ls in self._running.values() if ls.req.tenant == cur.tenant]
+        bringing = {ls.req.brings for ls in mine if ls.req.brings}
+        kept = merge_parts([(name, b) for name, b in cur.parts if name in shown or name in bringing], shown.items())
+        for ls in mine:
+            if ls.req.parts and any(name not in shown and name != ls.req.brings for name, _ in ls.req.parts):
+                own = tuple((name, b) for name, b in ls.req.parts if name in shown or name == ls.req.brings)
+                ls.req = replace(ls.req, parts=own, need=min(ls.req.need, parts_bytes(own)), idle=min(ls.req.idle, parts_bytes(own)))
+        size = max([nbytes, parts_bytes(kept)] + [ls.req.need for ls in mine])
+        if kept != cur.parts or size != cur.bytes:
+            log.info("ollama reading while busy: parts %s -> %s", dict(cur.parts), dict(kept))
+        self._residents[cur.tenant] = Resident(cur.tenant, size, cur.last_used, measured=nbytes, parts=kept)
 
     def set_other(self, nbytes: int, name: str = "other") -> None:
         """GPU memory held by other processes (a desktop, a browser, another app), re-read before each plan.
@@ -412,16 +446,18 @@ class Arbiter:
         label: str = "",
         steps: int = 0,
         parts: Iterable[tuple[str, int]] = (),
+        brings: str = "",
     ) -> Lease:
         """Queue a request for the GPU. Returns at once; `Lease.wait()`/`poll()` block until granted.
 
         `steps` (a render's denoising steps) lets the queue estimate it from the measured pace per step.
-        `parts` (name, bytes) say what `need` is made of for a tenant of several models (see `Req.parts`).
+        `parts` (name, bytes) say what `need` is made of for a tenant of several models (see `Req.parts`),
+        and `brings` which of them the request itself brings (its model, see `Req.brings`).
         """
         with self._lock:
             rid = next(self._seq)
             idle = int(need if idle is None else idle)
-            req = Req(rid, kind, tenant, int(need), idle, parts=merge_parts(parts))
+            req = Req(rid, kind, tenant, int(need), idle, parts=merge_parts(parts), brings=brings)
             req = replace(req, order=self._order_locked(req))
             lease = Lease(self, req, label or kind, requested_at=time.time(), total=int(steps))
             self._waiting[rid] = lease
@@ -492,7 +528,7 @@ class Arbiter:
             cur = self._residents.get(lease.req.tenant)
             lease._tenant_was_resident = cur is not None
             lease._own_bytes = cur.bytes if cur is not None else 0
-            lease._own_parts = cur.parts if cur is not None else ()
+            self._tenant_grants[lease.req.tenant] = lease._tenant_grants = self._tenant_grants.get(lease.req.tenant, 0) + 1
             apply_grant(self._residents, grant, next(self._use_seq))
             now = time.monotonic()
             for name in (lease.req.tenant, *grant.evict):
@@ -654,12 +690,13 @@ class Arbiter:
                 gone = self._residents.get(name)
                 if gone is not None and gone.evicting:
                     self._residents[name] = replace(gone, evicting=False)
-            if not lease._tenant_was_resident and not still_busy:
+            # Its own tenant never arrived, unless a request of the tenant granted after it (and maybe done since)
+            # brought it. The parts it brought stay: the reading after its release says whether they are there
+            # (invariant 14); taking them out here lost a model a later chat had loaded.
+            alone = self._tenant_grants.get(tenant) == lease._tenant_grants
+            if not lease._tenant_was_resident and not still_busy and alone:
                 self._residents.pop(tenant, None)
                 res = None
-            elif res is not None:  # its model never loaded: the parts it brought are not there
-                parts = merge_parts(lease._own_parts, *(ls.req.parts for ls in still_busy))
-                res = self._residents[tenant] = replace(res, parts=parts)
         if res is not None and not res.evicting:
             # Back to idle size, but never below what the tenant itself reported.
             # The parts its grants brought stay until a reading shows what is really left: another chat may
@@ -779,8 +816,6 @@ class Arbiter:
             nxt = Lease(self, req, lease.label, requested_at=time.time(), pauses=lease.pauses + 1, paused=True)
             # The measured pace carries over: the holder goes on counting steps where it stopped.
             nxt.done, nxt.total, nxt.unit_s, nxt.owner = lease.done, lease.total, lease.unit_s, lease.owner
-            nxt.done, nxt.total, nxt.unit_s = lease.done, lease.total, lease.unit_s  # for the estimates
-            nxt.owner = lease.owner
             nxt.paused_s = self._paused_total(lease)
             nxt.began_at = lease.began_at or lease.ready_at
             self._waiting[rid] = nxt

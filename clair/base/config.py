@@ -264,8 +264,9 @@ class Config:
         max=3600,
     )
     max_preemptions: int = setting(
-        3,
-        "A render pauses for chats at most this many times; after that, chats wait for it to finish.",
+        10,
+        "A render pauses for chats at most this many times (and not again once it has been paused 60 s in "
+        "all); after that, chats wait for it to finish.",
         min=0,
         max=100,
     )

@@ -95,6 +95,10 @@ class Engine:
         the ledger adds up concurrent requests for different parts (Req.parts). Empty: one indivisible thing."""
         return ()
 
+    def brings(self, *spec: Any) -> str:
+        """Which of `parts` the work itself brings (the model a chat loads): "" for one indivisible thing."""
+        return ""
+
     def measured(self, *spec: Any) -> int | None:
         return None
 

@@ -295,7 +295,9 @@ class OllamaChat(ChatBackend):
         if found is None:
             arbiter.set_resident(self.tenant, self.worst_bytes(), read_at=read_at, at_least=True)
         else:
-            arbiter.set_resident(self.tenant, sum(v for _, _, v, _ in found), read_at=read_at)
+            # By model as well: while chats run, a model the reading no longer shows and no chat brings has left.
+            parts = [(model_key(n), max(size, vram)) for n, size, vram, _ in found]
+            arbiter.set_resident(self.tenant, sum(v for _, _, v, _ in found), read_at=read_at, parts=parts)
         return found
 
     # -- sizes -----------------------------------------------------------------------------------
@@ -342,6 +344,10 @@ class OllamaChat(ChatBackend):
             held = {k: max(size, vram) for k, (_, size, vram, ctx) in self._seen.items() if k != key}
         own = self._loaded_bytes(model)
         return tuple(sorted({**held, key: own if own is not None else self._model_bytes(model)}.items()))
+
+    def brings(self, model: str) -> str:
+        """The part of `parts(model)` a chat for `model` brings (Req.brings)."""
+        return model_key(model)
 
     # -- hooks -----------------------------------------------------------------------------------
     def after_grant(self, lease: Lease, model: str | None = None) -> None:
@@ -395,9 +401,10 @@ class OllamaChat(ChatBackend):
         if any(w["kind"] == "render" for w in arbiter.status()["waiting"]):
             return  # another render waits: it would evict the model again at once
         for model in self.last_evicted or [self.cfg.chat_model]:
-            need, idle = self.footprint(model)
+            parts = self.parts(model)  # one snapshot for the need and its parts; the warm-up brings its model
+            need = sum(nbytes for _, nbytes in parts)
             lease = arbiter.request(
-                "chat", self.tenant, need, idle, label=f"warm-up:{model}", parts=self.parts(model)
+                "chat", self.tenant, need, need, label=f"warm-up:{model}", parts=parts, brings=self.brings(model)
             )
             try:
                 lease.wait(self.cfg.queue_timeout_s)

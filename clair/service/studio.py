@@ -25,7 +25,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 
-from clair.arbiter import Arbiter, Kind, Lease
+from clair.arbiter import Arbiter, Kind, Lease, parts_bytes
 from clair.base.config import Config, duration_s
 from clair.base.errors import BadRequest, ChatUnavailable, ClairError
 from clair.device import card as device
@@ -203,7 +203,7 @@ class Studio:
 
     def request_for(self, engine: Engine, model: str, label: str) -> Lease:
         """A chat lease on `engine`'s tenant for a request an adapter sends to the engine itself (Job.hold)."""
-        return self._request(engine, "chat", engine.footprint(model), label, parts=engine.parts(model))
+        return self._chat_request(engine, model, label)
 
     def after_hold(self, engine: Engine, lease: Lease | None) -> None:
         """Job.hold's end: release its lease (with every engine's hooks), or after an unload re-read the engine."""
@@ -306,7 +306,7 @@ class Studio:
             self._chat_done(backend.name, t0, first, n)
             return
         label = label or f"chat:{model}"
-        lease = self._request(backend, "chat", backend.footprint(model), label, parts=backend.parts(model))
+        lease = self._chat_request(backend, model, label)
         lease.owner = owner
         t0, first, n = None, None, 0
         try:
@@ -402,12 +402,20 @@ class Studio:
         held = engine.held_outside()
         return None if held is None else min(held, self.arbiter_of(engine).resident_bytes(engine.tenant))
 
-    def _request(
-        self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0, parts: tuple = ()
-    ) -> Lease:
+    def _request(self, engine: Engine, kind: Kind, footprint: tuple[int, int], label: str, steps: int = 0) -> Lease:
         self.sync()  # the ledger must see what is really on the GPU before it plans
         need, idle = footprint
-        return self.arbiter_of(engine).request(kind, engine.tenant, need, idle, label=label, steps=steps, parts=parts)
+        return self.arbiter_of(engine).request(kind, engine.tenant, need, idle, label=label, steps=steps)
+
+    def _chat_request(self, engine: Engine, model: str, label: str) -> Lease:
+        """A chat's lease, sized from one reading: for an engine of several models (Ollama) the need is the sum of
+        the parts it names, so the need and its parts come from the same snapshot, taken after the sync."""
+        self.sync()
+        parts = engine.parts(model)
+        need, idle = (parts_bytes(parts),) * 2 if parts else engine.footprint(model)
+        return self.arbiter_of(engine).request(
+            "chat", engine.tenant, need, idle, label=label, parts=parts, brings=engine.brings(model) if parts else ""
+        )
 
     def _release(self, lease: Lease) -> None:
         lease.release()
