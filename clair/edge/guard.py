@@ -379,9 +379,13 @@ class Exchange(Response):
     """A response that runs `work(send, gone)` itself, so what it holds is released whatever happens.
 
     `work` sends the response (it decides the status once it knows it, e.g. after the GPU was granted
-    and Ollama answered). `gone` is set as soon as the client disconnects, also while nothing is being
-    sent (a request held for a render), so the wait ends and the lease goes back. A bug in `work` is
-    answered 500 in the adapter's error shape (`protocol`), with an id, never the exception.
+    and Ollama answered). As soon as the client disconnects, also while nothing is being sent, `gone` is
+    set and `work` is cancelled wherever it awaits: in the GPU's queue (the lease is withdrawn), waiting
+    for Ollama's first byte (the request to Ollama is closed, so Ollama stops too), between two chunks.
+    Its `finally` blocks release what it holds (shielded where that takes a thread). Work running in a
+    worker thread cannot be cancelled: it sees `gone` (or an event linked to it) when it next looks. A
+    bug in `work` is answered 500 in the adapter's error shape (`protocol`), with an id, never the
+    exception.
     """
 
     def __init__(self, work: Callable[[Send, Gone], Awaitable[None]], protocol: str = OLLAMA):
@@ -393,27 +397,32 @@ class Exchange(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         gone = Gone()
+        working = anyio.CancelScope()
+        started = finished = False
 
         async def watch() -> None:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     gone.set()
+                    if not finished:  # (the server also reports a disconnect once the answer is complete)
+                        working.cancel()
                     return
 
-        started = False
-
         async def guarded_send(message: dict) -> None:
-            nonlocal started
+            nonlocal started, finished
             if gone.is_set():
                 raise OSError("the client went away")
             started = started or message["type"] == "http.response.start"
+            # Set before the send: the server wakes `watch` with a disconnect as it completes the answer.
+            finished = message["type"] == "http.response.body" and not message.get("more_body", False)
             await send(message)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
             try:
-                await self.work(guarded_send, gone)
+                with working:
+                    await self.work(guarded_send, gone)
             except OSError:
                 gone.set()
             except Exception as exc:  # a bug: logged with an id; the client gets the id, not the exception
