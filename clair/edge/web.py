@@ -729,12 +729,12 @@ class Guard:
         return "json" in (headers.get("content-type") or "").lower()
 
     async def body(self, receive, headers: Headers, path: str, claim: BodyClaim) -> tuple[Refusal | None, bytes | None, object]:
-        """Read the body within the cap and the BodyBudget (`claim`, its whole Content-Length claimed before a
-        byte is read) while it keeps moving, and parse JSON off the event loop: (a refusal or None, the body
-        (None: the client left), the parsed JSON or MISSING)."""
+        """Read the body within the cap and the BodyBudget (`claim`, grown as its bytes arrive; a Content-Length
+        that would not fit now is refused before a byte is read) while it keeps moving, and parse JSON off the
+        event loop: (a refusal or None, the body (None: the client left), the parsed JSON or MISSING)."""
         length = headers.get("content-length")
         try:
-            if length is not None and length.isdigit() and not claim.grow(int(length)):
+            if length is not None and length.isdigit() and not claim.fits(int(length)):
                 raise claim.refusal()
             raw = await read_body(receive, self.cap(path), claim=claim)
         except BodyRefused as exc:
