@@ -623,6 +623,45 @@ def test_file_route_serves_an_image_to_its_owner_only(lan_web, tmp_path):
     assert _run(go()) == [200, 404, 404, 404, 200, 404, 404, 200]
 
 
+def test_another_users_image_and_a_missing_file_get_the_same_answer(lan_web, tmp_path):
+    """Behind the guard, real Gradio's file route: another user's image was 404 (the guard) and a missing file
+    403 (Gradio: "File not allowed: <the path>"), so the status told bob which of alice's file names exist.
+    Now a missing file, one outside the allowed folder and alice's image answer bob alike, and never with the
+    path he sent."""
+    import gradio as gr
+
+    out = tmp_path / "outputs"
+    out.mkdir()
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("clair", json.dumps({"owner": "alice", "prompt": "p"}))
+    path = out / "20260101-000000-1-p-abcdef.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    with gr.Blocks() as blocks:
+        gr.Markdown("x")
+    app = gr.mount_gradio_app(FastAPI(), blocks, path="/", allowed_paths=[str(out)])
+    guard = Guard(app, lan_web)
+
+    async def go():
+        transport = httpx.ASGITransport(guard, client=("192.168.1.30", 50000))
+        got = {}
+        for user in ("alice", "bob"):
+            cookies = {"access-token-unsecure-": f"tok-{user}"}
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", cookies=cookies) as c:
+                for name, target in (("theirs", path), ("missing", out / "20260101-000000-2-p-fedcba.png"), ("outside", "/etc/hostname")):
+                    for route in ("/gradio_api/file=", "/gradio_api/file/"):
+                        r = await c.get(route + str(target))
+                        h = await c.head(route + str(target))
+                        got[user, name, route] = (r.status_code, r.content, r.headers.get("content-type"), h.status_code)
+        return got
+
+    got = _run(go())
+    assert got["alice", "theirs", "/gradio_api/file="][0] == 200
+    answers = {v for (user, name, _), v in got.items() if user == "bob" or name != "theirs"}
+    assert answers == {(404, b'{"detail": "No such file."}', "application/json", 404)}, answers
+
+
 # --- keys ------------------------------------------------------------------------------------------
 
 
