@@ -363,7 +363,7 @@ def test_a_slow_body_holds_only_its_bytes_and_is_cut_when_it_crawls(studio):
     """The attack: two people each declare two 64 MB chats and send 3 MB of each, then crawl. Claimed from their
     Content-Length, these four held 248 MB of the 256 MB budget and a legitimate 20 MB image chat was answered
     503 for as long as they crawled (45 s and more). Counted as the bytes arrive, they hold 4 MB; the image chat
-    goes through; and once a step of their bodies is late (past the first 2 MB, 5 MB within 5 s) each is
+    goes through; and once a step of their bodies is late (past the first 2 MB, 2.5 MB within 5 s) each is
     refused 408 with what to do, and gives its bytes back."""
     from clair.adapters.gateway import Gateway
 

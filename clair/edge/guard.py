@@ -37,9 +37,10 @@ MAX_DEPTH = 64  # JSON nesting: a chat with list-form content and tool schemas n
 BODY_IDLE_S = 10.0  # a body must keep moving: at most this long between two of its chunks
 BODY_TOTAL_S = 120.0  # and all of it within this long (64 MiB at 4.5 Mbit/s)
 # Past its first BODY_FREE bytes (the part the BodyBudget counts) a body must keep a pace: each further
-# BODY_PACE_S x BODY_MIN_RATE bytes within BODY_PACE_S of the last such step (1 MiB/s, 8.4 Mbit/s: any LAN,
-# Wi-Fi included, carries a 20 MB image chat in 20 s). A body that holds budget cannot crawl.
-BODY_MIN_RATE = 2**20
+# BODY_PACE_S x BODY_MIN_RATE bytes within BODY_PACE_S of the last such step. 512 KiB/s (4.2 Mbit/s) is the
+# slowest link BODY_TOTAL_S already allows for (a phone on weak Wi-Fi, a VPN over a mobile uplink); a body
+# that holds budget cannot crawl below it.
+BODY_MIN_RATE = 2**19
 BODY_PACE_S = 5.0
 
 Send = Callable[[dict], Awaitable[None]]
@@ -271,7 +272,7 @@ class Pace:
         return BodyRefused(
             408,
             f"The request body arrived too slowly: past its first {self.free / 2**20:.0f} MB, Clair reads a body "
-            f"at {self.rate / 2**20:.0f} MB/s at least. Send it over a faster connection, or send smaller images.",
+            f"at {self.rate / 2**20:g} MB/s at least. Send it over a faster connection, or send smaller images.",
         )
 
 
