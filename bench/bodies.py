@@ -13,6 +13,13 @@ What to expect since the guard counts a person's GPU requests before reading the
 (clair.edge.guard.PerPerson: 429 past CLAIR_MAX_JOBS_PER_USER) and holds all bodies within one budget, half of
 it at most for one person (BodyBudget: 503 past it): two bodies are read (and answered 400 here: their text is
 far over Clair's limits), the other fourteen are refused before their body is read.
+
+Then slow senders: two other people (127.0.0.2 and 127.0.0.3: on loopback each address is its own person) each
+declare two 64 MB chats, send 3 MB of each and then one byte every 2 s; a third (127.0.0.4) sends a 20 MB image
+chat, again every second while it is refused 503. Printed: how long the image chat waited, how many times it
+was refused, and what the slow senders got and when (at most SLOW_S seconds are watched). While the budget
+was claimed from each Content-Length, the four slow bodies held 248 of its 256 MB until the 120 s read limit;
+counted as their bytes arrive, and cut when they crawl (clair.edge.guard.Pace), they hold 4 MB for 5 s.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 BODIES, SIZE = 16, 64 * 2**20 - 1024
+SLOW_S = 60.0  # how long the slow senders' scenario is watched at most
 
 
 def free_port() -> int:
@@ -78,6 +86,64 @@ def post(port: int, body: bytes, codes: list[str]) -> None:
     s.close()
 
 
+def crawl(port: int, source: str, out: list, t0: float) -> None:
+    """Declare a 64 MB chat, send 3 MB of it, then a byte every 2 s until answered (or SLOW_S is up)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=120, source_address=(source, 0))
+    head = f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    s.sendall(f"{head}Content-Length: {64 * 2**20}\r\n\r\n".encode() + b'{"model": "' + b"x" * (3 * 2**20))
+    s.settimeout(2)
+    answer = b""
+    while time.monotonic() - t0 < SLOW_S and not answer:
+        try:
+            answer = s.recv(64)
+        except TimeoutError:
+            with contextlib.suppress(OSError):
+                s.sendall(b"x")
+        except OSError:
+            break
+    out.append((answer.split(b" ")[1].decode() if answer.count(b" ") else "none", time.monotonic() - t0))
+    s.close()
+
+
+def image_chat(port: int, source: str) -> str:
+    image = b"A" * (20 * 2**20)  # base64 of an image, as a vision client sends it
+    body = b'{"model": "llama3.1:8b", "stream": false, "messages": [{"role": "user", "content": "what is this?", "images": ["' + image + b'"]}]}'
+    s = socket.create_connection(("127.0.0.1", port), timeout=120, source_address=(source, 0))
+    head = f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    try:
+        s.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode())
+        with contextlib.suppress(OSError):
+            s.sendall(body)
+        return s.recv(64).split(b" ")[1].decode()
+    except (OSError, IndexError) as exc:
+        return type(exc).__name__
+    finally:
+        s.close()
+
+
+def slow_senders(gateway: int) -> list[str]:
+    t0, crawled = time.monotonic(), []
+    crawlers = [threading.Thread(target=crawl, args=(gateway, a, crawled, t0)) for a in ["127.0.0.2"] * 2 + ["127.0.0.3"] * 2]
+    for t in crawlers:
+        t.start()
+    time.sleep(1.0)  # their first 3 MB are in
+    asked, refusals, status = time.monotonic(), 0, ""
+    while time.monotonic() - t0 < SLOW_S:
+        status = image_chat(gateway, "127.0.0.4")
+        if status != "503":
+            break
+        refusals += 1
+        time.sleep(1.0)
+    waited = time.monotonic() - asked
+    for t in crawlers:
+        t.join()
+    return [
+        f"slow senders (4 x 64 MB declared, 3 MB sent, then a byte every 2 s; watched {SLOW_S:.0f} s at most):",
+        f"  a 20 MB image chat from another person: {status or '-'} after {waited:.1f} s, refused 503 {refusals} times",
+        f"  the slow senders got: {', '.join(f'{c} at {t:.1f} s' for c, t in sorted(crawled, key=lambda x: x[1]))}",
+    ]
+
+
 def main() -> None:
     checkout = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,6 +176,7 @@ def main() -> None:
             took = time.monotonic() - t0
             done.set()
             watcher.join()
+            slow = slow_senders(gateway)
         finally:
             clair.terminate()
             standin.terminate()
@@ -120,6 +187,7 @@ def main() -> None:
     print(f"statuses: {', '.join(f'{c} x{codes.count(c)}' for c in sorted(set(codes)))}")
     print(f"server RSS: {base / 2**20:.0f} MiB before, {max(rss) / 2**20:.0f} MiB at its peak")
     print(f"/healthz meanwhile: median {sorted(latency)[len(latency) // 2]:.3f} s, max {max(latency):.2f} s ({len(latency)} asked)")
+    print("\n".join(slow))
 
 
 if __name__ == "__main__":

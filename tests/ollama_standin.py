@@ -1154,6 +1154,14 @@ class OllamaStandin:
             return handler.send_json(400, {"error": error})
         runner, _ = self._acquire(model, self.default_context_length, None)
         try:
+            with self._cond:
+                gate: Gate | None = self._pop(self._gates, model.name)  # hold() holds this chat too
+            if gate is not None:
+                gate.reached.set()
+                with self._cond:
+                    self._changed()
+                gate.released.wait()
+                self._check_stopping()
             tokens = self._reply_tokens("chat", body, None, self.reply_fn)
             for _ in tokens:
                 self._pause(self.token_delay)

@@ -197,6 +197,19 @@ def test_a_setting_in_the_wrong_case_is_refused_with_the_name_clair_reads(name: 
         load([], environ={"clair_zzz": "1"})
 
 
+@pytest.mark.parametrize("name", ["clair_auth", "Clair_Auth", "CLAIR_auth"])
+def test_clair_auth_in_the_wrong_case_is_named_and_its_retirement_explained(name: str) -> None:
+    """CLAIR_AUTH is no setting but a retired name: in the wrong case it got the generic "all upper-case"
+    message, which named no variable. It is named, with what replaced it; the value is never repeated."""
+    with pytest.raises(ConfigError) as err:
+        load([], environ={name: "alice:hunter2"})
+    text = str(err.value)
+    assert text.startswith(f"{name} is not one of Clair's settings") and "You meant CLAIR_AUTH" in text
+    assert "adduser" in text and "hunter2" not in text
+    with pytest.raises(ConfigError, match="Did you mean CLAIR_UPDATE_SCREENSHOTS"):
+        load([], environ={"clair_update_screenshots": "1"})
+
+
 def test_an_unknown_setting_far_from_any_name_is_refused_without_a_guess() -> None:
     with pytest.raises(ConfigError) as err:
         load([], environ={"CLAIR_ZZZ": "1"})

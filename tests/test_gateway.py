@@ -508,3 +508,52 @@ def test_v1_on_the_ollama_port_forwards_its_own_endpoints_only(gateway, standin,
         assert status in (404, 405), (method, raw_path, reply[:300])
     for path in ("/api/pull", "/api/create", "/api/copy", "/api/push", "/api/generate"):
         assert not standin.requests_to(path), path
+
+
+def _send_raw(port: int, path: str, body: dict):
+    """A socket that has sent one POST and reads nothing: the client that will hang up."""
+    import json
+    import socket
+
+    raw = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw
+    )
+    return s
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_a_client_that_hangs_up_before_ollamas_first_byte_frees_its_count_and_lease_at_once(standin, studio, path):
+    """Ollama may take many seconds to answer (a model loading): a client that hangs up meanwhile must not keep
+    its per-person count, its job slot and its GPU lease until Ollama's first byte (it did: 18-21 s in an
+    attack). Its request to Ollama is closed too, and the port goes on serving."""
+    from clair.adapters.gateway import Gateway
+    from clair.edge.users import Users
+    from clair.edge.web import Web
+
+    web = Web(studio.cfg, Users(studio.cfg.users_path))
+    served = Served(Gateway(studio, web).app())
+    gate = standin.hold(MODEL)  # Ollama has the model but sends nothing until released
+    try:
+        s = _send_raw(served.port, path, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        gate.wait_reached(10)
+        assert web.in_flight.count and studio.jobs.snapshot()["total"] == 1 and studio.arbiter.status()["holders"]
+        s.close()
+        standin.wait_until(
+            lambda: not web.in_flight.count and studio.jobs.snapshot()["total"] == 0 and studio.arbiter.is_idle(),
+            timeout=5,
+        )
+        assert not [r for r in standin.requests_to(path) if r.finished is not None]  # still held by the gate
+    finally:
+        gate.release()
+    try:
+        # Clair had closed its request: the stand-in's streamed reply, once released, meets a closed connection
+        # (a one-piece JSON answer fits in the socket's buffer, so only a stream shows it).
+        (first,) = standin.wait_until(lambda: [r for r in standin.requests_to(path) if r.finished is not None], timeout=10)
+        assert first.aborted or path != "/api/chat"
+        reply = ollama.Client(host=served.url).chat(model=MODEL, messages=[{"role": "user", "content": "next"}])
+        assert reply.message.content == "You said: next"
+    finally:
+        served.stop()

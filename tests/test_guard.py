@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 from fastapi import FastAPI
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from PIL import Image
@@ -124,11 +124,12 @@ async def _settled(predicate, timeout: float = 10.0) -> None:
 
 
 class Posts:
-    """POSTs driven straight through a guard, concurrently, each body held back until `go` is set: which were
-    answered before their body was asked for (`reads`: how many times each called receive)."""
+    """POSTs driven straight through a guard, concurrently, each body's parts after its first `early` ones held
+    back until `go` is set: which were answered before their body was asked for (`reads`: how many times each
+    called receive)."""
 
     def __init__(self, guard, body=b'{"model": "m", "messages": []}', parts: int = 1):
-        self.guard, self.body, self.parts = guard, body, parts
+        self.guard, self.chunks = guard, [body] * parts
         self.go = asyncio.Event()
         self.status: dict[int, int] = {}
         self.text: dict[int, bytes] = {}
@@ -136,14 +137,18 @@ class Posts:
         self.headers: dict[int, dict] = {}
         self.answered = asyncio.Condition()
 
-    async def post(self, n: int, path: str, address: str, headers: dict[str, str]) -> None:
+    async def post(self, n: int, path: str, address: str, headers: dict[str, str], early: int = 0, chunks=None) -> None:
         self.reads[n] = 0
+        chunks = self.chunks if chunks is None else chunks
 
         async def receive():
             self.reads[n] += 1
-            await self.go.wait()
-            last = self.reads[n] >= self.parts
-            return {"type": "http.request", "body": self.body, "more_body": not last}
+            if self.reads[n] > early:
+                await self.go.wait()
+            i = self.reads[n] - 1
+            if i >= len(chunks):
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": chunks[i], "more_body": i + 1 < len(chunks)}
 
         async def send(message):
             if message["type"] == "http.response.start":
@@ -159,6 +164,18 @@ class Posts:
     async def until_answered(self, count: int) -> None:
         async with self.answered:
             await asyncio.wait_for(self.answered.wait_for(lambda: len(self.status) >= count), 30)
+
+
+def json_in_parts(*mib: float) -> list[bytes]:
+    """A JSON body cut into parts of these sizes (MiB), as a large chat arrives: part by part."""
+    sizes = [int(m * 2**20) for m in mib]
+    head, tail = b'{"model": "m", "messages": [], "pad": "', b'"}'
+    whole = head + b"x" * (sum(sizes) - len(head) - len(tail)) + tail
+    out, at = [], 0
+    for size in sizes:
+        out.append(whole[at : at + size])
+        at += size
+    return out
 
 
 def test_a_persons_gpu_requests_past_the_cap_are_refused_before_their_body_is_read(lan_web):
@@ -185,8 +202,8 @@ def test_a_persons_gpu_requests_past_the_cap_are_refused_before_their_body_is_re
         # Yield to the guard until bob's body is asked for (or he is answered), and the refused have left.
         await _settled(lambda: (posts.reads.get(99, 0) or 99 in posts.status) and sum(lan_web.in_flight.count.values()) <= 5)
         assert dict(lan_web.in_flight.count) == {"user:alice": 4, "user:bob": 1}
-        # Claimed from their Content-Length, before any byte came (each body's first BODY_FREE bytes are free).
-        assert lan_web.bodies.held == 4 * (64 * 2**20 - edge.BODY_FREE)
+        # Nothing is held for what a Content-Length promises: the budget counts bytes that have arrived.
+        assert lan_web.bodies.held == 0
         posts.go.set()
         await asyncio.gather(*tasks, bob)
         return posts, refused
@@ -203,50 +220,60 @@ def test_a_persons_gpu_requests_past_the_cap_are_refused_before_their_body_is_re
 
 
 def test_one_persons_large_bodies_hold_half_the_budget_at_most(lan_web):
-    """Two 64 MB chats fill a person's share (half of 256 MB): their third waits (503, unread), while another
+    """Two bodies of a person, part-way in, fill their share (half the budget) with the bytes that arrived: their
+    third would pass it once whole, so it waits (503, unread: its Content-Length would not fit), while another
     person on the same machine still gets in: the share is the person's (a key's user), not the address's."""
+    lan_web.bodies = edge.BodyBudget(32 * 2**20)  # a share of 16 MiB
     alice_key, _ = lan_web.keys.add("alice")
     bob_key, _ = lan_web.keys.add("bob")
     guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20, gpu_paths=("/api/chat",))
-    big = {"content-length": str(64 * 2**20), "content-type": "application/json"}
+    big = {"content-length": str(10 * 2**20), "content-type": "application/json"}
+    parts = json_in_parts(7, 3)  # 8 MiB counted in all, 5 of them in the first part
 
     async def go():
         posts = Posts(guard)
         alice = [
-            asyncio.create_task(posts.post(n, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {alice_key}"}))
+            asyncio.create_task(
+                posts.post(n, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {alice_key}"}, 1, parts)
+            )
             for n in range(3)
         ]
         await posts.until_answered(1)
-        bob = asyncio.create_task(posts.post(9, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {bob_key}"}))
-        await _settled(lambda: sum(posts.reads.values()) == 3)
+        bob = asyncio.create_task(
+            posts.post(9, "/api/chat", "192.168.1.30", {**big, "authorization": f"Bearer {bob_key}"}, 1, parts)
+        )
+        await _settled(lambda: sum(posts.reads.values()) == 6)  # three first parts in, three waiting for the rest
         per = dict(lan_web.bodies.per)
         posts.go.set()
         await asyncio.gather(*alice, bob)
         return posts, per
 
     posts, per = _run(go())
-    each = 64 * 2**20 - edge.BODY_FREE
-    assert per == {"user:alice": 2 * each, "user:bob": each}
+    assert per == {"user:alice": 10 * 2**20, "user:bob": 5 * 2**20}
     assert sorted(posts.status[n] for n in range(3)) == [200, 200, 503] and posts.status[9] == 200
     (waited,) = [n for n in range(3) if posts.status[n] == 503]
     assert posts.reads[waited] == 0 and posts.headers[waited]["retry-after"] == "5"
     assert "at a time per person" in json.loads(posts.text[waited])["error"]
+    assert lan_web.bodies.peak == 16 * 2**20 + 8 * 2**20  # alice's whole share, and bob's body
     assert lan_web.bodies.held == 0 and lan_web.bodies.per == {}
 
 
 def test_bodies_held_at_once_stay_within_the_budget_and_the_excess_is_refused_unread(lan_web):
     """Many people's large bodies at once: past the BodyBudget a request is answered 503 + Retry-After, before
-    its body is read (Content-Length) or as soon as its chunks pass it (chunked)."""
+    its body is read (a Content-Length that would not fit beside the bytes held) or as soon as its chunks pass
+    it (chunked)."""
     lan_web.bodies = edge.BodyBudget(10 * 2**20, share=10 * 2**20)  # one machine here: no share of its own
     guard = Guard(_inner, lan_web, port=OLLAMA_PORT, max_body=64 * 2**20)
     assert edge.BODY_FREE == 2 * 2**20  # each body's first 2 MB are not counted
-    six_mb = {"content-length": str(6 * 2**20), "content-type": "application/json"}  # 4 MB counted
+    six_mb = {"content-length": str(6 * 2**20), "content-type": "application/json"}  # 4 MB counted once whole
 
     async def go():
         posts = Posts(guard)
-        held = [asyncio.create_task(posts.post(n, "/api/show", "127.0.0.1", six_mb)) for n in range(2)]
-        await _settled(lambda: sum(posts.reads.values()) >= 2)  # both bodies are being read
-        await posts.post(2, "/api/show", "127.0.0.1", six_mb)  # 12 MB would be counted: refused at once
+        parts = json_in_parts(5.5, 0.5)  # 3.5 MB counted once the first part is in
+        held = [asyncio.create_task(posts.post(n, "/api/show", "127.0.0.1", six_mb, 1, parts)) for n in range(2)]
+        await _settled(lambda: sum(posts.reads.values()) >= 4)  # both first parts are in
+        assert lan_web.bodies.held == 7 * 2**20
+        await posts.post(2, "/api/show", "127.0.0.1", six_mb)  # 7 + 4 MB would be counted: refused at once
         chunked = Posts(guard, body=b"x" * 2**20, parts=8)  # 1 MB chunks, no Content-Length
         chunked.go.set()
         await chunked.post(3, "/api/show", "127.0.0.1", {"content-type": "application/json"})
@@ -258,7 +285,7 @@ def test_bodies_held_at_once_stay_within_the_budget_and_the_excess_is_refused_un
     posts, chunked, peak = _run(go())
     assert posts.status[2] == 503 and posts.reads[2] == 0 and posts.headers[2]["retry-after"] == "5"
     assert "try again" in json.loads(posts.text[2])["error"]
-    assert chunked.status[3] == 503 and chunked.reads[3] == 5  # 2 free, 8 + 1 + 1 MB fit; the fifth chunk does not
+    assert chunked.status[3] == 503 and chunked.reads[3] == 6  # 2 free, 7 + 1 + 1 + 1 MB fit; the sixth does not
     assert [posts.status[0], posts.status[1]] == [200, 200]
     assert peak <= 10 * 2**20 and lan_web.bodies.held == 0
 
@@ -310,7 +337,7 @@ def test_the_ollama_ports_gpu_routes_count_a_person_before_reading(studio):
         wait_until(lambda: read_ready() == 2 and sum(web.in_flight.count.values()) == 4)
         assert sum(a == b"" for a in answers) == 4  # the four within the cap wait for their bodies
         assert b"CLAIR_MAX_JOBS_PER_USER" in b"".join(answers) and studio.jobs.refused == 0  # no job slot was asked
-        assert web.bodies.held == 4 * (30 * 2**20 - edge.BODY_FREE)  # claimed from their Content-Length
+        assert web.bodies.held == 0  # a Content-Length holds nothing: no byte of these bodies has come
         assert httpx.get(served.url + "/api/version", timeout=10).status_code == 200
         for s in socks:
             s.close()
@@ -319,6 +346,83 @@ def test_the_ollama_ports_gpu_routes_count_a_person_before_reading(studio):
         for s in socks:
             s.close()
         served.stop()
+
+
+def _declare(port: int, source: str, length: int, first: bytes) -> socket.socket:
+    """A client at `source` (a loopback address: each is its own person here) that declares a body of `length`
+    bytes, sends `first` of it and then nothing more for now."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    s.sendall(
+        f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n".encode() + first
+    )
+    return s
+
+
+def test_a_slow_body_holds_only_its_bytes_and_is_cut_when_it_crawls(studio):
+    """The attack: two people each declare two 64 MB chats and send 3 MB of each, then crawl. Claimed from their
+    Content-Length, these four held 248 MB of the 256 MB budget and a legitimate 20 MB image chat was answered
+    503 for as long as they crawled (45 s and more). Counted as the bytes arrive, they hold 4 MB; the image chat
+    goes through; and once a step of their bodies is late (past the first 2 MB, 2.5 MB within 5 s) each is
+    refused 408 with what to do, and gives its bytes back."""
+    from clair.adapters.gateway import Gateway
+
+    web = Web(studio.cfg, Users(studio.cfg.users_path))
+    served = Served(Gateway(studio, web).app())
+    crawlers = []
+    try:
+        first = b'{"model": "' + b"x" * (3 * 2**20)
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"):
+            crawlers.append(_declare(served.port, source, 64 * 2**20, first))
+        wait_until(lambda: web.bodies.held == 4 * (len(first) - edge.BODY_FREE))
+        image = "A" * (20 * 2**20)  # base64 of an image, as a vision client sends it
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "what is this?", "images": [image]}], "stream": False}
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.4"), timeout=60) as client:
+            r = client.post(served.url + "/api/chat", json=chat)
+        assert r.status_code == 200 and r.json()["message"]["content"] == "You said: what is this?"
+        answers = [b""] * len(crawlers)
+
+        def refused() -> int:
+            for i, c in enumerate(crawlers):
+                c.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    answers[i] += c.recv(4096)
+            return sum(a.startswith(b"HTTP/1.1 408") and b"too slowly" in a for a in answers)
+
+        wait_until(lambda: refused() == 4 and web.bodies.held == 0, timeout=30)
+        assert b"faster connection" in answers[0] and b"x" * 64 not in answers[0]
+    finally:
+        for c in crawlers:
+            c.close()
+        served.stop()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.floats(0, 3), st.integers(0, 3 * 2**20)), max_size=40))
+def test_a_paced_body_never_holds_more_time_than_its_bytes_pay_for(arrivals):
+    """Pace, on any arrivals (seconds since the last part, bytes). Each arrival it accepts has the body's counted
+    bytes at least the minimum rate times the time since it passed its free part, less one step: holding
+    budget costs bandwidth. One it refuses ends a gap of more than a window, begun when the body passed its free
+    part or at an arrival, in which less than a step arrived. And a body that keeps the rate passes."""
+    rate, window, free = 2**20, 2.0, 2 * 2**20
+    pace = edge.Pace(rate, window, free)
+    now, size, passed_at = 0.0, 0, None
+    seen: list[tuple[float, int]] = []  # (time, size) after each accepted arrival past the free part
+    for dt, n in arrivals:
+        before = size
+        now, size = now + dt, size + n
+        if size > free and passed_at is None:
+            passed_at = now
+            seen.append((now, free))
+        if not pace.moved(size, now):
+            assert any(now - t > window and before - at < pace.step for t, at in seen)
+            return
+        assert passed_at is None or size - free >= rate * (now - passed_at) - pace.step
+        if passed_at is not None:
+            seen.append((now, size))
+            assert pace.wait_s(now, 10.0) <= window + 1e-9
+    steady = edge.Pace(rate, window, free)
+    assert all(steady.moved(free + k * steady.step, k * window) for k in range(100))
 
 
 def test_bad_and_deeply_nested_json_get_400_never_500(studio):
@@ -519,6 +623,45 @@ def test_file_route_serves_an_image_to_its_owner_only(lan_web, tmp_path):
     assert _run(go()) == [200, 404, 404, 404, 200, 404, 404, 200]
 
 
+def test_another_users_image_and_a_missing_file_get_the_same_answer(lan_web, tmp_path):
+    """Behind the guard, real Gradio's file route: another user's image was 404 (the guard) and a missing file
+    403 (Gradio: "File not allowed: <the path>"), so the status told bob which of alice's file names exist.
+    Now a missing file, one outside the allowed folder and alice's image answer bob alike, and never with the
+    path he sent."""
+    import gradio as gr
+
+    out = tmp_path / "outputs"
+    out.mkdir()
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("clair", json.dumps({"owner": "alice", "prompt": "p"}))
+    path = out / "20260101-000000-1-p-abcdef.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    with gr.Blocks() as blocks:
+        gr.Markdown("x")
+    app = gr.mount_gradio_app(FastAPI(), blocks, path="/", allowed_paths=[str(out)])
+    guard = Guard(app, lan_web)
+
+    async def go():
+        transport = httpx.ASGITransport(guard, client=("192.168.1.30", 50000))
+        got = {}
+        for user in ("alice", "bob"):
+            cookies = {"access-token-unsecure-": f"tok-{user}"}
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", cookies=cookies) as c:
+                for name, target in (("theirs", path), ("missing", out / "20260101-000000-2-p-fedcba.png"), ("outside", "/etc/hostname")):
+                    for route in ("/gradio_api/file=", "/gradio_api/file/"):
+                        r = await c.get(route + str(target))
+                        h = await c.head(route + str(target))
+                        got[user, name, route] = (r.status_code, r.content, r.headers.get("content-type"), h.status_code)
+        return got
+
+    got = _run(go())
+    assert got["alice", "theirs", "/gradio_api/file="][0] == 200
+    answers = {v for (user, name, _), v in got.items() if user == "bob" or name != "theirs"}
+    assert answers == {(404, b'{"detail": "No such file."}', "application/json", 404)}, answers
+
+
 # --- keys ------------------------------------------------------------------------------------------
 
 
@@ -684,6 +827,15 @@ class BodiesMachine(RuleBasedStateMachine):
             self.refused += 1
             assert self.claims[i].why == ("share" if not share_ok else "total")
             assert self.claims[i].refusal().status == 503
+
+    @rule(i=st.integers(0, 3), size=sizes)
+    def fits(self, i, size):
+        """A Content-Length checked before the body: it fits beside what is held (that claim's own bytes
+        included, since a new request's claim is empty), and checking it holds nothing."""
+        n = max(0, size - edge.BODY_FREE)
+        share_ok = self.mine(self.WHO[i]) + n <= self.SHARE
+        total_ok = sum(self.counted) + n <= self.TOTAL
+        assert self.budget.fits(self.WHO[i], size) == (None if share_ok and total_ok else ("share" if not share_ok else "total"))
 
     @rule(i=st.integers(0, 3))
     def close(self, i):

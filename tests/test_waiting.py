@@ -280,3 +280,23 @@ def test_256_requests_on_the_ollama_port_wait_without_a_server_thread(standin, t
     finally:
         served.stop()
     assert studio.jobs.snapshot()["total"] == 0
+
+
+def test_a_waiter_cancelled_as_it_is_granted_gives_the_grant_back():
+    """The race a hung-up client meets: the grant completes the waiter's future, and the waiter is cancelled
+    before it runs again. The lease it was granted must go back, or the GPU stays held by nobody."""
+    arb = Arbiter(policy="exclusive")
+    render = arb.request("render", "image", 8 * GiB, 4 * GiB).wait()
+
+    async def main():
+        chat = arb.request("chat", "ollama", GiB)
+        task = asyncio.create_task(chat.wait_async())
+        await until(lambda: chat._futures)
+        render.release()  # grants the chat: its future is completed on the next turn of the loop
+        assert chat._grant is not None and chat.released_at is None
+        task.cancel()  # ... and the client is gone before the waiter has seen it
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert chat.released_at is not None and arb.is_idle()
+
+    asyncio.run(main())

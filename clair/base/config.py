@@ -513,7 +513,7 @@ def check_names(environ: Mapping[str, str]) -> None:
     known = {env_name(f) for f in fields()}
     for name in sorted(environ):
         if name != name.upper() and name.upper().startswith("CLAIR_"):
-            _refuse_case(name, known)
+            _refuse_case(name, known | NOT_SETTINGS)
         if not name.startswith("CLAIR_") or name in known or name in NOT_SETTINGS or name == "CLAIR_AUTH":
             continue
         if name[len("CLAIR_") :] in known:  # CLAIR_OLLAMA_HOST: a variable Clair reads under its own name
@@ -535,6 +535,11 @@ def _refuse_case(name: str, known: set[str]) -> None:
     import difflib
 
     upper = name.upper()
+    if upper == "CLAIR_AUTH":  # no setting, but a name Clair knows: say so, and what replaced it
+        raise ConfigError(
+            f"{name} is not one of Clair's settings: environment names are case-sensitive, so Clair would not read "
+            f"it. You meant CLAIR_AUTH, and {RETIRED['auth']}"
+        )
     if upper in known:
         guess = upper
     else:

@@ -1,6 +1,7 @@
 """The web edge's shared pieces, for every port and protocol (the guard is clair/edge/web.py's `Guard`):
 
-* reading a request body within a cap while it arrives (chunked or not), and only while it keeps moving;
+* reading a request body within a cap while it arrives (chunked or not), and only while it keeps moving
+  (past its first 2 MB, at a pace: `Pace`);
 * JSON parsed off the event loop, its size in values bounded before the parser sees it and its nesting
   checked after;
 * one error body per protocol: OpenAI's `{"error": {"message", "type", "code"}}` for /v1, Ollama's
@@ -35,6 +36,12 @@ OPENAI, OLLAMA, WEB = "openai", "ollama", "web"  # the error shapes
 MAX_DEPTH = 64  # JSON nesting: a chat with list-form content and tool schemas nests about ten deep
 BODY_IDLE_S = 10.0  # a body must keep moving: at most this long between two of its chunks
 BODY_TOTAL_S = 120.0  # and all of it within this long (64 MiB at 4.5 Mbit/s)
+# Past its first BODY_FREE bytes (the part the BodyBudget counts) a body must keep a pace: each further
+# BODY_PACE_S x BODY_MIN_RATE bytes within BODY_PACE_S of the last such step. 512 KiB/s (4.2 Mbit/s) is the
+# slowest link BODY_TOTAL_S already allows for (a phone on weak Wi-Fi, a VPN over a mobile uplink); a body
+# that holds budget cannot crawl below it.
+BODY_MIN_RATE = 2**19
+BODY_PACE_S = 5.0
 
 Send = Callable[[dict], Awaitable[None]]
 
@@ -81,13 +88,16 @@ class BodyBudget:
 
     A body is held from its first byte until its request has been answered (it waits in the GPU's queue with
     it), so each cap per request (64 MB on the Ollama port) says nothing about their sum: sixteen 64 MB chats
-    at once took the process to 1.8 GB. Each request claims its bytes before they are read (its whole
-    Content-Length at once, a chunked body chunk by chunk); a claim past the budget, or past the claimant's
-    share of it (half: one key cannot keep everyone else's images out), is refused 503 with Retry-After, the
-    bytes unread. The claimant is the request's person on a GPU route (PerPerson's `who`), else its machine. A
-    body's first BODY_FREE bytes are not counted, so large bodies (images in a chat) wait their turn but text
-    requests (the connection caps bound those) always pass. Thread-safe: the two ports' servers may run on
-    two event loops."""
+    at once took the process to 1.8 GB. Each request's claim grows with the bytes that have arrived (never
+    with what its Content-Length promises: a client that declares 64 MB and sends a byte every few seconds
+    held a 64 MB claim for two minutes, and two keys kept a 20 MB image chat out for 45 s). A claim past the
+    budget, or past the claimant's share of it (half: one key cannot keep everyone else's images out), is
+    refused 503 with Retry-After; so is a Content-Length that would not `fit` now, before a byte is read.
+    The claimant is the request's person on a GPU route (PerPerson's `who`), else its machine. A body's first
+    BODY_FREE bytes are not counted, so large bodies (images in a chat) wait their turn but text requests (the
+    connection caps bound those) always pass; past them a body must keep its pace (read_body), so holding
+    the budget costs a client the bandwidth of the bytes it holds. Thread-safe: the two ports' servers may run
+    on two event loops."""
 
     def __init__(self, total: int = BODY_BUDGET, share: int | None = None):
         self.total = total
@@ -114,6 +124,15 @@ class BodyBudget:
             self.peak = max(self.peak, self.held)
             return None
 
+    def fits(self, who: str, size: int) -> str | None:
+        """Whether a body of `size` bytes in all would fit now beside what is held (None), else which limit
+        would refuse it ("share" or "total"). Takes nothing: a Content-Length is a promise, not bytes."""
+        n = max(0, size - BODY_FREE)
+        with self._lock:
+            if self.per.get(who, 0) + n > self.share:
+                return "share"
+            return "total" if self.held + n > self.total else None
+
     def _free(self, who: str, n: int) -> None:
         with self._lock:
             self.held -= n
@@ -138,8 +157,8 @@ class BodyBudget:
 
 
 class BodyClaim:
-    """One request's part of the BodyBudget: grown to the body's size before the bytes are read, given back
-    once (close) when the request is over. `who` may be changed until it first grows (the guard learns the
+    """One request's part of the BodyBudget: grown with the body's bytes as they arrive, given back once
+    (close) when the request is over. `who` may be changed until it first grows (the guard learns the
     request's person after its headers)."""
 
     def __init__(self, budget: BodyBudget, who: str):
@@ -159,6 +178,12 @@ class BodyClaim:
             return False
         self.size = counted
         return True
+
+    def fits(self, size: int) -> bool:
+        """Whether a body of `size` bytes would fit now (False: `why` says which limit); holds nothing."""
+        why = self.budget.fits(self.who, size)
+        self.why = why or self.why
+        return why is None
 
     def refusal(self) -> BodyRefused:
         return self.budget.refusal(self.why)
@@ -206,19 +231,73 @@ class PerPerson:
                 self.count[who] = n
 
 
+class Pace:
+    """The pace a body keeps once it is past its first `free` bytes (the part the BodyBudget counts): each
+    further `step` bytes (window_s x min_rate) must arrive within `window_s` of the previous step, or of the
+    moment the body passed `free`. A body that declares a large size and then crawls (a byte every few
+    seconds: the idle timeout alone lets it) is refused within `window_s`, so holding budget costs a
+    client the bandwidth of the bytes it holds."""
+
+    def __init__(self, min_rate: float, window_s: float, free: int = BODY_FREE):
+        self.window_s = window_s
+        self.step = max(1, int(min_rate * window_s))
+        self.rate = min_rate
+        self.free = free
+        self.since: float | None = None  # when the current step began (None: still within the free part)
+        self.base = 0  # the body's size then
+
+    def wait_s(self, now: float, idle_s: float) -> float:
+        """How long to wait for the next part: at most `idle_s`, and not past the current step's deadline."""
+        if self.since is None:
+            return idle_s
+        return max(0.0, min(idle_s, self.since + self.window_s - now))
+
+    def moved(self, size: int, now: float) -> bool:
+        """The body has `size` bytes at `now`: False when its current step came too late."""
+        if size <= self.free:
+            return True
+        if self.since is None:
+            self.since, self.base = now, self.free
+        if size - self.base >= self.step:
+            late = now > self.since + self.window_s
+            self.since, self.base = now, size
+            return not late
+        return now <= self.since + self.window_s
+
+    def late(self, now: float) -> bool:
+        """The current step's deadline has passed (checked when a wait for the next part ran out)."""
+        return self.since is not None and now >= self.since + self.window_s
+
+    def refusal(self) -> BodyRefused:
+        return BodyRefused(
+            408,
+            f"The request body arrived too slowly: past its first {self.free / 2**20:.0f} MB, Clair reads a body "
+            f"at {self.rate / 2**20:g} MB/s at least. Send it over a faster connection, or send smaller images.",
+        )
+
+
 async def read_body(
-    receive, limit: int, idle_s: float = BODY_IDLE_S, total_s: float = BODY_TOTAL_S, claim: BodyClaim | None = None
+    receive,
+    limit: int,
+    idle_s: float = BODY_IDLE_S,
+    total_s: float = BODY_TOTAL_S,
+    claim: BodyClaim | None = None,
+    pace: Pace | None = None,
 ) -> bytes | None:
     """The whole body, read as it arrives and refused the moment it passes `limit` (nothing past it is kept),
-    or the moment `claim` cannot grow to hold it (503: the BodyBudget is spent). None when the client went
-    away. Raises BodyRefused."""
+    the moment `claim` cannot grow to hold it (503: the BodyBudget is spent), or the moment it falls behind
+    its `pace` (408; default: BODY_MIN_RATE over BODY_PACE_S). None when the client went away. Raises
+    BodyRefused."""
+    pace = Pace(BODY_MIN_RATE, BODY_PACE_S) if pace is None else pace
     chunks: list[bytes] = []
     size = 0
     with anyio.move_on_after(total_s) as whole:
         while True:
-            with anyio.move_on_after(idle_s) as idle:
+            with anyio.move_on_after(pace.wait_s(anyio.current_time(), idle_s)) as idle:
                 message = await receive()
             if idle.cancelled_caught:
+                if pace.late(anyio.current_time()):
+                    raise pace.refusal()
                 raise BodyRefused(408, f"The request body stopped arriving: Clair waits at most {idle_s:.0f} s for the next part.")
             if message["type"] == "http.disconnect":
                 return None
@@ -228,6 +307,8 @@ async def read_body(
                 raise BodyRefused(413, too_large(limit))
             if claim is not None and not claim.grow(size):
                 raise claim.refusal()
+            if not pace.moved(size, anyio.current_time()):
+                raise pace.refusal()
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -379,9 +460,13 @@ class Exchange(Response):
     """A response that runs `work(send, gone)` itself, so what it holds is released whatever happens.
 
     `work` sends the response (it decides the status once it knows it, e.g. after the GPU was granted
-    and Ollama answered). `gone` is set as soon as the client disconnects, also while nothing is being
-    sent (a request held for a render), so the wait ends and the lease goes back. A bug in `work` is
-    answered 500 in the adapter's error shape (`protocol`), with an id, never the exception.
+    and Ollama answered). As soon as the client disconnects, also while nothing is being sent, `gone` is
+    set and `work` is cancelled wherever it awaits: in the GPU's queue (the lease is withdrawn), waiting
+    for Ollama's first byte (the request to Ollama is closed, so Ollama stops too), between two chunks.
+    Its `finally` blocks release what it holds (shielded where that takes a thread). Work running in a
+    worker thread cannot be cancelled: it sees `gone` (or an event linked to it) when it next looks. A
+    bug in `work` is answered 500 in the adapter's error shape (`protocol`), with an id, never the
+    exception.
     """
 
     def __init__(self, work: Callable[[Send, Gone], Awaitable[None]], protocol: str = OLLAMA):
@@ -393,27 +478,32 @@ class Exchange(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         gone = Gone()
+        working = anyio.CancelScope()
+        started = finished = False
 
         async def watch() -> None:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     gone.set()
+                    if not finished:  # (the server also reports a disconnect once the answer is complete)
+                        working.cancel()
                     return
 
-        started = False
-
         async def guarded_send(message: dict) -> None:
-            nonlocal started
+            nonlocal started, finished
             if gone.is_set():
                 raise OSError("the client went away")
             started = started or message["type"] == "http.response.start"
+            # Set before the send: the server wakes `watch` with a disconnect as it completes the answer.
+            finished = message["type"] == "http.response.body" and not message.get("more_body", False)
             await send(message)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
             try:
-                await self.work(guarded_send, gone)
+                with working:
+                    await self.work(guarded_send, gone)
             except OSError:
                 gone.set()
             except Exception as exc:  # a bug: logged with an id; the client gets the id, not the exception

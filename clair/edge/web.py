@@ -554,6 +554,10 @@ WEB_PORT, OLLAMA_PORT = "web", "ollama"
 MISSING = object()  # no JSON body
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/")
+# The one answer to a file the web port will not serve: another user's image (the guard), a missing file or one
+# outside Gradio's allowed folders (Gradio says 403 "File not allowed: <the path>"). The same status and text
+# for all, so the answer never tells whether someone else's file exists, nor repeats the path asked for.
+NO_SUCH_FILE = (404, "No such file.")
 
 
 @dataclass
@@ -729,12 +733,12 @@ class Guard:
         return "json" in (headers.get("content-type") or "").lower()
 
     async def body(self, receive, headers: Headers, path: str, claim: BodyClaim) -> tuple[Refusal | None, bytes | None, object]:
-        """Read the body within the cap and the BodyBudget (`claim`, its whole Content-Length claimed before a
-        byte is read) while it keeps moving, and parse JSON off the event loop: (a refusal or None, the body
-        (None: the client left), the parsed JSON or MISSING)."""
+        """Read the body within the cap and the BodyBudget (`claim`, grown as its bytes arrive; a Content-Length
+        that would not fit now is refused before a byte is read) while it keeps moving, and parse JSON off the
+        event loop: (a refusal or None, the body (None: the client left), the parsed JSON or MISSING)."""
         length = headers.get("content-length")
         try:
-            if length is not None and length.isdigit() and not claim.grow(int(length)):
+            if length is not None and length.isdigit() and not claim.fits(int(length)):
                 raise claim.refusal()
             raw = await read_body(receive, self.cap(path), claim=claim)
         except BodyRefused as exc:
@@ -778,7 +782,7 @@ class Guard:
             owner = await anyio.to_thread.run_sync(file_owner, target)
             if owner is not None and owner != user:
                 log.warning("refused another user's image user=%s path=%s", user, path[:100])
-                return Refusal(404, "No such file.")
+                return Refusal(*NO_SUCH_FILE)
         return None
 
     async def __call__(self, scope, receive, send):
@@ -880,6 +884,8 @@ class Guard:
                 return
             await send(message)
 
+        if self.port == WEB_PORT and method in ("GET", "HEAD") and path.startswith(FILE_ROUTES):
+            return _no_such_file(secured_send, send)
         if self.port == WEB_PORT and self.web.users_required_cached and scope["type"] == "http" and path == "/" and self.web.user(headers) is None:
             # Gradio embeds the whole API description (every endpoint and its parameters) in the page
             # it serves logged-out visitors for the login form; they get an empty one.
@@ -898,6 +904,25 @@ def _leaving(send, leave):
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             leave()
         await send(message)
+
+    return sender
+
+
+def _no_such_file(send, raw_send):
+    """`send` for Gradio's file routes: a file Gradio refuses (403: missing, a folder, outside its allowed
+    folders; 404; 405: a HEAD on the older `/file/` route) gets the guard's own answer to another user's image
+    (NO_SUCH_FILE, sent by `refuse` on `raw_send` as the guard sends it), and Gradio's body, which names the
+    path asked for, is dropped."""
+    replaced = False
+
+    async def sender(message):
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message.get("status") in (403, 404, 405):
+            replaced = True
+            await refuse(raw_send, WEB, *NO_SUCH_FILE)
+            return
+        if not replaced:
+            await send(message)
 
     return sender
 
