@@ -37,6 +37,7 @@ from clair.engines.worker import start_engines
 from clair.service import limits, several
 from clair.service.events import Queued, Token, Waiting
 from clair.service.front import Job
+from clair.service.render_run import RenderRun
 
 log = logging.getLogger("clair.service.studio")
 GiB = 1024**3
@@ -521,136 +522,32 @@ class Studio:
                 self.image, "render", footprint, f"render {params.width}x{params.height}", steps=params.steps
             )
         first.owner = owner
-        lease = first  # the lease that holds the GPU now: a pause hands over to a continuation
-        evicted: list[str] = []
-        evict_s = 0.0
-        paused_s = 0.0
-        tail_at: float | None = None  # when the denoisers left and the render shrank to its decode (see tail)
-
-        def checkpoint(step: int, total: int) -> None:
-            """Between two denoising steps: pause for a waiting chat when the arbiter says so."""
-            nonlocal lease, evict_s, paused_s
-            why = arbiter.should_yield(lease)
-            if not why:
-                return
-            t0 = time.monotonic()
-            self.image.release_cache()  # before the chat is granted: it is planned beside our weights only
-            lease = arbiter.pause(lease, why)
-            on_progress(f"Paused for a chat at step {step}/{total}", step / total)
-            for w in self._wait(lease, cancel.is_set):
-                on_progress(f"Paused for a chat at step {step}/{total}: resumes in about {w.eta_s:.0f} s", step / total)
-            # Ours again: whatever left for the chat (Ollama) left in the wait above; our weights come back
-            # if the chat needed their room. The latents, scheduler and generator never left this call.
-            self.preflight(lease, self.image.to_load(params.width, params.height))  # before the weights return
-            restored = self.image.restore()
-            self._note("restore", tenant=self.image.tenant, s=restored)
-            paused_s += time.monotonic() - t0
-            evict_s += lease.evict_s
-            evicted.extend(n for n in lease.evicted if n not in evicted)
-            self.image.after_grant(lease)
-            lease.progress()
-            on_progress(f"Resumed at step {step}/{total}", step / total)
-
+        run = RenderRun(self, arbiter, first, params, on_progress, cancel)
         try:
-            for w in self._wait(first, cancel.is_set):
-                on_progress(w.describe(), 0.0)
-                if isinstance(w, Queued):
-                    yield w  # the front door awaits the grant on its event loop
-            evicted.extend(first.evicted)
-            evict_s += first.evict_s
-            self.image.after_grant(first)
-            grow = self.image.to_load(params.width, params.height)
-            evicted.extend(n for n in self.preflight(first, grow) if n not in evicted)
-            on_progress("Rendering", 0.0)
-            lease.progress(total=params.steps)  # the pace is measured from the first step on
-
-            def on_step(step: int, total: int) -> None:
-                lease.progress(step, total)  # the watchdog's sign of life (see healthy()), and the pace
-                on_progress(f"Step {step}/{total}", step / total)
-
-            def on_oom() -> None:
-                # Out of memory: every idle tenant leaves the GPU before the image engine retries.
-                on_progress("Out of GPU memory: freeing the GPU and retrying", 0.0)
-                gone = arbiter.evict_idle(lease)
-                evicted.extend(n for n in gone if n not in evicted)
-                if gone:
-                    # As after any eviction: the memory comes back after the answer (Ollama's runner exits
-                    # after /api/ps empties), so the retry waits for it rather than fail the same way.
-                    need, idle = self.image.footprint(params.width, params.height)
-                    try:
-                        self._wait_free(max(0, need - idle))
-                    except ClairError as exc:
-                        log.warning("out-of-memory retry without waiting further: %s", exc)
-                # The lease's record of what left for it: the engines' recovery hooks read it at release.
-                lease.evicted = (*lease.evicted, *(n for n in gone if n not in lease.evicted))
-
-            def tail(drop: Callable[[], float]) -> None:
-                """The denoising loop is done; only the VAE decode remains (see Arbiter.shrink)."""
-                nonlocal tail_at
-                evicted_chat = self.ollama.tenant in first.evicted or self.ollama.tenant in lease.evicted
-                warm = evicted_chat and self.cfg.warmup and self.ollama.on_this_gpu
-                if not warm and not arbiter.count("chat"):
-                    return  # nobody needs the room: the weights stay for the next render (CLAIR_IMAGE_KEEP_ALIVE)
-                t0 = time.monotonic()
-                drop()
-                need = self.image.decode_footprint(params.width, params.height)
-                arbiter.shrink(lease, need, idle=0)
-                tail_at = time.time()
-                self._note("tail", tenant=self.image.tenant, s=time.monotonic() - t0, need=need)
-                if warm:
-                    # The chat model comes back now: beside the decode when both fit, else right after it.
-                    self.ollama.warm_after_render()
-
-            image, facts = self.image.render(
-                params, on_step=on_step, cancelled=cancel.is_set, checkpoint=checkpoint, on_oom=on_oom, tail=tail
-            )
+            yield from run.wait()
+            image, facts = run.render()
         finally:
-            self._release(lease)
-            for engine in self.engines if lease is not first else ():
-                if engine.tenant in first.evicted and engine.tenant not in lease.evicted:
-                    # It left for the first grant, came back for a chat the render paused for, and a later
-                    # grant did not evict it again: its recovery hook (Ollama's warm-up) looks at the first lease.
-                    engine.after_release(first)
+            run.finish()
         path = self.image.save(image, params, owner=owner)
         self._note("restore", tenant=self.image.tenant, s=facts.get("restore_s", 0.0))
         if facts.get("fallback"):
             self._note("recovery", keep=True, what="render", fallback=facts["fallback"], text=(
                 f"a {params.width}x{params.height} render ran out of GPU memory and recovered with {facts['fallback']}"
             ))
-        self._note("render", render_s=facts["render_s"] - paused_s, steps=params.steps, preemptions=lease.pauses)
-        info = {
-            **asdict(params),
-            "model": self.image.model_id,
-            "path": str(path),
-            "requested_at": t_request,
-            # Stamped by the arbiter: after the purge, and at release before anyone else was granted.
-            "gpu_started_at": first.ready_at,
-            "gpu_finished_at": lease.released_at,
-            "wait_s": round(first.wait_s, 4),
-            "evict_s": round(evict_s, 4),
-            "render_s": round(facts["render_s"] - paused_s, 4),  # time spent rendering, pauses not included
-            "evicted": evicted,
-            "evict_reason": first.evict_reason,
-            "peak_reserved_gb": round(facts["peak_reserved_gb"], 3),
-            "preemptions": lease.pauses,
-            "paused_s": round(paused_s, 4),
-            # time.time() when the denoising loop ended and the render shrank to its decode (None: it kept its
-            # weights, nobody needed the room). A chat may start beside the decode from then on.
-            "tail_at": tail_at,
-            # None, or how the render healed after running out of memory: "vae-tiling" or "cpu-offload".
-            "fallback": facts.get("fallback"),
-        }
+        info = {**asdict(params), "model": self.image.model_id, "path": str(path), "requested_at": t_request}
+        info.update(run.info(facts))
+        self._note("render", render_s=info["render_s"], steps=params.steps, preemptions=info["preemptions"])
         log.info(
             "render done seed=%s size=%sx%s wait_s=%.3f evict_s=%.3f render_s=%.3f evicted=%s preemptions=%d paused_s=%.3f",
             params.seed,
             params.width,
             params.height,
-            first.wait_s,
-            evict_s,
-            facts["render_s"] - paused_s,
-            ",".join(evicted) or "-",
-            lease.pauses,
-            paused_s,
+            info["wait_s"],
+            info["evict_s"],
+            info["render_s"],
+            ",".join(info["evicted"]) or "-",
+            info["preemptions"],
+            info["paused_s"],
         )
         return str(path), info
 
