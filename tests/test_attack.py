@@ -310,3 +310,28 @@ def test_inputs_gradio_refuses_get_clairs_words_not_gradios(target):
     assert "pydantic" not in text and str(secret.parent) not in text and "validation error" not in text
     assert secret.read_text() not in text
     assert "request refused before Clair's checks" in app.log.read_text()  # the details are in the log
+
+
+def test_image_requests_refused_do_not_hand_back_what_was_sent():
+    """/v1/images/generations said what was wrong by repeating the value sent: a `size` of any length (up to the
+    body cap) came back whole, markup and all, and so did a nested `n` or a text `steps`."""
+    from clair.adapters.openai_api import image_request
+    from clair.base.config import Config
+    from clair.base.errors import BadRequest
+
+    echo = "<script>ECHO-" + "A" * 5000
+    for bad in (
+        {"size": echo},
+        {"n": {"deep": [echo]}},
+        {"n": [echo]},
+        {"response_format": echo},
+        {"steps": echo},
+        {"guidance": [echo]},
+        {"seed": {"x": echo}},
+        {"n": 10**40},
+    ):
+        with pytest.raises(BadRequest) as err:
+            image_request({"prompt": "a lighthouse", **bad}, Config())
+        text = str(err.value)
+        assert "ECHO" not in text and "<script>" not in text and len(text) < 200, text
+        assert "must be" in text  # and it still says what to send
