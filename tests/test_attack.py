@@ -402,3 +402,17 @@ def test_a_body_in_tiny_pieces_is_refused_before_it_holds_the_event_loop():
             assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(str(len(body)).encode()), answer[:300]
     finally:
         server.should_exit = True
+
+
+def test_a_keep_alive_that_is_no_duration_is_not_handed_back():
+    """The Ollama port answers a bad keep_alive in Go's words, which repeat the text: a 3 MB keep_alive came back
+    whole (the port takes 64 MB bodies). Short ones keep Go's exact message; long ones are not repeated."""
+    from clair.adapters.gateway import keep_alive_seconds
+
+    with pytest.raises(ValueError) as err:
+        keep_alive_seconds("5x")
+    assert str(err.value) == 'time: invalid duration "5x"'
+    with pytest.raises(ValueError) as err:
+        keep_alive_seconds("ECHO" + "X" * 3_000_000)
+    assert "ECHO" not in str(err.value) and len(str(err.value)) < 120 and str(err.value).startswith("time: invalid duration")
+    assert keep_alive_seconds("1h2m3.5s") == 3723.5
