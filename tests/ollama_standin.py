@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -385,6 +386,16 @@ ReplyFn = Callable[[dict[str, Any]], str | Sequence[str]]
 
 class _Stopping(Exception):
     """Raised in request threads when the stand-in is stopped under them."""
+
+
+def _client_gone(conn: socket.socket) -> bool:
+    """Whether the client has closed its end of `conn` (a read would return end-of-file). Data waiting to be
+    read (a kept-alive client's next request) is not gone."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 # ------------------------------------------------------------------------------------------------- server
@@ -988,8 +999,15 @@ class OllamaStandin:
         if self.sim_card:
             sim_card_update(self.sim_card, lambda state: state["procs"].pop(holder, None))
 
-    def _acquire(self, model: InstalledModel, context_length: int, keep_alive: float | None) -> tuple[_Runner, int]:
-        """Get a ready runner for ``model`` with a reference held; returns it and the load time in ns."""
+    def _acquire(
+        self, model: InstalledModel, context_length: int, keep_alive: float | None, conn: socket.socket | None = None
+    ) -> tuple[_Runner, int]:
+        """Get a ready runner for ``model`` with a reference held; returns it and the load time in ns.
+
+        A request whose client (`conn`) has gone by the time its model would start loading loads nothing
+        (ConnectionResetError): Ollama skips a cancelled pending request, and one it was making room for (it
+        unloaded another model first, server/sched.go processPending) fails in `llama.Load(req.ctx, ...)`. The
+        model it unloaded to make room stays unloaded, as in Ollama."""
         started = time.monotonic()
         waited = False
         with self._cond:
@@ -1005,6 +1023,8 @@ class OllamaStandin:
                     continue
                 if runner is None:
                     if self._make_room():
+                        if conn is not None and _client_gone(conn):
+                            raise ConnectionResetError("the client left before its model began loading")
                         runner = self._new_runner(model, context_length, keep_alive)
                         break
                 elif runner.state == "unloading":
@@ -1152,7 +1172,7 @@ class OllamaStandin:
         if body.get("tools") and model.name in self.no_tools:
             error = {"message": self.tools_unsupported(model.name), "type": "api_error", "param": None, "code": None}
             return handler.send_json(400, {"error": error})
-        runner, _ = self._acquire(model, self.default_context_length, None)
+        runner, _ = self._acquire(model, self.default_context_length, None, handler.connection)
         try:
             with self._cond:
                 gate: Gate | None = self._pop(self._gates, model.name)  # hold() holds this chat too
@@ -1258,7 +1278,7 @@ class OllamaStandin:
             # Answered at once: the memory is freed later (docs/facts.md, "Unloading: the answer comes before the memory is free").
             self._request_unload(model)
             return handler.send_json(200, self._done_object(kind, name, "unload"))
-        runner, load_ns = self._acquire(model, context_length, keep_alive)
+        runner, load_ns = self._acquire(model, context_length, keep_alive, handler.connection)
         try:
             if empty:
                 return handler.send_json(200, self._done_object(kind, name, "load"))

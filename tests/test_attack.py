@@ -14,6 +14,7 @@ Gradio's cache (which `/gradio_api/file=` serves).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import urllib.parse
@@ -310,3 +311,108 @@ def test_inputs_gradio_refuses_get_clairs_words_not_gradios(target):
     assert "pydantic" not in text and str(secret.parent) not in text and "validation error" not in text
     assert secret.read_text() not in text
     assert "request refused before Clair's checks" in app.log.read_text()  # the details are in the log
+
+
+def test_image_requests_refused_do_not_hand_back_what_was_sent():
+    """/v1/images/generations said what was wrong by repeating the value sent: a `size` of any length (up to the
+    body cap) came back whole, markup and all, and so did a nested `n` or a text `steps`."""
+    from clair.adapters.openai_api import image_request
+    from clair.base.config import Config
+    from clair.base.errors import BadRequest
+
+    echo = "<script>ECHO-" + "A" * 5000
+    for bad in (
+        {"size": echo},
+        {"n": {"deep": [echo]}},
+        {"n": [echo]},
+        {"response_format": echo},
+        {"steps": echo},
+        {"guidance": [echo]},
+        {"seed": {"x": echo}},
+        {"n": 10**40},
+    ):
+        with pytest.raises(BadRequest) as err:
+            image_request({"prompt": "a lighthouse", **bad}, Config())
+        text = str(err.value)
+        assert "ECHO" not in text and "<script>" not in text and len(text) < 200, text
+        assert "must be" in text  # and it still says what to send
+
+
+def _chunked(body: bytes, size: int) -> bytes:
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in pieces) + b"0\r\n\r\n"
+
+
+def test_a_body_in_tiny_pieces_is_refused_before_it_holds_the_event_loop():
+    """Each h11 Data event costs the event loop ~5 us of Python, and uvicorn parses a whole read (up to 256 KB) in
+    one go: 64 KB login forms in 1-byte chunks from 8 clients kept /healthz 3-5.7 s late. A body in tiny pieces
+    is refused (400, with what to do) after TINY_PIECES of them; real clients' chunks pass."""
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from clair.edge.web import TINY_PIECES, TINY_REFUSAL, server_limits
+    from tests.support import free_port, wait_until
+
+    got: list[int] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                got.append(-size)
+                return
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        got.append(size)
+        body = str(size).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    port = free_port()
+    limits = server_limits(SimpleNamespace(max_connections=64, trusted_proxies=""))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", **limits))
+    threading.Thread(target=server.run, daemon=True).start()
+    wait_until(lambda: server.started)
+
+    def post(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            head = f"POST /x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            with contextlib.suppress(OSError):  # the server may close while the rest is on its way
+                s.sendall(head.encode() + raw)
+            data = b""
+            with contextlib.suppress(OSError):
+                while chunk := s.recv(65536):
+                    data += chunk
+            return data
+
+    try:
+        answer = post(_chunked(b"a" * 65536, 1))
+        assert answer.startswith(b"HTTP/1.1 400") and TINY_REFUSAL.encode() in answer, answer[:300]
+        wait_until(lambda: got)  # the app sees the client gone, with what it had of the body
+        assert got[-1] <= 0 and -got[-1] < 4 * TINY_PIECES, got  # it never had the body
+        # Real clients: a small JSON in 8-byte chunks (fewer pieces than the threshold), 4 MB in 1 KB chunks.
+        for body, size in ((b"b" * 1600, 8), (b"c" * 4 * 2**20, 1024)):
+            answer = post(_chunked(body, size))
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(str(len(body)).encode()), answer[:300]
+    finally:
+        server.should_exit = True
+
+
+def test_a_keep_alive_that_is_no_duration_is_not_handed_back():
+    """The Ollama port answers a bad keep_alive in Go's words, which repeat the text: a 3 MB keep_alive came back
+    whole (the port takes 64 MB bodies). Short ones keep Go's exact message; long ones are not repeated."""
+    from clair.adapters.gateway import keep_alive_seconds
+
+    with pytest.raises(ValueError) as err:
+        keep_alive_seconds("5x")
+    assert str(err.value) == 'time: invalid duration "5x"'
+    with pytest.raises(ValueError) as err:
+        keep_alive_seconds("ECHO" + "X" * 3_000_000)
+    assert "ECHO" not in str(err.value) and len(str(err.value)) < 120 and str(err.value).startswith("time: invalid duration")
+    assert keep_alive_seconds("1h2m3.5s") == 3723.5

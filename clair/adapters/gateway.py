@@ -84,6 +84,9 @@ MANAGE = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "
 
 # --- keep_alive and num_ctx --------------------------------------------------------------------------
 
+MAX_DURATION_CHARS = 40  # "1h2m3.5s" and the like; a longer keep_alive is no duration and is not repeated
+
+
 def keep_alive_seconds(value: Any) -> float | None:
     """A keep_alive as Ollama reads it: None when absent; seconds (inf for a negative one).
 
@@ -97,6 +100,9 @@ def keep_alive_seconds(value: Any) -> float | None:
         raise ValueError(f"Unsupported type: '{type(value).__name__}'")
     if isinstance(value, int | float):
         return float("inf") if value < 0 else float(int(value))
+    if len(value) > MAX_DURATION_CHARS:
+        # Go's message repeats the text; a client's megabytes are not handed back (the body may be 64 MB here).
+        raise ValueError(f"time: invalid duration (a text of {len(value)} characters; use one like \"5m\" or \"1h\")")
     total = go_duration_s(value)
     return float("inf") if total < 0 else abs(total)  # "-0s" is 0 (unload), not forever
 

@@ -547,6 +547,19 @@ def router(studio) -> APIRouter:
     return r
 
 
+def sent(value: Any) -> str:
+    """What a client sent, in words that do not repeat it: an answer never hands back what the client sent
+    (a `size` of any length came back whole). A number or a constant is no text of the client's and is shown."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        shown = repr(value)
+        return shown if len(shown) <= 24 else f"a number of {len(shown)} characters"
+    if isinstance(value, str):
+        return f"a text of {len(value)} characters"
+    return "a JSON object" if isinstance(value, dict) else "a JSON list"
+
+
 def image_request(body: dict, cfg) -> tuple[RenderParams, int, str]:
     """(params, n, response_format) from an images/generations body. Raises BadRequest."""
     prompt = body.get("prompt")
@@ -555,15 +568,15 @@ def image_request(body: dict, cfg) -> tuple[RenderParams, int, str]:
     size = body.get("size") or "1024x1024"
     m = re.fullmatch(r"(\d{1,4})x(\d{1,4})", size) if isinstance(size, str) else None
     if not m:
-        raise BadRequest(f"`size` must be WIDTHxHEIGHT, e.g. 1024x1024 (got {size!r}).")
+        raise BadRequest(f"`size` must be WIDTHxHEIGHT, e.g. 1024x1024 (got {sent(size)}).")
     n = body.get("n", 1)
     if n is None:
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
-        raise BadRequest(f"`n` must be from 1 to {MAX_IMAGES} (got {n!r}).")
+        raise BadRequest(f"`n` must be from 1 to {MAX_IMAGES} (got {sent(n)}).")
     fmt = body.get("response_format") or "url"
     if fmt not in ("url", "b64_json"):
-        raise BadRequest(f"`response_format` must be url or b64_json (got {fmt!r}).")
+        raise BadRequest(f"`response_format` must be url or b64_json (got {sent(fmt)}).")
 
     def number(key: str, default, kind):
         value = body.get(key, default)
@@ -575,7 +588,7 @@ def image_request(body: dict, cfg) -> tuple[RenderParams, int, str]:
             or not math.isfinite(value)
             or (kind is int and int(value) != value)
         ):
-            raise BadRequest(f"`{key}` must be a{'n integer' if kind is int else ' number'} (got {value!r}).")
+            raise BadRequest(f"`{key}` must be a{'n integer' if kind is int else ' number'} (got {sent(value)}).")
         return kind(value)
 
     negative = body.get("negative_prompt") or ""
