@@ -11,6 +11,8 @@ import httpx
 import ollama
 import pytest
 
+from clair.engines import chat as chat_engine
+from clair.engines.image import RenderParams
 from tests.gateway_support import Served, gateway_app, hold_render, make_studio
 from tests.ollama_standin import OllamaStandin
 
@@ -162,6 +164,38 @@ def test_ollamas_errors_come_back_with_its_status(gateway, standin, studio):
     with pytest.raises(ollama.ResponseError) as err:
         client.pull(MODEL)
     assert err.value.status_code == 403
+    standin.wait_until(studio.arbiter.is_idle)
+
+
+def test_a_model_ollama_does_not_have_is_refused_without_the_gpu_and_the_image_model_stays(
+    gateway, standin, studio, monkeypatch
+):
+    """A made-up name used to be leased (sized as an unknown 8B model) before Ollama's instant 404: each one
+    could evict the image model. Now Clair reads Ollama's list and answers Ollama's 404 itself."""
+    client = ollama.Client(host=gateway.url)
+    studio.render(RenderParams("warm", steps=1, width=64, height=64, seed=1))  # the image model is loaded
+    grants, requests = studio.arbiter.stats["grants"], len(standin.requests_to("/api/chat"))
+    for path in ("chat", "generate"):
+        with pytest.raises(ollama.ResponseError) as err:
+            if path == "chat":
+                client.chat(model="no-such-model:latest", messages=[{"role": "user", "content": "hi"}])
+            else:
+                client.generate(model="no-such-model:latest", prompt="hi")
+        assert err.value.status_code == 404 and err.value.error == "model 'no-such-model:latest' not found"
+    with pytest.raises(ollama.ResponseError) as err:  # a long name is not repeated back
+        client.chat(model="x" * 5000, messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 404 and "x" * 100 not in err.value.error and "5000 characters" in err.value.error
+    v1 = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "nope:1b", "messages": [{"role": "user", "content": "hi"}]})
+    assert v1.status_code == 404 and v1.json()["error"]["code"] == "model_not_found"
+    assert studio.arbiter.stats["grants"] == grants  # no lease, so no eviction
+    assert len(standin.requests_to("/api/chat")) == requests
+    assert studio.arbiter.resident_bytes(studio.image.tenant) > 0
+    # A model pulled a moment ago is found (the list is read again), and its chat goes through.
+    # (Names not in the last list are looked up again at most every TAGS_RECHECK_S; here at once.)
+    monkeypatch.setattr(chat_engine, "TAGS_RECHECK_S", 0.0)
+    standin.add_model("fresh:1b", 0.5)
+    reply = client.chat(model="fresh:1b", messages=[{"role": "user", "content": "still fine"}])
+    assert reply.message.content == "You said: still fine"
     standin.wait_until(studio.arbiter.is_idle)
 
 

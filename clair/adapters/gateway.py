@@ -283,6 +283,9 @@ class Gateway:
         else:
             empty = False
         unload = empty and keep == 0
+        missing = None if unload else await self.not_installed(model)  # an unload of any name is harmless
+        if missing:
+            return ollama_error(404, missing)
         forward = body if unload else decide(body, self.cfg, client, cap_only=path.startswith("/api/embed"))
         what = "unload" if unload else ("load" if empty else path.rsplit("/", 1)[-1])
         label = f"api:{model[:80]} ({client})"
@@ -315,6 +318,9 @@ class Gateway:
         too_long = over_limits(body, self.cfg)
         if too_long:
             return openai_error(400, too_long[0].upper() + too_long[1:] + ".", "too_long")
+        missing = await self.not_installed(model)
+        if missing:
+            return openai_error(404, missing[0].upper() + missing[1:] + ".", "model_not_found")
         client = self.client_name(request)
         label = f"api:{model[:80]} ({client})"
         user = request.scope.get("clair_api_user")
@@ -327,6 +333,17 @@ class Gateway:
             )
 
         return Exchange(work, OPENAI)
+
+    async def not_installed(self, model: str) -> str | None:
+        """Ollama's own refusal when it has no such model, said here and at once; None when it has it or its list
+        cannot be read (then Ollama decides). Ollama would answer 404 too, but only after Clair had leased the GPU
+        for it, sized as an unknown 8B model: a made-up name evicted the image model. A long or odd name is not
+        repeated back."""
+        if await in_thread(self.studio.ollama.installed, model) is not False:
+            return None
+        if len(model) <= 80 and model.isprintable():
+            return f"model '{model}' not found"
+        return f"model not found (the name sent has {len(model)} characters)"
 
     async def relay(
         self,

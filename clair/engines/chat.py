@@ -92,6 +92,7 @@ class ChatBackend(Engine):
 # --------------------------------------------------------------------------------------------------
 
 _DEFAULT_HOST = "registry.ollama.ai"
+TAGS_RECHECK_S = 2.0  # see OllamaChat.installed
 
 
 def model_name(name: str) -> str:
@@ -148,6 +149,7 @@ class OllamaChat(ChatBackend):
         self.state = state if state is not None else StateFile(cfg.state_path)
         self._lock = threading.Lock()  # guards the fields below (readings come from any thread)
         self._sizes: dict[str, int] = {}  # model key -> bytes on disk (/api/tags)
+        self._listed_at = float("-inf")  # time.monotonic() of the last /api/tags listing
         self._names: dict[str, str] = {}  # model key -> name as Ollama lists it
         self._seen: dict[str, tuple[str, int, int, int]] = {}  # last successful /api/ps: key -> (name, size, vram, ctx)
         self._seen_ok = False  # has any /api/ps reading succeeded since start?
@@ -189,8 +191,24 @@ class OllamaChat(ChatBackend):
         sizes = {model_key(m.model): int(m.size or 0) for m in resp.models if m.model}
         names = {model_key(m.model): model_name(m.model) for m in resp.models if m.model}
         with self._lock:
-            self._sizes, self._names = sizes, names
+            self._sizes, self._names, self._listed_at = sizes, names, time.monotonic()
         return list(sizes)
+
+    def installed(self, model: str) -> bool | None:
+        """Is `model` in Ollama's /api/tags? None when that cannot be read (then Ollama decides). A name not in
+        the last listing is looked up again, at most every TAGS_RECHECK_S: a model pulled a moment ago is found,
+        and a client sending made-up names costs Ollama one listing per interval, not one per request."""
+        key = model_key(model)
+        with self._lock:
+            if key in self._sizes:
+                return True
+            fresh = time.monotonic() - self._listed_at < TAGS_RECHECK_S
+        if fresh:
+            return False
+        try:
+            return key in self._list()
+        except Exception:
+            return None
 
     def models(self) -> list[str]:
         try:
