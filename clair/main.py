@@ -9,6 +9,7 @@ holder without progress for CLAIR_STALL_S), so a wedged process is restarted.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import json
 import logging
@@ -18,8 +19,6 @@ import ssl
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 from starlette.requests import Request  # module level: FastAPI resolves the routes' annotations here
 
@@ -435,23 +434,58 @@ def _start_watchdog(url: str):
     interval = sdnotify.watchdog_interval()
     if not interval:
         return None
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own server, on loopback
 
     def check() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=max(1.0, interval / 2), context=context) as resp:
-                return resp.status == 200
-        except urllib.error.HTTPError as err:  # 503: the reason goes to `systemctl status` (STATUS=)
-            try:
-                problem = json.loads(err.read()).get("problem")
-            except Exception:
-                problem = None
-            raise RuntimeError(problem or f"/healthz answered {err.code}") from None
-        except Exception:
+        status, body = healthz(url, timeout=max(1.0, interval / 2))
+        if status == 200:
+            return True
+        if status is None:
             return False
+        try:  # 503: the reason goes to `systemctl status` (STATUS=)
+            problem = json.loads(body).get("problem")
+        except Exception:
+            problem = None
+        raise RuntimeError(problem or f"/healthz answered {status}")
 
     return sdnotify.Watchdog(check, interval).start()
+
+
+def healthz(url: str, timeout: float) -> tuple[int | None, bytes]:
+    """GET our own /healthz: (status, body), or (None, b"") when it could not be asked.
+
+    On IPv4 loopback the request comes from WATCHDOG_SOURCE, which the connection limits let past the per-machine
+    cap (clair.edge.web.guarded_protocol): loopback is one machine there, and a local client, or LAN clients
+    behind a reverse proxy Clair was not told to trust, holding that machine's quarter of the connections must
+    not shut the watchdog out (systemd would restart Clair, and everyone's work with it).
+    """
+    import http.client
+    from urllib.parse import urlsplit
+
+    from clair.edge.web import WATCHDOG_SOURCE
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port
+    source = (WATCHDOG_SOURCE, 0) if host == "127.0.0.1" else None
+    for src in (source, None) if source else (None,):  # not every system routes all of 127/8 (macOS does not)
+        if parts.scheme == "https":
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own server, on loopback
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, source_address=src, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout, source_address=src)
+        try:
+            conn.request("GET", "/healthz")
+            resp = conn.getresponse()
+            return resp.status, resp.read(64 * 1024)
+        except OSError as exc:
+            if src is not None and getattr(exc, "errno", None) == errno.EADDRNOTAVAIL:
+                continue
+            return None, b""
+        except Exception:
+            return None, b""
+        finally:
+            conn.close()
+    return None, b""
 
 
 def serve_gateway(cfg: config.Config, studio, web):

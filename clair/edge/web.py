@@ -1037,6 +1037,9 @@ def install_log_filter() -> None:
 # --- connections: per address, and the time to send a request ---------------------------------------
 
 HEADER_TIMEOUT_S = 10.0  # a client has this long to send a request's headers, on a new or a kept-alive connection
+# The watchdog asks /healthz from this loopback address (clair.main.healthz): past the per-machine cap, within
+# RESERVED_FOR_LOOPBACK. Any local program could use it too; this machine's programs are trusted anyway.
+WATCHDOG_SOURCE = "127.0.0.254"
 RESERVED_FOR_LOOPBACK = 4  # connections past CLAIR_MAX_CONNECTIONS only this machine may open (the watchdog's /healthz)
 # A body in tiny pieces: past TINY_PIECES pieces (h11 Data events: chunks, or reads of a trickle) a request's
 # body must average TINY_BYTES a piece. Each piece costs the event loop ~5 us of h11's Python parsing, and a
@@ -1109,7 +1112,8 @@ def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIME
 
     * one machine (`machine`: an IPv4 address, an IPv6 /64, loopback as one) may hold a quarter of
       `max_connections`; past it the new connection is closed at once. A trusted proxy (`trusted`,
-      CLAIR_TRUSTED_PROXIES) is exempt: it carries many clients, whom the guard tells apart per request;
+      CLAIR_TRUSTED_PROXIES) is exempt: it carries many clients, whom the guard tells apart per request; so is
+      the watchdog's own address on loopback (WATCHDOG_SOURCE), so local clients cannot shut /healthz out;
     * all machines but this one together may hold `max_connections`; RESERVED_FOR_LOOPBACK more are
       kept for loopback, so a full house never looks like a hung GPU to the watchdog;
     * a request's headers must arrive within `header_timeout_s` of the connection opening, or of the
@@ -1136,7 +1140,7 @@ def guarded_protocol(max_connections: int, header_timeout_s: float = HEADER_TIME
             mine = live.setdefault(key, set())
             mine.difference_update([t for t in mine if t.is_closing()])
             room = max_connections + (RESERVED_FOR_LOOPBACK if key == "loopback" else 0)
-            if (len(mine) >= per_machine and host not in exempt) or total() >= room:
+            if (len(mine) >= per_machine and host not in exempt and host != WATCHDOG_SOURCE) or total() >= room:
                 log.warning("connection refused: %s holds %d connections, all hold %d", key, len(mine), total())
                 transport.close()
                 return
