@@ -15,6 +15,7 @@ import dataclasses
 import sys
 import threading
 import tracemalloc
+from collections import Counter
 
 import pytest
 
@@ -95,7 +96,8 @@ def test_256_leases_wait_on_the_event_loop_without_a_thread_each():
         waiting_bytes = tracemalloc.get_traced_memory()[0] - base
         tracemalloc.stop()
         assert arb.count("chat") == N and not any(t.done() for t in tasks)
-        assert threading.active_count() == before  # 256 waiters, no new thread
+        # 256 waiters, no new thread (one an earlier test left may end meanwhile: a gradio_client's, say)
+        assert threading.active_count() <= before
         assert not blocked_in_the_arbiter()
         # A waiter costs a lease, a future and a suspended task: a few kB, not a thread's stack.
         assert waiting_bytes / N < 16 * 1024, waiting_bytes / N
@@ -209,7 +211,7 @@ def test_256_jobs_through_the_front_door_hold_no_thread_while_they_wait(standin,
         tasks = [asyncio.create_task(one(i)) for i in range(N)]
         await until(lambda: studio.arbiter.count("chat") == N)
         assert studio.jobs.snapshot()["total"] == N
-        assert clair_threads() == before  # 256 jobs waiting, not one thread more
+        assert not Counter(clair_threads()) - Counter(before)  # 256 jobs waiting, not one thread more
         assert not blocked_in_the_arbiter()
         with pytest.raises(GpuBusy, match="CLAIR_MAX_QUEUE"), studio.job("user:late"):
             pass  # the house is full: the 257th is refused at the door
