@@ -33,6 +33,23 @@ def wait_until(predicate, timeout=10.0, interval=0.05):
         time.sleep(interval)
 
 
+def hang_up(port: int) -> None:
+    """Shut down every TCP connection this process holds to 127.0.0.1:`port` (whichever thread owns it:
+    gradio_client's event-stream and heartbeat threads, an httpx pool). Their readers see the end of the stream."""
+    import psutil
+
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if conn.fd < 0 or not conn.raddr or conn.raddr.port != port or conn.raddr.ip != "127.0.0.1":
+            continue
+        sock = socket.socket(fileno=conn.fd)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
+        finally:
+            sock.detach()  # the descriptor stays its owner's to close
+
+
 class App:
     """`python app.py` with the given settings; stopped (and its log shown on failure) at the end."""
 
@@ -89,6 +106,10 @@ class App:
         return self.client.predict(**args, api_name="/render")
 
     def stop(self):
+        """SIGTERM, as systemd stops Clair, once this process's own connections to the app are closed: a
+        gradio_client keeps its event stream open after its last job, and uvicorn waits out its graceful
+        shutdown (5 s) for open streams. Nothing is in flight by now; the app's real shutdown path runs."""
+        hang_up(self.port)
         self.proc.terminate()
         try:
             self.proc.wait(20)

@@ -99,8 +99,8 @@ def test_render_evicts_ollama_first_and_starts_only_once_ps_is_empty(app, standi
 
 def test_chat_sent_during_a_render_is_held_until_the_gpu_is_released(app, standin):
     render_job = app.client.submit(
-        "a slow one", "", 30, 5.0, 1024, 1024, 1, api_name="/render"
-    )  # several seconds on the tiny model
+        "a slow one", "", 12, 5.0, 1024, 1024, 1, api_name="/render"
+    )  # ~8 s on the tiny model (2 cores): the chat below is sent well within it
     wait_until(lambda: (app.status()["holder"] or {}).get("kind") == "render", timeout=30)
     sent_at = time.time()
     chat_job = app.client.submit("are you there?", [], api_name="/chat")

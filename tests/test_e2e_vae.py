@@ -31,7 +31,7 @@ def test_seed_card_render_beside_the_llm(tmp_path, vae):
         assert st["image"]["vae"]["fp16_decode"] is (vae == "fp16-fix")
         standin.reset_logs()
 
-        render = app.client.submit("a slow one", "", 30, 5.0, 1024, 1024, 1, api_name="/render")  # seconds on tiny
+        render = app.client.submit("a slow one", "", 12, 5.0, 1024, 1024, 1, api_name="/render")  # ~8 s on tiny (2 cores)
         wait_until(lambda: (app.status()["holder"] or {}).get("kind") == "render", timeout=60)
         sent_at = time.time()
         chat = app.client.submit("are you there?", [], api_name="/chat")

@@ -20,9 +20,9 @@ def test_a_chat_is_not_queued_behind_renders_in_gradios_slots(tmp_path):
          "CLAIR_PREEMPT": "off"},
     )
     try:
-        first = app.client.submit("one", "", 30, 5.0, 1024, 1024, 1, api_name="/render")  # several seconds
+        first = app.client.submit("one", "", 12, 5.0, 1024, 1024, 1, api_name="/render")  # ~8 s on tiny (2 cores)
         wait_until(lambda: (app.status()["holder"] or {}).get("kind") == "render", timeout=30)
-        second = app.client.submit("two", "", 30, 5.0, 1024, 1024, 2, api_name="/render")  # queued behind the first
+        second = app.client.submit("two", "", 12, 5.0, 1024, 1024, 2, api_name="/render")  # queued behind the first
         chat = app.client.submit("are you there?", [], api_name="/chat")
         # The chat reaches the arbiter while the first render runs (CLAIR_CHAT_PRIORITY=next: it goes next).
         # Both reach the arbiter (Gradio's slots exceed the caps), and the chat is first in line.

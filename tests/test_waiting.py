@@ -15,6 +15,7 @@ import dataclasses
 import sys
 import threading
 import tracemalloc
+from collections import Counter
 
 import pytest
 
@@ -46,6 +47,28 @@ def clair_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if not any(s in t.name for s in standin)]
 
 
+def idle_pool_worker(thread: threading.Thread) -> bool:
+    """A worker of anyio's thread pool parked on its queue, waiting for work: after a burst of requests (the guard
+    parses JSON bodies off the event loop, clair/edge/guard.py) anyio keeps such a thread ~10 s. It holds nothing
+    for anyone; a thread kept by a waiting request would be elsewhere (blocked in the arbiter, or in I/O)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        caller = frame.f_back
+        if frame.f_code.co_name == "get" and frame.f_code.co_filename.endswith("queue.py"):
+            return caller is not None and "anyio" in caller.f_code.co_filename
+        frame = caller
+    return False
+
+
+def busy_clair_threads() -> list[str]:
+    """clair_threads() less anyio's idle pool workers."""
+    names = clair_threads()
+    for t in threading.enumerate():
+        if idle_pool_worker(t) and t.name in names:
+            names.remove(t.name)
+    return names
+
+
 def blocked_in_the_arbiter() -> list[str]:
     """Threads whose stack is inside a lease's blocking wait (the old way of waiting)."""
     found = []
@@ -73,7 +96,8 @@ def test_256_leases_wait_on_the_event_loop_without_a_thread_each():
         waiting_bytes = tracemalloc.get_traced_memory()[0] - base
         tracemalloc.stop()
         assert arb.count("chat") == N and not any(t.done() for t in tasks)
-        assert threading.active_count() == before  # 256 waiters, no new thread
+        # 256 waiters, no new thread (one an earlier test left may end meanwhile: a gradio_client's, say)
+        assert threading.active_count() <= before
         assert not blocked_in_the_arbiter()
         # A waiter costs a lease, a future and a suspended task: a few kB, not a thread's stack.
         assert waiting_bytes / N < 16 * 1024, waiting_bytes / N
@@ -187,7 +211,7 @@ def test_256_jobs_through_the_front_door_hold_no_thread_while_they_wait(standin,
         tasks = [asyncio.create_task(one(i)) for i in range(N)]
         await until(lambda: studio.arbiter.count("chat") == N)
         assert studio.jobs.snapshot()["total"] == N
-        assert clair_threads() == before  # 256 jobs waiting, not one thread more
+        assert not Counter(clair_threads()) - Counter(before)  # 256 jobs waiting, not one thread more
         assert not blocked_in_the_arbiter()
         with pytest.raises(GpuBusy, match="CLAIR_MAX_QUEUE"), studio.job("user:late"):
             pass  # the house is full: the 257th is refused at the door
@@ -260,10 +284,15 @@ def test_256_requests_on_the_ollama_port_wait_without_a_server_thread(standin, t
             first = await c.post("/api/chat", json=body)  # the server's worker threads exist before we count
             assert first.status_code == 200, first.text
             render = studio.arbiter.request("render", studio.image.tenant, 8 * GiB, 4 * GiB).wait()
-            before = clair_threads()
+            before = busy_clair_threads()
             tasks = [asyncio.create_task(c.post("/api/chat", json=body)) for _ in range(N)]
             await until(lambda: studio.arbiter.count("chat") == N)
-            assert len(clair_threads()) <= len(before), (before, clair_threads())
+            # Not one thread more is doing anything once the last arrivals are through (their JSON bodies, parsed in
+            # anyio's pool, may leave idle workers behind for ~10 s): a thread held by a waiter never settles.
+            try:
+                await until(lambda: len(busy_clair_threads()) <= len(before), timeout=10)
+            except TimeoutError:
+                raise AssertionError((before, busy_clair_threads())) from None
             assert not blocked_in_the_arbiter()
             KEEP = 8
             for t in tasks[KEEP:]:

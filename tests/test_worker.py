@@ -52,6 +52,19 @@ def studios():
             made_one.stop()  # an Ollama stand-in
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One stand-in and one worker Studio (the default settings of `make`) for the tests that leave them as they
+    found them: the worker serving, never restarted, the GPU idle. A worker's start is a fresh interpreter that
+    imports torch and diffusers, ~5 s on 2 cores; the tests that kill or hang a worker make their own."""
+    standin = OllamaStandin({MODEL: 4.9}, unload_delay=0.05).start()
+    made: list[Studio] = []
+    studio = make(made, standin, tmp_path_factory.mktemp("served"))
+    yield studio, standin
+    studio.image.close()
+    standin.stop()
+
+
 def make(studios, standin, tmp_path, **kw) -> Studio:
     cfg = dataclasses.replace(
         Config(),
@@ -71,13 +84,13 @@ def reply(studio: Studio, text: str) -> str:
 
 
 def test_the_worker_renders_the_in_process_image_pauses_for_chats_at_steps_and_saves_in_the_output_folder(
-    studios, standin, tmp_path
+    studios, served, tmp_path
 ):
+    studio, standin = served
     params = RenderParams("a lighthouse at dusk", steps=8, width=64, height=64, seed=1234)
     inproc = make(studios, standin, tmp_path / "in", workers="off")
     alone, _ = inproc.render(params)
 
-    studio = make(studios, standin, tmp_path)
     assert studio.image.pid != os.getpid()
     path, info, replies, progress = render_with_chats_at(studio, standin, params, {2, 5})
     assert info["preemptions"] == 2  # paused at two step boundaries, in the worker
@@ -85,7 +98,7 @@ def test_the_worker_renders_the_in_process_image_pauses_for_chats_at_steps_and_s
     assert any(p.startswith("Paused for a chat at step 5/8") for p in progress)
     assert [p for p in progress if p.startswith("Step ")][:3] == ["Step 1/8", "Step 2/8", "Step 3/8"]
     assert np.array_equal(pixels(alone), pixels(path))  # the very same image as in this process
-    assert os.path.dirname(path) == str(tmp_path / "out")  # written by the worker, in the output folder
+    assert os.path.dirname(path) == studio.cfg.output_dir  # written by the worker, in the output folder
     assert read_metadata(path)["seed"] == 1234
     assert studio.arbiter.is_idle()
 
@@ -370,10 +383,10 @@ def test_the_in_process_chat_model_answers_from_its_worker_and_a_dead_one_costs_
     assert studio.arbiter.is_idle()
 
 
-def test_a_cancel_while_paused_stops_the_render_inside_the_worker_and_it_serves_on(studios, standin, tmp_path):
+def test_a_cancel_while_paused_stops_the_render_inside_the_worker_and_it_serves_on(served):
     """The web side's callback raises (the pause's wait sees the cancel): the worker is told to raise the same
     error at that step, unwinds its render, and answers the next one."""
-    studio = make(studios, standin, tmp_path)
+    studio, standin = served
     held, gate = cancel_while_paused(studio, standin)
     held.release()
     assert gate.wait(10)
