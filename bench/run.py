@@ -553,7 +553,7 @@ def main() -> int:
     goals = {"arbiter_overhead_under_50us": overhead < 50}
     goals["budget_exceeded_zero"] = all(p["budget_exceeded"] == 0 for p in policies.values())
     goals["device_oom_zero"] = all(s["device_oom"] == 0 for p in policies.values() for s in p["scenarios"].values())
-    if {"budget", "exclusive"} <= policies.keys() and "mixed" in args.scenarios:
+    if {"budget", "exclusive"} <= policies.keys() and "mixed" in args.scenarios.split(","):
         b, e = policies["budget"]["chat_ttft_p95_s"], policies["exclusive"]["chat_ttft_p95_s"]
         goals["budget_beats_exclusive_chat_p95_when_both_fit"] = b is not None and e is not None and b < e
     # Each render's slowdown against renders alone under the same load's sizes and pacing (request to finish).
@@ -605,7 +605,8 @@ def main() -> int:
         "goals": goals,
         "timeline_png": None,
     }
-    if "mixed" in args.scenarios and "mixed_nofit" in args.scenarios and draw_timeline(results, png):
+    named = args.scenarios.split(",")  # names, not substrings: "mixed" is in "mixed_nofit"
+    if "mixed" in named and "mixed_nofit" in named and draw_timeline(results, png):
         out["timeline_png"] = str(png)
     args.out.write_text(json.dumps(out, indent=2))
     for name, ok in goals.items():
