@@ -248,11 +248,12 @@ class Config:
         choices=("next", "fifo"),
     )
     preempt: str = setting(
-        "auto",
-        "Pause a render at its next step for a chat that cannot run beside it, so the chat never waits for a "
-        "whole render; the image comes out exactly the same. auto (the default): only when the chat does not "
-        "fit beside the render. always: every chat gets the GPU alone (chats beside a render are faster with "
-        "one Ollama slot, renders slower: docs/performance.md). off: chats wait for the render to finish.",
+        "always",
+        "Pause a render at its next step for a chat, so the chat never waits for a whole render; the image "
+        "comes out exactly the same. always (the default): every chat gets the GPU alone, and a render that "
+        "meets a burst of chats pays for them (bounded: CLAIR_MAX_PREEMPTIONS, 60 s paused in all). auto: only "
+        "when the chat does not fit beside the render; one that fits shares the GPU with it (both slower: "
+        "docs/performance.md). off: chats wait for the render to finish.",
         choices=("auto", "off", "always"),
     )
     render_slice_s: float = setting(
