@@ -217,11 +217,12 @@ class ArbiterMachine(RuleBasedStateMachine):
         if fresh and busy and parts is not None and old is not None and old.parts:
             # Only a chat loads a model: one the reading does not list and no running chat brings has left.
             bringing = {ls.req.brings for ls in mine}
-            self.brought = {m: b for m, b in self.brought.items() if m in shows or m in bringing}
+            listed = {m for m, _ in parts}  # what the reading lists (nothing when it says 0 GiB)
+            self.brought = {m: b for m, b in self.brought.items() if m in listed or m in bringing}
             assert new.bytes >= gb * GiB
             # (the reading may have shrunk the ledger enough for waiting chats to be granted: theirs count too)
             bringing |= {ls.req.brings for ls in self.running() if ls.req.tenant == "ollama"}
-            assert {m for m, _ in new.parts} <= set(shows) | bringing, (new.parts, shows, bringing)
+            assert {m for m, _ in new.parts} <= listed | bringing, (new.parts, listed, bringing)
         if fresh and parts is not None:
             self.last_shown = dict(parts)
         if stale:
@@ -669,4 +670,16 @@ def test_regression_a_reading_by_model_while_chats_run_keeps_the_models_they_bri
         ("release", {"i": 0, "twice": False}),  # llama's chat ends; qwen's runs
         ("ollama_reading", {"gb": 2, "started": False, "shows": {"qwen"}}),  # Ollama let llama go
         ("render_arrives", {"need": 17, "idle": 6}),  # fits beside qwen's 2 GiB
+    ])
+
+
+def test_regression_a_reading_of_nothing_while_a_chat_runs_keeps_only_what_it_brings():
+    """Found by CI's run of the machine: a reading listing nothing (0 GiB) while a chat ran that had been sized with
+    a model the previous reading showed; the machine kept that model as brought, the ledger (rightly) did not."""
+    run_steps([
+        ("setup", {"policy": "budget", "budget_gb": 0, "priority": "next"}),
+        ("ollama_reading", {"gb": 1, "shows": {"llama"}, "started": False}),
+        ("chat_arrives", {"model": "qwen", "need": 1, "tenant": "ollama"}),
+        ("evictions_run", {"fail": None, "i": 0}),
+        ("ollama_reading", {"gb": 0, "shows": {"llama"}, "started": False}),
     ])

@@ -343,6 +343,12 @@ class _Link:
             return proc.conn.recv()
         except (EOFError, OSError):
             raise _Dead(proc.ended()) from None
+        except (TypeError, ValueError):
+            # Another thread found the worker dead and closed this pipe under us (Process.kill): multiprocessing
+            # then reads from a handle of None. Seen in CI as a TypeError where a killed worker should fail one reply.
+            if proc.conn.closed:
+                raise _Dead(proc.ended()) from None
+            raise
 
     def _exchange(self, proc: Process, msg: tuple) -> tuple:
         with self._conn_lock:
@@ -350,6 +356,10 @@ class _Link:
                 proc.conn.send(msg)
             except (EOFError, OSError):
                 raise _Dead(proc.ended()) from None
+            except (TypeError, ValueError):
+                if proc.conn.closed:  # closed under us by the death handler (see _recv)
+                    raise _Dead(proc.ended()) from None
+                raise
             return self._recv(proc, patient=msg[0] == "load")
 
     def ping(self) -> None:
