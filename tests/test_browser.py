@@ -449,26 +449,33 @@ def test_a_size_message_leaves_the_width_box_visible(browser, tmp_path):
         for name, value in (("Width", "2048"), ("Height", "2048")):
             set_number(page, name, value)
         page.get_by_label("Prompt", exact=True).fill("too large")
-        page.get_by_role("button", name="Generate").click()
         # Read at once when it shows (Gradio clears such messages again after a moment): its size, and whether
-        # the Width and Height boxes are still on top where they are.
-        seen = page.wait_for_function(
+        # the Width and Height boxes are still on top where they are. The check runs in the page on every DOM
+        # change and every 10 ms from before the click, and keeps the first reading: polling from the test
+        # (requestAnimationFrame) missed the message on a loaded CI machine.
+        page.evaluate(
             """() => {
-                const m = document.querySelector('#width .validation-error');
-                if (!m || !m.textContent.includes('render needs about')) return null;
-                const r = m.getBoundingClientRect();
-                if (r.height < 10 || r.width < 100) return null;
-                const covered = ['#width', '#height'].filter(id => {
-                    const box = document.querySelector(id + ' input[type=number]');
-                    box.scrollIntoView({block: 'center'});  // below the fold on a short screen: scroll as a person would
-                    const b = box.getBoundingClientRect();
-                    const top = document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2);
-                    return !(top === box || box.contains(top));
-                });
-                return {covered};
-            }""",
-            timeout=15_000,
-        ).json_value()
+                const check = () => {
+                    if (window.__seen) return;
+                    const m = document.querySelector('#width .validation-error');
+                    if (!m || !m.textContent.includes('render needs about')) return;
+                    const r = m.getBoundingClientRect();
+                    if (r.height < 10 || r.width < 100) return;
+                    const covered = ['#width', '#height'].filter(id => {
+                        const box = document.querySelector(id + ' input[type=number]');
+                        box.scrollIntoView({block: 'center'});  // below the fold on a short screen: scroll as a person would
+                        const b = box.getBoundingClientRect();
+                        const top = document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2);
+                        return !(top === box || box.contains(top));
+                    });
+                    window.__seen = {covered};
+                };
+                new MutationObserver(check).observe(document.body, {subtree: true, childList: true, characterData: true});
+                setInterval(check, 10);
+            }"""
+        )
+        page.get_by_role("button", name="Generate").click()
+        seen = page.wait_for_function("() => window.__seen || null", timeout=15_000, polling=50).json_value()
         assert seen["covered"] == [], f"the message covers {seen['covered']}"
         page.screenshot(path=str(tmp_path / "image-size-refused.png"))  # not full_page: a resize clears the message
         no_traceback(page)
