@@ -100,4 +100,3 @@ def client_key(address: str) -> str:
 def machine(address: str) -> str:
     """The unit of the connection caps: one IPv4 address, one IPv6 /64, and this machine for loopback."""
     return "loopback" if is_loopback_client(address) else client_key(address)
-

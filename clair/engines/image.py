@@ -734,8 +734,16 @@ class ImageEngine(Engine):
 
 
 def read_metadata(path: str | Path) -> dict:
+    """Clair's metadata of a PNG (its `clair` text chunk), else every text chunk it has.
+
+    Clair writes its chunk before the pixels, so `info` has it without decoding them (5 ms, not 60-80 ms for a
+    2048² image: the file routes ask on every request); text after the pixels needs `text`, which decodes."""
     with Image.open(path) as im:
-        return json.loads(im.text["clair"]) if "clair" in getattr(im, "text", {}) else dict(im.text)
+        early = im.info.get("clair")
+        if isinstance(early, str):
+            return json.loads(early)
+        text = getattr(im, "text", {})
+        return json.loads(text["clair"]) if "clair" in text else dict(text)
 
 
 _KIND_WORDS = {"fp16": "the fp16-safe VAE's", "stock": "the stock VAE's (fp32 decode)"}
