@@ -43,6 +43,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clair.arbiter.policy import parts_bytes
 from clair.base.helpers import write_private
 
 if TYPE_CHECKING:
@@ -98,6 +99,15 @@ class Engine:
     def brings(self, *spec: Any) -> str:
         """Which of `parts` the work itself brings (the model a chat loads): "" for one indivisible thing."""
         return ""
+
+    def sized(self, *spec: Any) -> tuple[int, int, tuple[tuple[str, int], ...], str]:
+        """(need, idle, parts, brings) for a lease: for an engine of several parts, the need is the sum of the
+        parts, taken from one snapshot of what it holds (so the two cannot disagree); else its footprint."""
+        parts = self.parts(*spec)
+        if not parts:
+            return (*self.footprint(*spec), (), "")
+        total = parts_bytes(parts)
+        return total, total, parts, self.brings(*spec)
 
     def measured(self, *spec: Any) -> int | None:
         return None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import ollama
 
+from clair.arbiter.policy import parts_bytes
 from clair.base.config import Config, ollama_locality
 from clair.base.errors import Cancelled, ChatUnavailable, EvictionFailed, ToolsUnsupported, load_failure
 from clair.engines.base import LOCAL_GPU, REMOTE, Engine, StateFile
@@ -345,7 +346,7 @@ class OllamaChat(ChatBackend):
 
     def footprint(self, model: str) -> tuple[int, int]:
         """(need, idle): everything Ollama holds, plus `model` when it is not loaded yet at our num_ctx."""
-        total = sum(nbytes for _, nbytes in self.parts(model))
+        total = parts_bytes(self.parts(model))
         return total, total
 
     def to_load(self, model: str) -> int:
@@ -419,10 +420,9 @@ class OllamaChat(ChatBackend):
         if any(w["kind"] == "render" for w in arbiter.status()["waiting"]):
             return  # another render waits: it would evict the model again at once
         for model in self.last_evicted or [self.cfg.chat_model]:
-            parts = self.parts(model)  # one snapshot for the need and its parts; the warm-up brings its model
-            need = sum(nbytes for _, nbytes in parts)
+            need, idle, parts, brings = self.sized(model)  # the warm-up brings its model
             lease = arbiter.request(
-                "chat", self.tenant, need, need, label=f"warm-up:{model}", parts=parts, brings=self.brings(model)
+                "chat", self.tenant, need, idle, label=f"warm-up:{model}", parts=parts, brings=brings
             )
             try:
                 lease.wait(self.cfg.queue_timeout_s)

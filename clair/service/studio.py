@@ -25,7 +25,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 
-from clair.arbiter import Arbiter, Kind, Lease, parts_bytes
+from clair.arbiter import Arbiter, Kind, Lease
 from clair.base.config import Config, duration_s
 from clair.base.errors import BadRequest, ChatUnavailable, ClairError
 from clair.device import card as device
@@ -409,14 +409,10 @@ class Studio:
         return self.arbiter_of(engine).request(kind, engine.tenant, need, idle, label=label, steps=steps)
 
     def _chat_request(self, engine: Engine, model: str, label: str) -> Lease:
-        """A chat's lease, sized from one reading: for an engine of several models (Ollama) the need is the sum of
-        the parts it names, so the need and its parts come from the same snapshot, taken after the sync."""
+        """A chat's lease, sized after the sync from one snapshot of what the engine holds (`Engine.sized`)."""
         self.sync()
-        parts = engine.parts(model)
-        need, idle = (parts_bytes(parts),) * 2 if parts else engine.footprint(model)
-        return self.arbiter_of(engine).request(
-            "chat", engine.tenant, need, idle, label=label, parts=parts, brings=engine.brings(model) if parts else ""
-        )
+        need, idle, parts, brings = engine.sized(model)
+        return self.arbiter_of(engine).request("chat", engine.tenant, need, idle, label=label, parts=parts, brings=brings)
 
     def _release(self, lease: Lease) -> None:
         lease.release()
