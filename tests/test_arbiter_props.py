@@ -220,8 +220,10 @@ class ArbiterMachine(RuleBasedStateMachine):
             listed = {m for m, _ in parts}  # what the reading lists (nothing when it says 0 GiB)
             self.brought = {m: b for m, b in self.brought.items() if m in listed or m in bringing}
             assert new.bytes >= gb * GiB
-            # (the reading may have shrunk the ledger enough for waiting chats to be granted: theirs count too)
-            bringing |= {ls.req.brings for ls in self.running() if ls.req.tenant == "ollama"}
+            # (the reading may have shrunk the ledger enough for waiting chats to be granted: every part they were
+            # sized with counts too, until the next reading)
+            granted = [ls for ls in self.running() if ls.req.tenant == "ollama" and ls not in mine]
+            bringing |= {m for ls in granted for m, _ in ls.req.parts}
             assert {m for m, _ in new.parts} <= listed | bringing, (new.parts, listed, bringing)
         if fresh and parts is not None:
             self.last_shown = dict(parts)
@@ -682,4 +684,20 @@ def test_regression_a_reading_of_nothing_while_a_chat_runs_keeps_only_what_it_br
         ("chat_arrives", {"model": "qwen", "need": 1, "tenant": "ollama"}),
         ("evictions_run", {"fail": None, "i": 0}),
         ("ollama_reading", {"gb": 0, "shows": {"llama"}, "started": False}),
+    ])
+
+
+def test_regression_a_chat_the_reading_lets_in_brings_every_part_it_was_sized_with():
+    """Found by the machine: a reading by model shrank the ledger while one chat ran, a waiting chat was granted in
+    the same step, and the part it had been sized with (a model the reading no longer lists) came in with it. That
+    is the ledger erring on the safe side until the next reading; the machine had expected only its own model."""
+    run_steps([
+        ("setup", {"policy": "budget", "budget_gb": 12, "priority": "next"}),
+        ("ollama_reading", {"gb": 1, "shows": {"llama", "qwen"}, "started": False}),
+        ("chat_arrives", {"model": "llama", "need": 1, "tenant": "ollama"}),
+        ("ollama_reading", {"gb": 12, "shows": None, "started": False}),
+        ("evictions_run", {"fail": None, "i": 0}),
+        ("chat_arrives", {"model": "llama", "need": 1, "tenant": "local-chat"}),
+        ("chat_arrives", {"model": "llama", "need": 1, "tenant": "ollama"}),
+        ("ollama_reading", {"gb": 0, "shows": set(), "started": False}),
     ])
