@@ -466,10 +466,11 @@ def healthz(url: str, timeout: float) -> tuple[int | None, bytes]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port
     source = (WATCHDOG_SOURCE, 0) if host == "127.0.0.1" else None
+    if parts.scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own server, on loopback
     for src in (source, None) if source else (None,):  # not every system routes all of 127/8 (macOS does not)
         if parts.scheme == "https":
-            context = ssl.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own server, on loopback
             conn = http.client.HTTPSConnection(host, port, timeout=timeout, source_address=src, context=context)
         else:
             conn = http.client.HTTPConnection(host, port, timeout=timeout, source_address=src)

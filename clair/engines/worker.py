@@ -377,6 +377,19 @@ class _Link:
             raise cls(text)
         raise self.unavailable(text)
 
+    def _load_in_worker(self, label: str) -> int:
+        """Load the engine's model in the worker; returns the worker generation it is loaded in. A failure the
+        worker's engine reported goes to the load gate as in-process (`label` names the model there); the
+        worker's death does not (it is started again, and the next load is tried at once)."""
+        try:
+            self._call("load")
+        except self.unavailable as exc:
+            if not isinstance(exc, self.failed):
+                self.gate.failed_loading(str(exc), exc, label, self.model_id, log)
+            raise
+        self.gate.succeeded()
+        return self._generation
+
     def _call(self, *msg) -> Any:
         """One command to the worker, answered (raises the worker's error, or `failed` if it died)."""
         proc = self._ready()
@@ -481,14 +494,7 @@ class WorkerImageEngine(_Link, ImageEngine):
         if self._pipe is not None:
             return self._pipe
         t0 = time.monotonic()
-        try:
-            self._call("load")
-        except ImageModelUnavailable as exc:
-            if not isinstance(exc, WorkerFailed):
-                self.gate.failed_loading(str(exc), exc, "image model", self.model_id, log)
-            raise
-        self._pipe = self._generation  # loaded in this generation of the worker
-        self.gate.succeeded()
+        self._pipe = self._load_in_worker("image model")  # loaded in this generation of the worker
         log.info("image model loaded in the worker card=%s s=%.2f", self.index, time.monotonic() - t0)
         return self._pipe
 
@@ -568,14 +574,7 @@ class WorkerLocalChat(_Link, LocalChat):
         if not self.needs_load():
             return
         self._model = None
-        try:
-            self._call("load")
-        except ChatUnavailable as exc:
-            if not isinstance(exc, ChatWorkerFailed):
-                self.gate.failed_loading(str(exc), exc, "in-process chat model", self.model_id, log)
-            raise
-        self._model = self._generation  # loaded in this generation of the worker
-        self.gate.succeeded()
+        self._model = self._load_in_worker("in-process chat model")  # loaded in this generation of the worker
 
     def evict(self) -> None:
         if self.needs_load() or self._proc is None or not self._proc.ready.is_set():
