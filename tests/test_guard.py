@@ -588,15 +588,21 @@ def test_a_gradio_session_hash_is_worth_nothing_to_another_user(lan_web):
     assert [r.status_code for r in others] == [404, 404, 404, 404]
 
 
-def test_file_route_serves_an_image_to_its_owner_only(lan_web, tmp_path):
-    out = tmp_path / "outputs"
-    out.mkdir()
+def alices_image(tmp_path):
+    """(the output folder, a PNG in it that Clair's metadata says is alice's)."""
     from PIL.PngImagePlugin import PngInfo
 
+    out = tmp_path / "outputs"
+    out.mkdir()
     info = PngInfo()
     info.add_text("clair", json.dumps({"owner": "alice", "prompt": "p"}))
     path = out / "20260101-000000-1-p-abcdef.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return out, path
+
+
+def test_file_route_serves_an_image_to_its_owner_only(lan_web, tmp_path):
+    out, path = alices_image(tmp_path)
 
     # Gradio's copy of it in its cache (save_file_to_cache: the same bytes under <cache>/<hash>/<name>), and a
     # FIFO there, which the owner check must not open (it would wait for a writer forever).
@@ -630,14 +636,7 @@ def test_another_users_image_and_a_missing_file_get_the_same_answer(lan_web, tmp
     path he sent."""
     import gradio as gr
 
-    out = tmp_path / "outputs"
-    out.mkdir()
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("clair", json.dumps({"owner": "alice", "prompt": "p"}))
-    path = out / "20260101-000000-1-p-abcdef.png"
-    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    out, path = alices_image(tmp_path)
     with gr.Blocks() as blocks:
         gr.Markdown("x")
     app = gr.mount_gradio_app(FastAPI(), blocks, path="/", allowed_paths=[str(out)])
